@@ -1,0 +1,94 @@
+"""The architecture a user picks in params.yaml, and the factory that builds it.
+
+`ArchitectureConfig` holds what a user chooses; the input shape and number of outputs come
+from the prepared data, so the same params work for 8x8 digits and a 64-column CSV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from models.activations import ACTIVATIONS
+
+NetworkKind = Literal["mlp", "cnn", "resnet"]
+Pooling = Literal["max", "avg", "min"]
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    kind: NetworkKind = "cnn"
+    """Network family: `mlp` (flattened input), `cnn` (conv blocks) or `resnet` (small residual CNN)."""
+    hidden_sizes: tuple[int, ...] = (128,)
+    """Widths of the fully connected hidden layers (the whole MLP, or the CNN's head)."""
+    channels: tuple[int, ...] = (32, 64)
+    """Output channels of each conv block (cnn) or residual stage (resnet)."""
+    kernel_size: int = 3
+    """Square convolution kernel size (odd, so 'same' padding keeps the spatial size)."""
+    pooling: Pooling = "max"
+    """Down-sampling after each conv block: max, avg or min pooling (2x2)."""
+    activation: str = "relu"
+    """Hidden activation, one of: sigmoid, tanh, relu, leaky_relu, prelu, elu, maxout."""
+    dropout: float = 0.1
+    """Dropout probability before every fully connected layer."""
+    batch_norm: bool = True
+    """Batch normalization after each convolution (cnn/resnet)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS or self.activation == "softmax":
+            raise ValueError(
+                f"activation {self.activation!r} is not a hidden activation; choose one of "
+                + ", ".join(a for a in ACTIVATIONS if a != "softmax")
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if any(w < 1 for w in (*self.hidden_sizes, *self.channels)):
+            raise ValueError("hidden_sizes and channels must be positive integers")
+        if self.kind in ("cnn", "resnet") and not self.channels:
+            raise ValueError(f"channels: a {self.kind} needs at least one entry")
+
+
+def build_network(
+    arch: ArchitectureConfig, input_shape: tuple[int, ...], num_outputs: int
+) -> nn.Module:
+    """Build the network for inputs of `input_shape` (without batch) and `num_outputs` outputs."""
+    # Imported here so each network module stays importable on its own.
+    from models.cnn import ConvNet
+    from models.mlp import MLP
+    from models.resnet import ResidualCNN
+
+    if arch.kind == "mlp":
+        return MLP(arch, input_shape, num_outputs)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"a {arch.kind} needs image inputs shaped (channels, height, width), got {input_shape}; "
+            "use kind: mlp for tabular data"
+        )
+    if arch.kind == "cnn":
+        return ConvNet(arch, input_shape, num_outputs)
+    return ResidualCNN(arch, input_shape, num_outputs)
+
+
+def dense_head(arch: ArchitectureConfig, in_features: int, num_outputs: int) -> nn.Sequential:
+    """Dropout -> Linear -> activation blocks for `arch.hidden_sizes`, then the output layer."""
+    from models.activations import make_activation, width_factor
+
+    layers: list[nn.Module] = []
+    width = in_features
+    factor = width_factor(arch.activation)
+    for hidden in arch.hidden_sizes:
+        if arch.dropout > 0:
+            layers.append(nn.Dropout(arch.dropout))
+        layers.append(nn.Linear(width, hidden * factor))
+        layers.append(make_activation(arch.activation, hidden * factor))
+        width = hidden
+    if arch.dropout > 0:
+        layers.append(nn.Dropout(arch.dropout))
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+

@@ -1,0 +1,55 @@
+"""Loss functions chosen by name.
+
+Every loss takes the network's raw output (logits for classification, values for
+regression) and the targets as stored in the prepared data (class indices or floats), so
+the training loop never needs to know which loss it is using.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Task = Literal["classification", "regression"]
+
+LOSSES = ("mse", "mae", "huber", "bce", "cross_entropy", "kl_divergence")
+CLASSIFICATION_ONLY = ("bce", "cross_entropy", "kl_divergence")
+
+
+class TaskLoss(nn.Module):
+    """Adapts one of the catalogue's losses to a task's outputs and targets."""
+
+    def __init__(self, name: str, task: Task, huber_delta: float = 1.0) -> None:
+        super().__init__()
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+        if task == "regression" and name in CLASSIFICATION_ONLY:
+            raise ValueError(f"loss {name!r} needs class labels; a regression task takes mse, mae or huber")
+        self.name = name
+        self.task = task
+        self.huber_delta = huber_delta
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression":
+            return self._regression(output.reshape(target.shape), target.to(output.dtype))
+        num_classes = output.shape[1]
+        one_hot = F.one_hot(target, num_classes).to(output.dtype)
+        if self.name == "cross_entropy":
+            return F.cross_entropy(output, target)
+        if self.name == "bce":
+            # One-vs-rest: every class is its own sigmoid unit.
+            return F.binary_cross_entropy_with_logits(output, one_hot)
+        if self.name == "kl_divergence":
+            return F.kl_div(F.log_softmax(output, dim=1), one_hot, reduction="batchmean")
+        # mse / mae / huber on class probabilities against the one-hot target.
+        return self._regression(F.softmax(output, dim=1), one_hot)
+
+    def _regression(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.name == "mse":
+            return F.mse_loss(prediction, target)
+        if self.name == "mae":
+            return F.l1_loss(prediction, target)
+        return F.huber_loss(prediction, target, delta=self.huber_delta)

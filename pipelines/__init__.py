@@ -1,0 +1,1 @@
+"""Pipeline stages and the orchestration around `models/`: config, data, Ray Train, MLflow, ONNX."""

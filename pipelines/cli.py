@@ -1,0 +1,156 @@
+"""`dlpipe`: one console script for the pipeline.
+
+  dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
+  dlpipe serve              serve the registered model over HTTP (Ctrl-C stops)
+  dlpipe serve --demo       start, send one real prediction, print it, stop
+  dlpipe predict IMAGE ...  classify images through a running server
+  dlpipe ui                 open the MLflow dashboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipelines.tracking import tracking_uri
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
+    print("$", " ".join(["dvc", *command[1:]]), flush=True)
+    return subprocess.call(command)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from pipelines.cluster import connect_ray
+    from serving.app import build_app
+
+    connect_ray()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({"model": args.model, "tracking_uri": tracking_uri(), "threads": str(args.threads)})
+    print(f"starting the Serve app with model {args.model} ...", flush=True)
+    serve.run(app, name="dlpipe", route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    try:
+        if args.demo:
+            return _demo_request(url, args.demo_image)
+        _print_endpoints(url)
+        print("serving; press Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+
+
+def _print_endpoints(url: str) -> None:
+    print(f"\nendpoints:\n  POST {url}/v1/classify\n  GET  {url}/v1/models\n"
+          f"  GET  {url}/healthz\n  docs {url}/docs")
+    print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
+
+
+def _demo_image() -> Path:
+    """A test-split-sized sample: the first image of the bundled digits' class '7'."""
+    return sorted(Path("data/raw/digits/7").glob("*.png"))[0]
+
+
+def _demo_request(url: str, image: str | None) -> int:
+    path = Path(image) if image else _demo_image()
+    payload = {"images": [base64.b64encode(path.read_bytes()).decode()]}
+    print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
+    response = _post_json(f"{url}/v1/classify", payload)
+    prediction = response["predictions"][0]
+    print(json.dumps({"label": prediction["label"], "confidence": round(prediction["confidence"], 4),
+                      "model": response["model"]}, indent=2))
+    _print_endpoints(url)
+    print("(demo: stopping the app; `make serve` keeps it running)")
+    return 0
+
+
+def _post_json(url: str, payload: dict, timeout: float = 30.0) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    payload = {"images": [base64.b64encode(Path(p).read_bytes()).decode() for p in args.images]}
+    try:
+        response = _post_json(f"{args.url.rstrip('/')}/v1/classify", payload)
+    except urllib.error.HTTPError as exc:
+        print(f"predict: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 2
+    except urllib.error.URLError as exc:
+        print(f"predict: error: cannot reach {args.url} ({exc.reason}); is `dlpipe serve` running?",
+              file=sys.stderr)
+        return 2
+    for path, prediction in zip(args.images, response["predictions"]):
+        print(f"{path}\t{prediction['label']}\t{prediction['confidence']:.4f}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = tracking_uri()
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    print(f"MLflow dashboard for {uri} at http://{args.host}:{args.port}", flush=True)
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host,
+                      "--port", str(args.port)])
+    return 0  # not reached
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dlpipe", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="re-run changed pipeline stages (dvc repro)")
+    run.add_argument("stages", nargs="*", help="stage names from dvc.yaml (default: all)")
+    run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve")
+    serve.add_argument("--model", default="models:/dlpipe-classifier@champion",
+                       help="registry URI (models:/NAME@ALIAS) or an export folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
+    serve.add_argument("--demo", action="store_true", help="send one prediction, print it, stop")
+    serve.add_argument("--demo-image", help="image for --demo (default: a bundled digit)")
+    serve.set_defaults(func=cmd_serve)
+
+    predict = sub.add_parser("predict", help="classify image files through a running server")
+    predict.add_argument("images", nargs="+", help="PNG/JPEG files")
+    predict.add_argument("--url", default=DEFAULT_URL)
+    predict.set_defaults(func=cmd_predict)
+
+    ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Typed view of params.yaml: one frozen dataclass per section, validated on load.
+
+Every field has a docstring (the reference for params.yaml). `load_config` rejects unknown
+keys and wrong types with the offending key named, e.g. `params.yaml: train.lr: expected a
+number, got 'fast'`, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.architecture import ArchitectureConfig
+from models.losses import LOSSES
+from models.optimizers import OPTIMIZERS
+from pipelines.errors import UserError
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = "data/raw/digits"
+    """Raw data: an image folder (`<root>/<class>/*.png|jpg`) or a CSV file."""
+    format: Literal["image_folder", "csv"] = "image_folder"
+    """How to read `source`."""
+    task: Literal["classification", "regression"] = "classification"
+    """What the label is: a class (classification) or a number (regression, CSV only)."""
+    image_size: tuple[int, int] = (8, 8)
+    """Images are resized to (height, width) pixels."""
+    grayscale: bool = True
+    """Convert images to one channel; false keeps RGB (three channels)."""
+    label_column: str = "label"
+    """CSV column holding the label."""
+    feature_columns: tuple[str, ...] = ()
+    """CSV feature columns, in order; empty means every column except the label."""
+    val_fraction: float = 0.15
+    """Fraction of examples held out for validation (early stopping)."""
+    test_fraction: float = 0.15
+    """Fraction of examples held out for the final test metrics."""
+    seed: int = 0
+    """Seed of the (stratified, for classification) split."""
+
+    def __post_init__(self) -> None:
+        if min(self.image_size) < 1:
+            raise ValueError(f"image_size must be positive, got {list(self.image_size)}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
+        if self.format == "image_folder" and self.task != "classification":
+            raise ValueError("task: an image folder's labels are its class folders; use classification")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    """Maximum number of passes over the training set."""
+    batch_size: int = 64
+    """Examples per step on each worker (gd and sgd override it: full batch / one example)."""
+    optimizer: str = "adam"
+    """One of: gd, sgd, minibatch_sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam, adamw."""
+    lr: float = 0.002
+    """Learning rate."""
+    weight_decay: float = 0.0001
+    """L2 penalty (decoupled for adamw)."""
+    momentum: float = 0.9
+    """Momentum of the momentum and nesterov optimizers."""
+    loss: str = "cross_entropy"
+    """One of: mse, mae, huber, bce, cross_entropy, kl_divergence."""
+    huber_delta: float = 1.0
+    """Where the huber loss turns from quadratic to linear."""
+    early_stopping_patience: int = 8
+    """Stop after this many epochs without a better validation loss (0 disables it)."""
+    divergence_factor: float = 100.0
+    """A training loss this many times the first epoch's (or NaN/inf) stops the run as diverged."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel replicas)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """auto uses one GPU per worker when the Ray cluster has GPUs, else CPU."""
+    amp: bool = True
+    """Mixed precision (bf16 autocast) when training on a GPU; ignored on CPU."""
+    max_failures: int = 2
+    """Worker failures survived by restarting from the latest checkpoint."""
+    seed: int = 0
+    """Seed for weight initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "num_workers", "lr", "huber_delta", "divergence_factor")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "early_stopping_patience", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r} unknown; choose one of {', '.join(LOSSES)}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    """ONNX opset version of the exported graph."""
+    parity_atol: float = 0.0001
+    """Largest allowed |onnxruntime - torch| on the test split; above it the stage fails."""
+    registered_model: str = "dlpipe-classifier"
+    """Name in the MLflow Model Registry."""
+    alias: str = "champion"
+    """Registry alias pointed at the new version (what serving loads)."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "dlpipe-supervised"
+    """MLflow experiment of the supervised stages (the server comes from MLFLOW_TRACKING_URI)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """The `prepare` stage: reading and splitting the raw data."""
+    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    """The network trained by `train_supervised`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and Ray Train settings."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """ONNX export, parity check and registry."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow experiment names."""
+
+
+def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Read and validate params.yaml; raises UserError naming the file and key on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    return parse_section(PipelineConfig, raw, where=str(path), prefix="")
+
+
+def parse_section(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw`, naming `prefix.key` in every error."""
+    label = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {label}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key {prefix}{unknown[0]!s}; known keys here: {', '.join(sorted(known))}"
+        )
+    values = {
+        name: _coerce(hints[name], value, where, f"{prefix}{name}") for name, value in raw.items()
+    }
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise UserError(f"{where}: {prefix}{exc}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
+    """Check `value` against the type `hint`, converting YAML lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> UserError:
+        return UserError(f"{where}: {key}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(hint):
+        return parse_section(hint, value, where, prefix=f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unions are not supported in config: {key}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_coerce(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain, YAML/JSON-friendly data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))

@@ -1,0 +1,133 @@
+"""Stage `export`: ONNX model + parity check + model card + MLflow Model Registry.
+
+The parity check runs the whole test split through torch and onnxruntime; if they differ
+by more than `export.parity_atol` (or disagree on any predicted class) the stage fails and
+no new model is written or registered. Writes `metrics/supervised.json`, the headline
+figures of the supervised pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pipelines import tracking
+from pipelines.atomic import output_directory, write_json
+from pipelines.config import PipelineConfig, load_config
+from pipelines.dataset import load_prepared, sha256_file
+from pipelines.errors import UserError
+from pipelines.model_bundle import MODEL_FILE, inference_model, load_bundle
+from pipelines.onnx_export import INPUT_NAME, OUTPUT_NAME, check_parity, export_onnx
+from pipelines.stage import run_stage
+from pipelines.train_supervised import RUN_FILE
+
+log = logging.getLogger(__name__)
+
+STAGE = "export"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "model_card.json"
+HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
+
+
+def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity, hashes: dict,
+               train_run_id: str) -> dict:
+    """What a client or reviewer needs to use the model correctly, in one JSON file."""
+    classification = manifest["task"] == "classification"
+    return {
+        "name": config.export.registered_model,
+        "task": manifest["task"],
+        "architecture": config.model.kind,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", *manifest["input_shape"]],
+            "dtype": "float32",
+            "kind": manifest["input_kind"],
+            "feature_names": manifest["feature_names"],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(manifest["class_names"]) if classification else 1],
+            "meaning": "class probabilities (softmax)" if classification else "predicted value",
+        },
+        "class_names": manifest["class_names"],
+        "preprocessing": {
+            **manifest["preprocessing"],
+            "normalization": "inside the graph (mean/std of the training split)",
+        },
+        "metrics": {**evaluation, "onnx_max_abs_diff": parity.max_abs_diff,
+                    "onnx_argmax_agreement": parity.argmax_agreement},
+        "hashes": hashes,
+        "mlflow_run_id": train_run_id,
+        "git_commit": tracking.git_commit(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export(config: PipelineConfig, data_dir: str, model_dir: str, evaluation_path: str,
+           output: str, metrics_path: str) -> dict:
+    data = load_prepared(data_dir)
+    model, _ = load_bundle(model_dir)
+    evaluation = json.loads(Path(evaluation_path).read_text())
+    train_run_id = json.loads((Path(model_dir) / RUN_FILE).read_text())["mlflow_run_id"]
+    servable = inference_model(model, data.task)
+    x_test = data.x("test")
+    with output_directory(output) as staging:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, config.export.opset)
+        parity = check_parity(servable, onnx_path, x_test)
+        log.info("parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
+                 parity.examples, parity.max_abs_diff, parity.argmax_agreement)
+        if not parity.holds(config.export.parity_atol, data.task == "classification"):
+            raise UserError(
+                f"ONNX parity check failed: max |onnxruntime - torch| = {parity.max_abs_diff:.3g} "
+                f"(export.parity_atol {config.export.parity_atol:g}), argmax agreement "
+                f"{parity.argmax_agreement:.4f}; the previous export is kept"
+            )
+        hashes = {
+            "onnx_sha256": sha256_file(onnx_path),
+            "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
+            "data_sha256": data.data_hash,
+        }
+        card = model_card(config, data.manifest, evaluation, parity, hashes, train_run_id)
+        write_json(staging / CARD_FILE, card)
+
+    figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
+    figures.update(onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement)
+    write_json(metrics_path, figures)
+
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    with tracking.stage_run(config.tracking.experiment, STAGE, tags, parent_run_id=train_run_id) as run:
+        version = tracking.register_onnx_model(
+            train_run_id, Path(output) / ONNX_FILE, Path(output) / CARD_FILE,
+            config.export.registered_model, config.export.alias,
+        )
+        run.log_metrics(figures)
+        run.set_tags({"registered_model": config.export.registered_model, "model_version": version})
+    tracking.RunLogger(train_run_id, tracking.tracking_uri()).log_metrics(
+        {"onnx_max_abs_diff": parity.max_abs_diff, "onnx_argmax_agreement": parity.argmax_agreement}
+    )
+    log.info("registered %s version %s as @%s", config.export.registered_model, version, config.export.alias)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared/supervised")
+    parser.add_argument("--model", default="artifacts/supervised/model")
+    parser.add_argument("--evaluation", default="metrics/evaluate.json")
+    parser.add_argument("--output", default="artifacts/supervised/export")
+    parser.add_argument("--metrics", default="metrics/supervised.json")
+    args = parser.parse_args(argv)
+    run_stage(STAGE, lambda: export(
+        load_config(args.params), args.data, args.model, args.evaluation, args.output, args.metrics
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The trained-model file: weights plus everything needed to rebuild the network.
+
+`model.pt` holds only tensors and plain data, so it loads with `torch.load(weights_only=True)`
+(no pickled code). The network is rebuilt from its `ArchitectureConfig`, with the data's
+normalization in front, and a softmax behind for classification when exported or evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.architecture import ArchitectureConfig, build_network
+from models.standardize import Standardize
+from pipelines.atomic import write_bytes
+
+MODEL_FILE = "model.pt"
+
+
+def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequential:
+    """Standardize (statistics from the manifest) followed by the network for this data."""
+    task = manifest["task"]
+    num_outputs = len(manifest["class_names"]) if task == "classification" else 1
+    norm = manifest["normalization"]
+    return nn.Sequential(
+        Standardize(norm["mean"], norm["std"], image=manifest["input_kind"] == "image"),
+        build_network(arch, tuple(manifest["input_shape"]), num_outputs),
+    )
+
+
+def inference_model(model: nn.Module, task: str) -> nn.Module:
+    """What is evaluated and exported: class probabilities for classification, values otherwise."""
+    model = model.eval()
+    return nn.Sequential(model, nn.Softmax(dim=1)) if task == "classification" else model
+
+
+def save_bundle(
+    directory: str | Path, model: nn.Module, arch: ArchitectureConfig, manifest: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "architecture": dataclasses.asdict(arch),
+            "manifest": manifest,
+            "state_dict": model.state_dict(),
+            "extra": extra or {},
+        },
+        buffer,
+    )
+    path = Path(directory) / MODEL_FILE
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_bundle(directory: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild the trained model; returns (model in eval mode, the saved bundle's metadata)."""
+    bundle = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+    arch_fields = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in bundle["architecture"].items()
+    }
+    arch = ArchitectureConfig(**arch_fields)
+    model = build_model(arch, bundle["manifest"])
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval(), bundle

@@ -1,0 +1,72 @@
+"""Torch -> ONNX with a dynamic batch axis, and the parity check against torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.atomic import write_bytes
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
+    """Export `model` (eval mode) so that any batch size is accepted; written atomically."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter narrates every pass on stdout and warns about torchvision ops this model
+    # does not use; keep the stage log readable.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+        )
+    # Weights are small: one self-contained file, no external-data side files.
+    write_bytes(path, program.model_proto.SerializeToString())
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """A CPU onnxruntime session (export checks are about numerics, not speed)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    argmax_agreement: float
+    examples: int
+
+    def holds(self, atol: float, classification: bool) -> bool:
+        return self.max_abs_diff <= atol and (not classification or self.argmax_agreement == 1.0)
+
+
+def check_parity(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> Parity:
+    """Compare onnxruntime's and torch's outputs on `inputs` (e.g. the whole test split)."""
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(inputs)).numpy()
+    actual = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+    agreement = (
+        float(np.mean(expected.argmax(axis=1) == actual.argmax(axis=1)))
+        if expected.ndim == 2 and expected.shape[1] > 1
+        else 1.0
+    )
+    return Parity(float(np.max(np.abs(expected - actual))), agreement, len(inputs))

@@ -1,0 +1,84 @@
+"""Figures for DVC (CSV data that `dvc plots` renders) and MLflow (PNG images)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.atomic import write_bytes, write_text
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, object]], columns: Sequence[str]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+
+
+def learning_curves_png(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """Train vs validation loss (and accuracy): the gap shows over- or under-fitting."""
+    plt = _figure()
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    has_accuracy = "val_accuracy" in history[0]
+    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(10 if has_accuracy else 5, 3.6))
+    axes = np.atleast_1d(axes)
+    for split in ("train", "val"):
+        axes[0].plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[0].legend()
+    if has_accuracy:
+        for split in ("train", "val"):
+            axes[1].plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
+        axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        axes[1].legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def gradient_norms_png(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """Per-layer gradient norm by epoch, log scale: vanishing gradients sit near the bottom."""
+    plt = _figure()
+    layers = [k for k in history[0] if k.startswith("grad_norm/")]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    epochs = [int(h["epoch"]) + 1 for h in history]
+    for key in layers:
+        ax.plot(epochs, [max(h.get(key, np.nan), 1e-12) for h in history], label=key.split("/", 1)[1])
+    ax.set(xlabel="epoch", ylabel="gradient L2 norm", yscale="log", title="per-layer gradient norms")
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="actual", title="confusion matrix (test)")
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    _save(fig, path)
+    plt.close(fig)

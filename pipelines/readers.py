@@ -1,0 +1,164 @@
+"""Readers for users' raw data: an image folder or a CSV table.
+
+Each reader returns a `RawDataset` or raises a UserError naming the file, row or column
+that is wrong; nothing is written here, so a bad input never leaves partial output.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipelines.errors import UserError
+from serving.preprocess import image_to_array
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    features: np.ndarray
+    """float32, (N, C, H, W) for images or (N, F) for tables."""
+    labels: np.ndarray
+    """int64 class indices (classification) or float32 values (regression)."""
+    class_names: tuple[str, ...] | None
+    """Class of each label index; None for regression."""
+    feature_names: tuple[str, ...] | None
+    """Column of each feature for tables; None for images."""
+    input_kind: Literal["image", "tabular"]
+
+
+def read_image_folder(root: str | Path, size: tuple[int, int], grayscale: bool) -> RawDataset:
+    """Read `<root>/<class>/*.png|jpg`; the class names are the sub-folder names, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: image folder not found")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise UserError(
+            f"{root}: expected one sub-folder per class (at least 2), found {len(class_dirs)}"
+        )
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    for index, class_dir in enumerate(class_dirs):
+        files = sorted(
+            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise UserError(f"{class_dir}: class folder has no .png/.jpg images")
+        for file in files:
+            arrays.append(_read_image(file, size, grayscale))
+            labels.append(index)
+    log.info("read %d images in %d classes from %s", len(labels), len(class_dirs), root)
+    return RawDataset(
+        features=np.stack(arrays),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(d.name for d in class_dirs),
+        feature_names=None,
+        input_kind="image",
+    )
+
+
+def _read_image(file: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image_to_array(image, size, grayscale)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"{file}: unreadable image ({exc})") from None
+
+
+def read_csv_table(
+    path: str | Path,
+    label_column: str,
+    feature_columns: tuple[str, ...],
+    task: Literal["classification", "regression"],
+) -> RawDataset:
+    """Read a CSV with a header; features must be numbers, the label a class name or a number."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: CSV file not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise UserError(f"{path}: empty file (expected a header row)")
+        header = [h.strip() for h in header]
+        columns = _pick_columns(path, header, label_column, feature_columns)
+        label_at = header.index(label_column)
+        rows: list[list[float]] = []
+        raw_labels: list[str] = []
+        for line_no, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            if len(row) != len(header):
+                raise UserError(
+                    f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
+                )
+            rows.append([_number(path, line_no, name, row[at]) for name, at in columns])
+            raw_labels.append(row[label_at].strip())
+    if not rows:
+        raise UserError(f"{path}: no data rows after the header")
+    features = np.asarray(rows, dtype=np.float32)
+    feature_names = tuple(name for name, _ in columns)
+    if task == "regression":
+        values = [
+            _number(path, line_no, label_column, v) for line_no, v in enumerate(raw_labels, start=2)
+        ]
+        return RawDataset(features, np.asarray(values, dtype=np.float32), None, feature_names, "tabular")
+    if any(v == "" for v in raw_labels):
+        line_no = raw_labels.index("") + 2
+        raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
+    class_names = tuple(sorted(set(raw_labels), key=_natural_key))
+    if len(class_names) < 2:
+        raise UserError(f"{path}: column {label_column!r} has a single class; need at least 2")
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.asarray([index[v] for v in raw_labels], dtype=np.int64)
+    return RawDataset(features, labels, class_names, feature_names, "tabular")
+
+
+def _pick_columns(
+    path: Path, header: list[str], label_column: str, feature_columns: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    if label_column not in header:
+        raise UserError(
+            f"{path}: label column {label_column!r} not found; columns are: {', '.join(header)}"
+        )
+    wanted = feature_columns or tuple(h for h in header if h != label_column)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise UserError(
+            f"{path}: feature column {missing[0]!r} not found; columns are: {', '.join(header)}"
+        )
+    if label_column in wanted:
+        raise UserError(f"{path}: column {label_column!r} is both the label and a feature")
+    if not wanted:
+        raise UserError(f"{path}: no feature columns besides the label {label_column!r}")
+    return [(name, header.index(name)) for name in wanted]
+
+
+def _number(path: Path, line_no: int, column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not a finite number")
+    return value
+
+
+def _natural_key(name: str) -> tuple[int, float | str]:
+    """Sort numeric class names numerically ("2" before "10"), the rest alphabetically."""
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)

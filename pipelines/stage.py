@@ -1,0 +1,24 @@
+"""What every stage's `main` shares: turning a UserError into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from pipelines.errors import UserError
+
+
+def run_stage(name: str, body: Callable[[], None]) -> None:
+    """Run a stage body; user mistakes print `<name>: error: ...` and exit 2, without a traceback."""
+    # Our progress at INFO; libraries (MLflow, onnxscript, Ray) only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    try:
+        body()
+    except UserError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,161 @@
+"""Every MLflow call of the pipeline, in one place.
+
+The tracking server comes from `MLFLOW_TRACKING_URI`; without it, runs go to SQLite under
+`mlruns/` in the repository (no server to start). Nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+LOCAL_STORE = Path("mlruns")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the repository's SQLite store as an absolute URI.
+
+    Absolute, because Ray Train workers run in other directories (and rank 0 logs too).
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    LOCAL_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
+
+
+def _client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment's id, creating it (with a local artifact store for SQLite) if needed."""
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if (uri or tracking_uri()).startswith("sqlite:"):
+        artifact_location = (LOCAL_STORE / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    """HEAD's commit, with '-dirty' when tracked files have uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def stage_tags(stage: str, data_hash: str) -> dict[str, str]:
+    """Tags linking a run to its code, pipeline stage and data."""
+    return {"git_commit": git_commit(), "dvc_stage": stage, "data_sha256": data_hash}
+
+
+class RunLogger:
+    """Logs to one existing run by id; safe to hand to a Ray worker (holds only strings)."""
+
+    def __init__(self, run_id: str, uri: str) -> None:
+        self.run_id = run_id
+        self.uri = uri
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
+        ]
+        _client(self.uri).log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        client = _client(self.uri)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        client = _client(self.uri)
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        _client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def stage_run(
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> Iterator[RunLogger]:
+    """Open a run for one stage execution; it ends FINISHED, or FAILED if the block raises."""
+    uri = tracking_uri()
+    client = _client(uri)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(ensure_experiment(experiment, uri), run_name=run_name, tags=all_tags)
+    logger = RunLogger(run.info.run_id, uri)
+    try:
+        yield logger
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def register_onnx_model(
+    run_id: str, onnx_path: Path, card_path: Path, name: str, alias: str
+) -> str:
+    """Log the ONNX model (with its model card) to the run, register it and move `alias` to it."""
+    import mlflow
+    import onnx
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="onnx_model",
+            extra_files=[str(card_path)],
+            save_as_external_data=False,
+        )
+    version = mlflow.register_model(info.model_uri, name)
+    client = _client()
+    client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "source_run", run_id)
+    return version.version
+
+
+def _metric_key(key: str) -> str:
+    # MLflow keys allow only alphanumerics, _ - . space : /
+    return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,109 @@
+"""Stage `train_supervised`: train the classifier/regressor on Ray Train, tracked in MLflow.
+
+Reads the prepared data and params `model` + `train`; writes the trained model bundle,
+the learning-curve data for `dvc plots`, and `metrics/train_supervised.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from models.losses import TaskLoss
+from pipelines import tracking
+from pipelines.atomic import output_directory, write_json
+from pipelines.config import PipelineConfig, config_to_dict, load_config
+from pipelines.dataset import load_prepared
+from pipelines.errors import UserError
+from pipelines.model_bundle import build_model, save_bundle
+from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
+from pipelines.stage import run_stage
+from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
+from pipelines.training.worker import STATE_FILE, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_supervised"
+RUN_FILE = "run.json"
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+
+
+def check_compatible(config: PipelineConfig, manifest: dict) -> None:
+    """Fail fast, before any worker starts, when params cannot fit this data."""
+    try:
+        TaskLoss(config.train.loss, manifest["task"], config.train.huber_delta)
+    except ValueError as exc:
+        raise UserError(f"params.yaml: train.loss: {exc}") from None
+    try:
+        build_model(config.model, manifest)
+    except ValueError as exc:
+        raise UserError(f"params.yaml: model: {exc}") from None
+
+
+def train_supervised(config: PipelineConfig, data_dir: str, output: str, metrics_path: str, plots_dir: str) -> dict:
+    data = load_prepared(data_dir)
+    check_compatible(config, data.manifest)
+    name = run_name(STAGE, config_to_dict(config.model), config_to_dict(config.train), data.data_hash)
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    with tracking.stage_run(config.tracking.experiment, STAGE, tags) as run:
+        run.log_params(
+            {"model": config_to_dict(config.model), "train": config_to_dict(config.train),
+             "data.task": data.task, "data.input_shape": data.input_shape,
+             "data.train_size": len(data.y("train"))}
+        )
+        log.info("training %s on %d worker(s): ray run %s, mlflow run %s",
+                 config.model.kind, config.train.num_workers, name, run.run_id)
+        result = run_training(
+            train_loop_per_worker, loop_config(data, config.model, config.train, run), config.train, name
+        )
+        if result.metrics.get("diverged"):
+            run.set_tags({"diverged": "true"})
+            raise UserError(result.metrics["diverged_message"])
+        with result.checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        history = state["history"]
+        model = build_model(config.model, data.manifest)
+        model.load_state_dict(state["best_model"])
+        best = min(history, key=lambda h: h["val_loss"])
+        summary = {
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": len(history),
+            "best_val_loss": best["val_loss"],
+            **({"best_val_accuracy": best["val_accuracy"]} if "val_accuracy" in best else {}),
+            "stopped_early": len(history) < config.train.epochs,
+        }
+        with output_directory(output) as staging:
+            save_bundle(staging, model, config.model, data.manifest, extra={"history": history})
+            write_json(staging / RUN_FILE, {"mlflow_run_id": run.run_id, "ray_run": name})
+            learning_curves_png(history, staging / "learning_curves.png")
+            gradient_norms_png(history, staging / "gradient_norms.png")
+        write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
+        write_json(metrics_path, summary)
+        run.log_metrics({k: float(v) for k, v in summary.items()})
+        for image in ("learning_curves.png", "gradient_norms.png"):
+            run.log_artifact(Path(output) / image, "plots")
+    remove_local_run(name)
+    log.info("best epoch %d of %d: val_loss %.4f%s", summary["best_epoch"] + 1, summary["epochs_run"],
+             summary["best_val_loss"],
+             f", val_accuracy {summary['best_val_accuracy']:.4f}" if "best_val_accuracy" in summary else "")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared/supervised")
+    parser.add_argument("--output", default="artifacts/supervised/model")
+    parser.add_argument("--metrics", default="metrics/train_supervised.json")
+    parser.add_argument("--plots", default="plots/supervised")
+    args = parser.parse_args(argv)
+    run_stage(STAGE, lambda: train_supervised(
+        load_config(args.params), args.data, args.output, args.metrics, args.plots
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""In-memory mini-batches, sharded across data-parallel workers.
+
+This is `DistributedSampler` without the DataLoader's per-example collate: indices are
+shuffled with a seed shared by all workers, padded so every worker runs the same number of
+steps (DDP needs that), and each worker takes every world_size-th index. Batches are tensor
+slices, so data loading costs almost nothing next to the step itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class ShardedBatches:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} targets")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This worker's example indices for `epoch` (the same count on every worker)."""
+        n = len(self.x)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        per_worker = -(-n // self.world_size)  # ceil
+        padding = per_worker * self.world_size - n
+        if padding:
+            order = torch.cat([order, order[:padding]])
+        return order[self.rank :: self.world_size]
+
+    def steps_per_epoch(self) -> int:
+        per_worker = -(-len(self.x) // self.world_size)
+        return -(-per_worker // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices(epoch)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield self.x[batch], self.y[batch]
+
+
+def shard_for_eval(x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int):
+    """Every world_size-th example, unshuffled and unpadded: each example counted exactly once."""
+    return ShardedBatches(x[rank::world_size], y[rank::world_size], batch_size, shuffle=False)

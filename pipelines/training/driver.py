@@ -1,0 +1,99 @@
+"""The one place a `TorchTrainer` is built. Training stages and Ray Tune both call it.
+
+It turns a `TrainConfig` into Ray's Scaling/Run/Failure configs, ships the arrays through
+the object store (so workers on other nodes get them without shared disk), and names the
+run after its inputs so that re-running an interrupted stage resumes its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import TrainConfig
+from pipelines.dataset import PreparedData
+from pipelines.tracking import RunLogger
+
+
+def storage_path() -> str:
+    """Where checkpoints go: DLPIPE_STORAGE (s3://..., NFS) or ./ray_results."""
+    return os.environ.get("DLPIPE_STORAGE") or str(Path("ray_results").resolve())
+
+
+def run_name(stage: str, *parts: Any) -> str:
+    """`stage-<hash of its inputs>`: the same inputs resume the same run's checkpoints."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{stage}-{digest[:12]}"
+
+
+def use_gpu(train: TrainConfig) -> bool:
+    from pipelines.cluster import cluster_has_gpus
+
+    if train.device == "auto":
+        return cluster_has_gpus()
+    return train.device == "gpu"
+
+
+def loop_config(
+    data: PreparedData, arch: Any, train: TrainConfig, logger: RunLogger | None
+) -> dict[str, Any]:
+    """The `train_loop_config` the worker adapter expects."""
+    import ray
+
+    from pipelines.cluster import connect_ray
+
+    connect_ray()
+    arrays = {name.removesuffix(".npy"): array for name, array in data.arrays.items()}
+    return {
+        "data": ray.put({k: v for k, v in arrays.items() if not k.endswith("_test")}),
+        "manifest": data.manifest,
+        "architecture": dataclasses.asdict(arch),
+        "train": dataclasses.asdict(train),
+        "mlflow": {"run_id": logger.run_id, "uri": logger.uri} if logger else None,
+    }
+
+
+def run_training(
+    train_loop: Any, config: dict[str, Any], train: TrainConfig, name: str
+):
+    """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.cluster import connect_ray
+
+    # Ray Train V2 hands each report to the controller on its health-check tick (2 s by
+    # default), which blocks the workers: with sub-second epochs that tick, not the
+    # training, sets the pace. 0.2 s keeps the controller cheap and the epochs fast.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Without this, every print on a worker reaches the console twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    connect_ray()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu(train)),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            # The latest checkpoint is all a restart needs; the best weights live inside it.
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return trainer.fit()
+
+
+def remove_local_run(name: str) -> None:
+    """Drop a finished run's local checkpoints (remote storage is left to its own lifecycle)."""
+    root = storage_path()
+    if "://" not in root:
+        shutil.rmtree(Path(root) / name, ignore_errors=True)
+
+

@@ -1,0 +1,247 @@
+"""The training loop in plain PyTorch: no Ray, no MLflow, testable in a second.
+
+`fit` runs epochs of `train_epoch` and `evaluate`, with early stopping on validation loss
+and divergence detection. Distributed training plugs in through two hooks: `reduce` sums
+per-worker totals (an all-reduce under Ray Train) and `on_epoch_end` reports and
+checkpoints. Everything a run needs to resume lives in `TrainingState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN/inf or exploded; the message names the learning rate."""
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` epochs without a lower validation loss (patience 0: never stop)."""
+
+    patience: int
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+
+    def update(self, val_loss: float, epoch: int) -> bool:
+        """Record an epoch; True when this epoch is the best so far."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            self.epochs_without_improvement = 0
+            return True
+        self.epochs_without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.epochs_without_improvement >= self.patience
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue a run after a restart."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    early_stopping: EarlyStopping
+    next_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_model_state: dict[str, torch.Tensor] | None = None
+    first_train_loss: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "early_stopping": vars(self.early_stopping).copy(),
+            "next_epoch": self.next_epoch,
+            "history": self.history,
+            "best_model": self.best_model_state,
+            "first_train_loss": self.first_train_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        vars(self.early_stopping).update(state["early_stopping"])
+        self.next_epoch = state["next_epoch"]
+        self.history = list(state["history"])
+        self.best_model_state = state["best_model"]
+        self.first_train_loss = state["first_train_loss"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast_for(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked for; a no-op on CPU (where it would only slow down)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_totals(
+    output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, classification: bool
+) -> torch.Tensor:
+    """[loss * n, correct, n] for one batch, kept on the device (no host sync per step)."""
+    n = target.shape[0]
+    correct = (
+        (output.argmax(dim=1) == target).sum().to(torch.float32)
+        if classification
+        else torch.zeros((), device=output.device)
+    )
+    return torch.stack([loss.detach().float() * n, correct, torch.tensor(float(n), device=output.device)])
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    classification: bool,
+) -> torch.Tensor:
+    """One optimisation step; returns the batch totals [loss * n, correct, n]."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        output = model(x)
+        loss = loss_fn(output.float(), y)
+    loss.backward()
+    optimizer.step()
+    return batch_totals(output, y, loss, classification)
+
+
+@torch.no_grad()
+def eval_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: nn.Module,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    classification: bool,
+) -> torch.Tensor:
+    with autocast():
+        output = model(x)
+        loss = loss_fn(output.float(), y)
+    return batch_totals(output, y, loss, classification)
+
+
+def gradient_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each layer's weight gradient: small values in early layers mean vanishing gradients."""
+    named = [
+        (name.removesuffix(".weight"), p.grad)
+        for name, p in unwrap(model).named_parameters()
+        if p.grad is not None and name.endswith("weight")
+    ]
+    if not named:
+        return {}
+    norms = torch._foreach_norm([g for _, g in named])
+    return {name: float(n) for (name, _), n in zip(named, norms)}
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_epoch(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: bool,
+    classification: bool,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms."""
+    model.train(optimizer is not None)
+    totals = torch.zeros(3, device=device)
+    autocast = lambda: autocast_for(device, amp)  # noqa: E731 - a fresh context per step
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if optimizer is None:
+            totals += eval_step(model, x, y, loss_fn, autocast, classification)
+        else:
+            totals += train_step(model, x, y, loss_fn, optimizer, autocast, classification)
+    # Gradients of the epoch's last step: a cheap, representative sample.
+    norms = gradient_norms(model) if optimizer is not None else {}
+    return totals, norms
+
+
+def epoch_metrics(prefix: str, totals: torch.Tensor, classification: bool) -> dict[str, float]:
+    loss_sum, correct, count = (float(v) for v in totals.cpu())
+    metrics = {f"{prefix}_loss": loss_sum / max(count, 1.0)}
+    if classification:
+        metrics[f"{prefix}_accuracy"] = correct / max(count, 1.0)
+    return metrics
+
+
+def fit(
+    state: TrainingState,
+    loss_fn: nn.Module,
+    train_batches: Callable[[int], Batches],
+    val_batches: Callable[[], Batches],
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    classification: bool,
+    amp: bool = False,
+    divergence_factor: float = 100.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
+) -> TrainingState:
+    """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
+
+    `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
+    worker's totals into the global ones, so every worker takes the same decisions.
+    Raises TrainingDiverged when the training loss becomes NaN/inf or exceeds
+    `divergence_factor` times the first epoch's.
+    """
+    for epoch in range(state.next_epoch, epochs):
+        started = time.perf_counter()
+        train_totals, norms = run_epoch(
+            state.model, train_batches(epoch), loss_fn, device, amp, classification, state.optimizer
+        )
+        # Evaluate the bare module: DDP's forward may broadcast buffers, a collective that
+        # would hang when workers hold different numbers of validation batches.
+        val_totals, _ = run_epoch(
+            unwrap(state.model), val_batches(), loss_fn, device, amp, classification
+        )
+        totals = reduce(torch.cat([train_totals, val_totals]))
+        metrics = {
+            "epoch": float(epoch),
+            **epoch_metrics("train", totals[:3], classification),
+            **epoch_metrics("val", totals[3:], classification),
+            **{f"grad_norm/{name}": value for name, value in norms.items()},
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        train_loss = metrics["train_loss"]
+        if state.first_train_loss is None:
+            state.first_train_loss = train_loss
+        if not math.isfinite(train_loss) or train_loss > divergence_factor * state.first_train_loss:
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}: train loss {train_loss:.4g} "
+                f"(first epoch {state.first_train_loss:.4g}) with learning rate {lr:g}; "
+                "lower train.lr"
+            )
+        if state.early_stopping.update(metrics["val_loss"], epoch):
+            state.best_model_state = copy.deepcopy(unwrap(state.model).state_dict())
+        state.history.append(metrics)
+        state.next_epoch = epoch + 1
+        if on_epoch_end is not None:
+            on_epoch_end(metrics, state)
+        if state.early_stopping.should_stop:
+            break
+    return state

@@ -1,0 +1,134 @@
+"""The per-worker adapter: what Ray Train runs on each worker around the plain `fit` loop.
+
+It adds exactly the distributed parts: DDP via `prepare_model`, this worker's shard of the
+data, an all-reduce of epoch totals, `ray.train.report` with a checkpoint every epoch,
+resuming from the latest checkpoint after a failure, and MLflow logging from rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from models.architecture import ArchitectureConfig
+from models.losses import TaskLoss
+from models.optimizers import batch_size_for, make_optimizer
+from pipelines.config import TrainConfig
+from pipelines.model_bundle import build_model
+from pipelines.tracking import RunLogger
+from pipelines.training.batches import ShardedBatches, shard_for_eval
+from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
+
+STATE_FILE = "state.pt"
+EVAL_BATCH_SIZE = 1024
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` is built by `pipelines.training.driver.loop_config`."""
+    _quiet_per_report_log()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    train_cfg = TrainConfig(**config["train"])
+    arch = ArchitectureConfig(**config["architecture"])
+    manifest = config["manifest"]
+    classification = manifest["task"] == "classification"
+    device = ray.train.torch.get_device()
+
+    arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
+    x_train, y_train = arrays["x_train"], arrays["y_train"]
+    x_val, y_val = arrays["x_val"], arrays["y_val"]
+
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every worker
+    model = ray.train.torch.prepare_model(build_model(arch, manifest))
+    optimizer = make_optimizer(
+        train_cfg.optimizer, model.parameters(), train_cfg.lr,
+        weight_decay=train_cfg.weight_decay, momentum=train_cfg.momentum,
+    )
+    state = TrainingState(model, optimizer, EarlyStopping(train_cfg.early_stopping_patience))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state.load_state_dict(
+                torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+            )
+    start_epoch = state.next_epoch
+
+    per_worker = -(-len(x_train) // world_size)
+    batch_size = batch_size_for(train_cfg.optimizer, train_cfg.batch_size, per_worker)
+    train_batches = ShardedBatches(x_train, y_train, batch_size, rank, world_size, seed=train_cfg.seed)
+    val_batches = shard_for_eval(x_val, y_val, EVAL_BATCH_SIZE, rank, world_size)
+    logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
+
+    def all_reduce(totals: torch.Tensor) -> torch.Tensor:
+        if world_size > 1:
+            dist.all_reduce(totals)
+        return totals
+
+    def on_epoch_end(metrics: dict[str, float], state: TrainingState) -> None:
+        metrics = {**metrics, "attempt_start_epoch": float(start_epoch)}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        print(_progress_line(metrics, train_cfg.epochs), flush=True)
+        if logger is not None:
+            logger.log_metrics(metrics, step=int(metrics["epoch"]))
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state.state_dict(), Path(directory) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    try:
+        fit(
+            state,
+            TaskLoss(train_cfg.loss, manifest["task"], train_cfg.huber_delta),
+            train_batches.epoch,
+            lambda: val_batches.epoch(0),
+            epochs=train_cfg.epochs,
+            lr=train_cfg.lr,
+            device=device,
+            classification=classification,
+            amp=train_cfg.amp,
+            divergence_factor=train_cfg.divergence_factor,
+            reduce=all_reduce,
+            on_epoch_end=on_epoch_end,
+        )
+    except TrainingDiverged as exc:
+        # Reported, not raised: a retry from the checkpoint would diverge again.
+        ray.train.report({"diverged": 1.0, "diverged_message": str(exc), "epoch": float(state.next_epoch)})
+
+
+def _shared_tensor(array) -> torch.Tensor:
+    """Wrap a read-only object-store array without copying it (the loop only reads inputs)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _quiet_per_report_log() -> None:
+    """Silence Ray Train's INFO line per report (it prints the whole metrics dict each epoch).
+
+    That logger is named after its file, so `LoggingConfig(log_level=...)`, which filters
+    the `ray.train` logger tree, does not reach it.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # internal layout changed: keep the noise rather than fail
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _progress_line(metrics: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(metrics['epoch']) + 1}/{epochs}"]
+    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}")
+    parts.append(f"({metrics['epoch_seconds']:.2f}s)")
+    return "  ".join(parts)

@@ -1,0 +1,1 @@
+"""Serving: ONNX Runtime predictors (usable without Ray) and the thin Ray Serve app around them."""

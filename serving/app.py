@@ -1,0 +1,71 @@
+"""The Ray Serve application: a thin FastAPI ingress over `ClassifierPredictor`.
+
+Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source>`.
+Endpoints: POST /v1/classify, GET /v1/models, GET /healthz (OpenAPI at /docs).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
+# at runtime to know that `request` is the JSON body.
+import os
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from ray import serve
+
+from serving.model_source import resolve_model
+from serving.predictor import ClassifierPredictor, InputError
+from serving.schemas import ClassifyRequest, ClassifyResponse
+
+DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
+
+api = FastAPI(
+    title="dlpipe",
+    description="Predictions from the models trained by the dlpipe pipeline.",
+    version="0.1.0",
+)
+
+
+@serve.deployment(
+    name="classifier",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 1},
+    # Serve's default of 5 in-flight requests per replica throttles concurrent clients.
+    max_ongoing_requests=64,
+)
+@serve.ingress(api)
+class ClassifierService:
+    def __init__(self, model: str, tracking_uri: str | None = None, threads: int = 1) -> None:
+        self.predictor = ClassifierPredictor(resolve_model(model, tracking_uri), threads=threads)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    def models(self) -> dict[str, Any]:
+        return {"models": [self.predictor.info()]}
+
+    @api.post("/v1/classify", response_model=ClassifyResponse)
+    def classify(self, request: ClassifyRequest) -> dict[str, Any]:
+        try:
+            if request.instances is not None:
+                batch = self.predictor.features_to_array(request.instances)
+            else:
+                batch = self.predictor.images_to_array(request.images or [])
+        except InputError as exc:
+            # Same shape as FastAPI's own validation errors: the field is in `loc`.
+            raise HTTPException(
+                status_code=422,
+                detail=[{"loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
+                         "msg": exc.message, "type": "value_error"}],
+            ) from None
+        return {"model": self.predictor.card["name"], "predictions": self.predictor.classify(batch)}
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for `serve run serving.app:build_app model=... tracking_uri=...`."""
+    return ClassifierService.bind(
+        args.get("model", DEFAULT_MODEL),
+        args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+        int(args.get("threads", 1)),
+    )

@@ -1,0 +1,46 @@
+"""Request and response bodies of the HTTP API (validated by pydantic; errors are 422s)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_BATCH = 1024
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ClassifyRequest(BaseModel):
+    """Exactly one of `instances` (feature vectors) or `images` (base64 PNG/JPEG)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[list[FiniteFloat]] | None = Field(
+        default=None, max_length=MAX_BATCH,
+        description="Flattened inputs, e.g. 64 pixel values in [0, 1] for an 8x8 image.",
+    )
+    images: list[str] | None = Field(
+        default=None, max_length=MAX_BATCH, description="Base64-encoded PNG or JPEG images.",
+    )
+
+    @model_validator(mode="after")
+    def exactly_one_input(self) -> ClassifyRequest:
+        given = [name for name in ("instances", "images") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("send exactly one of `instances` or `images`")
+        if not getattr(self, given[0]):
+            raise ValueError(f"`{given[0]}` is empty")
+        return self
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
