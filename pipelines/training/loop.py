@@ -65,7 +65,7 @@ class TrainingState:
             "optimizer": self.optimizer.state_dict(),
             "early_stopping": vars(self.early_stopping).copy(),
             "next_epoch": self.next_epoch,
-            "history": self.history,
+            "history": list(self.history),
             "best_model": self.best_model_state,
             "first_train_loss": self.first_train_loss,
         }

@@ -1,0 +1,35 @@
+"""Shared fixtures: small real data sets and, for integration tests, one local Ray cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """The bundled digits written as an image folder, exactly as the ingest stage does."""
+    from pipelines.ingest_digits import ingest_digits
+
+    root = tmp_path_factory.mktemp("raw") / "digits"
+    ingest_digits(str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session: 2 CPUs, so two Train workers fit."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A real, empty MLflow store (SQLite) for one test, via MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,33 @@
+"""Small real inputs that tests write themselves (no downloads)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image_folder(root: Path, sizes: dict[str, list[tuple[int, int]]], rgb: bool = False) -> Path:
+    """Generated images: class 'dark' is mostly black, class 'light' mostly white."""
+    rng = np.random.default_rng(0)
+    for class_name, shapes in sizes.items():
+        (root / class_name).mkdir(parents=True, exist_ok=True)
+        base = 40 if class_name.startswith("dark") else 215
+        for i, (h, w) in enumerate(shapes):
+            shape = (h, w, 3) if rgb else (h, w)
+            pixels = np.clip(base + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
+            suffix = ".jpg" if i % 2 else ".png"
+            Image.fromarray(pixels).save(root / class_name / f"img{i}{suffix}")
+    return root
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from models.activations import ACTIVATIONS, Maxout, make_activation
+from models.architecture import ArchitectureConfig, build_network
+from models.pooling import Pool2d
+
+HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "softmax"]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("activation", HIDDEN_ACTIVATIONS)
+def test_every_network_and_activation_maps_images_to_outputs(kind, activation):
+    arch = ArchitectureConfig(kind=kind, activation=activation, channels=(4, 8), hidden_sizes=(16,))
+    net = build_network(arch, (1, 8, 8), num_outputs=10)
+    out = net(torch.randn(5, 1, 8, 8))
+    assert out.shape == (5, 10)
+    out.sum().backward()  # every parameter receives a gradient
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_mlp_takes_tabular_rows_and_conv_nets_refuse_them():
+    net = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(8, 8)), (5,), num_outputs=1)
+    assert net(torch.randn(3, 5)).shape == (3, 1)
+    with pytest.raises(ValueError, match="image inputs"):
+        build_network(ArchitectureConfig(kind="cnn"), (5,), num_outputs=2)
+
+
+def test_rgb_and_non_square_images():
+    net = build_network(ArchitectureConfig(kind="cnn", channels=(4, 4, 4)), (3, 12, 20), 3)
+    assert net(torch.randn(2, 3, 12, 20)).shape == (2, 3)
+
+
+def test_pooling_modes_pick_max_mean_and_min():
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])
+    assert Pool2d("max")(x).item() == 6.0
+    assert Pool2d("avg")(x).item() == 3.0
+    assert Pool2d("min")(x).item() == 1.0
+
+
+def test_maxout_takes_the_max_of_each_group():
+    x = torch.tensor([[1.0, 5.0, -2.0, -3.0]])
+    assert torch.equal(Maxout(2)(x), torch.tensor([[5.0, -2.0]]))
+
+
+def test_prelu_has_one_slope_per_unit_and_softmax_normalises():
+    assert make_activation("prelu", 7).weight.shape == (7,)
+    probs = make_activation("softmax", 3)(torch.randn(4, 3))
+    assert torch.allclose(probs.sum(dim=1), torch.ones(4))
+
+
+def test_architecture_rejects_bad_values():
+    with pytest.raises(ValueError, match="dropout"):
+        ArchitectureConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="activation"):
+        ArchitectureConfig(activation="softmax")
+    with pytest.raises(ValueError, match="kernel_size"):
+        ArchitectureConfig(kernel_size=2)

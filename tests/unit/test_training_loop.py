@@ -1,0 +1,90 @@
+"""The plain-torch loop (no Ray): learning, early stopping, divergence, resuming."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from models.architecture import ArchitectureConfig, build_network
+from models.losses import TaskLoss
+from models.optimizers import make_optimizer
+from pipelines.training.batches import ShardedBatches, shard_for_eval
+from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
+
+
+def blobs(n=400, seed=0):
+    """Two Gaussian blobs in 2-D: linearly separable, learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 2, generator=g) * 0.5 + (y.float()[:, None] * 2 - 1) * 1.5
+    return x, y
+
+
+def make_state(lr=0.05, optimizer="adam", patience=0):
+    torch.manual_seed(0)
+    model = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(16,), dropout=0.0), (2,), 2)
+    return TrainingState(model, make_optimizer(optimizer, model.parameters(), lr), EarlyStopping(patience))
+
+
+def run(state, epochs, lr=0.05, divergence_factor=100.0, on_epoch_end=None):
+    x, y = blobs()
+    train = ShardedBatches(x[:300], y[:300], batch_size=32, seed=1)
+    val = shard_for_eval(x[300:], y[300:], 256, 0, 1)
+    return fit(
+        state, TaskLoss("cross_entropy", "classification"), train.epoch, lambda: val.epoch(0),
+        epochs=epochs, lr=lr, device=torch.device("cpu"), classification=True,
+        divergence_factor=divergence_factor, on_epoch_end=on_epoch_end,
+    )
+
+
+def test_fit_learns_and_records_history():
+    state = run(make_state(), epochs=8)
+    history = state.history
+    assert len(history) == 8 and state.next_epoch == 8
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] > 0.95
+    assert any(k.startswith("grad_norm/") for k in history[0])
+    assert state.best_model_state is not None
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs():
+    state = make_state(lr=1e-3)
+    state.early_stopping.best_loss = -math.inf  # nothing can improve: stop after `patience`
+    state.early_stopping.patience = 3
+    state = run(state, epochs=50)
+    assert len(state.history) == 3
+
+
+def test_divergence_names_the_learning_rate():
+    with pytest.raises(TrainingDiverged, match=r"learning rate 1e\+06"):
+        run(make_state(lr=1e6, optimizer="sgd"), epochs=20, lr=1e6, divergence_factor=10.0)
+
+
+def test_resume_from_a_saved_state_continues_at_the_next_epoch():
+    saved = {}
+
+    def save_at_epoch_2(metrics, state):
+        if metrics["epoch"] == 2:  # a snapshot, as torch.save in a checkpoint takes
+            saved.update(copy.deepcopy(state.state_dict()))
+
+    full = run(make_state(), epochs=6, on_epoch_end=save_at_epoch_2)
+    resumed = make_state()
+    resumed.load_state_dict(saved)
+    assert resumed.next_epoch == 3
+    resumed = run(resumed, epochs=6)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4, 5]
+    # Same seeds, same data order: the resumed run ends exactly where the uninterrupted one did.
+    assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-5)
+
+
+def test_shards_are_equal_sized_disjoint_and_cover_the_data():
+    x, y = torch.arange(103).float()[:, None], torch.arange(103)
+    shards = [ShardedBatches(x, y, 10, rank=r, world_size=2, seed=3) for r in range(2)]
+    a, b = (s.indices(epoch=4) for s in shards)
+    assert len(a) == len(b) == 52  # padded so both workers take the same number of steps
+    assert set(a.tolist()) | set(b.tolist()) == set(range(103))
+    assert shards[0].steps_per_epoch() == shards[1].steps_per_epoch() == 6
+    assert not torch.equal(shards[0].indices(0), shards[0].indices(1))  # reshuffled per epoch
+    evaluation = [shard_for_eval(x, y, 7, r, 2) for r in range(2)]
+    assert sum(len(e.x) for e in evaluation) == 103  # validation counts each example once
