@@ -107,7 +107,7 @@ def export(config: PipelineConfig, data_dir: str, model_dir: str, evaluation_pat
             config.export.registered_model, config.export.alias,
         )
         run.log_metrics(figures)
-        run.set_tags({"registered_model": config.export.registered_model, "model_version": version})
+        run.set_tags({"registered_model": config.export.registered_model, "model_version": str(version)})
     tracking.RunLogger(train_run_id, tracking.tracking_uri()).log_metrics(
         {"onnx_max_abs_diff": parity.max_abs_diff, "onnx_argmax_agreement": parity.argmax_agreement}
     )

@@ -143,7 +143,7 @@ def register_onnx_model(
     client = _client()
     client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "source_run", run_id)
-    return version.version
+    return str(version.version)
 
 
 def _metric_key(key: str) -> str:

@@ -22,7 +22,7 @@ from pipelines.model_bundle import build_model, save_bundle
 from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stage import run_stage
 from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
-from pipelines.training.worker import STATE_FILE, train_loop_per_worker
+from pipelines.training.worker import DIVERGED_FILE, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,12 @@ def train_supervised(config: PipelineConfig, data_dir: str, output: str, metrics
         result = run_training(
             train_loop_per_worker, loop_config(data, config.model, config.train, run), config.train, name
         )
-        if result.metrics.get("diverged"):
-            run.set_tags({"diverged": "true"})
-            raise UserError(result.metrics["diverged_message"])
         with result.checkpoint.as_directory() as directory:
+            diverged = Path(directory) / DIVERGED_FILE
+            if diverged.exists():
+                run.set_tags({"diverged": "true"})
+                remove_local_run(name)  # finished, if badly: a re-run must start afresh
+                raise UserError(diverged.read_text())
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
         history = state["history"]
         model = build_model(config.model, data.manifest)

@@ -29,6 +29,7 @@ from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
 
 STATE_FILE = "state.pt"
+DIVERGED_FILE = "diverged.txt"
 EVAL_BATCH_SIZE = 1024
 
 
@@ -101,8 +102,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             on_epoch_end=on_epoch_end,
         )
     except TrainingDiverged as exc:
-        # Reported, not raised: a retry from the checkpoint would diverge again.
-        ray.train.report({"diverged": 1.0, "diverged_message": str(exc), "epoch": float(state.next_epoch)})
+        # Reported, not raised: a retry from the checkpoint would diverge again. It travels
+        # in a checkpoint because Ray Train's Result keeps the metrics of checkpointed reports.
+        metrics = {"diverged": 1.0, "epoch": float(state.next_epoch)}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            (Path(directory) / DIVERGED_FILE).write_text(str(exc))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def _shared_tensor(array) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""One real run of the supervised stages (prepare -> train on 2 Ray workers -> evaluate ->
+export) into a temporary MLflow store, shared by the integration tests of this folder."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import PipelineConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPipeline:
+    root: Path
+    config: PipelineConfig
+    mlflow_uri: str
+    prepared: Path
+    model_dir: Path
+    export_dir: Path
+    metrics: Path
+    summary: dict
+
+
+def quick_train_config(**overrides) -> TrainConfig:
+    """Few epochs: enough for the digits to pass 0.9 accuracy, short enough for CI."""
+    return TrainConfig(**{"epochs": 6, "batch_size": 32, "num_workers": 2, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
+    from pipelines.evaluate import evaluate
+    from pipelines.export import export
+    from pipelines.prepare import prepare
+    from pipelines.train_supervised import train_supervised
+
+    root = tmp_path_factory.mktemp("pipeline")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = PipelineConfig(train=quick_train_config())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("DLPIPE_STORAGE", str(root / "ray_results"))
+        prepare(config.prepare, str(digits_folder), str(root / "prepared"))
+        summary = train_supervised(config, str(root / "prepared"), str(root / "model"),
+                                   str(root / "metrics/train.json"), str(root / "plots"))
+        evaluate(config.tracking.experiment, str(root / "prepared"), str(root / "model"),
+                 str(root / "metrics/evaluate.json"), str(root / "plots"))
+        export(config, str(root / "prepared"), str(root / "model"), str(root / "metrics/evaluate.json"),
+               str(root / "export"), str(root / "metrics/supervised.json"))
+    return TrainedPipeline(root, config, uri, root / "prepared", root / "model", root / "export",
+                           root / "metrics", summary)

@@ -1,0 +1,98 @@
+"""A real `dvc repro` of dvc.yaml in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("ingest_digits", "prepare", "train_supervised", "evaluate", "export")
+
+
+def ran(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory, ray_cluster):
+    """The repository's tracked files (no outputs, no lock) in a fresh git repository."""
+    root = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if name == "dvc.lock" or name.startswith(("metrics/", "plots/")):
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 3  # the pipeline's wiring is under test, not its accuracy
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_ADDRESS": ray_cluster,  # stages join the session's cluster instead of starting one
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
+        "DLPIPE_STORAGE": str(root / "ray_results"),
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    return root, env
+
+
+def run(command: list[str], repo: tuple[Path, dict], check: bool = True) -> subprocess.CompletedProcess:
+    root, env = repo
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo_copy):
+    root, env = repo_copy
+    first = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    assert ran(first.stdout) == set(STAGES)
+    figures = json.loads((root / "metrics" / "supervised.json").read_text())
+    assert {"test_accuracy", "test_macro_f1", "onnx_max_abs_diff"} <= set(figures)
+    assert figures["onnx_max_abs_diff"] <= 1e-4
+    assert (root / "dvc.lock").is_file()
+
+    again = run([str(Path(sys.executable).parent / "dlpipe"), "run"], repo_copy)
+    assert ran(again.stdout) == set()
+    status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
+    assert "up to date" in status.stdout
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.003
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    assert ran(changed.stdout) == {"train_supervised", "evaluate", "export"}
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("dlpipe-classifier", "champion").version) == "2"
+
+
+def test_bad_params_fail_the_stage_with_one_line_and_keep_outputs(repo_copy):
+    root, _ = repo_copy
+    (root / "bad.yaml").write_text("train:\n  lr: fast\n")
+    model = root / "artifacts" / "supervised" / "model" / "model.pt"
+    before = model.read_bytes() if model.exists() else None
+    result = run([sys.executable, "-m", "pipelines.train_supervised", "--params", "bad.yaml"],
+                 repo_copy, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "train_supervised: error: bad.yaml: train.lr: expected a number, got 'fast'"
+    if before is not None:
+        assert model.read_bytes() == before

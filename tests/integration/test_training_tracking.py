@@ -1,0 +1,77 @@
+"""Ray Train on a real local cluster, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import PipelineConfig
+from pipelines.errors import UserError
+from pipelines.train_supervised import train_supervised
+from tests.integration.conftest import quick_train_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_workers_learn_the_digits(trained):
+    history = json.loads((trained.model_dir / "run.json").read_text())
+    assert history["mlflow_run_id"]
+    assert trained.summary["best_val_accuracy"] > 0.9
+    figures = json.loads((trained.metrics / "supervised.json").read_text())
+    assert figures["test_accuracy"] > 0.9 and figures["test_macro_f1"] > 0.9
+    assert figures["onnx_max_abs_diff"] <= 1e-4
+    curve = (trained.root / "plots" / "learning_curves.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch,train_loss,val_loss")
+    first, last = (line.split(",") for line in (curve[1], curve[-1]))
+    assert float(last[1]) < float(first[1])  # the training loss fell
+
+
+def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
+    client = MlflowClient(trained.mlflow_uri)
+    run_id = json.loads((trained.model_dir / "run.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.optimizer"] == "adam" and run.data.params["model.kind"] == "cnn"
+    assert {"git_commit", "dvc_stage", "data_sha256"} <= set(run.data.tags)
+    assert run.data.tags["dvc_stage"] == "train_supervised"
+    for name in ("test_accuracy", "test_macro_f1", "onnx_max_abs_diff"):
+        assert name in run.data.metrics
+    val_loss = client.get_metric_history(run_id, "val_loss")
+    assert [m.step for m in sorted(val_loss, key=lambda m: m.step)] == list(range(6))
+    assert client.get_metric_history(run_id, "grad_norm/1.features.0")
+    images = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/gradient_norms.png", "plots/confusion_matrix.png"} <= images
+    version = client.get_model_version_by_alias("dlpipe-classifier", "champion")
+    assert version.run_id == run_id
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    assert {c.data.tags["dvc_stage"] for c in children} == {"evaluate", "export"}
+
+
+def test_one_worker_run(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
+    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+    config = PipelineConfig(train=quick_train_config(epochs=2, num_workers=1))
+    summary = train_supervised(config, str(trained.prepared), str(tmp_path / "model"),
+                               str(tmp_path / "m.json"), str(tmp_path / "plots"))
+    assert summary["epochs_run"] == 2 and summary["best_val_accuracy"] > 0.5
+
+
+def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
+    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+    config = PipelineConfig(train=quick_train_config(
+        optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2))
+    with pytest.raises(UserError, match=r"diverged .* learning rate 100000"):
+        train_supervised(config, str(trained.prepared), str(tmp_path / "model"),
+                         str(tmp_path / "m.json"), str(tmp_path / "plots"))
+    assert not (tmp_path / "model").exists()  # nothing half-written
+    client = MlflowClient(trained.mlflow_uri)
+    failed = client.search_runs(
+        [client.get_experiment_by_name("dlpipe-supervised").experiment_id],
+        "tags.diverged = 'true'",
+    )
+    assert failed and failed[0].info.status == "FAILED"
