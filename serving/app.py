@@ -9,7 +9,9 @@ Endpoints: POST /v1/classify, GET /v1/models, GET /healthz (OpenAPI at /docs).
 import os
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray import serve
 
 from serving.model_source import resolve_model
@@ -23,6 +25,14 @@ api = FastAPI(
     description="Predictions from the models trained by the dlpipe pipeline.",
     version="0.1.0",
 )
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field. FastAPI's default echoes the offending input back, and
+    cannot encode NaN or undecodable bytes: a client mistake would become a 500."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": errors})
 
 
 @serve.deployment(

@@ -1,0 +1,92 @@
+"""The Ray Serve app over real HTTP, serving the model registered by the pipeline run."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri})
+    serve.run(app, name="dlpipe", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client
+    serve.shutdown()
+
+
+def digit_png(digits_folder: Path, label: str) -> str:
+    path = sorted((digits_folder / label).glob("*.png"))[0]
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_health_and_model_listing(server):
+    assert server.get("/healthz").json() == {"status": "ok"}
+    [model] = server.get("/v1/models").json()["models"]
+    assert model["name"] == "dlpipe-classifier"
+    assert model["source"] == "models:/dlpipe-classifier@champion"
+    assert model["metrics"]["test_accuracy"] > 0.9
+    assert model["providers"] == ["CPUExecutionProvider"]
+
+
+def test_classify_images_and_feature_vectors(server, trained, digits_folder):
+    response = server.post("/v1/classify", json={"images": [digit_png(digits_folder, d) for d in "037"]})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == ["0", "3", "7"]
+    assert sum(predictions[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+    x_test = np.load(trained.prepared / "x_test.npy")[:16]
+    y_test = np.load(trained.prepared / "y_test.npy")[:16]
+    response = server.post("/v1/classify", json={"instances": x_test.reshape(16, -1).tolist()})
+    assert response.status_code == 200
+    labels = [int(p["label"]) for p in response.json()["predictions"]]
+    assert np.mean(np.array(labels) == y_test) >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"instances": [[0.1] * 64, [0.1] * 63]}, "instances"),
+        ({"images": ["@@@"]}, "images"),
+        ({"images": [base64.b64encode(b"not an image").decode()]}, "images"),
+        ({"instances": [[0.1] * 64], "images": ["x"]}, "exactly one"),
+        ({"instances": []}, "empty"),
+        ({"pixels": [[0.1] * 64]}, "pixels"),
+        ({"instances": [["a"] * 64]}, "instances"),
+    ],
+)
+def test_bad_requests_get_a_422_naming_the_field(server, body, field):
+    response = server.post("/v1/classify", json=body)
+    assert response.status_code == 422
+    assert field in response.text
+
+
+def test_non_finite_and_non_json_bodies_are_rejected_and_the_app_keeps_serving(server, digits_folder):
+    nan = server.post("/v1/classify", content='{"instances": [[NaN' + ", 0.1" * 63 + "]]}",
+                      headers={"Content-Type": "application/json"})
+    assert nan.status_code == 422
+    garbage = server.post("/v1/classify", content=b"\xff\xfe not json",
+                          headers={"Content-Type": "application/json"})
+    assert garbage.status_code == 400  # not JSON at all: malformed syntax, not a bad field
+    ok = server.post("/v1/classify", json={"images": [digit_png(digits_folder, "5")]})
+    assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] == "5"
