@@ -62,9 +62,10 @@ def train_supervised(config: PipelineConfig, data_dir: str, output: str, metrics
         with result.checkpoint.as_directory() as directory:
             diverged = Path(directory) / DIVERGED_FILE
             if diverged.exists():
+                message = diverged.read_text()
                 run.set_tags({"diverged": "true"})
                 remove_local_run(name)  # finished, if badly: a re-run must start afresh
-                raise UserError(diverged.read_text())
+                raise UserError(message)
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
         history = state["history"]
         model = build_model(config.model, data.manifest)
