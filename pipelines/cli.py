@@ -38,7 +38,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pipelines.cluster import connect_ray
     from serving.app import build_app
+    from serving.model_source import ModelNotFound, resolve_model
 
+    try:  # fail here, in one line, rather than in a replica's traceback
+        resolve_model(args.model, tracking_uri())
+    except ModelNotFound as exc:
+        print(f"serve: error: {exc}\n(run the pipeline first: `make demo` or `dvc repro`)",
+              file=sys.stderr)
+        return 2
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({"model": args.model, "tracking_uri": tracking_uri(), "threads": str(args.threads)})
@@ -66,7 +73,7 @@ def _print_endpoints(url: str) -> None:
 
 def _demo_image() -> Path:
     """A test-split-sized sample: the first image of the bundled digits' class '7'."""
-    return sorted(Path("data/raw/digits/7").glob("*.png"))[0]
+    return min(Path("data/raw/digits/7").glob("*.png"))
 
 
 def _demo_request(url: str, image: str | None) -> int:

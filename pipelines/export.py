@@ -22,7 +22,7 @@ from pipelines.config import PipelineConfig, load_config
 from pipelines.dataset import load_prepared, sha256_file
 from pipelines.errors import UserError
 from pipelines.model_bundle import MODEL_FILE, inference_model, load_bundle
-from pipelines.onnx_export import INPUT_NAME, OUTPUT_NAME, check_parity, export_onnx
+from pipelines.onnx_export import INPUT_NAME, OUTPUT_NAME, Parity, check_parity, export_onnx
 from pipelines.stage import run_stage
 from pipelines.train_supervised import RUN_FILE
 
@@ -34,8 +34,8 @@ CARD_FILE = "model_card.json"
 HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
 
 
-def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity, hashes: dict,
-               train_run_id: str) -> dict:
+def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity: Parity,
+               hashes: dict, train_run_id: str) -> dict:
     """What a client or reviewer needs to use the model correctly, in one JSON file."""
     classification = manifest["task"] == "classification"
     return {

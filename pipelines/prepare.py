@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -94,7 +93,7 @@ def prepare(config: PrepareConfig, source: str, output: str) -> dict:
     with output_directory(output) as staging:
         for split, idx in splits.items():
             x, y = raw.features[idx], raw.labels[idx]
-            summary: dict = {"size": int(len(idx))}
+            summary: dict = {"size": len(idx)}
             if raw.class_names is not None:
                 counts = np.bincount(y, minlength=len(raw.class_names))
                 summary["class_counts"] = dict(zip(raw.class_names, counts.tolist()))

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from pipelines.errors import UserError
 from serving.preprocess import image_to_array
@@ -47,17 +48,18 @@ def read_image_folder(root: str | Path, size: tuple[int, int], grayscale: bool) 
         raise UserError(
             f"{root}: expected one sub-folder per class (at least 2), found {len(class_dirs)}"
         )
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
+    listing: list[tuple[int, Path]] = []
     for index, class_dir in enumerate(class_dirs):
         files = sorted(
             p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
             raise UserError(f"{class_dir}: class folder has no .png/.jpg images")
-        for file in files:
-            arrays.append(_read_image(file, size, grayscale))
-            labels.append(index)
+        listing.extend((index, file) for file in files)
+    # A bar on terminals only (disable=None): large folders take a while, logs stay clean.
+    progress = tqdm(listing, desc=f"reading {root}", unit="img", disable=None, leave=False)
+    arrays = [_read_image(file, size, grayscale) for _, file in progress]
+    labels = [index for index, _ in listing]
     log.info("read %d images in %d classes from %s", len(labels), len(class_dirs), root)
     return RawDataset(
         features=np.stack(arrays),

@@ -13,7 +13,9 @@ def run_stage(name: str, body: Callable[[], None]) -> None:
     """Run a stage body; user mistakes print `<name>: error: ...` and exit 2, without a traceback."""
     # Our progress at INFO; libraries (MLflow, onnxscript, Ray) only when something is wrong.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
+    # A stage runs as `python -m pipelines.<stage>`, so its own logger is `__main__`.
+    for name in ("pipelines", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         body()
     except UserError as exc:

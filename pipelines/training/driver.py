@@ -12,12 +12,17 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from models.architecture import ArchitectureConfig
 from pipelines.config import TrainConfig
 from pipelines.dataset import PreparedData
 from pipelines.tracking import RunLogger
+
+if TYPE_CHECKING:
+    from ray.train import Result
 
 
 def storage_path() -> str:
@@ -40,7 +45,7 @@ def use_gpu(train: TrainConfig) -> bool:
 
 
 def loop_config(
-    data: PreparedData, arch: Any, train: TrainConfig, logger: RunLogger | None
+    data: PreparedData, arch: ArchitectureConfig, train: TrainConfig, logger: RunLogger | None
 ) -> dict[str, Any]:
     """The `train_loop_config` the worker adapter expects."""
     import ray
@@ -59,8 +64,8 @@ def loop_config(
 
 
 def run_training(
-    train_loop: Any, config: dict[str, Any], train: TrainConfig, name: str
-):
+    train_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], train: TrainConfig, name: str
+) -> Result:
     """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

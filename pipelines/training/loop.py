@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -167,7 +168,7 @@ def run_epoch(
     """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms."""
     model.train(optimizer is not None)
     totals = torch.zeros(3, device=device)
-    autocast = lambda: autocast_for(device, amp)  # noqa: E731 - a fresh context per step
+    autocast = functools.partial(autocast_for, device, amp)  # a fresh context per step
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if optimizer is None:

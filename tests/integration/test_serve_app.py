@@ -35,7 +35,7 @@ def server(trained):
 
 
 def digit_png(digits_folder: Path, label: str) -> str:
-    path = sorted((digits_folder / label).glob("*.png"))[0]
+    path = min((digits_folder / label).glob("*.png"))
     return base64.b64encode(path.read_bytes()).decode()
 
 
