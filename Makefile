@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-unit ui clean
+.PHONY: install demo serve test test-unit lint ui clean
 
 install: $(STAMP)
 
@@ -27,8 +27,12 @@ demo: install
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe serve
 
-test: install
+test: install lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

@@ -90,5 +90,3 @@ def dense_head(arch: ArchitectureConfig, in_features: int, num_outputs: int) -> 
         layers.append(nn.Dropout(arch.dropout))
     layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)
-
-

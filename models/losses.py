@@ -27,7 +27,9 @@ class TaskLoss(nn.Module):
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
         if task == "regression" and name in CLASSIFICATION_ONLY:
-            raise ValueError(f"loss {name!r} needs class labels; a regression task takes mse, mae or huber")
+            raise ValueError(
+                f"loss {name!r} needs class labels; a regression task takes mse, mae or huber"
+            )
         self.name = name
         self.task = task
         self.huber_delta = huber_delta

@@ -22,4 +22,3 @@ class Pool2d(nn.Module):
         if self.mode == "avg":
             return F.avg_pool2d(x, 2)
         return -F.max_pool2d(-x, 2)
-

@@ -1,10 +1,10 @@
 """`dlpipe`: one console script for the pipeline.
 
-  dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
-  dlpipe serve              serve the registered model over HTTP (Ctrl-C stops)
-  dlpipe serve --demo       start, send one real prediction, print it, stop
-  dlpipe predict IMAGE ...  classify images through a running server
-  dlpipe ui                 open the MLflow dashboard
+dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
+dlpipe serve              serve the registered model over HTTP (Ctrl-C stops)
+dlpipe serve --demo       start, send one real prediction, print it, stop
+dlpipe predict IMAGE ...  classify images through a running server
+dlpipe ui                 open the MLflow dashboard
 """
 
 from __future__ import annotations
@@ -43,12 +43,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:  # fail here, in one line, rather than in a replica's traceback
         resolve_model(args.model, tracking_uri())
     except ModelNotFound as exc:
-        print(f"serve: error: {exc}\n(run the pipeline first: `make demo` or `dvc repro`)",
-              file=sys.stderr)
+        print(
+            f"serve: error: {exc}\n(run the pipeline first: `make demo` or `dvc repro`)",
+            file=sys.stderr,
+        )
         return 2
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_app({"model": args.model, "tracking_uri": tracking_uri(), "threads": str(args.threads)})
+    app = build_app(
+        {"model": args.model, "tracking_uri": tracking_uri(), "threads": str(args.threads)}
+    )
     print(f"starting the Serve app with model {args.model} ...", flush=True)
     serve.run(app, name="dlpipe", route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -66,8 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _print_endpoints(url: str) -> None:
-    print(f"\nendpoints:\n  POST {url}/v1/classify\n  GET  {url}/v1/models\n"
-          f"  GET  {url}/healthz\n  docs {url}/docs")
+    print(
+        f"\nendpoints:\n  POST {url}/v1/classify\n  GET  {url}/v1/models\n"
+        f"  GET  {url}/healthz\n  docs {url}/docs"
+    )
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
 
 
@@ -82,8 +88,16 @@ def _demo_request(url: str, image: str | None) -> int:
     print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
     response = _post_json(f"{url}/v1/classify", payload)
     prediction = response["predictions"][0]
-    print(json.dumps({"label": prediction["label"], "confidence": round(prediction["confidence"], 4),
-                      "model": response["model"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "label": prediction["label"],
+                "confidence": round(prediction["confidence"], 4),
+                "model": response["model"],
+            },
+            indent=2,
+        )
+    )
     _print_endpoints(url)
     print("(demo: stopping the app; `make serve` keeps it running)")
     return 0
@@ -102,11 +116,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         response = _post_json(f"{args.url.rstrip('/')}/v1/classify", payload)
     except urllib.error.HTTPError as exc:
-        print(f"predict: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        print(
+            f"predict: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}",
+            file=sys.stderr,
+        )
         return 2
     except urllib.error.URLError as exc:
-        print(f"predict: error: cannot reach {args.url} ({exc.reason}); is `dlpipe serve` running?",
-              file=sys.stderr)
+        print(
+            f"predict: error: cannot reach {args.url} ({exc.reason}); is `dlpipe serve` running?",
+            file=sys.stderr,
+        )
         return 2
     for path, prediction in zip(args.images, response["predictions"]):
         print(f"{path}\t{prediction['label']}\t{prediction['confidence']:.4f}")
@@ -117,14 +136,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     print(f"MLflow dashboard for {uri} at http://{args.host}:{args.port}", flush=True)
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host,
-                      "--port", str(args.port)])
+    os.execv(
+        mlflow,
+        [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)],
+    )
     return 0  # not reached
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dlpipe", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="re-run changed pipeline stages (dvc repro)")
@@ -133,8 +155,11 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve")
-    serve.add_argument("--model", default="models:/dlpipe-classifier@champion",
-                       help="registry URI (models:/NAME@ALIAS) or an export folder")
+    serve.add_argument(
+        "--model",
+        default="models:/dlpipe-classifier@champion",
+        help="registry URI (models:/NAME@ALIAS) or an export folder",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")

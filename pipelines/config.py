@@ -52,7 +52,9 @@ class PrepareConfig:
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
         if self.format == "image_folder" and self.task != "classification":
-            raise ValueError("task: an image folder's labels are its class folders; use classification")
+            raise ValueError(
+                "task: an image folder's labels are its class folders; use classification"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ class TrainConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"optimizer {self.optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}"
+            )
         if self.loss not in LOSSES:
             raise ValueError(f"loss {self.loss!r} unknown; choose one of {', '.join(LOSSES)}")
 
@@ -192,7 +196,9 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
             return tuple(_coerce(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise fail(f"a list of {len(args)} values")
-        return tuple(_coerce(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _coerce(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
     if hint is bool:
         if not isinstance(value, bool):
             raise fail("true or false")

@@ -71,7 +71,9 @@ def load_prepared(directory: str | Path, verify: bool = True) -> PreparedData:
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"{manifest_path}: not found; run the prepare stage first (dvc repro prepare)")
+        raise UserError(
+            f"{manifest_path}: not found; run the prepare stage first (dvc repro prepare)"
+        )
     manifest = json.loads(manifest_path.read_text())
     arrays = {}
     for name, meta in manifest["arrays"].items():

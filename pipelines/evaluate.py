@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 
 
-def evaluate(experiment: str, data_dir: str, model_dir: str, metrics_path: str, plots_dir: str) -> dict:
+def evaluate(
+    experiment: str, data_dir: str, model_dir: str, metrics_path: str, plots_dir: str
+) -> dict:
     data = load_prepared(data_dir)
     model, _ = load_bundle(model_dir)
     with torch.no_grad():
@@ -40,7 +42,8 @@ def evaluate(experiment: str, data_dir: str, model_dir: str, metrics_path: str, 
         metrics, matrix = classification_metrics(y_test, output, data.class_names)
         names = data.class_names
         rows = [
-            {"actual": names[a], "predicted": names[p]} for a, p in zip(y_test, output.argmax(axis=1))
+            {"actual": names[a], "predicted": names[p]}
+            for a, p in zip(y_test, output.argmax(axis=1))
         ]
         write_csv(plots / "confusion.csv", rows, ("actual", "predicted"))
         confusion_matrix_png(matrix, names, plots / "confusion_matrix.png")
@@ -73,9 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", default="metrics/evaluate.json")
     parser.add_argument("--plots", default="plots/supervised")
     args = parser.parse_args(argv)
-    run_stage(STAGE, lambda: evaluate(
-        load_config(args.params).tracking.experiment, args.data, args.model, args.metrics, args.plots
-    ))
+    run_stage(
+        STAGE,
+        lambda: evaluate(
+            load_config(args.params).tracking.experiment,
+            args.data,
+            args.model,
+            args.metrics,
+            args.plots,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ CARD_FILE = "model_card.json"
 HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
 
 
-def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity: Parity,
-               hashes: dict, train_run_id: str) -> dict:
+def model_card(
+    config: PipelineConfig,
+    manifest: dict,
+    evaluation: dict,
+    parity: Parity,
+    hashes: dict,
+    train_run_id: str,
+) -> dict:
     """What a client or reviewer needs to use the model correctly, in one JSON file."""
     classification = manifest["task"] == "classification"
     return {
@@ -59,8 +65,11 @@ def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity:
             **manifest["preprocessing"],
             "normalization": "inside the graph (mean/std of the training split)",
         },
-        "metrics": {**evaluation, "onnx_max_abs_diff": parity.max_abs_diff,
-                    "onnx_argmax_agreement": parity.argmax_agreement},
+        "metrics": {
+            **evaluation,
+            "onnx_max_abs_diff": parity.max_abs_diff,
+            "onnx_argmax_agreement": parity.argmax_agreement,
+        },
         "hashes": hashes,
         "mlflow_run_id": train_run_id,
         "git_commit": tracking.git_commit(),
@@ -68,8 +77,14 @@ def model_card(config: PipelineConfig, manifest: dict, evaluation: dict, parity:
     }
 
 
-def export(config: PipelineConfig, data_dir: str, model_dir: str, evaluation_path: str,
-           output: str, metrics_path: str) -> dict:
+def export(
+    config: PipelineConfig,
+    data_dir: str,
+    model_dir: str,
+    evaluation_path: str,
+    output: str,
+    metrics_path: str,
+) -> dict:
     data = load_prepared(data_dir)
     model, _ = load_bundle(model_dir)
     evaluation = json.loads(Path(evaluation_path).read_text())
@@ -80,8 +95,12 @@ def export(config: PipelineConfig, data_dir: str, model_dir: str, evaluation_pat
         onnx_path = staging / ONNX_FILE
         export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, config.export.opset)
         parity = check_parity(servable, onnx_path, x_test)
-        log.info("parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
-                 parity.examples, parity.max_abs_diff, parity.argmax_agreement)
+        log.info(
+            "parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
+            parity.examples,
+            parity.max_abs_diff,
+            parity.argmax_agreement,
+        )
         if not parity.holds(config.export.parity_atol, data.task == "classification"):
             raise UserError(
                 f"ONNX parity check failed: max |onnxruntime - torch| = {parity.max_abs_diff:.3g} "
@@ -97,21 +116,35 @@ def export(config: PipelineConfig, data_dir: str, model_dir: str, evaluation_pat
         write_json(staging / CARD_FILE, card)
 
     figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
-    figures.update(onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement)
+    figures.update(
+        onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement
+    )
     write_json(metrics_path, figures)
 
     tags = tracking.stage_tags(STAGE, data.data_hash)
-    with tracking.stage_run(config.tracking.experiment, STAGE, tags, parent_run_id=train_run_id) as run:
+    with tracking.stage_run(
+        config.tracking.experiment, STAGE, tags, parent_run_id=train_run_id
+    ) as run:
         version = tracking.register_onnx_model(
-            train_run_id, Path(output) / ONNX_FILE, Path(output) / CARD_FILE,
-            config.export.registered_model, config.export.alias,
+            train_run_id,
+            Path(output) / ONNX_FILE,
+            Path(output) / CARD_FILE,
+            config.export.registered_model,
+            config.export.alias,
         )
         run.log_metrics(figures)
-        run.set_tags({"registered_model": config.export.registered_model, "model_version": str(version)})
+        run.set_tags(
+            {"registered_model": config.export.registered_model, "model_version": str(version)}
+        )
     tracking.RunLogger(train_run_id, tracking.tracking_uri()).log_metrics(
         {"onnx_max_abs_diff": parity.max_abs_diff, "onnx_argmax_agreement": parity.argmax_agreement}
     )
-    log.info("registered %s version %s as @%s", config.export.registered_model, version, config.export.alias)
+    log.info(
+        "registered %s version %s as @%s",
+        config.export.registered_model,
+        version,
+        config.export.alias,
+    )
     return figures
 
 
@@ -124,9 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="artifacts/supervised/export")
     parser.add_argument("--metrics", default="metrics/supervised.json")
     args = parser.parse_args(argv)
-    run_stage(STAGE, lambda: export(
-        load_config(args.params), args.data, args.model, args.evaluation, args.output, args.metrics
-    ))
+    run_stage(
+        STAGE,
+        lambda: export(
+            load_config(args.params),
+            args.data,
+            args.model,
+            args.evaluation,
+            args.output,
+            args.metrics,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ def classification_metrics(
     per_class = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     metrics = {
         "test_accuracy": float(accuracy_score(y_true, y_pred)),
-        "test_macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "test_macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         **{f"test_f1/{name}": float(f) for name, f in zip(class_names, per_class)},
     }
     return metrics, confusion_matrix(y_true, y_pred, labels=labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,14 @@ def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequen
     task = manifest["task"]
     num_outputs = len(manifest["class_names"]) if task == "classification" else 1
     norm = manifest["normalization"]
+    # Named stages: parameter names (and the gradient-norm curves) read `network.features.0`.
     return nn.Sequential(
-        Standardize(norm["mean"], norm["std"], image=manifest["input_kind"] == "image"),
-        build_network(arch, tuple(manifest["input_shape"]), num_outputs),
+        OrderedDict(
+            standardize=Standardize(
+                norm["mean"], norm["std"], image=manifest["input_kind"] == "image"
+            ),
+            network=build_network(arch, tuple(manifest["input_shape"]), num_outputs),
+        )
     )
 
 
@@ -40,7 +46,10 @@ def inference_model(model: nn.Module, task: str) -> nn.Module:
 
 
 def save_bundle(
-    directory: str | Path, model: nn.Module, arch: ArchitectureConfig, manifest: dict[str, Any],
+    directory: str | Path,
+    model: nn.Module,
+    arch: ArchitectureConfig,
+    manifest: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
     buffer = io.BytesIO()

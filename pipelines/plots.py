@@ -62,8 +62,12 @@ def gradient_norms_png(history: Sequence[dict[str, float]], path: str | Path) ->
     fig, ax = plt.subplots(figsize=(6, 3.6))
     epochs = [int(h["epoch"]) + 1 for h in history]
     for key in layers:
-        ax.plot(epochs, [max(h.get(key, np.nan), 1e-12) for h in history], label=key.split("/", 1)[1])
-    ax.set(xlabel="epoch", ylabel="gradient L2 norm", yscale="log", title="per-layer gradient norms")
+        ax.plot(
+            epochs, [max(h.get(key, np.nan), 1e-12) for h in history], label=key.split("/", 1)[1]
+        )
+    ax.set(
+        xlabel="epoch", ylabel="gradient L2 norm", yscale="log", title="per-layer gradient norms"
+    )
     ax.legend(fontsize=6, ncol=2)
     _save(fig, path)
     plt.close(fig)

@@ -116,7 +116,9 @@ def read_csv_table(
         values = [
             _number(path, line_no, label_column, v) for line_no, v in enumerate(raw_labels, start=2)
         ]
-        return RawDataset(features, np.asarray(values, dtype=np.float32), None, feature_names, "tabular")
+        return RawDataset(
+            features, np.asarray(values, dtype=np.float32), None, feature_names, "tabular"
+        )
     if any(v == "" for v in raw_labels):
         line_no = raw_labels.index("") + 2
         raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
@@ -152,9 +154,13 @@ def _number(path: Path, line_no: int, column: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not a number") from None
+        raise UserError(
+            f"{path}: row {line_no}, column {column!r}: {text!r} is not a number"
+        ) from None
     if not math.isfinite(value):
-        raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not a finite number")
+        raise UserError(
+            f"{path}: row {line_no}, column {column!r}: {text!r} is not a finite number"
+        )
     return value
 
 

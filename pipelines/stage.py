@@ -14,8 +14,8 @@ def run_stage(name: str, body: Callable[[], None]) -> None:
     # Our progress at INFO; libraries (MLflow, onnxscript, Ray) only when something is wrong.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # A stage runs as `python -m pipelines.<stage>`, so its own logger is `__main__`.
-    for name in ("pipelines", "__main__"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    for logger_name in ("pipelines", "__main__"):
+        logging.getLogger(logger_name).setLevel(logging.INFO)
     try:
         body()
     except UserError as exc:

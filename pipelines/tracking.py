@@ -55,7 +55,9 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -78,9 +80,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
-            Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items()
-        ]
+        batch = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items()]
         _client(self.uri).log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:

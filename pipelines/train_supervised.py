@@ -43,21 +43,37 @@ def check_compatible(config: PipelineConfig, manifest: dict) -> None:
         raise UserError(f"params.yaml: model: {exc}") from None
 
 
-def train_supervised(config: PipelineConfig, data_dir: str, output: str, metrics_path: str, plots_dir: str) -> dict:
+def train_supervised(
+    config: PipelineConfig, data_dir: str, output: str, metrics_path: str, plots_dir: str
+) -> dict:
     data = load_prepared(data_dir)
     check_compatible(config, data.manifest)
-    name = run_name(STAGE, config_to_dict(config.model), config_to_dict(config.train), data.data_hash)
+    name = run_name(
+        STAGE, config_to_dict(config.model), config_to_dict(config.train), data.data_hash
+    )
     tags = tracking.stage_tags(STAGE, data.data_hash)
     with tracking.stage_run(config.tracking.experiment, STAGE, tags) as run:
         run.log_params(
-            {"model": config_to_dict(config.model), "train": config_to_dict(config.train),
-             "data.task": data.task, "data.input_shape": data.input_shape,
-             "data.train_size": len(data.y("train"))}
+            {
+                "model": config_to_dict(config.model),
+                "train": config_to_dict(config.train),
+                "data.task": data.task,
+                "data.input_shape": data.input_shape,
+                "data.train_size": len(data.y("train")),
+            }
         )
-        log.info("training %s on %d worker(s): ray run %s, mlflow run %s",
-                 config.model.kind, config.train.num_workers, name, run.run_id)
+        log.info(
+            "training %s on %d worker(s): ray run %s, mlflow run %s",
+            config.model.kind,
+            config.train.num_workers,
+            name,
+            run.run_id,
+        )
         result = run_training(
-            train_loop_per_worker, loop_config(data, config.model, config.train, run), config.train, name
+            train_loop_per_worker,
+            loop_config(data, config.model, config.train, run),
+            config.train,
+            name,
         )
         with result.checkpoint.as_directory() as directory:
             diverged = Path(directory) / DIVERGED_FILE
@@ -89,9 +105,15 @@ def train_supervised(config: PipelineConfig, data_dir: str, output: str, metrics
         for image in ("learning_curves.png", "gradient_norms.png"):
             run.log_artifact(Path(output) / image, "plots")
     remove_local_run(name)
-    log.info("best epoch %d of %d: val_loss %.4f%s", summary["best_epoch"] + 1, summary["epochs_run"],
-             summary["best_val_loss"],
-             f", val_accuracy {summary['best_val_accuracy']:.4f}" if "best_val_accuracy" in summary else "")
+    log.info(
+        "best epoch %d of %d: val_loss %.4f%s",
+        summary["best_epoch"] + 1,
+        summary["epochs_run"],
+        summary["best_val_loss"],
+        f", val_accuracy {summary['best_val_accuracy']:.4f}"
+        if "best_val_accuracy" in summary
+        else "",
+    )
     return summary
 
 
@@ -103,9 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", default="metrics/train_supervised.json")
     parser.add_argument("--plots", default="plots/supervised")
     args = parser.parse_args(argv)
-    run_stage(STAGE, lambda: train_supervised(
-        load_config(args.params), args.data, args.output, args.metrics, args.plots
-    ))
+    run_stage(
+        STAGE,
+        lambda: train_supervised(
+            load_config(args.params), args.data, args.output, args.metrics, args.plots
+        ),
+    )
 
 
 if __name__ == "__main__":

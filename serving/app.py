@@ -66,8 +66,13 @@ class ClassifierService:
             # Same shape as FastAPI's own validation errors: the field is in `loc`.
             raise HTTPException(
                 status_code=422,
-                detail=[{"loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
-                         "msg": exc.message, "type": "value_error"}],
+                detail=[
+                    {
+                        "loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
+                        "msg": exc.message,
+                        "type": "value_error",
+                    }
+                ],
             ) from None
         return {"model": self.predictor.card["name"], "predictions": self.predictor.classify(batch)}
 

@@ -33,7 +33,7 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> ModelFiles:
             mlflow.set_tracking_uri(tracking_uri)
         try:
             directory = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "no such model"
+        except Exception as exc:
             raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
     else:
         directory = Path(source)

@@ -62,7 +62,9 @@ class ClassifierPredictor:
         # threads each would oversubscribe the cores.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(files.onnx), options, providers=execution_providers())
+        self.session = ort.InferenceSession(
+            str(files.onnx), options, providers=execution_providers()
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.card["input"]["shape"][1:])
         self.class_names: list[str] = self.card["class_names"]
@@ -109,7 +111,9 @@ class ClassifierPredictor:
                 raw = base64.b64decode(encoded, validate=True)
                 with Image.open(io.BytesIO(raw)) as image:
                     image.load()
-                    arrays.append(image_to_array(image, tuple(prep["image_size"]), prep["grayscale"]))
+                    arrays.append(
+                        image_to_array(image, tuple(prep["image_size"]), prep["grayscale"])
+                    )
             except (binascii.Error, ValueError):
                 raise InputError(f"images[{i}]", "not valid base64") from None
             except (UnidentifiedImageError, OSError):
@@ -124,10 +128,12 @@ class ClassifierPredictor:
         results = []
         for row in probabilities:
             best = int(row.argmax())
-            results.append({
-                "label": self.class_names[best],
-                "class_index": best,
-                "confidence": float(row[best]),
-                "probabilities": {name: float(p) for name, p in zip(self.class_names, row)},
-            })
+            results.append(
+                {
+                    "label": self.class_names[best],
+                    "class_index": best,
+                    "confidence": float(row[best]),
+                    "probabilities": {name: float(p) for name, p in zip(self.class_names, row)},
+                }
+            )
         return results

@@ -17,11 +17,14 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instances: list[list[FiniteFloat]] | None = Field(
-        default=None, max_length=MAX_BATCH,
+        default=None,
+        max_length=MAX_BATCH,
         description="Flattened inputs, e.g. 64 pixel values in [0, 1] for an 8x8 image.",
     )
     images: list[str] | None = Field(
-        default=None, max_length=MAX_BATCH, description="Base64-encoded PNG or JPEG images.",
+        default=None,
+        max_length=MAX_BATCH,
+        description="Base64-encoded PNG or JPEG images.",
     )
 
     @model_validator(mode="after")

@@ -11,7 +11,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_image_folder(root: Path, sizes: dict[str, list[tuple[int, int]]], rgb: bool = False) -> Path:
+def write_image_folder(
+    root: Path, sizes: dict[str, list[tuple[int, int]]], rgb: bool = False
+) -> Path:
     """Generated images: class 'dark' is mostly black, class 'light' mostly white."""
     rng = np.random.default_rng(0)
     for class_name, shapes in sizes.items():

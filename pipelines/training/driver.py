@@ -64,7 +64,10 @@ def loop_config(
 
 
 def run_training(
-    train_loop: Callable[[dict[str, Any]], None], config: dict[str, Any], train: TrainConfig, name: str
+    train_loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    train: TrainConfig,
+    name: str,
 ) -> Result:
     """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -100,5 +103,3 @@ def remove_local_run(name: str) -> None:
     root = storage_path()
     if "://" not in root:
         shutil.rmtree(Path(root) / name, ignore_errors=True)
-
-

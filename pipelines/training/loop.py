@@ -103,7 +103,9 @@ def batch_totals(
         if classification
         else torch.zeros((), device=output.device)
     )
-    return torch.stack([loss.detach().float() * n, correct, torch.tensor(float(n), device=output.device)])
+    return torch.stack(
+        [loss.detach().float() * n, correct, torch.tensor(float(n), device=output.device)]
+    )
 
 
 def train_step(

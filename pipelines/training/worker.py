@@ -51,8 +51,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every worker
     model = ray.train.torch.prepare_model(build_model(arch, manifest))
     optimizer = make_optimizer(
-        train_cfg.optimizer, model.parameters(), train_cfg.lr,
-        weight_decay=train_cfg.weight_decay, momentum=train_cfg.momentum,
+        train_cfg.optimizer,
+        model.parameters(),
+        train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
+        momentum=train_cfg.momentum,
     )
     state = TrainingState(model, optimizer, EarlyStopping(train_cfg.early_stopping_patience))
     checkpoint = ray.train.get_checkpoint()
@@ -65,7 +68,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     per_worker = -(-len(x_train) // world_size)
     batch_size = batch_size_for(train_cfg.optimizer, train_cfg.batch_size, per_worker)
-    train_batches = ShardedBatches(x_train, y_train, batch_size, rank, world_size, seed=train_cfg.seed)
+    train_batches = ShardedBatches(
+        x_train, y_train, batch_size, rank, world_size, seed=train_cfg.seed
+    )
     val_batches = shard_for_eval(x_val, y_val, EVAL_BATCH_SIZE, rank, world_size)
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
 

@@ -42,11 +42,35 @@ def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("DLPIPE_STORAGE", str(root / "ray_results"))
         prepare(config.prepare, str(digits_folder), str(root / "prepared"))
-        summary = train_supervised(config, str(root / "prepared"), str(root / "model"),
-                                   str(root / "metrics/train.json"), str(root / "plots"))
-        evaluate(config.tracking.experiment, str(root / "prepared"), str(root / "model"),
-                 str(root / "metrics/evaluate.json"), str(root / "plots"))
-        export(config, str(root / "prepared"), str(root / "model"), str(root / "metrics/evaluate.json"),
-               str(root / "export"), str(root / "metrics/supervised.json"))
-    return TrainedPipeline(root, config, uri, root / "prepared", root / "model", root / "export",
-                           root / "metrics", summary)
+        summary = train_supervised(
+            config,
+            str(root / "prepared"),
+            str(root / "model"),
+            str(root / "metrics/train.json"),
+            str(root / "plots"),
+        )
+        evaluate(
+            config.tracking.experiment,
+            str(root / "prepared"),
+            str(root / "model"),
+            str(root / "metrics/evaluate.json"),
+            str(root / "plots"),
+        )
+        export(
+            config,
+            str(root / "prepared"),
+            str(root / "model"),
+            str(root / "metrics/evaluate.json"),
+            str(root / "export"),
+            str(root / "metrics/supervised.json"),
+        )
+    return TrainedPipeline(
+        root,
+        config,
+        uri,
+        root / "prepared",
+        root / "model",
+        root / "export",
+        root / "metrics",
+        summary,
+    )

@@ -28,8 +28,9 @@ def ran(output: str) -> set[str]:
 def repo_copy(tmp_path_factory, ray_cluster):
     """The repository's tracked files (no outputs, no lock) in a fresh git repository."""
     root = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in tracked:
         if name == "dvc.lock" or name.startswith(("metrics/", "plots/")):
             continue
@@ -45,20 +46,27 @@ def repo_copy(tmp_path_factory, ray_cluster):
         "RAY_ADDRESS": ray_cluster,  # stages join the session's cluster instead of starting one
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
         "DLPIPE_STORAGE": str(root / "ray_results"),
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
     }
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=root, env=env, check=True)
     return root, env
 
 
-def run(command: list[str], repo: tuple[Path, dict], check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    command: list[str], repo: tuple[Path, dict], check: bool = True
+) -> subprocess.CompletedProcess:
     root, env = repo
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600,
-                            check=False)
+    result = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     if check and result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        pytest.fail(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -91,9 +99,15 @@ def test_bad_params_fail_the_stage_with_one_line_and_keep_outputs(repo_copy):
     (root / "bad.yaml").write_text("train:\n  lr: fast\n")
     model = root / "artifacts" / "supervised" / "model" / "model.pt"
     before = model.read_bytes() if model.exists() else None
-    result = run([sys.executable, "-m", "pipelines.train_supervised", "--params", "bad.yaml"],
-                 repo_copy, check=False)
+    result = run(
+        [sys.executable, "-m", "pipelines.train_supervised", "--params", "bad.yaml"],
+        repo_copy,
+        check=False,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "train_supervised: error: bad.yaml: train.lr: expected a number, got 'fast'"
+    assert (
+        result.stderr.strip()
+        == "train_supervised: error: bad.yaml: train.lr: expected a number, got 'fast'"
+    )
     if before is not None:
         assert model.read_bytes() == before

@@ -43,7 +43,7 @@ def test_killed_worker_resumes_from_checkpoint(trained, tmp_path, monkeypatch):
     def fit() -> None:
         try:
             outcome["result"] = run_training(train_loop_per_worker, config, train, "killed-worker")
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertions below
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=fit)

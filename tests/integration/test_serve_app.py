@@ -27,7 +27,9 @@ def server(trained):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri})
+    app = build_app(
+        {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri}
+    )
     serve.run(app, name="dlpipe", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         yield client
@@ -49,7 +51,9 @@ def test_health_and_model_listing(server):
 
 
 def test_classify_images_and_feature_vectors(server, trained, digits_folder):
-    response = server.post("/v1/classify", json={"images": [digit_png(digits_folder, d) for d in "037"]})
+    response = server.post(
+        "/v1/classify", json={"images": [digit_png(digits_folder, d) for d in "037"]}
+    )
     assert response.status_code == 200
     predictions = response.json()["predictions"]
     assert [p["label"] for p in predictions] == ["0", "3", "7"]
@@ -81,12 +85,18 @@ def test_bad_requests_get_a_422_naming_the_field(server, body, field):
     assert field in response.text
 
 
-def test_non_finite_and_non_json_bodies_are_rejected_and_the_app_keeps_serving(server, digits_folder):
-    nan = server.post("/v1/classify", content='{"instances": [[NaN' + ", 0.1" * 63 + "]]}",
-                      headers={"Content-Type": "application/json"})
+def test_non_finite_and_non_json_bodies_are_rejected_and_the_app_keeps_serving(
+    server, digits_folder
+):
+    nan = server.post(
+        "/v1/classify",
+        content='{"instances": [[NaN' + ", 0.1" * 63 + "]]}",
+        headers={"Content-Type": "application/json"},
+    )
     assert nan.status_code == 422
-    garbage = server.post("/v1/classify", content=b"\xff\xfe not json",
-                          headers={"Content-Type": "application/json"})
+    garbage = server.post(
+        "/v1/classify", content=b"\xff\xfe not json", headers={"Content-Type": "application/json"}
+    )
     assert garbage.status_code == 400  # not JSON at all: malformed syntax, not a bad field
     ok = server.post("/v1/classify", json={"images": [digit_png(digits_folder, "5")]})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] == "5"

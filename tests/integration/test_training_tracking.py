@@ -40,14 +40,16 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
         assert name in run.data.metrics
     val_loss = client.get_metric_history(run_id, "val_loss")
     assert [m.step for m in sorted(val_loss, key=lambda m: m.step)] == list(range(6))
-    assert client.get_metric_history(run_id, "grad_norm/1.features.0")
+    assert client.get_metric_history(run_id, "grad_norm/network.features.0")
     images = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/learning_curves.png", "plots/gradient_norms.png", "plots/confusion_matrix.png"} <= images
+    assert {
+        "plots/learning_curves.png",
+        "plots/gradient_norms.png",
+        "plots/confusion_matrix.png",
+    } <= images
     version = client.get_model_version_by_alias("dlpipe-classifier", "champion")
     assert version.run_id == run_id
-    children = client.search_runs(
-        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
-    )
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert {c.data.tags["dvc_stage"] for c in children} == {"evaluate", "export"}
 
 
@@ -55,19 +57,32 @@ def test_one_worker_run(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
     monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
     config = PipelineConfig(train=quick_train_config(epochs=2, num_workers=1))
-    summary = train_supervised(config, str(trained.prepared), str(tmp_path / "model"),
-                               str(tmp_path / "m.json"), str(tmp_path / "plots"))
+    summary = train_supervised(
+        config,
+        str(trained.prepared),
+        str(tmp_path / "model"),
+        str(tmp_path / "m.json"),
+        str(tmp_path / "plots"),
+    )
     assert summary["epochs_run"] == 2 and summary["best_val_accuracy"] > 0.5
 
 
 def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
     monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
-    config = PipelineConfig(train=quick_train_config(
-        optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2))
+    config = PipelineConfig(
+        train=quick_train_config(
+            optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2
+        )
+    )
     with pytest.raises(UserError, match=r"diverged .* learning rate 100000"):
-        train_supervised(config, str(trained.prepared), str(tmp_path / "model"),
-                         str(tmp_path / "m.json"), str(tmp_path / "plots"))
+        train_supervised(
+            config,
+            str(trained.prepared),
+            str(tmp_path / "model"),
+            str(tmp_path / "m.json"),
+            str(tmp_path / "plots"),
+        )
     assert not (tmp_path / "model").exists()  # nothing half-written
     client = MlflowClient(trained.mlflow_uri)
     failed = client.search_runs(

@@ -26,7 +26,9 @@ def test_regression_losses_and_huber_delta():
     assert TaskLoss("mse", "regression")(pred, target).item() == pytest.approx(50.0)
     assert TaskLoss("mae", "regression")(pred, target).item() == pytest.approx(5.0)
     # Beyond delta the huber loss grows linearly: 0.5 * (delta * (|e| - delta/2)) averaged.
-    assert TaskLoss("huber", "regression", huber_delta=1.0)(pred, target).item() == pytest.approx(4.75)
+    assert TaskLoss("huber", "regression", huber_delta=1.0)(pred, target).item() == pytest.approx(
+        4.75
+    )
     with pytest.raises(ValueError, match="needs class labels"):
         TaskLoss("cross_entropy", "regression")
 

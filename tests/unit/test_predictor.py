@@ -31,15 +31,28 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ArchitectureConfig(kind="mlp", hidden_sizes=(4,), dropout=0.0), MANIFEST)
     with torch.no_grad():  # hand-set weights: logit(light) - logit(dark) grows with brightness
-        net = model[1].layers
+        net = model.network.layers
         net[0].weight.fill_(1.0), net[0].bias.zero_()
         net[2].weight.copy_(torch.tensor([[-1.0] * 4, [1.0] * 4])), net[2].bias.zero_()
-    export_onnx(inference_model(model, "classification"), torch.rand(2, 1, 4, 4), directory / "model.onnx", 18)
+    export_onnx(
+        inference_model(model, "classification"),
+        torch.rand(2, 1, 4, 4),
+        directory / "model.onnx",
+        18,
+    )
     card = {
-        "name": "tiny", "task": "classification", "class_names": MANIFEST["class_names"],
-        "input": {"name": "input", "shape": ["batch", 1, 4, 4], "kind": "image", "dtype": "float32"},
+        "name": "tiny",
+        "task": "classification",
+        "class_names": MANIFEST["class_names"],
+        "input": {
+            "name": "input",
+            "shape": ["batch", 1, 4, 4],
+            "kind": "image",
+            "dtype": "float32",
+        },
         "preprocessing": {"image_size": [4, 4], "grayscale": True},
-        "metrics": {"test_accuracy": 1.0}, "hashes": {"onnx_sha256": "x"},
+        "metrics": {"test_accuracy": 1.0},
+        "hashes": {"onnx_sha256": "x"},
     }
     (directory / "model_card.json").write_text(json.dumps(card))
     return directory

@@ -56,8 +56,13 @@ def test_csv_classification_and_regression(tmp_path):
     assert raw.features.shape == (30, 2) and raw.class_names == ("cat", "dog")
     reg = read_csv_table(path, "price", ("a", "b"), "regression")
     assert reg.labels.dtype == np.float32 and reg.labels[3] == 6.0
-    config = PrepareConfig(source=str(path), format="csv", task="regression", label_column="price",
-                           feature_columns=("a", "b"))
+    config = PrepareConfig(
+        source=str(path),
+        format="csv",
+        task="regression",
+        label_column="price",
+        feature_columns=("a", "b"),
+    )
     manifest = prepare(config, str(path), str(tmp_path / "out"))
     assert manifest["task"] == "regression" and manifest["class_names"] is None
     assert manifest["feature_names"] == ["a", "b"]
@@ -70,7 +75,12 @@ def test_csv_classification_and_regression(tmp_path):
         ([[1, 2, "x"]], "y", ("a", "zz"), "feature column 'zz' not found"),
         ([[1, 2, "x"], [1, "abc", "y"]], "y", (), "row 3, column 'b': 'abc' is not a number"),
         ([[1, 2, "x"], [1, "", "y"]], "y", (), "row 3, column 'b': '' is not a number"),
-        ([[1, 2, "x"], [1, "nan", "y"]], "y", (), "row 3, column 'b': 'nan' is not a finite number"),
+        (
+            [[1, 2, "x"], [1, "nan", "y"]],
+            "y",
+            (),
+            "row 3, column 'b': 'nan' is not a finite number",
+        ),
         ([[1, 2, "x"], [1, 2]], "y", (), "row 3 has 2 fields, the header has 3"),
         ([[1, 2, "x"], [3, 4, "x"]], "y", (), "single class"),
         ([], "y", (), "no data rows"),
@@ -117,7 +127,11 @@ def test_failed_prepare_keeps_the_previous_output_and_leaves_no_debris(tmp_path)
 
 def test_tampered_array_is_detected(tmp_path):
     root = write_image_folder(tmp_path / "imgs", SIZES)
-    prepare(PrepareConfig(source=str(root), val_fraction=0.2, test_fraction=0.2), str(root), str(tmp_path / "o"))
+    prepare(
+        PrepareConfig(source=str(root), val_fraction=0.2, test_fraction=0.2),
+        str(root),
+        str(tmp_path / "o"),
+    )
     np.save(tmp_path / "o" / "y_test.npy", np.zeros(3, dtype=np.int64))
     with pytest.raises(UserError, match="y_test.npy: sha256 differs"):
         load_prepared(tmp_path / "o")

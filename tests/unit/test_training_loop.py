@@ -24,7 +24,9 @@ def blobs(n=400, seed=0):
 def make_state(lr=0.05, optimizer="adam", patience=0):
     torch.manual_seed(0)
     model = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(16,), dropout=0.0), (2,), 2)
-    return TrainingState(model, make_optimizer(optimizer, model.parameters(), lr), EarlyStopping(patience))
+    return TrainingState(
+        model, make_optimizer(optimizer, model.parameters(), lr), EarlyStopping(patience)
+    )
 
 
 def run(state, epochs, lr=0.05, divergence_factor=100.0, on_epoch_end=None):
@@ -32,9 +34,16 @@ def run(state, epochs, lr=0.05, divergence_factor=100.0, on_epoch_end=None):
     train = ShardedBatches(x[:300], y[:300], batch_size=32, seed=1)
     val = shard_for_eval(x[300:], y[300:], 256, 0, 1)
     return fit(
-        state, TaskLoss("cross_entropy", "classification"), train.epoch, lambda: val.epoch(0),
-        epochs=epochs, lr=lr, device=torch.device("cpu"), classification=True,
-        divergence_factor=divergence_factor, on_epoch_end=on_epoch_end,
+        state,
+        TaskLoss("cross_entropy", "classification"),
+        train.epoch,
+        lambda: val.epoch(0),
+        epochs=epochs,
+        lr=lr,
+        device=torch.device("cpu"),
+        classification=True,
+        divergence_factor=divergence_factor,
+        on_epoch_end=on_epoch_end,
     )
 
 
@@ -75,7 +84,9 @@ def test_resume_from_a_saved_state_continues_at_the_next_epoch():
     resumed = run(resumed, epochs=6)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3, 4, 5]
     # Same seeds, same data order: the resumed run ends exactly where the uninterrupted one did.
-    assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-5)
+    assert resumed.history[-1]["train_loss"] == pytest.approx(
+        full.history[-1]["train_loss"], rel=1e-5
+    )
 
 
 def test_shards_are_equal_sized_disjoint_and_cover_the_data():
