@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
     # The exporter narrates every pass on stdout and warns about torchvision ops this model
     # does not use; keep the stage log readable.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.onnx.export(
             model,
             (example,),

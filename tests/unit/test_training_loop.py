@@ -12,6 +12,8 @@ from models.optimizers import make_optimizer
 from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
 
+CPU = torch.device("cpu")
+
 
 def blobs(n=400, seed=0):
     """Two Gaussian blobs in 2-D: linearly separable, learnable in a few epochs."""
@@ -29,7 +31,15 @@ def make_state(lr=0.05, optimizer="adam", patience=0):
     )
 
 
-def run(state, epochs, lr=0.05, divergence_factor=100.0, on_epoch_end=None):
+def run(
+    state,
+    epochs,
+    lr=0.05,
+    divergence_factor=100.0,
+    on_epoch_end=None,
+    device=CPU,
+    amp=False,
+):
     x, y = blobs()
     train = ShardedBatches(x[:300], y[:300], batch_size=32, seed=1)
     val = shard_for_eval(x[300:], y[300:], 256, 0, 1)
@@ -40,7 +50,8 @@ def run(state, epochs, lr=0.05, divergence_factor=100.0, on_epoch_end=None):
         lambda: val.epoch(0),
         epochs=epochs,
         lr=lr,
-        device=torch.device("cpu"),
+        device=device,
+        amp=amp,
         classification=True,
         divergence_factor=divergence_factor,
         on_epoch_end=on_epoch_end,
