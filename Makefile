@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch, installed before the project so that `torch>=2.4` is already
-# satisfied and pip does not pull the multi-GB CUDA build (see DEVELOPERS.md).
+# torch is installed first, pinned, so that `torch>=2.4` in pyproject.toml is already met.
+# On the project's build machines this pin resolves to a local CPU wheel; elsewhere on Linux
+# it is PyPI's CUDA build (see DEVELOPERS.md).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 

@@ -39,14 +39,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.cluster import connect_ray
     from serving.app import build_app
     from serving.model_source import ModelNotFound, resolve_model
+    from serving.predictor import ClassifierPredictor
 
     try:  # fail here, in one line, rather than in a replica's traceback
-        resolve_model(args.model, tracking_uri())
+        ClassifierPredictor(resolve_model(args.model, tracking_uri()), use_gpu=False)
     except ModelNotFound as exc:
         print(
             f"serve: error: {exc}\n(run the pipeline first: `make demo` or `dvc repro`)",
             file=sys.stderr,
         )
+        return 2
+    except ValueError as exc:  # e.g. a regression model: /v1/classify serves classifiers
+        print(f"serve: error: {exc}", file=sys.stderr)
         return 2
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -66,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
+        # Only our application: on a shared cluster other Serve apps keep running.
+        serve.delete("dlpipe")
 
 
 def _print_endpoints(url: str) -> None:
@@ -86,7 +91,13 @@ def _demo_request(url: str, image: str | None) -> int:
     path = Path(image) if image else _demo_image()
     payload = {"images": [base64.b64encode(path.read_bytes()).decode()]}
     print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
-    response = _post_json(f"{url}/v1/classify", payload)
+    try:
+        response = _post_json(f"{url}/v1/classify", payload)
+    except urllib.error.HTTPError as exc:
+        print(
+            f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr
+        )
+        return 1
     prediction = response["predictions"][0]
     print(
         json.dumps(
@@ -112,6 +123,10 @@ def _post_json(url: str, payload: dict, timeout: float = 30.0) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        print(f"predict: error: {missing[0]}: no such file", file=sys.stderr)
+        return 2
     payload = {"images": [base64.b64encode(Path(p).read_bytes()).decode() for p in args.images]}
     try:
         response = _post_json(f"{args.url.rstrip('/')}/v1/classify", payload)

@@ -8,6 +8,7 @@ number, got 'fast'`, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer == "nesterov" and self.momentum == 0:
+            raise ValueError("momentum must be > 0 for the nesterov optimizer")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer {self.optimizer!r} unknown; choose one of {', '.join(OPTIMIZERS)}"
@@ -118,6 +121,22 @@ class ExportConfig:
     """Name in the MLflow Model Registry."""
     alias: str = "champion"
     """Registry alias pointed at the new version (what serving loads)."""
+
+    def __post_init__(self) -> None:
+        if not 13 <= self.opset <= 21:
+            raise ValueError(f"opset must be between 13 and 21, got {self.opset}")
+        if self.parity_atol <= 0:
+            raise ValueError(f"parity_atol must be > 0, got {self.parity_atol}")
+        # MLflow reserves `latest` and version-like names (v1, V2 ...) for itself.
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.alias) or re.fullmatch(
+            r"(?i)latest|v\d+", self.alias
+        ):
+            raise ValueError(
+                f"alias {self.alias!r} is not allowed: use letters, digits, _ or -, "
+                "and not 'latest' or v<number>"
+            )
+        if not self.registered_model.strip():
+            raise ValueError("registered_model must not be empty")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ the figures to the training run in MLflow (plus a child run for this stage execu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -18,26 +17,27 @@ from pipelines.atomic import write_json
 from pipelines.config import load_config
 from pipelines.dataset import load_prepared
 from pipelines.metrics import classification_metrics, regression_metrics
-from pipelines.model_bundle import inference_model, load_bundle
-from pipelines.plots import confusion_matrix_png, write_csv
+from pipelines.model_bundle import inference_model, load_trained
+from pipelines.plots import confusion_matrix_png, predicted_vs_actual_png, write_csv
 from pipelines.stage import run_stage
-from pipelines.train_supervised import RUN_FILE
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
+PREDICTIONS_CSV = "predictions.csv"  # actual vs predicted per test example, for `dvc plots`
+PREDICTIONS_PNG = "test_predictions.png"  # confusion matrix, or predicted vs actual
 
 
 def evaluate(
     experiment: str, data_dir: str, model_dir: str, metrics_path: str, plots_dir: str
 ) -> dict:
     data = load_prepared(data_dir)
-    model, _ = load_bundle(model_dir)
+    model, _, train_run_id = load_trained(model_dir, data.manifest)
     with torch.no_grad():
         output = inference_model(model, data.task)(torch.from_numpy(data.x("test"))).numpy()
     y_test = data.y("test")
     plots = Path(plots_dir)
-    images: list[Path] = []
+    image = plots / PREDICTIONS_PNG
     if data.task == "classification":
         metrics, matrix = classification_metrics(y_test, output, data.class_names)
         names = data.class_names
@@ -45,14 +45,16 @@ def evaluate(
             {"actual": names[a], "predicted": names[p]}
             for a, p in zip(y_test, output.argmax(axis=1))
         ]
-        write_csv(plots / "confusion.csv", rows, ("actual", "predicted"))
-        confusion_matrix_png(matrix, names, plots / "confusion_matrix.png")
-        images.append(plots / "confusion_matrix.png")
+        confusion_matrix_png(matrix, names, image)
     else:
         metrics = regression_metrics(y_test, output)
+        predicted = output.reshape(-1)
+        rows = [{"actual": float(a), "predicted": float(p)} for a, p in zip(y_test, predicted)]
+        predicted_vs_actual_png(y_test, predicted, image)
+    write_csv(plots / PREDICTIONS_CSV, rows, ("actual", "predicted"))
     write_json(metrics_path, metrics)
+    images = [image]
 
-    train_run_id = json.loads((Path(model_dir) / RUN_FILE).read_text())["mlflow_run_id"]
     tags = tracking.stage_tags(STAGE, data.data_hash)
     with tracking.stage_run(experiment, STAGE, tags, parent_run_id=train_run_id) as run:
         run.log_metrics(metrics)

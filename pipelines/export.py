@@ -21,10 +21,9 @@ from pipelines.atomic import output_directory, write_json
 from pipelines.config import PipelineConfig, load_config
 from pipelines.dataset import load_prepared, sha256_file
 from pipelines.errors import UserError
-from pipelines.model_bundle import MODEL_FILE, inference_model, load_bundle
+from pipelines.model_bundle import MODEL_FILE, inference_model, load_trained
 from pipelines.onnx_export import INPUT_NAME, OUTPUT_NAME, Parity, check_parity, export_onnx
 from pipelines.stage import run_stage
-from pipelines.train_supervised import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,7 @@ HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2"
 
 def model_card(
     config: PipelineConfig,
+    architecture: str,
     manifest: dict,
     evaluation: dict,
     parity: Parity,
@@ -47,7 +47,7 @@ def model_card(
     return {
         "name": config.export.registered_model,
         "task": manifest["task"],
-        "architecture": config.model.kind,
+        "architecture": architecture,
         "input": {
             "name": INPUT_NAME,
             "shape": ["batch", *manifest["input_shape"]],
@@ -86,9 +86,10 @@ def export(
     metrics_path: str,
 ) -> dict:
     data = load_prepared(data_dir)
-    model, _ = load_bundle(model_dir)
+    model, bundle, train_run_id = load_trained(model_dir, data.manifest)
+    if not Path(evaluation_path).is_file():
+        raise UserError(f"{evaluation_path}: not found; run the evaluate stage first")
     evaluation = json.loads(Path(evaluation_path).read_text())
-    train_run_id = json.loads((Path(model_dir) / RUN_FILE).read_text())["mlflow_run_id"]
     servable = inference_model(model, data.task)
     x_test = data.x("test")
     with output_directory(output) as staging:
@@ -112,7 +113,15 @@ def export(
             "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
             "data_sha256": data.data_hash,
         }
-        card = model_card(config, data.manifest, evaluation, parity, hashes, train_run_id)
+        card = model_card(
+            config,
+            bundle["architecture"]["kind"],
+            data.manifest,
+            evaluation,
+            parity,
+            hashes,
+            train_run_id,
+        )
         write_json(staging / CARD_FILE, card)
 
     figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from torch import nn
 from models.architecture import ArchitectureConfig, build_network
 from models.standardize import Standardize
 from pipelines.atomic import write_bytes
+from pipelines.errors import UserError
 
 MODEL_FILE = "model.pt"
+RUN_FILE = "run.json"
 
 
 def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequential:
@@ -77,3 +80,23 @@ def load_bundle(directory: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
     model = build_model(arch, bundle["manifest"])
     model.load_state_dict(bundle["state_dict"])
     return model.eval(), bundle
+
+
+def load_trained(
+    directory: str | Path, manifest: dict[str, Any]
+) -> tuple[nn.Sequential, dict, str]:
+    """The trained model for data described by `manifest`, its bundle and its MLflow run id.
+
+    Raises UserError when the model is missing or was trained on other prepared data.
+    """
+    directory = Path(directory)
+    for name in (MODEL_FILE, RUN_FILE):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory / name}: not found; run train_supervised first")
+    model, bundle = load_bundle(directory)
+    if bundle["manifest"] != manifest:
+        raise UserError(
+            f"{directory}: the model was trained on other prepared data; re-run train_supervised"
+        )
+    run_id = json.loads((directory / RUN_FILE).read_text())["mlflow_run_id"]
+    return model, bundle, run_id

@@ -86,3 +86,15 @@ def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], path: s
     fig.colorbar(image, ax=ax)
     _save(fig, path)
     plt.close(fig)
+
+
+def predicted_vs_actual_png(actual: np.ndarray, predicted: np.ndarray, path: str | Path) -> None:
+    """Regression on the test split: points on the diagonal are exact predictions."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(actual, predicted, s=8, alpha=0.6)
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="grey", linewidth=1)
+    ax.set(xlabel="actual", ylabel="predicted", title="predicted vs actual (test)")
+    _save(fig, path)
+    plt.close(fig)

@@ -75,7 +75,7 @@ def _read_image(file: Path, size: tuple[int, int], grayscale: bool) -> np.ndarra
         with Image.open(file) as image:
             image.load()
             return image_to_array(image, size, grayscale)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise UserError(f"{file}: unreadable image ({exc})") from None
 
 
@@ -89,45 +89,57 @@ def read_csv_table(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: CSV file not found")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise UserError(f"{path}: empty file (expected a header row)")
-        header = [h.strip() for h in header]
-        columns = _pick_columns(path, header, label_column, feature_columns)
-        label_at = header.index(label_column)
-        rows: list[list[float]] = []
-        raw_labels: list[str] = []
-        for line_no, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue  # blank line
-            if len(row) != len(header):
-                raise UserError(
-                    f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
-                )
-            rows.append([_number(path, line_no, name, row[at]) for name, at in columns])
-            raw_labels.append(row[label_at].strip())
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows, raw_labels, columns = _read_rows(
+                path, csv.reader(handle), label_column, feature_columns
+            )
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
+        ) from None
     if not rows:
         raise UserError(f"{path}: no data rows after the header")
     features = np.asarray(rows, dtype=np.float32)
     feature_names = tuple(name for name, _ in columns)
     if task == "regression":
-        values = [
-            _number(path, line_no, label_column, v) for line_no, v in enumerate(raw_labels, start=2)
-        ]
+        values = [_number(path, line_no, label_column, v) for line_no, v in raw_labels]
         return RawDataset(
             features, np.asarray(values, dtype=np.float32), None, feature_names, "tabular"
         )
-    if any(v == "" for v in raw_labels):
-        line_no = raw_labels.index("") + 2
-        raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
-    class_names = tuple(sorted(set(raw_labels), key=_natural_key))
+    for line_no, value in raw_labels:
+        if value == "":
+            raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
+    class_names = tuple(sorted({v for _, v in raw_labels}, key=_natural_key))
     if len(class_names) < 2:
         raise UserError(f"{path}: column {label_column!r} has a single class; need at least 2")
     index = {name: i for i, name in enumerate(class_names)}
-    labels = np.asarray([index[v] for v in raw_labels], dtype=np.int64)
+    labels = np.asarray([index[v] for _, v in raw_labels], dtype=np.int64)
     return RawDataset(features, labels, class_names, feature_names, "tabular")
+
+
+def _read_rows(
+    path: Path, reader, label_column: str, feature_columns: tuple[str, ...]
+) -> tuple[list[list[float]], list[tuple[int, str]], list[tuple[str, int]]]:
+    """Feature rows, (line number, raw label) pairs and the chosen (column, index) pairs."""
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"{path}: empty file (expected a header row)")
+    header = [h.strip() for h in header]
+    columns = _pick_columns(path, header, label_column, feature_columns)
+    label_at = header.index(label_column)
+    rows: list[list[float]] = []
+    labels: list[tuple[int, str]] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            raise UserError(
+                f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
+            )
+        rows.append([_number(path, line_no, name, row[at]) for name, at in columns])
+        labels.append((line_no, row[label_at].strip()))
+    return rows, labels, columns
 
 
 def _pick_columns(

@@ -83,6 +83,9 @@ class RunLogger:
         batch = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items()]
         _client(self.uri).log_batch(self.run_id, metrics=batch)
 
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in _client(self.uri).get_metric_history(self.run_id, key)}
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -18,7 +18,7 @@ from pipelines.atomic import output_directory, write_json
 from pipelines.config import PipelineConfig, config_to_dict, load_config
 from pipelines.dataset import load_prepared
 from pipelines.errors import UserError
-from pipelines.model_bundle import build_model, save_bundle
+from pipelines.model_bundle import RUN_FILE, build_model, save_bundle
 from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stage import run_stage
 from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
@@ -27,7 +27,6 @@ from pipelines.training.worker import DIVERGED_FILE, STATE_FILE, train_loop_per_
 log = logging.getLogger(__name__)
 
 STAGE = "train_supervised"
-RUN_FILE = "run.json"
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
 
@@ -84,6 +83,10 @@ def train_supervised(
                 raise UserError(message)
             state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
         history = state["history"]
+        if state["best_model"] is None:  # no epoch produced a finite validation loss
+            raise UserError(
+                f"no usable epoch: validation loss never finite (train.lr {config.train.lr:g})"
+            )
         model = build_model(config.model, data.manifest)
         model.load_state_dict(state["best_model"])
         best = min(history, key=lambda h: h["val_loss"])

@@ -9,6 +9,7 @@ Endpoints: POST /v1/classify, GET /v1/models, GET /healthz (OpenAPI at /docs).
 import os
 from typing import Any
 
+import ray
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -38,14 +39,16 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 @serve.deployment(
     name="classifier",
     num_replicas=1,
-    ray_actor_options={"num_cpus": 1},
     # Serve's default of 5 in-flight requests per replica throttles concurrent clients.
     max_ongoing_requests=64,
 )
 @serve.ingress(api)
 class ClassifierService:
     def __init__(self, model: str, tracking_uri: str | None = None, threads: int = 1) -> None:
-        self.predictor = ClassifierPredictor(resolve_model(model, tracking_uri), threads=threads)
+        # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
+        self.predictor = ClassifierPredictor(
+            resolve_model(model, tracking_uri), threads=threads, use_gpu=bool(ray.get_gpu_ids())
+        )
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
@@ -78,9 +81,15 @@ class ClassifierService:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for `serve run serving.app:build_app model=... tracking_uri=...`."""
-    return ClassifierService.bind(
+    """Application builder for `serve run serving.app:build_app model=... tracking_uri=...`.
+
+    `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus`
+    (default 0) reserves GPUs per replica, and only then does onnxruntime use CUDA.
+    """
+    threads = int(args.get("threads", 1))
+    actor_options = {"num_cpus": threads, "num_gpus": float(args.get("num_gpus", 0))}
+    return ClassifierService.options(ray_actor_options=actor_options).bind(
         args.get("model", DEFAULT_MODEL),
         args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
-        int(args.get("threads", 1)),
+        threads,
     )

@@ -40,17 +40,20 @@ def gpu_visible() -> bool:
     return gpus.is_dir() and any(gpus.iterdir())
 
 
-def execution_providers() -> list[str]:
-    """CUDA first only where a GPU is present: onnxruntime-gpu without one logs loud errors."""
+def execution_providers(use_gpu: bool | None = None) -> list[str]:
+    """CUDA first only where a GPU is ours to use (None: wherever one is visible);
+    onnxruntime-gpu asked for CUDA without a GPU logs loud errors."""
     import onnxruntime as ort
 
-    if gpu_visible() and "CUDAExecutionProvider" in ort.get_available_providers():
+    if use_gpu is None:
+        use_gpu = gpu_visible()
+    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
 class ClassifierPredictor:
-    def __init__(self, files: ModelFiles, threads: int = 1) -> None:
+    def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
         import onnxruntime as ort
 
         self.files = files
@@ -63,7 +66,7 @@ class ClassifierPredictor:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
-            str(files.onnx), options, providers=execution_providers()
+            str(files.onnx), options, providers=execution_providers(use_gpu)
         )
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.card["input"]["shape"][1:])
@@ -96,6 +99,13 @@ class ClassifierPredictor:
         if not np.isfinite(array).all():
             row = int(np.argwhere(~np.isfinite(array))[0][0])
             raise InputError(f"instances[{row}]", "values must be finite numbers")
+        if self.card["input"]["kind"] == "image":
+            outside = (array < 0.0) | (array > 1.0)
+            if outside.any():
+                row = int(np.argwhere(outside)[0][0])
+                raise InputError(
+                    f"instances[{row}]", "pixel values must be in [0, 1] (pixels / 255)"
+                )
         return array.reshape((len(instances), *self.input_shape))
 
     def images_to_array(self, images: list[str]) -> np.ndarray:
@@ -109,14 +119,17 @@ class ClassifierPredictor:
         for i, encoded in enumerate(images):
             try:
                 raw = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(f"images[{i}]", "not valid base64") from None
+            try:
                 with Image.open(io.BytesIO(raw)) as image:
                     image.load()
                     arrays.append(
                         image_to_array(image, tuple(prep["image_size"]), prep["grayscale"])
                     )
-            except (binascii.Error, ValueError):
-                raise InputError(f"images[{i}]", "not valid base64") from None
-            except (UnidentifiedImageError, OSError):
+            except Image.DecompressionBombError:
+                raise InputError(f"images[{i}]", "image dimensions too large") from None
+            except (UnidentifiedImageError, OSError, ValueError):
                 raise InputError(f"images[{i}]", "not a readable PNG or JPEG image") from None
         return np.stack(arrays)
 
@@ -125,6 +138,11 @@ class ClassifierPredictor:
 
     def classify(self, batch: np.ndarray) -> list[dict[str, Any]]:
         probabilities = self.predict_proba(batch)
+        if not np.isfinite(probabilities).all():  # e.g. huge feature values overflowing
+            row = int(np.argwhere(~np.isfinite(probabilities))[0][0])
+            raise InputError(
+                f"instances[{row}]", "values out of range: the model's output is not finite"
+            )
         results = []
         for row in probabilities:
             best = int(row.argmax())

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_BATCH = 1024
+MAX_IMAGE_BASE64_CHARS = 8 * 1024 * 1024  # about 6 MB per encoded image
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -21,7 +22,7 @@ class ClassifyRequest(BaseModel):
         max_length=MAX_BATCH,
         description="Flattened inputs, e.g. 64 pixel values in [0, 1] for an 8x8 image.",
     )
-    images: list[str] | None = Field(
+    images: list[Annotated[str, Field(max_length=MAX_IMAGE_BASE64_CHARS)]] | None = Field(
         default=None,
         max_length=MAX_BATCH,
         description="Base64-encoded PNG or JPEG images.",

@@ -45,14 +45,23 @@ class ShardedBatches:
             order = torch.cat([order, order[:padding]])
         return order[self.rank :: self.world_size]
 
+    def batch_starts(self, count: int) -> list[int]:
+        """Where batches start; a trailing single example joins the batch before it, because
+        batch normalization cannot normalise one value (and one-example steps are noise)."""
+        starts = list(range(0, count, self.batch_size))
+        if len(starts) > 1 and count - starts[-1] == 1 and self.batch_size > 1:
+            starts.pop()
+        return starts
+
     def steps_per_epoch(self) -> int:
         per_worker = -(-len(self.x) // self.world_size)
-        return -(-per_worker // self.batch_size)
+        return len(self.batch_starts(per_worker))
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices(epoch)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        starts = self.batch_starts(len(order))
+        for start, end in zip(starts, [*starts[1:], len(order)]):
+            batch = order[start:end]
             yield self.x[batch], self.y[batch]
 
 

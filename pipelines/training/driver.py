@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 from models.architecture import ArchitectureConfig
 from pipelines.config import TrainConfig
 from pipelines.dataset import PreparedData
+from pipelines.errors import UserError
 from pipelines.tracking import RunLogger
 
 if TYPE_CHECKING:
     from ray.train import Result
+
+log = logging.getLogger(__name__)
 
 
 def storage_path() -> str:
@@ -30,10 +34,42 @@ def storage_path() -> str:
     return os.environ.get("DLPIPE_STORAGE") or str(Path("ray_results").resolve())
 
 
+def code_fingerprint() -> str:
+    """Hash of the code that defines the networks and the training loop."""
+    import models
+    import pipelines.training
+
+    digest = hashlib.sha256()
+    for package in (models, pipelines.training):
+        for source in sorted(Path(package.__file__).parent.rglob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def run_name(stage: str, *parts: Any) -> str:
-    """`stage-<hash of its inputs>`: the same inputs resume the same run's checkpoints."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{stage}-{digest[:12]}"
+    """`stage-<hash of its inputs and code>`: only an identical re-run resumes the checkpoints
+    of an interrupted one (a checkpoint from other code or params might not even load)."""
+    payload = json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str)
+    return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def check_resources(train: TrainConfig, gpu: bool) -> None:
+    """Fail before starting workers that a local cluster could never place."""
+    import ray
+
+    kind = "GPU" if gpu else "CPU"
+    available = ray.cluster_resources().get(kind, 0)
+    if available >= train.num_workers:
+        return
+    message = (
+        f"train.num_workers={train.num_workers} needs {train.num_workers} {kind}(s); "
+        f"the Ray cluster has {available:g}"
+    )
+    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still add nodes
+        log.warning("%s; waiting for the cluster to scale up", message)
+        return
+    hint = "set train.device: cpu" if gpu else "lower train.num_workers"
+    raise UserError(f"{message}; {hint}")
 
 
 def use_gpu(train: TrainConfig) -> bool:
@@ -82,10 +118,12 @@ def run_training(
     # Without this, every print on a worker reaches the console twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     connect_ray()
+    gpu = use_gpu(train)
+    check_resources(train, gpu)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=use_gpu(train)),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=gpu),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(),

@@ -209,9 +209,11 @@ def fit(
 
     `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
     worker's totals into the global ones, so every worker takes the same decisions.
-    Raises TrainingDiverged when the training loss becomes NaN/inf or exceeds
+    Raises TrainingDiverged when a loss becomes NaN/inf or the training loss exceeds
     `divergence_factor` times the first epoch's.
     """
+    if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
+        return state
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
         train_totals, norms = run_epoch(
@@ -230,14 +232,15 @@ def fit(
             **{f"grad_norm/{name}": value for name, value in norms.items()},
             "epoch_seconds": time.perf_counter() - started,
         }
-        train_loss = metrics["train_loss"]
+        train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]
         if state.first_train_loss is None:
             state.first_train_loss = train_loss
-        if not math.isfinite(train_loss) or train_loss > divergence_factor * state.first_train_loss:
+        exploded = train_loss > divergence_factor * state.first_train_loss
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)) or exploded:
             raise TrainingDiverged(
-                f"training diverged at epoch {epoch}: train loss {train_loss:.4g} "
-                f"(first epoch {state.first_train_loss:.4g}) with learning rate {lr:g}; "
-                "lower train.lr"
+                f"training diverged at epoch {epoch}: train loss {train_loss:.4g}, val loss "
+                f"{val_loss:.4g} (first epoch's train loss {state.first_train_loss:.4g}) with "
+                f"learning rate {lr:g}; lower train.lr"
             )
         if state.early_stopping.update(metrics["val_loss"], epoch):
             state.best_model_state = copy.deepcopy(unwrap(state.model).state_dict())

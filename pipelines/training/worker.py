@@ -73,6 +73,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     val_batches = shard_for_eval(x_val, y_val, EVAL_BATCH_SIZE, rank, world_size)
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
+    if logger is not None and state.history:
+        # A resumed run: make sure the MLflow run has the curves of the epochs before it.
+        already = _tracked(lambda: logger.logged_steps("train_loss"), default=set())
+        for metrics in state.history:
+            if int(metrics["epoch"]) not in already:
+                _tracked(lambda m=metrics: logger.log_metrics(m, step=int(m["epoch"])))
 
     def all_reduce(totals: torch.Tensor) -> torch.Tensor:
         if world_size > 1:
@@ -86,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         print(_progress_line(metrics, train_cfg.epochs), flush=True)
         if logger is not None:
-            logger.log_metrics(metrics, step=int(metrics["epoch"]))
+            _tracked(lambda: logger.log_metrics(metrics, step=int(metrics["epoch"])))
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state.state_dict(), Path(directory) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -116,6 +122,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / DIVERGED_FILE).write_text(str(exc))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _tracked(call, default=None):
+    """Run an MLflow call; a tracking outage is reported, not allowed to kill the training."""
+    try:
+        return call()
+    except Exception as exc:  # any MLflow or network error is non-fatal here
+        print(f"warning: MLflow logging failed ({exc}); training continues", flush=True)
+        return default
 
 
 def _shared_tensor(array) -> torch.Tensor:

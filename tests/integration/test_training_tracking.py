@@ -45,7 +45,7 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
     assert {
         "plots/learning_curves.png",
         "plots/gradient_norms.png",
-        "plots/confusion_matrix.png",
+        "plots/test_predictions.png",
     } <= images
     version = client.get_model_version_by_alias("dlpipe-classifier", "champion")
     assert version.run_id == run_id

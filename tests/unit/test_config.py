@@ -40,6 +40,9 @@ def test_empty_file_gives_defaults(tmp_path):
         ("prepare:\n  test_fraction: 0.9\n", "prepare.test_fraction must be between"),
         ("train: 3\n", "train: expected a mapping"),
         ("train:\n  amp: yes please\n", "train.amp: expected true or false"),
+        ("train:\n  optimizer: nesterov\n  momentum: 0\n", "train.momentum must be > 0"),
+        ("export:\n  alias: latest\n", "export.alias 'latest' is not allowed"),
+        ("export:\n  parity_atol: 0\n", "export.parity_atol must be > 0"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, text, named):

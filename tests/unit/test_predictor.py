@@ -80,6 +80,7 @@ def test_features_and_images_are_classified(export_dir):
     [
         (lambda p: p.features_to_array([[0.1] * 16, [0.1] * 15]), "instances[1]"),
         (lambda p: p.features_to_array([[0.1] * 15 + [float("nan")]]), "instances[0]"),
+        (lambda p: p.features_to_array([[0.1] * 16, [3e38] * 16]), "instances[1]"),
         (lambda p: p.images_to_array([png(10), "@@not base64@@"]), "images[1]"),
         (lambda p: p.images_to_array([base64.b64encode(b"hello").decode()]), "images[0]"),
     ],

@@ -135,3 +135,14 @@ def test_tampered_array_is_detected(tmp_path):
     np.save(tmp_path / "o" / "y_test.npy", np.zeros(3, dtype=np.int64))
     with pytest.raises(UserError, match="y_test.npy: sha256 differs"):
         load_prepared(tmp_path / "o")
+
+
+def test_csv_that_is_not_utf8_and_row_numbers_after_blank_lines(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("a,y\n1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_csv_table(latin, "y", (), "classification")
+    gaps = tmp_path / "gaps.csv"
+    gaps.write_text("a,y\n1,x\n\n\n2,\n")
+    with pytest.raises(UserError, match="row 5, column 'y': empty label"):
+        read_csv_table(gaps, "y", (), "classification")

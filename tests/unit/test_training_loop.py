@@ -110,3 +110,18 @@ def test_shards_are_equal_sized_disjoint_and_cover_the_data():
     assert not torch.equal(shards[0].indices(0), shards[0].indices(1))  # reshuffled per epoch
     evaluation = [shard_for_eval(x, y, 7, r, 2) for r in range(2)]
     assert sum(len(e.x) for e in evaluation) == 103  # validation counts each example once
+
+
+def test_no_batch_of_a_single_example():
+    x, y = torch.zeros(65, 2), torch.zeros(65, dtype=torch.long)
+    batches = ShardedBatches(x, y, batch_size=32, shuffle=False)
+    assert [len(bx) for bx, _ in batches.epoch(0)] == [32, 33]
+    assert batches.steps_per_epoch() == 2
+
+
+def test_a_run_that_stopped_early_does_not_train_again_when_resumed():
+    state = make_state()
+    state.early_stopping.patience = 2
+    state.early_stopping.epochs_without_improvement = 2
+    state.next_epoch = 4
+    assert run(state, epochs=10).history == []

@@ -1,0 +1,61 @@
+"""A CSV regression task through the same stages: prepare -> train -> evaluate -> export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models.architecture import ArchitectureConfig
+from pipelines.config import ExportConfig, PipelineConfig, PrepareConfig
+from pipelines.evaluate import evaluate
+from pipelines.export import export
+from pipelines.prepare import prepare
+from pipelines.train_supervised import train_supervised
+from tests.helpers import write_csv
+from tests.integration.conftest import quick_train_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=400), rng.normal(size=400)
+    rows = [[x1, x2, 2 * x1 - x2 + rng.normal(0, 0.1)] for x1, x2 in zip(a, b)]
+    source = write_csv(tmp_path / "houses.csv", ["size", "age", "price"], rows)
+    config = PipelineConfig(
+        prepare=PrepareConfig(
+            source=str(source), format="csv", task="regression", label_column="price"
+        ),
+        model=ArchitectureConfig(kind="mlp", hidden_sizes=(32,), dropout=0.0),
+        train=quick_train_config(epochs=8, num_workers=1, loss="mse", lr=0.01),
+        export=ExportConfig(registered_model="dlpipe-regressor"),
+    )
+    out = tmp_path
+    prepare(config.prepare, str(source), str(out / "prepared"))
+    train_supervised(
+        config, str(out / "prepared"), str(out / "model"), str(out / "t.json"), str(out / "plots")
+    )
+    metrics = evaluate(
+        config.tracking.experiment,
+        str(out / "prepared"),
+        str(out / "model"),
+        str(out / "evaluate.json"),
+        str(out / "plots"),
+    )
+    assert metrics["test_r2"] > 0.8  # y = 2a - b is easy for an MLP
+    figures = export(
+        config,
+        str(out / "prepared"),
+        str(out / "model"),
+        str(out / "evaluate.json"),
+        str(out / "export"),
+        str(out / "figures.json"),
+    )
+    assert figures["onnx_max_abs_diff"] <= 1e-4 and "test_rmse" in figures
+    assert (out / "plots" / "predictions.csv").read_text().startswith("actual,predicted")
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    assert card["task"] == "regression" and card["input"]["feature_names"] == ["size", "age"]
