@@ -34,24 +34,37 @@ class TaskLoss(nn.Module):
         self.task = task
         self.huber_delta = huber_delta
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean loss over the batch; with `weight` (one per example), the mean of weighted losses
+        (pseudo-labeled examples count less while their weight ramps up)."""
+        per_example = self.per_example(output, target)
+        if weight is None:
+            return per_example.mean()
+        return (per_example * weight.to(per_example.dtype)).mean()
+
+    def per_example(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each example: shape (B,)."""
         if self.task == "regression":
             return self._regression(output.reshape(target.shape), target.to(output.dtype))
         num_classes = output.shape[1]
         one_hot = F.one_hot(target, num_classes).to(output.dtype)
         if self.name == "cross_entropy":
-            return F.cross_entropy(output, target)
+            return F.cross_entropy(output, target, reduction="none")
         if self.name == "bce":
             # One-vs-rest: every class is its own sigmoid unit.
-            return F.binary_cross_entropy_with_logits(output, one_hot)
+            return F.binary_cross_entropy_with_logits(output, one_hot, reduction="none").mean(1)
         if self.name == "kl_divergence":
-            return F.kl_div(F.log_softmax(output, dim=1), one_hot, reduction="batchmean")
+            return F.kl_div(F.log_softmax(output, dim=1), one_hot, reduction="none").sum(1)
         # mse / mae / huber on class probabilities against the one-hot target.
         return self._regression(F.softmax(output, dim=1), one_hot)
 
     def _regression(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.name == "mse":
-            return F.mse_loss(prediction, target)
-        if self.name == "mae":
-            return F.l1_loss(prediction, target)
-        return F.huber_loss(prediction, target, delta=self.huber_delta)
+            errors = F.mse_loss(prediction, target, reduction="none")
+        elif self.name == "mae":
+            errors = F.l1_loss(prediction, target, reduction="none")
+        else:
+            errors = F.huber_loss(prediction, target, delta=self.huber_delta, reduction="none")
+        return errors.reshape(errors.shape[0], -1).mean(1)

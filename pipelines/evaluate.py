@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="artifacts/supervised/model")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
     parser.add_argument("--plots", default="plots/supervised")
+    parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     args = parser.parse_args(argv)
     run_stage(
         STAGE,
         lambda: evaluate(
-            load_config(args.params).tracking.experiment,
+            args.experiment or load_config(args.params).tracking.experiment,
             args.data,
             args.model,
             args.metrics,

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -157,6 +158,17 @@ def export(
     return figures
 
 
+def with_overrides(
+    config: PipelineConfig, registered_model: str | None, experiment: str | None
+) -> PipelineConfig:
+    """The same export for another model (e.g. the pseudo-label student) under its own names."""
+    if registered_model:
+        config = replace(config, export=replace(config.export, registered_model=registered_model))
+    if experiment:
+        config = replace(config, tracking=replace(config.tracking, experiment=experiment))
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -165,11 +177,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluation", default="metrics/evaluate.json")
     parser.add_argument("--output", default="artifacts/supervised/export")
     parser.add_argument("--metrics", default="metrics/supervised.json")
+    parser.add_argument(
+        "--registered-model", help="registry name (default: export.registered_model)"
+    )
+    parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     args = parser.parse_args(argv)
     run_stage(
         STAGE,
         lambda: export(
-            load_config(args.params),
+            with_overrides(load_config(args.params), args.registered_model, args.experiment),
             args.data,
             args.model,
             args.evaluation,

@@ -182,3 +182,46 @@ def _natural_key(name: str) -> tuple[int, float | str]:
         return (0, float(name))
     except ValueError:
         return (1, name)
+
+
+def read_unlabeled_images(root: str | Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
+    """Every .png/.jpg under `root` (any layout), preprocessed like the labeled images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: unlabeled image folder not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{root}: no .png/.jpg images in the unlabeled folder")
+    progress = tqdm(files, desc=f"reading {root}", unit="img", disable=None, leave=False)
+    return np.stack([_read_image(file, size, grayscale) for file in progress])
+
+
+def read_unlabeled_csv(path: str | Path, feature_columns: tuple[str, ...]) -> np.ndarray:
+    """The feature columns of a CSV without labels (a label column, if present, is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: unlabeled CSV file not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip() for h in next(reader, None) or []]
+            missing = [c for c in feature_columns if c not in header]
+            if missing:
+                raise UserError(
+                    f"{path}: feature column {missing[0]!r} not found; columns are: {', '.join(header)}"
+                )
+            at = [header.index(c) for c in feature_columns]
+            rows = [
+                [_number(path, line_no, header[i], row[i]) for i in at]
+                for line_no, row in enumerate(reader, start=2)
+                if any(cell.strip() for cell in row)
+            ]
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
+        ) from None
+    except IndexError:
+        raise UserError(f"{path}: a row has fewer fields than the header") from None
+    if not rows:
+        raise UserError(f"{path}: no data rows in the unlabeled CSV")
+    return np.asarray(rows, dtype=np.float32)

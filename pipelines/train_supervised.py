@@ -21,7 +21,13 @@ from pipelines.errors import UserError
 from pipelines.model_bundle import RUN_FILE, build_model, save_bundle
 from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stage import run_stage
-from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
+from pipelines.training.driver import (
+    loop_config,
+    remove_local_run,
+    run_name,
+    run_training,
+    supervised_arrays,
+)
 from pipelines.training.worker import DIVERGED_FILE, STATE_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ def train_supervised(
         )
         result = run_training(
             train_loop_per_worker,
-            loop_config(data, config.model, config.train, run),
+            loop_config(supervised_arrays(data), data.manifest, config.model, config.train, run),
             config.train,
             name,
         )

@@ -8,7 +8,7 @@ slices, so data loading costs almost nothing next to the step itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -23,10 +23,15 @@ class ShardedBatches:
         world_size: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        pseudo: torch.Tensor | None = None,
+        pseudo_weight: Callable[[int], float] | None = None,
     ) -> None:
+        """`pseudo` marks pseudo-labeled examples; they are weighted `pseudo_weight(epoch)`
+        and batches become (x, y, weight). Without it batches are (x, y)."""
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} targets")
         self.x, self.y = x, y
+        self.pseudo, self.pseudo_weight = pseudo, pseudo_weight
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
@@ -57,12 +62,18 @@ class ShardedBatches:
         per_worker = -(-len(self.x) // self.world_size)
         return len(self.batch_starts(per_worker))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self.indices(epoch)
         starts = self.batch_starts(len(order))
+        weights = None
+        if self.pseudo is not None and self.pseudo_weight is not None:
+            weights = torch.where(self.pseudo, self.pseudo_weight(epoch), 1.0).float()
         for start, end in zip(starts, [*starts[1:], len(order)]):
             batch = order[start:end]
-            yield self.x[batch], self.y[batch]
+            if weights is None:
+                yield self.x[batch], self.y[batch]
+            else:
+                yield self.x[batch], self.y[batch], weights[batch]
 
 
 def shard_for_eval(x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int):

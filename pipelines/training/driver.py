@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from models.architecture import ArchitectureConfig
 from pipelines.config import TrainConfig
 from pipelines.dataset import PreparedData
@@ -80,22 +82,42 @@ def use_gpu(train: TrainConfig) -> bool:
     return train.device == "gpu"
 
 
+def supervised_arrays(data: PreparedData) -> dict[str, np.ndarray]:
+    """The arrays a supervised run trains on: train and validation splits (never test)."""
+    return {
+        "x_train": data.x("train"),
+        "y_train": data.y("train"),
+        "x_val": data.x("val"),
+        "y_val": data.y("val"),
+    }
+
+
 def loop_config(
-    data: PreparedData, arch: ArchitectureConfig, train: TrainConfig, logger: RunLogger | None
+    arrays: dict[str, np.ndarray],
+    manifest: dict[str, Any],
+    arch: ArchitectureConfig,
+    train: TrainConfig,
+    logger: RunLogger | None,
+    pseudo: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The `train_loop_config` the worker adapter expects."""
+    """The `train_loop_config` the worker adapter expects.
+
+    `arrays` holds x_train/y_train/x_val/y_val, optionally `pseudo_train` (a mask of
+    pseudo-labeled examples, weighted by `pseudo` = {weight, ramp_epochs}) and `x_predict`
+    (examples to predict with the final model, e.g. an unlabeled pool).
+    """
     import ray
 
     from pipelines.cluster import connect_ray
 
     connect_ray()
-    arrays = {name.removesuffix(".npy"): array for name, array in data.arrays.items()}
     return {
-        "data": ray.put({k: v for k, v in arrays.items() if not k.endswith("_test")}),
-        "manifest": data.manifest,
+        "data": ray.put(arrays),  # one copy in the object store, read zero-copy by workers
+        "manifest": manifest,
         "architecture": dataclasses.asdict(arch),
         "train": dataclasses.asdict(train),
         "mlflow": {"run_id": logger.run_id, "uri": logger.uri} if logger else None,
+        "pseudo": pseudo,
     }
 
 

@@ -116,12 +116,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     autocast: Callable[[], contextlib.AbstractContextManager],
     classification: bool,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One optimisation step; returns the batch totals [loss * n, correct, n]."""
+    """One optimisation step; returns the batch totals [loss * n, correct, n].
+
+    `weight` scales each example's loss (pseudo-labels during their ramp-up)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast():
         output = model(x)
-        loss = loss_fn(output.float(), y)
+        loss = loss_fn(output.float(), y, weight)
     loss.backward()
     optimizer.step()
     return batch_totals(output, y, loss, classification)
@@ -155,7 +158,7 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
     return {name: float(n) for (name, _), n in zip(named, norms)}
 
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[tuple[torch.Tensor, ...]]  # (x, y) or (x, y, per-example weight)
 
 
 def run_epoch(
@@ -171,12 +174,13 @@ def run_epoch(
     model.train(optimizer is not None)
     totals = torch.zeros(3, device=device)
     autocast = functools.partial(autocast_for, device, amp)  # a fresh context per step
-    for x, y in batches:
+    for x, y, *weight in batches:  # (x, y) or (x, y, per-example weight)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if optimizer is None:
             totals += eval_step(model, x, y, loss_fn, autocast, classification)
         else:
-            totals += train_step(model, x, y, loss_fn, optimizer, autocast, classification)
+            w = weight[0].to(device, non_blocking=True) if weight else None
+            totals += train_step(model, x, y, loss_fn, optimizer, autocast, classification, w)
     # Gradients of the epoch's last step: a cheap, representative sample.
     norms = gradient_norms(model) if optimizer is not None else {}
     return totals, norms

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -26,9 +27,16 @@ from pipelines.config import TrainConfig
 from pipelines.model_bundle import build_model
 from pipelines.tracking import RunLogger
 from pipelines.training.batches import ShardedBatches, shard_for_eval
-from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
+from pipelines.training.loop import (
+    EarlyStopping,
+    TrainingDiverged,
+    TrainingState,
+    fit,
+    unwrap,
+)
 
 STATE_FILE = "state.pt"
+PREDICTIONS_FILE = "predictions.npy"
 DIVERGED_FILE = "diverged.txt"
 EVAL_BATCH_SIZE = 1024
 
@@ -68,8 +76,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     per_worker = -(-len(x_train) // world_size)
     batch_size = batch_size_for(train_cfg.optimizer, train_cfg.batch_size, per_worker)
+    pseudo = config.get("pseudo")  # semi-supervised rounds: ramp the pseudo-labels' weight in
     train_batches = ShardedBatches(
-        x_train, y_train, batch_size, rank, world_size, seed=train_cfg.seed
+        x_train,
+        y_train,
+        batch_size,
+        rank,
+        world_size,
+        seed=train_cfg.seed,
+        pseudo=arrays.get("pseudo_train"),
+        pseudo_weight=(lambda epoch: ramp_weight(epoch, **pseudo)) if pseudo else None,
     )
     val_batches = shard_for_eval(x_val, y_val, EVAL_BATCH_SIZE, rank, world_size)
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
@@ -112,6 +128,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             reduce=all_reduce,
             on_epoch_end=on_epoch_end,
         )
+        if "x_predict" in arrays:
+            probabilities = predict_distributed(
+                unwrap(state.model), arrays["x_predict"], device, rank, world_size
+            )
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as directory:
+                    torch.save(state.state_dict(), Path(directory) / STATE_FILE)
+                    np.save(Path(directory) / PREDICTIONS_FILE, probabilities)
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                    ray.train.report(state.history[-1], checkpoint=checkpoint)
+            else:
+                ray.train.report(state.history[-1])
     except TrainingDiverged as exc:
         # Reported, not raised: a retry from the checkpoint would diverge again. It travels
         # in a checkpoint because Ray Train's Result keeps the metrics of checkpointed reports.
@@ -122,6 +150,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / DIVERGED_FILE).write_text(str(exc))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:
+    """Pseudo-label loss weight: rises linearly to `weight` over the first `ramp_epochs`."""
+    return weight * min(1.0, (epoch + 1) / max(ramp_epochs, 1))
+
+
+@torch.no_grad()
+def predict_distributed(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device, rank: int, world_size: int
+) -> np.ndarray | None:
+    """Class probabilities for `x`: each worker predicts every world_size-th example and rank 0
+    gathers them back in order (None on the other ranks)."""
+    model.eval()
+    shard = x[rank::world_size]
+    chunks = [
+        torch.softmax(model(shard[i : i + EVAL_BATCH_SIZE].to(device)).float(), dim=1).cpu()
+        for i in range(0, len(shard), EVAL_BATCH_SIZE)
+    ]
+    mine = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+    if world_size == 1:
+        return mine
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return None
+    width = max(g.shape[1] for g in gathered)
+    full = np.zeros((len(x), width), dtype=np.float32)
+    for worker, part in enumerate(gathered):
+        if len(part):
+            full[worker::world_size] = part
+    return full
 
 
 def _tracked(call, default=None):

@@ -17,7 +17,14 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("ingest_digits", "prepare", "train_supervised", "evaluate", "export")
+SUPERVISED = ("ingest_digits", "prepare", "train_supervised", "evaluate", "export")
+PSEUDOLABEL = (
+    "prepare_pseudolabel",
+    "train_pseudolabel",
+    "evaluate_pseudolabel",
+    "export_pseudolabel",
+)
+STAGES = SUPERVISED + PSEUDOLABEL
 
 
 def ran(output: str) -> set[str]:
@@ -39,6 +46,7 @@ def repo_copy(tmp_path_factory, ray_cluster):
         shutil.copy2(REPO / name, target)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 3  # the pipeline's wiring is under test, not its accuracy
+    params["pseudolabel"].update(rounds=1, epochs_per_round=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
@@ -88,7 +96,15 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     params["train"]["lr"] = 0.003
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
-    assert ran(changed.stdout) == {"train_supervised", "evaluate", "export"}
+    # Both training stages read train.lr; neither data stage does.
+    assert ran(changed.stdout) == {
+        "train_supervised",
+        "evaluate",
+        "export",
+        "train_pseudolabel",
+        "evaluate_pseudolabel",
+        "export_pseudolabel",
+    }
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert str(client.get_model_version_by_alias("dlpipe-classifier", "champion").version) == "2"

@@ -12,7 +12,7 @@ import pytest
 
 from models.architecture import ArchitectureConfig
 from pipelines.dataset import load_prepared
-from pipelines.training.driver import loop_config, run_training
+from pipelines.training.driver import loop_config, run_training, supervised_arrays
 from pipelines.training.worker import train_loop_per_worker
 from tests.integration.conftest import quick_train_config
 
@@ -37,7 +37,8 @@ def test_killed_worker_resumes_from_checkpoint(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path))
     # Small batches: each epoch takes long enough for the kill to land mid-run.
     train = quick_train_config(epochs=14, batch_size=8, max_failures=2, early_stopping_patience=0)
-    config = loop_config(load_prepared(trained.prepared), ArchitectureConfig(), train, None)
+    data = load_prepared(trained.prepared)
+    config = loop_config(supervised_arrays(data), data.manifest, ArchitectureConfig(), train, None)
     outcome: dict = {}
 
     def fit() -> None:

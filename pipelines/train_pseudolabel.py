@@ -1,0 +1,286 @@
+"""Stage `train_pseudolabel`: semi-supervised training by pseudo-labeling, on Ray Train.
+
+Round 0 trains a teacher on the labeled examples. Each later round predicts the unlabeled
+pool (on the Train workers), keeps the confident predictions (capped per class) as
+pseudo-labels, and trains a fresh student on labeled + pseudo-labeled data, the pseudo-labels'
+loss weight ramping up over the first epochs; the student teaches the next round. A
+supervised-only baseline gets the same labeled examples and the same number of epochs.
+Every round is a run of the same Ray Train driver as `train_supervised`, and a child MLflow
+run of this stage's run. The final student is saved in the supervised model format, so the
+`evaluate` and `export` stages (and the classify endpoint) take it unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import tracking
+from pipelines.atomic import output_directory, write_json
+from pipelines.config import PipelineConfig, config_to_dict, load_config
+from pipelines.dataset import PreparedData, load_prepared
+from pipelines.errors import UserError
+from pipelines.metrics import classification_metrics
+from pipelines.model_bundle import RUN_FILE, build_model, inference_model, save_bundle
+from pipelines.plots import learning_curves_png, write_csv
+from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
+from pipelines.stage import run_stage
+from pipelines.train_supervised import check_compatible
+from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
+from pipelines.training.worker import (
+    DIVERGED_FILE,
+    PREDICTIONS_FILE,
+    STATE_FILE,
+    train_loop_per_worker,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_pseudolabel"
+ROUND_COLUMNS = (
+    "round",
+    "pseudo_labels",
+    "pseudo_label_accuracy",
+    "class_balance",
+    "mean_confidence",
+    "test_accuracy",
+    "test_macro_f1",
+)
+
+
+@dataclass
+class RoundResult:
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    predictions: np.ndarray | None
+
+
+def train_round(
+    config: PipelineConfig,
+    data: PreparedData,
+    label: str,
+    arrays: dict[str, np.ndarray],
+    epochs: int,
+    parent: tracking.RunLogger,
+    extra_params: dict[str, Any],
+) -> RoundResult:
+    """One Ray Train run (teacher, student or baseline), tracked as a child MLflow run."""
+    pl = config.pseudolabel
+    train = dataclasses.replace(
+        config.train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
+    )
+    pseudo = (
+        {"weight": pl.pseudo_weight, "ramp_epochs": pl.ramp_epochs}
+        if "pseudo_train" in arrays
+        else None
+    )
+    name = run_name(
+        f"{STAGE}-{label}",
+        config_to_dict(config.model),
+        config_to_dict(train),
+        config_to_dict(pl),
+        data.data_hash,
+        {k: v.shape for k, v in arrays.items()},
+    )
+    tags = {**tracking.stage_tags(STAGE, data.data_hash), "round": label}
+    with tracking.stage_run(pl.experiment, label, tags, parent_run_id=parent.run_id) as run:
+        run.log_params(
+            {"train": config_to_dict(train), "examples": len(arrays["y_train"]), **extra_params}
+        )
+        log.info("%s: training on %d examples for %d epochs", label, len(arrays["y_train"]), epochs)
+        result = run_training(
+            train_loop_per_worker,
+            loop_config(arrays, data.manifest, config.model, train, run, pseudo=pseudo),
+            train,
+            name,
+        )
+        with result.checkpoint.as_directory() as directory:
+            directory = Path(directory)
+            if (directory / DIVERGED_FILE).exists():
+                message = (directory / DIVERGED_FILE).read_text()
+                remove_local_run(name)
+                raise UserError(f"{label}: {message}")
+            state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+            predictions = (
+                np.load(directory / PREDICTIONS_FILE)
+                if (directory / PREDICTIONS_FILE).exists()
+                else None
+            )
+    remove_local_run(name)
+    # No early stopping on the (small) labeled validation data: the last epoch is kept.
+    return RoundResult(state["model"], state["history"], predictions)
+
+
+def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) -> dict[str, float]:
+    model = build_model(config.model, data.manifest)
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        probabilities = inference_model(model, "classification")(torch.from_numpy(data.x("test")))
+    metrics, _ = classification_metrics(data.y("test"), probabilities.numpy(), data.class_names)
+    return {"test_accuracy": metrics["test_accuracy"], "test_macro_f1": metrics["test_macro_f1"]}
+
+
+def train_pseudolabel(
+    config: PipelineConfig, data_dir: str, output: str, metrics_path: str, plots_dir: str
+) -> dict:
+    data = load_prepared(data_dir)
+    if "semi_supervised" not in data.manifest:
+        raise UserError(f"{data_dir}: not a pseudo-label split; run prepare_pseudolabel first")
+    check_compatible(config, data.manifest)
+    pl = config.pseudolabel
+    x_labeled, y_labeled, x_pool = data.x("labeled"), data.y("labeled"), data.x("unlabeled")
+    truth = (
+        data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
+    )
+    validation = {"x_val": data.x("val"), "y_val": data.y("val")}
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    rounds: list[dict[str, float]] = []
+    with tracking.stage_run(pl.experiment, STAGE, tags) as parent:
+        parent.log_params(
+            {
+                "pseudolabel": config_to_dict(pl),
+                "model": config_to_dict(config.model),
+                "train": config_to_dict(config.train),
+                "labeled": len(y_labeled),
+                "unlabeled": len(x_pool),
+            }
+        )
+        labeled_only = {"x_train": x_labeled, "y_train": y_labeled, **validation}
+        teacher = train_round(
+            config,
+            data,
+            "round-0-teacher",
+            {**labeled_only, "x_predict": x_pool},
+            pl.epochs_per_round,
+            parent,
+            {"round": 0},
+        )
+        first_teacher = teacher
+        rounds.append({"round": 0, **score_on_test(config, data, teacher.state_dict)})
+        fallback = False
+        for number in range(1, pl.rounds + 1):
+            selection = select_pseudo_labels(
+                teacher.predictions, pl.confidence_threshold, pl.max_per_class
+            )
+            stats = selection_stats(selection, data.class_names, truth)
+            parent.log_metrics({k: v for k, v in stats.items() if "/" not in k}, step=number)
+            if len(selection.indices) == 0:
+                log.warning(
+                    "round %d: no prediction reaches confidence %.2f; keeping the teacher of "
+                    "round %d as the final model",
+                    number,
+                    pl.confidence_threshold,
+                    number - 1,
+                )
+                parent.set_tags({"fallback_to_teacher": f"round {number}"})
+                fallback = True
+                rounds.append({"round": number, **stats})
+                break
+            log.info(
+                "round %d: %d pseudo-labels (accuracy %s, class balance %.2f)",
+                number,
+                len(selection.indices),
+                f"{stats['pseudo_label_accuracy']:.3f}" if truth is not None else "unknown",
+                stats["class_balance"],
+            )
+            arrays = {
+                "x_train": np.concatenate([x_labeled, x_pool[selection.indices]]),
+                "y_train": np.concatenate([y_labeled, selection.labels]),
+                "pseudo_train": np.concatenate(
+                    [np.zeros(len(y_labeled), bool), np.ones(len(selection.indices), bool)]
+                ),
+                "x_predict": x_pool,
+                **validation,
+            }
+            teacher = train_round(
+                config,
+                data,
+                f"round-{number}-student",
+                arrays,
+                pl.epochs_per_round,
+                parent,
+                {"round": number, **stats},
+            )
+            rounds.append(
+                {"round": number, **stats, **score_on_test(config, data, teacher.state_dict)}
+            )
+        budget = pl.epochs_per_round * (pl.rounds + 1)
+        baseline = train_round(
+            config,
+            data,
+            "baseline-supervised-only",
+            labeled_only,
+            budget,
+            parent,
+            {"round": "baseline"},
+        )
+
+        final = score_on_test(config, data, teacher.state_dict)
+        last_selection = next((r for r in reversed(rounds) if "pseudo_labels" in r), {})
+        figures = {
+            "labeled_count": len(y_labeled),
+            "unlabeled_count": len(x_pool),
+            **final,
+            "teacher_test_accuracy": score_on_test(config, data, first_teacher.state_dict)[
+                "test_accuracy"
+            ],
+            **{
+                f"baseline_{k}": v
+                for k, v in score_on_test(config, data, baseline.state_dict).items()
+            },
+            "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
+            "fell_back_to_teacher": fallback,
+        }
+        if "pseudo_label_accuracy" in last_selection:
+            figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]
+        parent.log_metrics({k: float(v) for k, v in figures.items()})
+
+        model = build_model(config.model, data.manifest)
+        model.load_state_dict(teacher.state_dict)
+        with output_directory(output) as staging:
+            save_bundle(
+                staging,
+                model,
+                config.model,
+                data.manifest,
+                extra={"history": teacher.history, "rounds": rounds},
+            )
+            write_json(staging / RUN_FILE, {"mlflow_run_id": parent.run_id, "stage": STAGE})
+            learning_curves_png(teacher.history, staging / "learning_curves.png")
+        write_csv(Path(plots_dir) / "rounds.csv", rounds, ROUND_COLUMNS)
+        write_json(metrics_path, figures)
+        parent.log_artifact(Path(output) / "learning_curves.png", "plots")
+    log.info(
+        "final student test accuracy %.4f (round-0 teacher %.4f, supervised-only baseline %.4f)",
+        figures["test_accuracy"],
+        figures["teacher_test_accuracy"],
+        figures["baseline_test_accuracy"],
+    )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared/pseudolabel")
+    parser.add_argument("--output", default="artifacts/pseudolabel/model")
+    parser.add_argument("--metrics", default="metrics/pseudolabel.json")
+    parser.add_argument("--plots", default="plots/pseudolabel")
+    args = parser.parse_args(argv)
+    run_stage(
+        STAGE,
+        lambda: train_pseudolabel(
+            load_config(args.params), args.data, args.output, args.metrics, args.plots
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
