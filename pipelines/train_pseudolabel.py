@@ -228,9 +228,10 @@ def train_pseudolabel(
             "labeled_count": len(y_labeled),
             "unlabeled_count": len(x_pool),
             **final,
-            "teacher_test_accuracy": score_on_test(config, data, first_teacher.state_dict)[
-                "test_accuracy"
-            ],
+            **{
+                f"teacher_{k}": v
+                for k, v in score_on_test(config, data, first_teacher.state_dict).items()
+            },
             **{
                 f"baseline_{k}": v
                 for k, v in score_on_test(config, data, baseline.state_dict).items()
