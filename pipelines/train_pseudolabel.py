@@ -33,11 +33,14 @@ from pipelines.plots import learning_curves_png, write_csv
 from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
 from pipelines.stage import run_stage
 from pipelines.train_supervised import check_compatible
-from pipelines.training.driver import loop_config, remove_local_run, run_name, run_training
+from pipelines.training.driver import (
+    RunDiverged,
+    finished_run,
+    loop_config,
+    run_name,
+    run_training,
+)
 from pipelines.training.worker import (
-    DIVERGED_FILE,
-    PREDICTIONS_FILE,
-    STATE_FILE,
     train_loop_per_worker,
 )
 
@@ -101,21 +104,12 @@ def train_round(
             train,
             name,
         )
-        with result.checkpoint.as_directory() as directory:
-            directory = Path(directory)
-            if (directory / DIVERGED_FILE).exists():
-                message = (directory / DIVERGED_FILE).read_text()
-                remove_local_run(name)
-                raise UserError(f"{label}: {message}")
-            state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-            predictions = (
-                np.load(directory / PREDICTIONS_FILE)
-                if (directory / PREDICTIONS_FILE).exists()
-                else None
-            )
-    remove_local_run(name)
+        try:
+            finished = finished_run(result, name)
+        except RunDiverged as exc:
+            raise RunDiverged(f"{label}: {exc}") from None
     # No early stopping on the (small) labeled validation data: the last epoch is kept.
-    return RoundResult(state["model"], state["history"], predictions)
+    return RoundResult(finished.state["model"], finished.state["history"], finished.predictions)
 
 
 def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) -> dict[str, float]:

@@ -10,8 +10,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from models.losses import TaskLoss
 from pipelines import tracking
 from pipelines.atomic import output_directory, write_json
@@ -22,13 +20,14 @@ from pipelines.model_bundle import RUN_FILE, build_model, save_bundle
 from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stage import run_stage
 from pipelines.training.driver import (
+    RunDiverged,
+    finished_run,
     loop_config,
-    remove_local_run,
     run_name,
     run_training,
     supervised_arrays,
 )
-from pipelines.training.worker import DIVERGED_FILE, STATE_FILE, train_loop_per_worker
+from pipelines.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +79,11 @@ def train_supervised(
             config.train,
             name,
         )
-        with result.checkpoint.as_directory() as directory:
-            diverged = Path(directory) / DIVERGED_FILE
-            if diverged.exists():
-                message = diverged.read_text()
-                run.set_tags({"diverged": "true"})
-                remove_local_run(name)  # finished, if badly: a re-run must start afresh
-                raise UserError(message)
-            state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            state = finished_run(result, name).state
+        except RunDiverged:
+            run.set_tags({"diverged": "true"})
+            raise
         history = state["history"]
         if state["best_model"] is None:  # no epoch produced a finite validation loss
             raise UserError(
@@ -113,7 +109,6 @@ def train_supervised(
         run.log_metrics({k: float(v) for k, v in summary.items()})
         for image in ("learning_curves.png", "gradient_norms.png"):
             run.log_artifact(Path(output) / image, "plots")
-    remove_local_run(name)
     log.info(
         "best epoch %d of %d: val_loss %.4f%s",
         summary["best_epoch"] + 1,

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +157,38 @@ def run_training(
         ),
     )
     return trainer.fit()
+
+
+class RunDiverged(UserError):
+    """The run's loss diverged; the message names the epoch and the learning rate."""
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    state: dict[str, Any]
+    """The worker's TrainingState.state_dict() after the last epoch."""
+    predictions: np.ndarray | None
+    """Class probabilities for `x_predict`, when the run was given one."""
+
+
+def finished_run(result: Result, name: str) -> FinishedRun:
+    """Read a finished run's last checkpoint, then drop its local folder (the run is over:
+    a later run with the same name must start afresh). Raises RunDiverged if it diverged."""
+    import torch
+
+    from pipelines.training.worker import DIVERGED_FILE, PREDICTIONS_FILE, STATE_FILE
+
+    with result.checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        if (directory / DIVERGED_FILE).exists():
+            message = (directory / DIVERGED_FILE).read_text()
+            remove_local_run(name)
+            raise RunDiverged(message)
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        predictions_file = directory / PREDICTIONS_FILE
+        predictions = np.load(predictions_file) if predictions_file.exists() else None
+    remove_local_run(name)
+    return FinishedRun(state, predictions)
 
 
 def remove_local_run(name: str) -> None:
