@@ -121,6 +121,108 @@ def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) 
     return {"test_accuracy": metrics["test_accuracy"], "test_macro_f1": metrics["test_macro_f1"]}
 
 
+@dataclass
+class Rounds:
+    first_teacher: RoundResult
+    final: RoundResult
+    table: list[dict[str, float]]
+    """One row per round: pseudo-label count, accuracy and balance, test figures."""
+    fell_back: bool
+    """No prediction reached the threshold in some round: the teacher before it was kept."""
+
+
+def run_rounds(
+    config: PipelineConfig,
+    data: PreparedData,
+    parent: tracking.RunLogger,
+    labeled_only: dict[str, np.ndarray],
+    truth: np.ndarray | None,
+) -> Rounds:
+    """Round 0's teacher, then `pseudolabel.rounds` students, each taught by the previous model."""
+    pl = config.pseudolabel
+    pool = data.x("unlabeled")
+    teacher = train_round(
+        config,
+        data,
+        "round-0-teacher",
+        {**labeled_only, "x_predict": pool},
+        pl.epochs_per_round,
+        parent,
+        {"round": 0},
+    )
+    outcome = Rounds(
+        teacher, teacher, [{"round": 0, **score_on_test(config, data, teacher.state_dict)}], False
+    )
+    for number in range(1, pl.rounds + 1):
+        selection = select_pseudo_labels(
+            outcome.final.predictions, pl.confidence_threshold, pl.max_per_class
+        )
+        stats = selection_stats(selection, data.class_names, truth)
+        parent.log_metrics({k: v for k, v in stats.items() if "/" not in k}, step=number)
+        if len(selection.indices) == 0:
+            log.warning(
+                "round %d: no prediction reaches confidence %.2f; keeping the teacher of "
+                "round %d as the final model",
+                number,
+                pl.confidence_threshold,
+                number - 1,
+            )
+            parent.set_tags({"fallback_to_teacher": f"round {number}"})
+            outcome.table.append({"round": number, **stats})
+            outcome.fell_back = True
+            break
+        log.info(
+            "round %d: %d pseudo-labels (accuracy %s, class balance %.2f)",
+            number,
+            len(selection.indices),
+            f"{stats['pseudo_label_accuracy']:.3f}" if truth is not None else "unknown",
+            stats["class_balance"],
+        )
+        labeled = len(labeled_only["y_train"])
+        arrays = {
+            **labeled_only,
+            "x_train": np.concatenate([labeled_only["x_train"], pool[selection.indices]]),
+            "y_train": np.concatenate([labeled_only["y_train"], selection.labels]),
+            "pseudo_train": np.arange(labeled + len(selection.indices)) >= labeled,
+            "x_predict": pool,
+        }
+        outcome.final = train_round(
+            config,
+            data,
+            f"round-{number}-student",
+            arrays,
+            pl.epochs_per_round,
+            parent,
+            {"round": number, **stats},
+        )
+        outcome.table.append(
+            {"round": number, **stats, **score_on_test(config, data, outcome.final.state_dict)}
+        )
+    return outcome
+
+
+def summary_figures(
+    config: PipelineConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
+) -> dict:
+    """The stage's headline figures: the final student beside the round-0 teacher and the baseline."""
+    last_selection = next((r for r in reversed(rounds.table) if "pseudo_labels" in r), {})
+    figures = {
+        "labeled_count": len(data.y("labeled")),
+        "unlabeled_count": len(data.x("unlabeled")),
+        **score_on_test(config, data, rounds.final.state_dict),
+        **{
+            f"teacher_{k}": v
+            for k, v in score_on_test(config, data, rounds.first_teacher.state_dict).items()
+        },
+        **{f"baseline_{k}": v for k, v in score_on_test(config, data, baseline.state_dict).items()},
+        "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
+        "fell_back_to_teacher": rounds.fell_back,
+    }
+    if "pseudo_label_accuracy" in last_selection:
+        figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]
+    return figures
+
+
 def train_pseudolabel(
     config: PipelineConfig, data_dir: str, output: str, metrics_path: str, plots_dir: str
 ) -> dict:
@@ -129,127 +231,54 @@ def train_pseudolabel(
         raise UserError(f"{data_dir}: not a pseudo-label split; run prepare_pseudolabel first")
     check_compatible(config, data.manifest)
     pl = config.pseudolabel
-    x_labeled, y_labeled, x_pool = data.x("labeled"), data.y("labeled"), data.x("unlabeled")
     truth = (
         data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
     )
-    validation = {"x_val": data.x("val"), "y_val": data.y("val")}
-    tags = tracking.stage_tags(STAGE, data.data_hash)
-    rounds: list[dict[str, float]] = []
-    with tracking.stage_run(pl.experiment, STAGE, tags) as parent:
+    labeled_only = {
+        "x_train": data.x("labeled"),
+        "y_train": data.y("labeled"),
+        "x_val": data.x("val"),
+        "y_val": data.y("val"),
+    }
+    with tracking.stage_run(
+        pl.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+    ) as parent:
         parent.log_params(
             {
                 "pseudolabel": config_to_dict(pl),
                 "model": config_to_dict(config.model),
                 "train": config_to_dict(config.train),
-                "labeled": len(y_labeled),
-                "unlabeled": len(x_pool),
+                "labeled": len(data.y("labeled")),
+                "unlabeled": len(data.x("unlabeled")),
             }
         )
-        labeled_only = {"x_train": x_labeled, "y_train": y_labeled, **validation}
-        teacher = train_round(
-            config,
-            data,
-            "round-0-teacher",
-            {**labeled_only, "x_predict": x_pool},
-            pl.epochs_per_round,
-            parent,
-            {"round": 0},
-        )
-        first_teacher = teacher
-        rounds.append({"round": 0, **score_on_test(config, data, teacher.state_dict)})
-        fallback = False
-        for number in range(1, pl.rounds + 1):
-            selection = select_pseudo_labels(
-                teacher.predictions, pl.confidence_threshold, pl.max_per_class
-            )
-            stats = selection_stats(selection, data.class_names, truth)
-            parent.log_metrics({k: v for k, v in stats.items() if "/" not in k}, step=number)
-            if len(selection.indices) == 0:
-                log.warning(
-                    "round %d: no prediction reaches confidence %.2f; keeping the teacher of "
-                    "round %d as the final model",
-                    number,
-                    pl.confidence_threshold,
-                    number - 1,
-                )
-                parent.set_tags({"fallback_to_teacher": f"round {number}"})
-                fallback = True
-                rounds.append({"round": number, **stats})
-                break
-            log.info(
-                "round %d: %d pseudo-labels (accuracy %s, class balance %.2f)",
-                number,
-                len(selection.indices),
-                f"{stats['pseudo_label_accuracy']:.3f}" if truth is not None else "unknown",
-                stats["class_balance"],
-            )
-            arrays = {
-                "x_train": np.concatenate([x_labeled, x_pool[selection.indices]]),
-                "y_train": np.concatenate([y_labeled, selection.labels]),
-                "pseudo_train": np.concatenate(
-                    [np.zeros(len(y_labeled), bool), np.ones(len(selection.indices), bool)]
-                ),
-                "x_predict": x_pool,
-                **validation,
-            }
-            teacher = train_round(
-                config,
-                data,
-                f"round-{number}-student",
-                arrays,
-                pl.epochs_per_round,
-                parent,
-                {"round": number, **stats},
-            )
-            rounds.append(
-                {"round": number, **stats, **score_on_test(config, data, teacher.state_dict)}
-            )
-        budget = pl.epochs_per_round * (pl.rounds + 1)
+        rounds = run_rounds(config, data, parent, labeled_only, truth)
+        # Same labeled examples, same number of epochs as the whole teacher/student schedule.
         baseline = train_round(
             config,
             data,
             "baseline-supervised-only",
             labeled_only,
-            budget,
+            pl.epochs_per_round * (pl.rounds + 1),
             parent,
             {"round": "baseline"},
         )
-
-        final = score_on_test(config, data, teacher.state_dict)
-        last_selection = next((r for r in reversed(rounds) if "pseudo_labels" in r), {})
-        figures = {
-            "labeled_count": len(y_labeled),
-            "unlabeled_count": len(x_pool),
-            **final,
-            **{
-                f"teacher_{k}": v
-                for k, v in score_on_test(config, data, first_teacher.state_dict).items()
-            },
-            **{
-                f"baseline_{k}": v
-                for k, v in score_on_test(config, data, baseline.state_dict).items()
-            },
-            "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
-            "fell_back_to_teacher": fallback,
-        }
-        if "pseudo_label_accuracy" in last_selection:
-            figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]
+        figures = summary_figures(config, data, rounds, baseline)
         parent.log_metrics({k: float(v) for k, v in figures.items()})
 
         model = build_model(config.model, data.manifest)
-        model.load_state_dict(teacher.state_dict)
+        model.load_state_dict(rounds.final.state_dict)
         with output_directory(output) as staging:
             save_bundle(
                 staging,
                 model,
                 config.model,
                 data.manifest,
-                extra={"history": teacher.history, "rounds": rounds},
+                extra={"history": rounds.final.history, "rounds": rounds.table},
             )
             write_json(staging / RUN_FILE, {"mlflow_run_id": parent.run_id, "stage": STAGE})
-            learning_curves_png(teacher.history, staging / "learning_curves.png")
-        write_csv(Path(plots_dir) / "rounds.csv", rounds, ROUND_COLUMNS)
+            learning_curves_png(rounds.final.history, staging / "learning_curves.png")
+        write_csv(Path(plots_dir) / "rounds.csv", rounds.table, ROUND_COLUMNS)
         write_json(metrics_path, figures)
         parent.log_artifact(Path(output) / "learning_curves.png", "plots")
     log.info(
