@@ -166,7 +166,8 @@ class PseudoLabelConfig:
     pseudo_weight: float = 1.0
     """Loss weight of a pseudo-labeled example once ramped up (labeled examples weigh 1)."""
     ramp_epochs: int = 10
-    """Epochs over which the pseudo-label weight rises linearly from 0 to `pseudo_weight`."""
+    """Epochs over which the pseudo-label weight rises linearly to `pseudo_weight`
+    (pseudo_weight / ramp_epochs in the first epoch); 0 or 1: full weight at once."""
     registered_model: str = "dlpipe-pseudolabel-classifier"
     """MLflow registry name of the final student (exported like the supervised model)."""
     experiment: str = "dlpipe-pseudolabel"

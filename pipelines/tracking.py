@@ -150,7 +150,8 @@ def register_onnx_model(
 
 
 def _metric_key(key: str) -> str:
-    # MLflow keys allow only alphanumerics, _ - . space : /
+    # MLflow metric and param keys allow only alphanumerics, _ - . space : /
+    # (class names such as "Crohn's" end up in keys).
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)
 
 
@@ -160,5 +161,5 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[_metric_key(f"{prefix}{key}")] = value
     return flat

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,7 @@ from pipelines.training.driver import (
     run_name,
     run_training,
 )
-from pipelines.training.worker import (
-    train_loop_per_worker,
-)
+from pipelines.training.worker import EVAL_BATCH_SIZE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def train_round(
         config_to_dict(train),
         config_to_dict(pl),
         data.data_hash,
-        {k: v.shape for k, v in arrays.items()},
+        {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items() if k != "x_predict"},
     )
     tags = {**tracking.stage_tags(STAGE, data.data_hash), "round": label}
     with tracking.stage_run(pl.experiment, label, tags, parent_run_id=parent.run_id) as run:
@@ -115,8 +114,15 @@ def train_round(
 def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) -> dict[str, float]:
     model = build_model(config.model, data.manifest)
     model.load_state_dict(state_dict)
-    with torch.no_grad():
-        probabilities = inference_model(model, "classification")(torch.from_numpy(data.x("test")))
+    classifier = inference_model(model, "classification")
+    x_test = torch.from_numpy(data.x("test"))
+    with torch.no_grad():  # in chunks: a large image test set need not fit in one batch
+        probabilities = torch.cat(
+            [
+                classifier(x_test[i : i + EVAL_BATCH_SIZE])
+                for i in range(0, len(x_test), EVAL_BATCH_SIZE)
+            ]
+        )
     metrics, _ = classification_metrics(data.y("test"), probabilities.numpy(), data.class_names)
     return {"test_accuracy": metrics["test_accuracy"], "test_macro_f1": metrics["test_macro_f1"]}
 
@@ -127,8 +133,9 @@ class Rounds:
     final: RoundResult
     table: list[dict[str, float]]
     """One row per round: pseudo-label count, accuracy and balance, test figures."""
-    fell_back: bool
-    """No prediction reached the threshold in some round: the teacher before it was kept."""
+    fallback_round: int = 0
+    """The round in which no prediction reached the threshold (0: none); the model trained
+    before it was kept."""
 
 
 def run_rounds(
@@ -141,17 +148,19 @@ def run_rounds(
     """Round 0's teacher, then `pseudolabel.rounds` students, each taught by the previous model."""
     pl = config.pseudolabel
     pool = data.x("unlabeled")
+    # Only a model that will teach a next round needs to predict the pool.
+    teach = {"x_predict": pool} if pl.rounds > 0 else {}
     teacher = train_round(
         config,
         data,
         "round-0-teacher",
-        {**labeled_only, "x_predict": pool},
+        {**labeled_only, **teach},
         pl.epochs_per_round,
         parent,
         {"round": 0},
     )
     outcome = Rounds(
-        teacher, teacher, [{"round": 0, **score_on_test(config, data, teacher.state_dict)}], False
+        teacher, teacher, [{"round": 0, **score_on_test(config, data, teacher.state_dict)}]
     )
     for number in range(1, pl.rounds + 1):
         selection = select_pseudo_labels(
@@ -169,7 +178,7 @@ def run_rounds(
             )
             parent.set_tags({"fallback_to_teacher": f"round {number}"})
             outcome.table.append({"round": number, **stats})
-            outcome.fell_back = True
+            outcome.fallback_round = number
             break
         log.info(
             "round %d: %d pseudo-labels (accuracy %s, class balance %.2f)",
@@ -184,7 +193,7 @@ def run_rounds(
             "x_train": np.concatenate([labeled_only["x_train"], pool[selection.indices]]),
             "y_train": np.concatenate([labeled_only["y_train"], selection.labels]),
             "pseudo_train": np.arange(labeled + len(selection.indices)) >= labeled,
-            "x_predict": pool,
+            **({"x_predict": pool} if number < pl.rounds else {}),
         }
         outcome.final = train_round(
             config,
@@ -205,7 +214,8 @@ def summary_figures(
     config: PipelineConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
 ) -> dict:
     """The stage's headline figures: the final student beside the round-0 teacher and the baseline."""
-    last_selection = next((r for r in reversed(rounds.table) if "pseudo_labels" in r), {})
+    # The pseudo-labels the final model was trained on (a fallback round's empty set is not).
+    last_selection = next((r for r in reversed(rounds.table) if r.get("pseudo_labels")), {})
     figures = {
         "labeled_count": len(data.y("labeled")),
         "unlabeled_count": len(data.x("unlabeled")),
@@ -216,7 +226,8 @@ def summary_figures(
         },
         **{f"baseline_{k}": v for k, v in score_on_test(config, data, baseline.state_dict).items()},
         "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
-        "fell_back_to_teacher": rounds.fell_back,
+        "fell_back_to_teacher": rounds.fallback_round > 0,
+        "fallback_round": rounds.fallback_round,
     }
     if "pseudo_label_accuracy" in last_selection:
         figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]

@@ -153,7 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:
-    """Pseudo-label loss weight: rises linearly to `weight` over the first `ramp_epochs`."""
+    """Pseudo-label loss weight: weight/ramp_epochs in the first epoch, rising linearly to the
+    full `weight` at epoch `ramp_epochs` (1-based) and staying there."""
     return weight * min(1.0, (epoch + 1) / max(ramp_epochs, 1))
 
 
@@ -174,11 +175,15 @@ def predict_distributed(
         return mine
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, mine)
-    if rank != 0:
-        return None
-    width = max(g.shape[1] for g in gathered)
-    full = np.zeros((len(x), width), dtype=np.float32)
-    for worker, part in enumerate(gathered):
+    return interleave_shards(gathered, len(x)) if rank == 0 else None
+
+
+def interleave_shards(parts: list[np.ndarray], total: int) -> np.ndarray:
+    """Undo the x[rank::world_size] sharding: row i of the result came from worker i % world."""
+    world_size = len(parts)
+    width = max(p.shape[1] for p in parts if len(p))
+    full = np.zeros((total, width), dtype=np.float32)
+    for worker, part in enumerate(parts):
         if len(part):
             full[worker::world_size] = part
     return full

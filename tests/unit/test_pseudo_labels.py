@@ -10,7 +10,7 @@ from pipelines.prepare_pseudolabel import keep_labels
 from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
 from pipelines.readers import read_unlabeled_csv, read_unlabeled_images
 from pipelines.training.batches import ShardedBatches
-from pipelines.training.worker import ramp_weight
+from pipelines.training.worker import interleave_shards, ramp_weight
 from tests.helpers import write_csv, write_image_folder
 
 
@@ -95,3 +95,11 @@ def test_unlabeled_images_in_any_layout_and_unlabeled_csv(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .png/.jpg images"):
         read_unlabeled_images(tmp_path / "empty", (6, 6), True)
+
+
+def test_sharded_predictions_come_back_in_pool_order():
+    pool = np.arange(7, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    parts = [pool[rank::3] for rank in range(3)]  # 3 workers, 7 examples: 3, 2, 2 rows
+    assert np.array_equal(interleave_shards(parts, 7), pool)
+    empty = [pool[0:1], np.zeros((0, 0), np.float32)]  # more workers than examples
+    assert np.array_equal(interleave_shards(empty, 1), pool[0:1])
