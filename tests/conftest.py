@@ -28,8 +28,14 @@ def ray_cluster():
 
 
 @pytest.fixture()
-def mlflow_uri(tmp_path, monkeypatch) -> str:
-    """A real, empty MLflow store (SQLite) for one test, via MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+def stores(tmp_path, monkeypatch):
+    """Point the tracking store and the training checkpoints at this test's own real,
+    temporary ones. Call it (optionally with an existing tracking URI); returns the URI."""
+
+    def point(tracking_uri: str | None = None) -> str:
+        uri = tracking_uri or f"sqlite:///{tmp_path / 'tracking.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "checkpoints"))
+        return uri
+
+    return point

@@ -23,15 +23,8 @@ from tests.integration.conftest import quick_train_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture()
-def stores(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
-    return uri
-
-
 def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
+    uri = stores()
     config = PipelineConfig(
         train=quick_train_config(),
         pseudolabel=PseudoLabelConfig(rounds=1, epochs_per_round=6, labeled_fraction=0.1),
@@ -55,7 +48,7 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     assert figures["pseudo_labels"] > 0 and figures["pseudo_label_accuracy"] > 0.5
     assert (out / "plots" / "rounds.csv").read_text().startswith("round,pseudo_labels")
 
-    client = MlflowClient(stores)
+    client = MlflowClient(uri)
     parent_id = json.loads((out / "model" / "run.json").read_text())["mlflow_run_id"]
     parent = client.get_run(parent_id)
     assert parent.data.metrics["baseline_test_accuracy"] == pytest.approx(
@@ -94,7 +87,7 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     )
     version = client.get_model_version_by_alias("dlpipe-pseudolabel-classifier", "champion")
     assert version.run_id == parent_id
-    files = resolve_model("models:/dlpipe-pseudolabel-classifier@champion", stores)
+    files = resolve_model("models:/dlpipe-pseudolabel-classifier@champion", uri)
     predictor = ClassifierPredictor(files)
     assert predictor.info()["name"] == "dlpipe-pseudolabel-classifier"
 
@@ -102,6 +95,7 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
 def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data(
     ray_cluster, stores, tmp_path
 ):
+    stores()
     labeled = write_image_folder(
         tmp_path / "labeled", {"dark": [(12, 12)] * 12, "light": [(9, 14)] * 12}
     )

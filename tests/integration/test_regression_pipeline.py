@@ -19,9 +19,8 @@ from tests.integration.conftest import quick_train_config
 pytestmark = pytest.mark.integration
 
 
-def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
+    stores()
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=400), rng.normal(size=400)
     rows = [[x1, x2, 2 * x1 - x2 + rng.normal(0, 0.1)] for x1, x2 in zip(a, b)]

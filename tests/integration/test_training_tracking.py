@@ -53,9 +53,8 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
     assert {c.data.tags["dvc_stage"] for c in children} == {"evaluate", "export"}
 
 
-def test_one_worker_run(trained, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
-    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+def test_one_worker_run(trained, tmp_path, stores):
+    stores(trained.mlflow_uri)
     config = PipelineConfig(train=quick_train_config(epochs=2, num_workers=1))
     summary = train_supervised(
         config,
@@ -67,9 +66,8 @@ def test_one_worker_run(trained, tmp_path, monkeypatch):
     assert summary["epochs_run"] == 2 and summary["best_val_accuracy"] > 0.5
 
 
-def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
-    monkeypatch.setenv("DLPIPE_STORAGE", str(tmp_path / "ray"))
+def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, stores):
+    stores(trained.mlflow_uri)
     config = PipelineConfig(
         train=quick_train_config(
             optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2

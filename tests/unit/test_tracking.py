@@ -5,8 +5,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 
 
-def test_params_and_metrics_with_class_names_in_their_keys(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_params_and_metrics_with_class_names_in_their_keys(stores):
+    stores()
     with tracking.stage_run("exp", "stage", {"dvc_stage": "x"}) as run:
         run.log_params({"round": {"pseudo_count/Crohn's (left)": 3}})
         run.log_metrics({"test_f1/Crohn's (left)": 0.5}, step=2)
