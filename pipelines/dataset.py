@@ -57,10 +57,6 @@ class PreparedData:
         return self.manifest["class_names"]
 
     @property
-    def num_outputs(self) -> int:
-        return len(self.class_names) if self.task == "classification" else 1
-
-    @property
     def data_hash(self) -> str:
         """One hash of the prepared data: the manifest lists every array's sha256."""
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
