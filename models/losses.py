@@ -68,3 +68,21 @@ class TaskLoss(nn.Module):
         else:
             errors = F.huber_loss(prediction, target, delta=self.huber_delta, reduction="none")
         return errors.reshape(errors.shape[0], -1).mean(1)
+
+
+IGNORE_INDEX = -100
+"""Target value of positions that carry no loss (unmasked tokens in masked-LM training)."""
+
+
+class MaskedTokenLoss(nn.Module):
+    """Cross-entropy over the positions whose target is not IGNORE_INDEX (the masked tokens).
+
+    output (B, T, V) logits, target (B, T) token ids; the mean is over masked positions only,
+    so a batch's loss does not depend on how many tokens happened to be masked."""
+
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if weight is not None:
+            raise ValueError("masked-token loss takes no per-example weights")
+        return F.cross_entropy(output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX)

@@ -37,32 +37,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipelines.cluster import connect_ray
-    from serving.app import build_app
-    from serving.model_source import ModelNotFound, resolve_model
-    from serving.predictor import ClassifierPredictor
+    from serving.app import DEFAULT_MLM_MODEL, NO_MODEL, build_app
 
-    try:  # fail here, in one line, rather than in a replica's traceback
-        ClassifierPredictor(resolve_model(args.model, tracking_uri()), use_gpu=False)
-    except ModelNotFound as exc:
+    # Fail here, in one line, rather than in a replica's traceback.
+    mlm_model = args.mlm_model or DEFAULT_MLM_MODEL
+    error = _check_model(args.model, "classifier")
+    if error is None:
+        error = _check_model(mlm_model, "masked_lm")
+        if error and not args.mlm_model:  # the default MLM is optional: serve without it
+            print(f"(no masked-language model: {error}; /v1/fill-mask and /v1/embed are off)")
+            mlm_model, error = NO_MODEL, None
+    if error:
         print(
-            f"serve: error: {exc}\n(run the pipeline first: `make demo` or `dvc repro`)",
+            f"serve: error: {error}\n(run the pipeline first: `make demo` or `dvc repro`)",
             file=sys.stderr,
         )
-        return 2
-    except ValueError as exc:  # e.g. a regression model: /v1/classify serves classifiers
-        print(f"serve: error: {exc}", file=sys.stderr)
         return 2
     connect_ray()
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(
-        {"model": args.model, "tracking_uri": tracking_uri(), "threads": str(args.threads)}
+        {
+            "model": args.model,
+            "mlm_model": mlm_model,
+            "tracking_uri": tracking_uri(),
+            "threads": str(args.threads),
+        }
     )
-    print(f"starting the Serve app with model {args.model} ...", flush=True)
+    print(f"starting the Serve app with models {args.model}, {mlm_model} ...", flush=True)
     serve.run(app, name="dlpipe", route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
         if args.demo:
-            return _demo_request(url, args.demo_image)
+            return _demo_request(url, args.demo_image, with_mlm=mlm_model != NO_MODEL)
         _print_endpoints(url)
         print("serving; press Ctrl-C to stop", flush=True)
         while True:
@@ -74,9 +80,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.delete("dlpipe")
 
 
+def _check_model(source: str, task: str) -> str | None:
+    """Why `source` cannot be served as `task` (None when it can, or is left out)."""
+    from serving.app import NO_MODEL
+    from serving.mlm_predictor import MaskedLmPredictor
+    from serving.model_source import ModelNotFound, resolve_model
+    from serving.predictor import ClassifierPredictor
+
+    if source == NO_MODEL:
+        return None
+    predictor = ClassifierPredictor if task == "classifier" else MaskedLmPredictor
+    try:
+        predictor(resolve_model(source, tracking_uri()), use_gpu=False)
+    except ModelNotFound as exc:
+        return str(exc)
+    except ValueError as exc:  # e.g. a regression model: /v1/classify serves classifiers
+        return str(exc)
+    return None
+
+
 def _print_endpoints(url: str) -> None:
     print(
-        f"\nendpoints:\n  POST {url}/v1/classify\n  GET  {url}/v1/models\n"
+        f"\nendpoints:\n  POST {url}/v1/classify\n  POST {url}/v1/fill-mask\n"
+        f"  POST {url}/v1/embed\n  GET  {url}/v1/models\n"
         f"  GET  {url}/healthz\n  docs {url}/docs"
     )
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
@@ -87,7 +113,10 @@ def _demo_image() -> Path:
     return min(Path("data/raw/digits/7").glob("*.png"))
 
 
-def _demo_request(url: str, image: str | None) -> int:
+DEMO_SENTENCE = "Raise an exception if the [MASK] is not found."
+
+
+def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
     path = Path(image) if image else _demo_image()
     payload = {"images": [base64.b64encode(path.read_bytes()).decode()]}
     print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
@@ -109,6 +138,15 @@ def _demo_request(url: str, image: str | None) -> int:
             indent=2,
         )
     )
+    if with_mlm:
+        print(f"\nPOST {url}/v1/fill-mask  ({DEMO_SENTENCE!r})", flush=True)
+        try:
+            filled = _post_json(f"{url}/v1/fill-mask", {"texts": [DEMO_SENTENCE], "top_k": 3})
+        except urllib.error.HTTPError as exc:
+            print(f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+            return 1
+        top = filled["results"][0]["masks"][0]["predictions"]
+        print(json.dumps({p["token"]: round(p["score"], 3) for p in top}))
     _print_endpoints(url)
     print("(demo: stopping the app; `make serve` keeps it running)")
     return 0
@@ -173,7 +211,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         default="models:/dlpipe-classifier@champion",
-        help="registry URI (models:/NAME@ALIAS) or an export folder",
+        help="classifier: registry URI (models:/NAME@ALIAS), an export folder, or none",
+    )
+    serve.add_argument(
+        "--mlm-model",
+        help="masked-language model for /v1/fill-mask and /v1/embed (default: "
+        "models:/dlpipe-mlm@champion when registered), or none",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

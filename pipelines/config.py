@@ -20,6 +20,7 @@ import yaml
 from models.architecture import ArchitectureConfig
 from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
+from models.transformer import EncoderConfig
 from pipelines.errors import UserError
 
 
@@ -67,7 +68,11 @@ class TrainConfig:
     optimizer: str = "adam"
     """One of: gd, sgd, minibatch_sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam, adamw."""
     lr: float = 0.002
-    """Learning rate."""
+    """Learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: keep `lr`, or decay it along a cosine to 0 at the last epoch."""
+    warmup_epochs: int = 0
+    """Epochs over which the learning rate rises linearly to `lr` (transformers need it)."""
     weight_decay: float = 0.0001
     """L2 penalty (decoupled for adamw)."""
     momentum: float = 0.9
@@ -96,7 +101,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "early_stopping_patience", "max_failures"):
+        for name in ("weight_decay", "early_stopping_patience", "max_failures", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
@@ -192,6 +197,64 @@ class PseudoLabelConfig:
             raise ValueError(f"pseudo_weight must be >= 0, got {self.pseudo_weight}")
 
 
+def _mlm_train_defaults() -> TrainConfig:
+    # A transformer wants AdamW, warm-up then decay, a small decoupled weight decay and more
+    # epochs than the digits CNN; sized so `dvc repro pretrain_mlm` fits in about ten
+    # minutes on 2 CPU cores.
+    return TrainConfig(
+        epochs=40,
+        batch_size=16,
+        optimizer="adamw",
+        lr=0.002,
+        lr_schedule="cosine",
+        warmup_epochs=2,
+        weight_decay=0.01,
+        early_stopping_patience=5,
+    )
+
+
+@dataclass(frozen=True)
+class MlmConfig:
+    source: str = ""
+    """Your corpus: a .txt file, a folder of .txt files (one document each) or a .csv file;
+    empty: Python's bundled documentation topics (pydoc_data.topics). Keep it under
+    data/sources/ so that editing it re-runs `ingest_corpus`."""
+    text_column: str = "text"
+    """CSV column holding the text (one document per row)."""
+    document_split: Literal["auto", "line", "blank_line"] = "auto"
+    """How a .txt file is cut into documents: per line, per blank-line separated paragraph,
+    or auto (paragraphs when the file has blank lines)."""
+    val_fraction: float = 0.1
+    """Share of the words held out for validation, in whole documents."""
+    split_seed: int = 0
+    """Seed choosing which documents are held out."""
+    vocab_size: int = 4096
+    """WordPiece vocabulary size, special tokens included (trained on the training split)."""
+    lowercase: bool = True
+    """Lowercase (and strip accents) before tokenizing."""
+    mask_probability: float = 0.15
+    """Share of tokens chosen for prediction (80% [MASK], 10% random, 10% unchanged)."""
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    """The transformer encoder (max_length also sets the packed block length)."""
+    train: TrainConfig = field(default_factory=_mlm_train_defaults)
+    """Optimisation and Ray Train settings of the pretraining (`loss` is not used: the loss
+    is the cross-entropy at masked positions)."""
+    registered_model: str = "dlpipe-mlm"
+    """MLflow registry name of the exported encoder."""
+    experiment: str = "dlpipe-mlm"
+    """MLflow experiment of the pretraining and export runs."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be between 0 and 0.5, got {self.val_fraction}")
+        if not 0.0 < self.mask_probability < 1.0:
+            raise ValueError(
+                f"mask_probability must be between 0 and 1, got {self.mask_probability}"
+            )
+        if self.vocab_size < 16:
+            raise ValueError(f"vocab_size must be >= 16, got {self.vocab_size}")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "dlpipe-supervised"
@@ -210,6 +273,8 @@ class PipelineConfig:
     """ONNX export, parity check and registry."""
     pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     """Semi-supervised training by pseudo-labeling (`prepare_pseudolabel`, `train_pseudolabel`)."""
+    mlm: MlmConfig = field(default_factory=MlmConfig)
+    """Masked-language-model pretraining (`ingest_corpus`, `prepare_mlm`, `pretrain_mlm`)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow experiment names."""
 

@@ -19,10 +19,20 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
-    """Export `model` (eval mode) so that any batch size is accepted; written atomically."""
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int,
+    *,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+    dynamic_axes: tuple[str, ...] = ("batch",),
+) -> None:
+    """Export `model` (eval mode) with its leading input axes named in `dynamic_axes` left
+    free (any batch size; for token ids also any sequence length); written atomically."""
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1)
+    dims = {axis: torch.export.Dim(name, min=1) for axis, name in enumerate(dynamic_axes)}
     # The exporter narrates every pass on stdout and warns about torchvision ops this model
     # does not use; keep the stage log readable.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -31,9 +41,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset
         program = torch.onnx.export(
             model,
             (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=(dims,),
             opset_version=opset,
             dynamo=True,
         )

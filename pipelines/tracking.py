@@ -128,9 +128,15 @@ def stage_run(
 
 
 def register_onnx_model(
-    run_id: str, onnx_path: Path, card_path: Path, name: str, alias: str
+    run_id: str,
+    onnx_path: Path,
+    card_path: Path,
+    name: str,
+    alias: str,
+    extra_files: tuple[Path, ...] = (),
 ) -> str:
-    """Log the ONNX model (with its model card) to the run, register it and move `alias` to it."""
+    """Log the ONNX model (with its model card and any `extra_files`, e.g. a tokenizer) to the
+    run, register it and move `alias` to it."""
     import mlflow
     import onnx
 
@@ -139,7 +145,7 @@ def register_onnx_model(
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
             name="onnx_model",
-            extra_files=[str(card_path)],
+            extra_files=[str(card_path), *(str(p) for p in extra_files)],
             save_as_external_data=False,
         )
     version = mlflow.register_model(info.model_uri, name)

@@ -40,6 +40,7 @@ from pipelines.training.driver import (
     loop_config,
     run_name,
     run_training,
+    supervised_task,
 )
 from pipelines.training.worker import EVAL_BATCH_SIZE, train_loop_per_worker
 
@@ -99,7 +100,9 @@ def train_round(
         log.info("%s: training on %d examples for %d epochs", label, len(arrays["y_train"]), epochs)
         result = run_training(
             train_loop_per_worker,
-            loop_config(arrays, data.manifest, config.model, train, run, pseudo=pseudo),
+            loop_config(
+                arrays, supervised_task(config.model, data.manifest, train, pseudo), train, run
+            ),
             train,
             name,
         )

@@ -26,6 +26,7 @@ from pipelines.training.driver import (
     run_name,
     run_training,
     supervised_arrays,
+    supervised_task,
 )
 from pipelines.training.worker import train_loop_per_worker
 
@@ -75,7 +76,12 @@ def train_supervised(
         )
         result = run_training(
             train_loop_per_worker,
-            loop_config(supervised_arrays(data), data.manifest, config.model, config.train, run),
+            loop_config(
+                supervised_arrays(data),
+                supervised_task(config.model, data.manifest, config.train),
+                config.train,
+                run,
+            ),
             config.train,
             name,
         )

@@ -1,7 +1,9 @@
-"""The Ray Serve application: a thin FastAPI ingress over `ClassifierPredictor`.
+"""The Ray Serve application: a thin FastAPI ingress over the ONNX Runtime predictors.
 
-Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source>`.
-Endpoints: POST /v1/classify, GET /v1/models, GET /healthz (OpenAPI at /docs).
+Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source> mlm_model=<source>`.
+Endpoints: POST /v1/classify (the classifier), POST /v1/fill-mask and /v1/embed (the
+masked-language model), GET /v1/models, GET /healthz (OpenAPI at /docs). Either model may
+be left out ("none"); its endpoints then answer 404 saying so.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
@@ -11,15 +13,27 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.mlm_predictor import MaskedLmPredictor
 from serving.model_source import resolve_model
 from serving.predictor import ClassifierPredictor, InputError
-from serving.schemas import ClassifyRequest, ClassifyResponse
+from serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbedRequest,
+    EmbedResponse,
+    FillMaskRequest,
+    FillMaskResponse,
+)
 
 DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
+DEFAULT_MLM_MODEL = "models:/dlpipe-mlm@champion"
+NO_MODEL = "none"
 
 api = FastAPI(
     title="dlpipe",
@@ -36,19 +50,60 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
+def input_error(exc: InputError) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors: the field is in `loc`."""
+    return HTTPException(
+        status_code=422,
+        detail=[
+            {
+                "loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
+                "msg": exc.message,
+                "type": "value_error",
+            }
+        ],
+    )
+
+
+# What FastAPI says when the body cannot be decoded (e.g. not UTF-8): true, but no help.
+_UNPARSEABLE_BODY = "There was an error parsing the body"
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _UNPARSEABLE_BODY:
+        return JSONResponse(
+            status_code=400,
+            content={"detail": "the request body is not valid JSON text: send UTF-8 encoded JSON"},
+        )
+    return await http_exception_handler(request, exc)
+
+
 @serve.deployment(
-    name="classifier",
+    name="dlpipe",
     num_replicas=1,
     # Serve's default of 5 in-flight requests per replica throttles concurrent clients.
     max_ongoing_requests=64,
 )
 @serve.ingress(api)
-class ClassifierService:
-    def __init__(self, model: str, tracking_uri: str | None = None, threads: int = 1) -> None:
+class PredictionService:
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        tracking_uri: str | None = None,
+        threads: int = 1,
+        mlm_model: str = NO_MODEL,
+    ) -> None:
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
-        self.predictor = ClassifierPredictor(
-            resolve_model(model, tracking_uri), threads=threads, use_gpu=bool(ray.get_gpu_ids())
-        )
+        use_gpu = bool(ray.get_gpu_ids())
+        self.classifier = self.mlm = None
+        if model != NO_MODEL:
+            self.classifier = ClassifierPredictor(
+                resolve_model(model, tracking_uri), threads=threads, use_gpu=use_gpu
+            )
+        if mlm_model != NO_MODEL:
+            self.mlm = MaskedLmPredictor(
+                resolve_model(mlm_model, tracking_uri), threads=threads, use_gpu=use_gpu
+            )
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
@@ -56,40 +111,61 @@ class ClassifierService:
 
     @api.get("/v1/models")
     def models(self) -> dict[str, Any]:
-        return {"models": [self.predictor.info()]}
+        loaded = [p for p in (self.classifier, self.mlm) if p is not None]
+        return {"models": [p.info() for p in loaded]}
 
     @api.post("/v1/classify", response_model=ClassifyResponse)
     def classify(self, request: ClassifyRequest) -> dict[str, Any]:
+        classifier = self._loaded(self.classifier, "classifier", "model")
         try:
             if request.instances is not None:
-                batch = self.predictor.features_to_array(request.instances)
+                batch = classifier.features_to_array(request.instances)
             else:
-                batch = self.predictor.images_to_array(request.images or [])
+                batch = classifier.images_to_array(request.images or [])
+            return {"model": classifier.card["name"], "predictions": classifier.classify(batch)}
         except InputError as exc:
-            # Same shape as FastAPI's own validation errors: the field is in `loc`.
+            raise input_error(exc) from None
+
+    @api.post("/v1/fill-mask", response_model=FillMaskResponse)
+    def fill_mask(self, request: FillMaskRequest) -> dict[str, Any]:
+        mlm = self._loaded(self.mlm, "masked-language model", "mlm_model")
+        try:
+            results = mlm.fill_mask(request.texts, request.top_k)
+        except InputError as exc:
+            raise input_error(exc) from None
+        return {"model": mlm.card["name"], "results": results}
+
+    @api.post("/v1/embed", response_model=EmbedResponse)
+    def embed(self, request: EmbedRequest) -> dict[str, Any]:
+        mlm = self._loaded(self.mlm, "masked-language model", "mlm_model")
+        try:
+            vectors, truncated = mlm.embed(request.texts)
+        except InputError as exc:
+            raise input_error(exc) from None
+        return {"model": mlm.card["name"], "embeddings": vectors.tolist(), "truncated": truncated}
+
+    @staticmethod
+    def _loaded(predictor, kind: str, option: str):
+        if predictor is None:
             raise HTTPException(
-                status_code=422,
-                detail=[
-                    {
-                        "loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
-                        "msg": exc.message,
-                        "type": "value_error",
-                    }
-                ],
-            ) from None
-        return {"model": self.predictor.card["name"], "predictions": self.predictor.classify(batch)}
+                status_code=404,
+                detail=f"no {kind} is loaded in this app (start it with {option}=<source>)",
+            )
+        return predictor
 
 
 def build_app(args: dict) -> serve.Application:
-    """Application builder for `serve run serving.app:build_app model=... tracking_uri=...`.
+    """Application builder for `serve run serving.app:build_app model=... mlm_model=...
+    tracking_uri=...` (`none` leaves a model out).
 
     `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus`
     (default 0) reserves GPUs per replica, and only then does onnxruntime use CUDA.
     """
     threads = int(args.get("threads", 1))
     actor_options = {"num_cpus": threads, "num_gpus": float(args.get("num_gpus", 0))}
-    return ClassifierService.options(ray_actor_options=actor_options).bind(
+    return PredictionService.options(ray_actor_options=actor_options).bind(
         args.get("model", DEFAULT_MODEL),
         args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         threads,
+        args.get("mlm_model", NO_MODEL),
     )

@@ -48,3 +48,60 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     predictions: list[Prediction]
+
+
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 20_000
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class FillMaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Text] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description="Texts containing [MASK] one or more times, e.g. 'the [MASK] statement'.",
+    )
+    top_k: int = Field(default=5, ge=1, le=100, description="Predictions per [MASK].")
+
+
+class TokenScore(BaseModel):
+    token: str
+    token_id: int
+    score: float
+
+
+class MaskPredictions(BaseModel):
+    position: int
+    """Index of the [MASK] in the tokenized text ([CLS] is position 0)."""
+    predictions: list[TokenScore]
+
+
+class FilledText(BaseModel):
+    text: str
+    masks: list[MaskPredictions]
+
+
+class FillMaskResponse(BaseModel):
+    model: str
+    results: list[FilledText]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[Text] = Field(
+        min_length=1,
+        max_length=MAX_TEXTS,
+        description="Texts to embed; longer than the model's max_length tokens are truncated.",
+    )
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    """One L2-normalized vector per text (cosine similarity is their dot product)."""
+    truncated: list[bool]
+    """Whether each text was cut to the model's max_length tokens."""

@@ -25,6 +25,7 @@ from pipelines.config import TrainConfig
 from pipelines.dataset import PreparedData
 from pipelines.errors import UserError
 from pipelines.tracking import RunLogger
+from pipelines.training.tasks import MaskedLmTask, SupervisedTask
 
 if TYPE_CHECKING:
     from ray.train import Result
@@ -95,17 +96,15 @@ def supervised_arrays(data: PreparedData) -> dict[str, np.ndarray]:
 
 def loop_config(
     arrays: dict[str, np.ndarray],
-    manifest: dict[str, Any],
-    arch: ArchitectureConfig,
+    task: SupervisedTask | MaskedLmTask,
     train: TrainConfig,
     logger: RunLogger | None,
-    pseudo: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The `train_loop_config` the worker adapter expects.
 
-    `arrays` holds x_train/y_train/x_val/y_val, optionally `pseudo_train` (a mask of
-    pseudo-labeled examples, weighted by `pseudo` = {weight, ramp_epochs}) and `x_predict`
-    (examples to predict with the final model, e.g. an unlabeled pool).
+    `arrays` holds x_train/y_train/x_val/y_val as the task reads them, optionally
+    `pseudo_train` (a mask of pseudo-labeled examples) and `x_predict` (examples to predict
+    with the final model, e.g. an unlabeled pool).
     """
     import ray
 
@@ -114,12 +113,20 @@ def loop_config(
     connect_ray()
     return {
         "data": ray.put(arrays),  # one copy in the object store, read zero-copy by workers
-        "manifest": manifest,
-        "architecture": dataclasses.asdict(arch),
+        "task": task,
         "train": dataclasses.asdict(train),
         "mlflow": {"run_id": logger.run_id, "uri": logger.uri} if logger else None,
-        "pseudo": pseudo,
     }
+
+
+def supervised_task(
+    arch: ArchitectureConfig,
+    manifest: dict[str, Any],
+    train: TrainConfig,
+    pseudo: dict[str, float] | None = None,
+) -> SupervisedTask:
+    """The supervised task of `arch` on data described by `manifest`, with `train`'s loss."""
+    return SupervisedTask(arch, manifest, train.loss, train.huber_delta, pseudo)
 
 
 def run_training(

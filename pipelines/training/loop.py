@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.losses import IGNORE_INDEX
+
 
 class TrainingDiverged(Exception):
     """The loss became NaN/inf or exploded; the message names the learning rate."""
@@ -96,16 +98,18 @@ def autocast_for(device: torch.device, amp: bool) -> contextlib.AbstractContextM
 def batch_totals(
     output: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, classification: bool
 ) -> torch.Tensor:
-    """[loss * n, correct, n] for one batch, kept on the device (no host sync per step)."""
-    n = target.shape[0]
-    correct = (
-        (output.argmax(dim=1) == target).sum().to(torch.float32)
-        if classification
-        else torch.zeros((), device=output.device)
-    )
-    return torch.stack(
-        [loss.detach().float() * n, correct, torch.tensor(float(n), device=output.device)]
-    )
+    """[loss * n, correct, n] for one batch, kept on the device (no host sync per step).
+
+    For classification n counts the scored targets: every example, or in masked-LM
+    training (output (B, T, V), target (B, T)) only the positions not set to IGNORE_INDEX."""
+    if not classification:
+        n = torch.tensor(float(target.shape[0]), device=output.device)
+        correct = torch.zeros((), device=output.device)
+    else:
+        scored = target != IGNORE_INDEX
+        n = scored.sum().to(torch.float32)
+        correct = ((output.argmax(dim=-1) == target) & scored).sum().to(torch.float32)
+    return torch.stack([loss.detach().float() * n, correct, n])
 
 
 def train_step(
@@ -194,6 +198,20 @@ def epoch_metrics(prefix: str, totals: torch.Tensor, classification: bool) -> di
     return metrics
 
 
+def scheduled_lr(
+    epoch: int, lr: float, epochs: int, schedule: str = "constant", warmup_epochs: int = 0
+) -> float:
+    """The learning rate of `epoch` (0-based): a linear warm-up over `warmup_epochs`, then
+    constant or a cosine decay that reaches 0 after the last epoch. A function of the epoch
+    alone, so a run resumed from a checkpoint continues the same schedule."""
+    if epoch < warmup_epochs:
+        return lr * (epoch + 1) / (warmup_epochs + 1)
+    if schedule == "constant":
+        return lr
+    progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def fit(
     state: TrainingState,
     loss_fn: nn.Module,
@@ -208,18 +226,23 @@ def fit(
     divergence_factor: float = 100.0,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> TrainingState:
     """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
 
     `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
     worker's totals into the global ones, so every worker takes the same decisions.
     Raises TrainingDiverged when a loss becomes NaN/inf or the training loss exceeds
-    `divergence_factor` times the first epoch's.
+    `divergence_factor` times the first epoch's. `lr_at(epoch)`, when given, sets the
+    learning rate of each epoch (see `scheduled_lr`).
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
+        if lr_at is not None:
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr_at(epoch)
         train_totals, norms = run_epoch(
             state.model, train_batches(epoch), loss_fn, device, amp, classification, state.optimizer
         )
@@ -234,6 +257,7 @@ def fit(
             **epoch_metrics("train", totals[:3], classification),
             **epoch_metrics("val", totals[3:], classification),
             **{f"grad_norm/{name}": value for name, value in norms.items()},
+            "lr": state.optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
         }
         train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]

@@ -20,18 +20,16 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from models.architecture import ArchitectureConfig
-from models.losses import TaskLoss
 from models.optimizers import batch_size_for, make_optimizer
 from pipelines.config import TrainConfig
-from pipelines.model_bundle import build_model
 from pipelines.tracking import RunLogger
-from pipelines.training.batches import ShardedBatches, shard_for_eval
+from pipelines.training.batches import shard_for_eval
 from pipelines.training.loop import (
     EarlyStopping,
     TrainingDiverged,
     TrainingState,
     fit,
+    scheduled_lr,
     unwrap,
 )
 
@@ -42,22 +40,20 @@ EVAL_BATCH_SIZE = 1024
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` is built by `pipelines.training.driver.loop_config`."""
+    """Ray Train entry point; `config` is built by `pipelines.training.driver.loop_config`,
+    its `task` (see tasks.py) says which network, loss and batches to train."""
     _quiet_per_report_log()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train_cfg = TrainConfig(**config["train"])
-    arch = ArchitectureConfig(**config["architecture"])
-    manifest = config["manifest"]
-    classification = manifest["task"] == "classification"
+    task = config["task"]
+    classification = task.classification
     device = ray.train.torch.get_device()
 
     arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
-    x_train, y_train = arrays["x_train"], arrays["y_train"]
-    x_val, y_val = arrays["x_val"], arrays["y_val"]
 
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every worker
-    model = ray.train.torch.prepare_model(build_model(arch, manifest))
+    model = ray.train.torch.prepare_model(task.build_model())
     optimizer = make_optimizer(
         train_cfg.optimizer,
         model.parameters(),
@@ -74,20 +70,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
     start_epoch = state.next_epoch
 
-    per_worker = -(-len(x_train) // world_size)
+    per_worker = -(-len(arrays["x_train"]) // world_size)
     batch_size = batch_size_for(train_cfg.optimizer, train_cfg.batch_size, per_worker)
-    pseudo = config.get("pseudo")  # semi-supervised rounds: ramp the pseudo-labels' weight in
-    train_batches = ShardedBatches(
-        x_train,
-        y_train,
-        batch_size,
-        rank,
-        world_size,
-        seed=train_cfg.seed,
-        pseudo=arrays.get("pseudo_train"),
-        pseudo_weight=(lambda epoch: ramp_weight(epoch, **pseudo)) if pseudo else None,
+    train_batches = task.train_batches(arrays, batch_size, rank, world_size, train_cfg.seed)
+    val_batches = shard_for_eval(
+        arrays["x_val"], arrays["y_val"], EVAL_BATCH_SIZE, rank, world_size
     )
-    val_batches = shard_for_eval(x_val, y_val, EVAL_BATCH_SIZE, rank, world_size)
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
     if logger is not None and state.history:
         # A resumed run: make sure the MLflow run has the curves of the epochs before it.
@@ -116,8 +104,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         fit(
             state,
-            TaskLoss(train_cfg.loss, manifest["task"], train_cfg.huber_delta),
-            train_batches.epoch,
+            task.loss(),
+            train_batches,
             lambda: val_batches.epoch(0),
             epochs=train_cfg.epochs,
             lr=train_cfg.lr,
@@ -127,6 +115,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             divergence_factor=train_cfg.divergence_factor,
             reduce=all_reduce,
             on_epoch_end=on_epoch_end,
+            lr_at=lambda epoch: scheduled_lr(
+                epoch,
+                train_cfg.lr,
+                train_cfg.epochs,
+                train_cfg.lr_schedule,
+                train_cfg.warmup_epochs,
+            ),
         )
         if "x_predict" in arrays:
             probabilities = predict_distributed(
@@ -150,12 +145,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / DIVERGED_FILE).write_text(str(exc))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:
-    """Pseudo-label loss weight: weight/ramp_epochs in the first epoch, rising linearly to the
-    full `weight` at epoch `ramp_epochs` (1-based) and staying there."""
-    return weight * min(1.0, (epoch + 1) / max(ramp_epochs, 1))
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ PSEUDOLABEL = (
     "evaluate_pseudolabel",
     "export_pseudolabel",
 )
-STAGES = SUPERVISED + PSEUDOLABEL
+MLM = ("ingest_corpus", "prepare_mlm", "pretrain_mlm", "export_mlm")
+STAGES = SUPERVISED + PSEUDOLABEL + MLM
 
 
 def ran(output: str) -> set[str]:
@@ -47,6 +48,9 @@ def repo_copy(tmp_path_factory, ray_cluster):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 3  # the pipeline's wiring is under test, not its accuracy
     params["pseudolabel"].update(rounds=1, epochs_per_round=2)
+    params["mlm"].update(vocab_size=500)
+    params["mlm"]["model"].update(layers=1, width=32, heads=2, ffn_width=64)
+    params["mlm"]["train"].update(epochs=1, warmup_epochs=0)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
@@ -96,7 +100,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     params["train"]["lr"] = 0.003
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
-    # Both training stages read train.lr; neither data stage does.
+    # Both training stages read train.lr; neither data stage does, nor the MLM (mlm.train.lr).
     assert ran(changed.stdout) == {
         "train_supervised",
         "evaluate",

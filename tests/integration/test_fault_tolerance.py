@@ -12,7 +12,12 @@ import pytest
 
 from models.architecture import ArchitectureConfig
 from pipelines.dataset import load_prepared
-from pipelines.training.driver import loop_config, run_training, supervised_arrays
+from pipelines.training.driver import (
+    loop_config,
+    run_training,
+    supervised_arrays,
+    supervised_task,
+)
 from pipelines.training.worker import train_loop_per_worker
 from tests.integration.conftest import quick_train_config
 
@@ -38,7 +43,12 @@ def test_killed_worker_resumes_from_checkpoint(trained, tmp_path, monkeypatch):
     # Small batches: each epoch takes long enough for the kill to land mid-run.
     train = quick_train_config(epochs=14, batch_size=8, max_failures=2, early_stopping_patience=0)
     data = load_prepared(trained.prepared)
-    config = loop_config(supervised_arrays(data), data.manifest, ArchitectureConfig(), train, None)
+    config = loop_config(
+        supervised_arrays(data),
+        supervised_task(ArchitectureConfig(), data.manifest, train),
+        train,
+        None,
+    )
     outcome: dict = {}
 
     def fit() -> None:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import base64
-import socket
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pipelines.prepare_pseudolabel import keep_labels
 from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
 from pipelines.readers import read_unlabeled_csv, read_unlabeled_images
 from pipelines.training.batches import ShardedBatches
-from pipelines.training.worker import interleave_shards, ramp_weight
+from pipelines.training.tasks import ramp_weight
+from pipelines.training.worker import interleave_shards
 from tests.helpers import write_csv, write_image_folder
 
 

@@ -1,0 +1,142 @@
+"""ONNX Runtime masked-language model: fill-mask and sentence embeddings.
+
+No Ray here. Texts are tokenized in-process with the tokenizer saved at training time
+(`tokenizer.json`), wrapped in [CLS] ... [SEP] like the packed training blocks, padded to
+the longest text of the batch, and run through the exported graphs. Client mistakes
+(empty text, no [MASK], too long) raise `InputError` naming the text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.model_source import ModelFiles
+from serving.predictor import InputError, execution_providers
+
+MASK_TOKEN = "[MASK]"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: np.ndarray
+    """int64 (batch, longest) token ids, [PAD]-padded."""
+    truncated: list[bool]
+
+
+class MaskedLmPredictor:
+    def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.files = files
+        self.card: dict[str, Any] = json.loads(files.card.read_text())
+        if self.card.get("task") != "masked_lm":
+            raise ValueError(
+                f"{files.source}: not a masked-language model (task {self.card.get('task')!r})"
+            )
+        graphs = self.card["graphs"]
+        self.tokenizer = Tokenizer.from_file(str(_sibling(files, self.card["tokenizer"])))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = execution_providers(use_gpu)
+        self.fill_mask_session = ort.InferenceSession(str(files.onnx), options, providers=providers)
+        self.embed_session = ort.InferenceSession(
+            str(_sibling(files, graphs["embed"]["file"])), options, providers=providers
+        )
+        special = self.card["special_ids"]
+        self.cls_id, self.sep_id = special["[CLS]"], special["[SEP]"]
+        self.pad_id, self.mask_id = special["[PAD]"], special["[MASK]"]
+        self.special = set(special.values())
+        self.max_length: int = self.card["max_length"]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.card["name"],
+            "source": self.files.source,
+            "task": self.card["task"],
+            "max_length": self.max_length,
+            "vocab_size": self.card["vocab_size"],
+            "embedding_size": self.card["graphs"]["embed"]["shape"][1],
+            "metrics": self.card["metrics"],
+            "onnx_sha256": self.card["hashes"]["onnx_sha256"],
+            "providers": self.fill_mask_session.get_providers(),
+        }
+
+    def encode(self, texts: list[str], field: str, truncate: bool) -> Encoded:
+        """[CLS] tokens [SEP] per text, padded; over-long texts are cut (truncate) or refused."""
+        rows, truncated = [], []
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InputError(f"{field}[{i}]", "text is empty")
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            limit = self.max_length - 2
+            if len(ids) > limit and not truncate:
+                raise InputError(
+                    f"{field}[{i}]",
+                    f"text is {len(ids)} tokens long; this model reads at most {limit} "
+                    f"(max_length {self.max_length} with [CLS] and [SEP])",
+                )
+            truncated.append(len(ids) > limit)
+            rows.append([self.cls_id, *ids[:limit], self.sep_id])
+        longest = max(len(r) for r in rows)
+        batch = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+        for row, ids in enumerate(rows):
+            batch[row, : len(ids)] = ids
+        return Encoded(batch, truncated)
+
+    def fill_mask(self, texts: list[str], top_k: int = 5) -> list[dict[str, Any]]:
+        """For every [MASK] in every text, the `top_k` likeliest tokens with probabilities."""
+        for i, text in enumerate(texts):
+            if text.strip() and MASK_TOKEN not in text:
+                raise InputError(f"texts[{i}]", f"text has no {MASK_TOKEN} token to fill")
+        encoded = self.encode(texts, "texts", truncate=False)
+        logits = self.fill_mask_session.run(None, {"input_ids": encoded.ids})[0]  # (B, T, V)
+        # Special tokens are never answers ([MASK] for [MASK] would say nothing).
+        logits[..., sorted(self.special)] = -np.inf
+        results = []
+        for row, text in enumerate(texts):
+            masks = []
+            for position in np.flatnonzero(encoded.ids[row] == self.mask_id):
+                probabilities = _softmax(logits[row, position])
+                best = np.argsort(-probabilities)[:top_k]
+                masks.append(
+                    {
+                        "position": int(position),
+                        "predictions": [
+                            {
+                                "token": self.tokenizer.id_to_token(int(t)),
+                                "token_id": int(t),
+                                "score": float(probabilities[t]),
+                            }
+                            for t in best
+                        ],
+                    }
+                )
+            results.append({"text": text, "masks": masks})
+        return results
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        """(len(texts), width) unit vectors, and which texts were cut to max_length tokens."""
+        encoded = self.encode(texts, "texts", truncate=True)
+        vectors = self.embed_session.run(None, {"input_ids": encoded.ids})[0]
+        return vectors, encoded.truncated
+
+
+def _sibling(files: ModelFiles, name: str) -> Path:
+    """A file exported next to the card: beside it locally, under extra_files/ in a registry
+    download (MLflow's layout), where the card also is."""
+    for directory in (files.card.parent, files.onnx.parent):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"{files.source}: {name} missing next to {files.card.name}")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
