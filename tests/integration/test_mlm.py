@@ -124,7 +124,7 @@ def server(pretrained):
     serve.run(app, name="dlpipe-mlm-test", route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         yield client
-    serve.delete("dlpipe-mlm-test")
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def corpus_sentences(count: int, seed: int = 0) -> list[tuple[str, str]]:
