@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipelines.cluster import connect_ray
-    from serving.app import DEFAULT_MLM_MODEL, NO_MODEL, build_app
+    from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL, NO_MODEL, build_app
 
     # Fail here, in one line, rather than in a replica's traceback.
     mlm_model = args.mlm_model or DEFAULT_MLM_MODEL
@@ -47,6 +47,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if error and not args.mlm_model:  # the default MLM is optional: serve without it
             print(f"(no masked-language model: {error}; /v1/fill-mask and /v1/embed are off)")
             mlm_model, error = NO_MODEL, None
+    segment_model = args.segment_model or DEFAULT_SEGMENT_MODEL
+    if error is None:
+        error = _check_model(segment_model, "segmentation")
+        if error and not args.segment_model:  # optional too
+            print(f"(no segmentation model: {error}; /v1/segment is off)")
+            segment_model, error = NO_MODEL, None
     if error:
         print(
             f"serve: error: {error}\n(run the pipeline first: `make demo` or `dvc repro`)",
@@ -59,11 +65,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         {
             "model": args.model,
             "mlm_model": mlm_model,
+            "segment_model": segment_model,
             "tracking_uri": tracking_uri(),
             "threads": str(args.threads),
         }
     )
-    print(f"starting the Serve app with models {args.model}, {mlm_model} ...", flush=True)
+    print(
+        f"starting the Serve app with models {args.model}, {mlm_model}, {segment_model} ...",
+        flush=True,
+    )
     serve.run(app, name="dlpipe", route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
@@ -86,10 +96,15 @@ def _check_model(source: str, task: str) -> str | None:
     from serving.mlm_predictor import MaskedLmPredictor
     from serving.model_source import ModelNotFound, resolve_model
     from serving.predictor import ClassifierPredictor
+    from serving.segment_predictor import SegmentPredictor
 
     if source == NO_MODEL:
         return None
-    predictor = ClassifierPredictor if task == "classifier" else MaskedLmPredictor
+    predictor = {
+        "classifier": ClassifierPredictor,
+        "masked_lm": MaskedLmPredictor,
+        "segmentation": SegmentPredictor,
+    }[task]
     try:
         predictor(resolve_model(source, tracking_uri()), use_gpu=False)
     except ModelNotFound as exc:
@@ -102,7 +117,7 @@ def _check_model(source: str, task: str) -> str | None:
 def _print_endpoints(url: str) -> None:
     print(
         f"\nendpoints:\n  POST {url}/v1/classify\n  POST {url}/v1/fill-mask\n"
-        f"  POST {url}/v1/embed\n  GET  {url}/v1/models\n"
+        f"  POST {url}/v1/embed\n  POST {url}/v1/segment\n  GET  {url}/v1/models\n"
         f"  GET  {url}/healthz\n  docs {url}/docs"
     )
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
@@ -217,6 +232,11 @@ def parser() -> argparse.ArgumentParser:
         "--mlm-model",
         help="masked-language model for /v1/fill-mask and /v1/embed (default: "
         "models:/dlpipe-mlm@champion when registered), or none",
+    )
+    serve.add_argument(
+        "--segment-model",
+        help="segmentation model for /v1/segment (default: models:/dlpipe-segment@champion "
+        "when registered), or none",
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from models.architecture import ArchitectureConfig
+from models.autoencoder import AutoencoderConfig
 from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
 from models.transformer import EncoderConfig
@@ -255,6 +256,113 @@ class MlmConfig:
             raise ValueError(f"vocab_size must be >= 16, got {self.vocab_size}")
 
 
+def _segment_train_defaults() -> TrainConfig:
+    # Reconstruction of a few standardized columns: a larger batch and Adam converge in
+    # seconds; the loss is the mean squared reconstruction error.
+    return TrainConfig(
+        epochs=30,
+        batch_size=256,
+        optimizer="adam",
+        lr=0.001,
+        weight_decay=0.0,
+        loss="mse",
+        early_stopping_patience=5,
+    )
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    source: str = ""
+    """Your data: a transaction log CSV (`format: transactions`) or a per-customer feature
+    table CSV (`format: features`); empty: the CDNOW purchase history bundled with the
+    `lifetimes` package. Keep it under data/sources/ so that editing it re-runs the ingest."""
+    format: Literal["transactions", "features"] = "transactions"
+    """What `source` holds: one row per purchase, or one row per customer."""
+    customer_column: str = "customer_id"
+    """Column with the customer id (both formats)."""
+    timestamp_column: str = "timestamp"
+    """Purchase date/time column: ISO 8601 (2024-03-01, 2024-03-01T10:00) or yyyymmdd."""
+    amount_column: str = "amount"
+    """Purchase amount column (>= 0)."""
+    quantity_column: str = ""
+    """Optional items-per-purchase column ("" when the log has none)."""
+    k: int = 0
+    """Number of segments; 0 picks the k in [k_min, k_max] with the best silhouette."""
+    k_min: int = 3
+    """Smallest k of the sweep (2 tends to win on silhouette by splitting active from
+    lapsed customers, which says little)."""
+    k_max: int = 8
+    """Largest k of the sweep."""
+    restarts: int = 5
+    """K-means runs from different k-means++ seeds per fit; the lowest inertia is kept."""
+    max_iterations: int = 300
+    """Lloyd iterations per run at most."""
+    num_shards: int = 2
+    """Ray actors holding a shard of the points each (K-means is computed on them)."""
+    stability_seeds: int = 3
+    """K-means fits with different seeds whose mean pairwise ARI is the stability figure."""
+    silhouette_sample: int = 5000
+    """Points (seeded sample) the silhouette is computed on: it costs O(n^2)."""
+    autoencoder: AutoencoderConfig = field(
+        default_factory=lambda: AutoencoderConfig(hidden_sizes=(32, 16), bottleneck=3)
+    )
+    """The autoencoder whose bottleneck codes are clustered (narrower than the features,
+    or it learns the identity)."""
+    train: TrainConfig = field(default_factory=_segment_train_defaults)
+    """Autoencoder training on Ray Train (`loss` is the reconstruction loss: mse, mae or huber)."""
+    refine_epochs: int = 0
+    """Epochs of IDEC refinement of the autoencoder + centroids (0: plain K-means on codes)."""
+    refine_weight: float = 0.1
+    """Weight of the clustering (KL) term against reconstruction during refinement."""
+    seed: int = 0
+    """Seed of K-means initialisation and of the validation split for early stopping."""
+    registered_model: str = "dlpipe-segment"
+    """MLflow registry name of the exported segmentation graph."""
+    experiment: str = "dlpipe-segment"
+    """MLflow experiment of the segmentation runs."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if self.k == 1 or self.k < 0:
+            raise ValueError(f"k must be 0 (choose by silhouette) or >= 2, got {self.k}")
+        for name in ("restarts", "max_iterations", "num_shards", "stability_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.silhouette_sample < 100:
+            raise ValueError(f"silhouette_sample must be >= 100, got {self.silhouette_sample}")
+        if self.refine_epochs < 0 or self.refine_weight < 0:
+            raise ValueError("refine_epochs and refine_weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class SegmentDigitsConfig:
+    autoencoder: AutoencoderConfig = field(
+        default_factory=lambda: AutoencoderConfig(hidden_sizes=(256, 128), bottleneck=10)
+    )
+    """The autoencoder on the 64 pixels of each digit."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=200,
+            batch_size=16,
+            optimizer="adam",
+            lr=0.001,
+            weight_decay=0.0,
+            loss="mse",
+            early_stopping_patience=20,
+        )
+    )
+    """Its training on Ray Train."""
+    refine_epochs: int = 60
+    """IDEC refinement epochs after K-means on the codes."""
+    refine_weight: float = 0.5
+    """Weight of the clustering term during refinement."""
+
+    def __post_init__(self) -> None:
+        if self.refine_epochs < 0 or self.refine_weight < 0:
+            raise ValueError("refine_epochs and refine_weight must be >= 0")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "dlpipe-supervised"
@@ -275,6 +383,10 @@ class PipelineConfig:
     """Semi-supervised training by pseudo-labeling (`prepare_pseudolabel`, `train_pseudolabel`)."""
     mlm: MlmConfig = field(default_factory=MlmConfig)
     """Masked-language-model pretraining (`ingest_corpus`, `prepare_mlm`, `pretrain_mlm`)."""
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    """Customer segmentation (`ingest_transactions`, `segment`)."""
+    segment_digits: SegmentDigitsConfig = field(default_factory=SegmentDigitsConfig)
+    """Segmentation checked against labels: the same method on the digits (`segment_digits`)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow experiment names."""
 

@@ -26,7 +26,7 @@ def export_onnx(
     opset: int,
     *,
     input_name: str = INPUT_NAME,
-    output_name: str = OUTPUT_NAME,
+    output_name: str | tuple[str, ...] = OUTPUT_NAME,
     dynamic_axes: tuple[str, ...] = ("batch",),
 ) -> None:
     """Export `model` (eval mode) with its leading input axes named in `dynamic_axes` left
@@ -42,7 +42,7 @@ def export_onnx(
             model,
             (example,),
             input_names=[input_name],
-            output_names=[output_name],
+            output_names=[output_name] if isinstance(output_name, str) else list(output_name),
             dynamic_shapes=(dims,),
             opset_version=opset,
             dynamo=True,

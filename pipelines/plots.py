@@ -98,3 +98,36 @@ def predicted_vs_actual_png(actual: np.ndarray, predicted: np.ndarray, path: str
     ax.set(xlabel="actual", ylabel="predicted", title="predicted vs actual (test)")
     _save(fig, path)
     plt.close(fig)
+
+
+def k_sweep_png(rows: Sequence[dict[str, float]], chosen_k: int, path: str | Path) -> None:
+    """Inertia (the elbow) and silhouette against k, the chosen k marked."""
+    plt = _figure()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ks = [r["k"] for r in rows]
+    left.plot(ks, [r["inertia"] for r in rows], marker="o")
+    left.set(xlabel="k", ylabel="inertia", title="elbow")
+    right.plot(ks, [r["silhouette"] for r in rows], marker="o", color="tab:green")
+    right.set(xlabel="k", ylabel="silhouette", title="silhouette (higher is better)")
+    for axis in (left, right):
+        axis.axvline(chosen_k, color="grey", linestyle="--")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def projection_png(
+    points: np.ndarray, labels: np.ndarray, names: Sequence[str], title: str, path: str | Path
+) -> None:
+    """A 2-D PCA projection of `points`, coloured by segment (legend: segment names)."""
+    plt = _figure()
+    centred = points - points.mean(axis=0)
+    _, _, components = np.linalg.svd(centred[: min(len(centred), 20_000)], full_matrices=False)
+    xy = centred @ components[:2].T
+    fig, axis = plt.subplots(figsize=(6, 5))
+    for segment, name in enumerate(names):
+        mine = labels == segment
+        axis.scatter(xy[mine, 0], xy[mine, 1], s=3, alpha=0.5, label=f"{segment}: {name}")
+    axis.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    axis.legend(markerscale=4, fontsize=7, loc="best")
+    _save(fig, path)
+    plt.close(fig)

@@ -1,9 +1,10 @@
 """The Ray Serve application: a thin FastAPI ingress over the ONNX Runtime predictors.
 
-Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source> mlm_model=<source>`.
-Endpoints: POST /v1/classify (the classifier), POST /v1/fill-mask and /v1/embed (the
-masked-language model), GET /v1/models, GET /healthz (OpenAPI at /docs). Either model may
-be left out ("none"); its endpoints then answer 404 saying so.
+Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source>
+mlm_model=<source> segment_model=<source>`. Endpoints: POST /v1/classify (the classifier),
+POST /v1/fill-mask and /v1/embed (the masked-language model), POST /v1/segment (customer
+segments), GET /v1/models, GET /healthz (OpenAPI at /docs). Any model may be left out
+("none"); its endpoints then answer 404 saying so.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
@@ -29,10 +30,14 @@ from serving.schemas import (
     EmbedResponse,
     FillMaskRequest,
     FillMaskResponse,
+    SegmentRequest,
+    SegmentResponse,
 )
+from serving.segment_predictor import SegmentPredictor
 
 DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
 DEFAULT_MLM_MODEL = "models:/dlpipe-mlm@champion"
+DEFAULT_SEGMENT_MODEL = "models:/dlpipe-segment@champion"
 NO_MODEL = "none"
 
 api = FastAPI(
@@ -92,10 +97,11 @@ class PredictionService:
         tracking_uri: str | None = None,
         threads: int = 1,
         mlm_model: str = NO_MODEL,
+        segment_model: str = NO_MODEL,
     ) -> None:
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
         use_gpu = bool(ray.get_gpu_ids())
-        self.classifier = self.mlm = None
+        self.classifier = self.mlm = self.segmenter = None
         if model != NO_MODEL:
             self.classifier = ClassifierPredictor(
                 resolve_model(model, tracking_uri), threads=threads, use_gpu=use_gpu
@@ -105,13 +111,18 @@ class PredictionService:
                 resolve_model(mlm_model, tracking_uri), threads=threads, use_gpu=use_gpu
             )
 
+        if segment_model != NO_MODEL:
+            self.segmenter = SegmentPredictor(
+                resolve_model(segment_model, tracking_uri), threads=threads, use_gpu=use_gpu
+            )
+
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models")
     def models(self) -> dict[str, Any]:
-        loaded = [p for p in (self.classifier, self.mlm) if p is not None]
+        loaded = [p for p in (self.classifier, self.mlm, self.segmenter) if p is not None]
         return {"models": [p.info() for p in loaded]}
 
     @api.post("/v1/classify", response_model=ClassifyResponse)
@@ -144,6 +155,15 @@ class PredictionService:
             raise input_error(exc) from None
         return {"model": mlm.card["name"], "embeddings": vectors.tolist(), "truncated": truncated}
 
+    @api.post("/v1/segment", response_model=SegmentResponse)
+    def segment(self, request: SegmentRequest) -> dict[str, Any]:
+        segmenter = self._loaded(self.segmenter, "segmentation model", "segment_model")
+        try:
+            batch = segmenter.records_to_array(request.customers)
+        except InputError as exc:
+            raise input_error(exc) from None
+        return {"model": segmenter.card["name"], "assignments": segmenter.segment(batch)}
+
     @staticmethod
     def _loaded(predictor, kind: str, option: str):
         if predictor is None:
@@ -168,4 +188,5 @@ def build_app(args: dict) -> serve.Application:
         args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         threads,
         args.get("mlm_model", NO_MODEL),
+        args.get("segment_model", NO_MODEL),
     )

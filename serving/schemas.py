@@ -105,3 +105,26 @@ class EmbedResponse(BaseModel):
     """One L2-normalized vector per text (cosine similarity is their dot product)."""
     truncated: list[bool]
     """Whether each text was cut to the model's max_length tokens."""
+
+
+class SegmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customers: list[dict[str, FiniteFloat]] = Field(
+        min_length=1,
+        max_length=MAX_BATCH,
+        description="One record per customer: every feature of the model by name (see "
+        "GET /v1/models), e.g. recency_days, frequency, monetary_total, ...",
+    )
+
+
+class SegmentAssignment(BaseModel):
+    segment: int
+    name: str
+    distances: list[float]
+    """Distance to every segment's centroid (in the model's transformed space)."""
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    assignments: list[SegmentAssignment]

@@ -25,7 +25,7 @@ from pipelines.config import TrainConfig
 from pipelines.dataset import PreparedData
 from pipelines.errors import UserError
 from pipelines.tracking import RunLogger
-from pipelines.training.tasks import MaskedLmTask, SupervisedTask
+from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
 
 if TYPE_CHECKING:
     from ray.train import Result
@@ -96,7 +96,7 @@ def supervised_arrays(data: PreparedData) -> dict[str, np.ndarray]:
 
 def loop_config(
     arrays: dict[str, np.ndarray],
-    task: SupervisedTask | MaskedLmTask,
+    task: SupervisedTask | MaskedLmTask | AutoencoderTask,
     train: TrainConfig,
     logger: RunLogger | None,
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.architecture import ArchitectureConfig
+from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.losses import MaskedTokenLoss, TaskLoss
 from models.transformer import EncoderConfig, MaskedLanguageModel
 from pipelines.model_bundle import build_model
@@ -93,6 +94,35 @@ class MaskedLmTask:
         return MaskedTokenBatches(
             arrays["x_train"].long(), self.masking, batch_size, rank, world_size, seed
         ).epoch
+
+
+@dataclass(frozen=True)
+class AutoencoderTask:
+    """Reconstruction of x_train (targets are the inputs); validated on x_val."""
+
+    config: AutoencoderConfig
+    num_features: int
+    loss_name: str = "mse"
+    huber_delta: float = 1.0
+
+    classification = False
+
+    def build_model(self) -> nn.Module:
+        return Autoencoder(self.config, self.num_features)
+
+    def loss(self) -> nn.Module:
+        return TaskLoss(self.loss_name, "regression", self.huber_delta)
+
+    def train_batches(
+        self,
+        arrays: dict[str, torch.Tensor],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> Callable[[int], Batches]:
+        x = arrays["x_train"]
+        return ShardedBatches(x, x, batch_size, rank, world_size, seed=seed).epoch
 
 
 def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:

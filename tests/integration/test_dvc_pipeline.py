@@ -25,7 +25,8 @@ PSEUDOLABEL = (
     "export_pseudolabel",
 )
 MLM = ("ingest_corpus", "prepare_mlm", "pretrain_mlm", "export_mlm")
-STAGES = SUPERVISED + PSEUDOLABEL + MLM
+SEGMENT = ("ingest_transactions", "segment", "export_segment", "segment_digits")
+STAGES = SUPERVISED + PSEUDOLABEL + MLM + SEGMENT
 
 
 def ran(output: str) -> set[str]:
@@ -51,6 +52,10 @@ def repo_copy(tmp_path_factory, ray_cluster):
     params["mlm"].update(vocab_size=500)
     params["mlm"]["model"].update(layers=1, width=32, heads=2, ffn_width=64)
     params["mlm"]["train"].update(epochs=1, warmup_epochs=0)
+    params["segment"].update(k_min=2, k_max=3, restarts=1, stability_seeds=2)
+    params["segment"]["train"].update(epochs=1)
+    params["segment_digits"]["train"].update(epochs=1)
+    params["segment_digits"].update(refine_epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
@@ -100,7 +105,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     params["train"]["lr"] = 0.003
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
-    # Both training stages read train.lr; neither data stage does, nor the MLM (mlm.train.lr).
+    # Both training stages read train.lr; no data stage does, nor the MLM or segmentation.
     assert ran(changed.stdout) == {
         "train_supervised",
         "evaluate",

@@ -1,0 +1,190 @@
+"""Customer segmentation end to end on a real Ray cluster: a user's generated transaction
+log -> features -> K-means sweep -> autoencoder -> ONNX -> /v1/segment over HTTP; and the
+torch K-means against scikit-learn on the CDNOW customers."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from datetime import date, timedelta
+
+import httpx
+import numpy as np
+import pytest
+
+from models.autoencoder import AutoencoderConfig
+from pipelines.config import PipelineConfig, SegmentConfig, TrainConfig
+from tests.helpers import free_port, write_csv
+
+pytestmark = pytest.mark.integration
+
+
+def generated_log(path, customers: int = 240) -> None:
+    """Two kinds of customers: loyal (recent, frequent, high spend) and lapsed one-offs."""
+    rng = random.Random(0)
+    rows = []
+    start = date(2024, 1, 1)
+    for n in range(customers):
+        loyal = n % 2 == 0
+        purchases = rng.randint(8, 15) if loyal else 1
+        first = rng.randint(0, 60) if loyal else rng.randint(0, 120)
+        for p in range(purchases):
+            day = start + timedelta(days=first + p * rng.randint(15, 25))
+            amount = rng.uniform(60, 120) if loyal else rng.uniform(5, 20)
+            rows.append([f"c{n:04d}", day.isoformat(), f"{amount:.2f}", rng.randint(1, 3)])
+    write_csv(path, ["client", "bought_on", "value", "items"], rows)
+
+
+@pytest.fixture(scope="module")
+def segmented(ray_cluster, tmp_path_factory):
+    from pipelines.export_segment import export_segment
+    from pipelines.ingest_transactions import ingest_transactions
+    from pipelines.segment import segment
+
+    root = tmp_path_factory.mktemp("segment")
+    generated_log(root / "log.csv")
+    config = SegmentConfig(
+        source=str(root / "log.csv"),
+        customer_column="client",
+        timestamp_column="bought_on",
+        amount_column="value",
+        quantity_column="items",
+        k_min=2,
+        k_max=4,
+        restarts=3,
+        stability_seeds=2,
+        autoencoder=AutoencoderConfig(hidden_sizes=(8,), bottleneck=2),
+        train=TrainConfig(epochs=3, batch_size=32, loss="mse", num_workers=2),
+    )
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("DLPIPE_STORAGE", str(root / "checkpoints"))
+        ingest_transactions(config, str(root / "raw"))
+        figures = segment(
+            config,
+            str(root / "raw"),
+            str(root / "model"),
+            str(root / "segment.json"),
+            str(root / "plots"),
+        )
+        export_segment(
+            PipelineConfig(segment=config),
+            str(root / "raw"),
+            str(root / "model"),
+            str(root / "segment.json"),
+            str(root / "export"),
+            str(root / "export.json"),
+            "kmeans",
+        )
+    return root, uri, figures
+
+
+def test_the_sweep_finds_the_two_kinds_of_customer(segmented):
+    root, _, figures = segmented
+    assert figures["k"] == 2
+    assert figures["sklearn_agreement_ari"] >= 0.95
+    assert figures["stability_ari"] >= 0.95
+    assert sorted(figures["segment_sizes"]) == [120, 120]
+    loyal_words = {"frequent", "high-value", "big-basket", "recent", "fast-returning"}
+    assert any(loyal_words & set(name.split()) for name in figures["segment_names"]), figures
+
+    sweep = (root / "plots" / "k_sweep.csv").read_text().splitlines()
+    assert len(sweep) == 1 + 3  # header + k = 2, 3, 4
+    for image in ("k_sweep.png", "kmeans_projection.png", "autoencoder_projection.png"):
+        assert (root / "plots" / image).stat().st_size > 1000
+    parity = json.loads((root / "export.json").read_text())
+    assert (
+        parity["kmeans_segment_agreement"] == 1.0 and parity["autoencoder_segment_agreement"] == 1.0
+    )
+
+
+def test_torch_kmeans_agrees_with_scikit_learn_on_cdnow(ray_cluster):
+    # Before the Serve tests: the shard actors need both CPUs, a replica holds one.
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from pipelines.customer_features import FeatureTransform, customer_features
+    from pipelines.kmeans import kmeans_shards
+    from pipelines.transactions import cdnow_path, read_cdnow
+
+    table = customer_features(read_cdnow(cdnow_path()))
+    x = FeatureTransform.fit(table).apply(table)
+    with kmeans_shards(x, 2) as points:
+        ours = points.fit(4, seed=0, restarts=5)
+    reference = KMeans(4, n_init=5, random_state=0).fit(x)
+    assert adjusted_rand_score(ours.labels, reference.labels_) >= 0.95
+    assert ours.inertia <= reference.inertia_ * 1.001
+    assert np.bincount(ours.labels).min() > 0
+
+
+@pytest.fixture(scope="module")
+def server(segmented):
+    from ray import serve
+
+    from serving.app import build_app
+
+    _, uri, _ = segmented
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(
+        {"model": "none", "segment_model": "models:/dlpipe-segment@champion", "tracking_uri": uri}
+    )
+    serve.run(app, name="dlpipe-segment-test", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        yield client
+    serve.shutdown()
+
+
+LOYAL = {
+    "recency_days": 5.0,
+    "frequency": 12.0,
+    "monetary_total": 1000.0,
+    "monetary_mean": 85.0,
+    "tenure_days": 250.0,
+    "interpurchase_days": 20.0,
+    "items_per_purchase": 2.0,
+}
+LAPSED = {
+    **LOYAL,
+    "recency_days": 200.0,
+    "frequency": 1.0,
+    "monetary_total": 10.0,
+    "monetary_mean": 10.0,
+    "tenure_days": 200.0,
+    "interpurchase_days": 200.0,
+}
+
+
+def test_segment_endpoint_assigns_named_segments(server):
+    response = server.post("/v1/segment", json={"customers": [LOYAL, LAPSED]})
+    assert response.status_code == 200, response.text
+    loyal, lapsed = response.json()["assignments"]
+    assert loyal["segment"] != lapsed["segment"]
+    assert {"frequent", "high-value"} & set(loyal["name"].split()), loyal
+    assert len(loyal["distances"]) == 2
+    [model] = server.get("/v1/models").json()["models"]
+    assert model["task"] == "segmentation" and "frequency" in model["input"]["feature_names"]
+
+
+@pytest.mark.parametrize(
+    ("customers", "field"),
+    [
+        ([{k: v for k, v in LOYAL.items() if k != "frequency"}], "frequency"),
+        ([{**LOYAL, "age": 40.0}], "age"),
+        ([{**LOYAL, "monetary_total": -5.0}], "monetary_total"),
+        ([], "customers"),
+        ([{**LOYAL, "frequency": "many"}], "frequency"),
+    ],
+)
+def test_bad_records_get_a_422_naming_the_field(server, customers, field):
+    response = server.post("/v1/segment", json={"customers": customers})
+    assert response.status_code == 422, response.text
+    assert field in json.dumps(response.json()["detail"])
+    assert server.get("/healthz").status_code == 200
+
+
+def test_config_rejects_a_bad_sweep():
+    with pytest.raises(ValueError, match="k_min"):
+        replace(SegmentConfig(), k_min=5, k_max=3)

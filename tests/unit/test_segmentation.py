@@ -1,0 +1,123 @@
+"""Customer features, transaction-log checks, K-means arithmetic and segment figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.autoencoder import Autoencoder, AutoencoderConfig
+from models.dec import soft_assignment, target_distribution
+from models.kmeans import partial_sums
+from pipelines.customer_features import FeatureTransform, customer_features
+from pipelines.errors import UserError
+from pipelines.kmeans import KMeansShard
+from pipelines.segment_metrics import label_agreement, mean_pairwise_ari, profiles
+from pipelines.transactions import cdnow_path, read_cdnow, read_transaction_csv
+from tests.helpers import write_csv
+
+
+def test_cdnow_reads_as_the_documented_log():
+    log = read_cdnow(cdnow_path())
+    assert len(log) == 69_659 and log["customer_id"].nunique() == 23_570
+    assert log["timestamp"].min() == pd.Timestamp("1997-01-01")
+    assert (log["amount"] >= 0).all()
+
+
+def test_features_per_customer():
+    log = pd.DataFrame(
+        {
+            "customer_id": ["a", "a", "a", "b"],
+            "timestamp": pd.to_datetime(["2024-01-01", "2024-01-11", "2024-01-21", "2024-01-15"]),
+            "amount": [10.0, 20.0, 30.0, 5.0],
+            "quantity": [np.nan] * 4,
+        }
+    )
+    features = customer_features(log)
+    a, b = features.loc["a"], features.loc["b"]
+    assert (a["frequency"], a["monetary_total"], a["monetary_mean"]) == (3, 60, 20)
+    assert (a["recency_days"], a["tenure_days"], a["interpurchase_days"]) == (1, 21, 10)
+    assert (b["recency_days"], b["interpurchase_days"]) == (7, 7)  # one purchase: its tenure
+    assert "items_per_purchase" not in features.columns
+
+
+def test_transform_logs_skewed_columns_and_standardizes():
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"skewed": rng.lognormal(0, 1.5, 500), "even": rng.normal(5, 1, 500)})
+    transform = FeatureTransform.fit(table)
+    assert transform.log_columns == ("skewed",)
+    x = transform.apply(table)
+    assert np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
+    again = FeatureTransform.from_dict(transform.to_dict()).apply(table)
+    assert np.array_equal(x, again)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([["c1", "2024-13-01", "5"]], "row 2, column 'timestamp': not a date"),
+        (
+            [["c1", "2024-01-01", "5"], ["c2", "2024-01-02", "-3"]],
+            "row 3, column 'amount': negative",
+        ),
+        ([["", "2024-01-01", "5"]], "row 2, column 'customer_id': empty customer id"),
+        ([["c1", "2024-01-01", "ten"]], "row 2, column 'amount': not a number"),
+    ],
+)
+def test_malformed_logs_name_row_and_column(tmp_path, rows, message):
+    path = write_csv(tmp_path / "log.csv", ["customer_id", "timestamp", "amount"], rows)
+    with pytest.raises(UserError, match=message):
+        read_transaction_csv(path)
+
+
+def test_missing_id_column_is_named(tmp_path):
+    path = write_csv(
+        tmp_path / "log.csv", ["client", "timestamp", "amount"], [["c", "20240101", "1"]]
+    )
+    with pytest.raises(UserError, match="no column 'customer_id'"):
+        read_transaction_csv(path)
+    log = read_transaction_csv(path, customer_column="client")
+    assert log["timestamp"][0] == pd.Timestamp("2024-01-01")
+
+
+def test_shard_sums_add_up_to_the_whole():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    centroids = x[:3].copy()
+    whole = partial_sums(torch.from_numpy(x), torch.from_numpy(centroids))
+    parts = [KMeansShard(piece).step(centroids) for piece in np.array_split(x, 3)]
+    assert np.allclose(sum(p[0] for p in parts), whole[0].numpy(), atol=1e-4)
+    assert np.array_equal(sum(p[1] for p in parts), whole[1].numpy())
+    assert sum(p[2] for p in parts) == pytest.approx(float(whole[2]), rel=1e-5)
+
+
+def test_label_agreement_is_invariant_to_cluster_numbering():
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    scores = label_agreement(np.array([2, 2, 0, 0, 1, 1]), truth)
+    assert scores == {"accuracy": 1.0, "nmi": pytest.approx(1.0), "ari": pytest.approx(1.0)}
+    assert label_agreement(np.array([0, 0, 0, 1, 1, 1]), truth)["accuracy"] == pytest.approx(4 / 6)
+    assert mean_pairwise_ari([truth, truth, np.array([1, 1, 0, 0, 2, 2])]) == pytest.approx(1.0)
+
+
+def test_profiles_name_what_stands_out():
+    raw = pd.DataFrame(
+        {
+            "recency_days": [5, 8, 400, 420],
+            "frequency": [12, 10, 1, 1],
+            "monetary_total": [900, 700, 20, 15],
+        }
+    )
+    named = {p["segment"]: p for p in profiles(raw, np.array([0, 0, 1, 1]))}
+    assert set(named[0]["name"].split()) == {"recent", "frequent", "high-value"}
+    assert set(named[1]["name"].split()) == {"lapsed", "one-off", "low-value"}
+    assert named[0]["size"] == 2 and named[0]["means"]["frequency"] == 11
+
+
+def test_autoencoder_and_dec_shapes():
+    model = Autoencoder(AutoencoderConfig(hidden_sizes=(8,), bottleneck=2), 5)
+    x = torch.randn(7, 5)
+    assert model(x).shape == (7, 5) and model.encode(x).shape == (7, 2)
+    q = soft_assignment(model.encode(x), torch.randn(3, 2))
+    p = target_distribution(q)
+    assert torch.allclose(q.sum(1), torch.ones(7)) and torch.allclose(p.sum(1), torch.ones(7))
