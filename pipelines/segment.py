@@ -33,7 +33,7 @@ from pipelines.customer_features import FeatureTransform, customer_features
 from pipelines.ingest_transactions import read_ingested
 from pipelines.kmeans import ShardedPoints, kmeans_shards
 from pipelines.plots import k_sweep_png, learning_curves_png, projection_png, write_csv
-from pipelines.segment_autoencoder import encode, nearest_centroid, refine, train_autoencoder
+from pipelines.segment_autoencoder import encode, refine, train_autoencoder
 from pipelines.segment_metrics import internal_figures, mean_pairwise_ari, profiles
 from pipelines.stage import run_stage
 
@@ -145,7 +145,7 @@ def segment(
             coded = kmeans_at_k(points, codes, k, config)
         centroids, code_labels = coded.centroids, coded.labels
         if config.refine_epochs:
-            autoencoder, centroids = refine(
+            autoencoder, centroids, codes, code_labels = refine(
                 autoencoder,
                 centroids,
                 x,
@@ -154,8 +154,6 @@ def segment(
                 config.train.lr,
                 config.seed,
             )
-            codes = encode(autoencoder, x)
-            code_labels = nearest_centroid(codes, centroids)
         code_figures = internal_figures(codes, code_labels, config.silhouette_sample, config.seed)
 
         kmeans_profiles = profiles(table, kmeans.labels)

@@ -72,9 +72,10 @@ def refine(
     lr: float,
     seed: int,
     batch_size: int = 64,
-) -> tuple[Autoencoder, np.ndarray]:
+) -> tuple[Autoencoder, np.ndarray, np.ndarray, np.ndarray]:
     """IDEC: reconstruction + `weight` x KL(target || soft assignment), the target
-    recomputed from all points every epoch. Returns the refined model and centroids."""
+    recomputed from all points every epoch. Returns the refined model, its centroids, the
+    points' new codes and the segment of each (its nearest moved centroid)."""
     torch.manual_seed(seed)
     data = torch.from_numpy(x)
     mu = torch.nn.Parameter(torch.tensor(centroids, dtype=torch.float32))
@@ -98,11 +99,13 @@ def refine(
             optimizer.step()
             total += float(loss.detach()) * len(batch)
         log.info("refine epoch %d/%d: loss %.4f", epoch + 1, epochs, total / len(data))
-    return model.eval(), mu.detach().numpy()
+    centroids = mu.detach().numpy()
+    codes = encode(model, x)
+    return model.eval(), centroids, codes, nearest_centroid(codes, centroids)
 
 
 def nearest_centroid(codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The segment of each code after refinement moved the centroids."""
+    """The segment of each code: its nearest centroid."""
     return np.argmin(((codes[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
 
 

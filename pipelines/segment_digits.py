@@ -19,7 +19,7 @@ from pipelines.atomic import write_json
 from pipelines.config import PipelineConfig, config_to_dict, load_config
 from pipelines.dataset import SPLITS, load_prepared
 from pipelines.kmeans import kmeans_shards
-from pipelines.segment_autoencoder import encode, nearest_centroid, refine, train_autoencoder
+from pipelines.segment_autoencoder import encode, refine, train_autoencoder
 from pipelines.segment_metrics import label_agreement
 from pipelines.stage import run_stage
 
@@ -56,7 +56,7 @@ def segment_digits(config: PipelineConfig, data_dir: str, metrics_path: str) -> 
         )
         labels = coded.labels
         if digits.refine_epochs:
-            autoencoder, centroids = refine(
+            *_, labels = refine(
                 autoencoder,
                 coded.centroids,
                 x,
@@ -65,8 +65,6 @@ def segment_digits(config: PipelineConfig, data_dir: str, metrics_path: str) -> 
                 digits.train.lr,
                 seg.seed,
             )
-            codes = encode(autoencoder, x)
-            labels = nearest_centroid(codes, centroids)
         scores = label_agreement(labels, truth)
         figures = {
             **scores,
