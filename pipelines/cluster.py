@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+from pipelines.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 def connect_ray() -> None:
     """Start or join Ray once per process. Set RAY_ADDRESS (e.g. ray://head:10001) for a cluster."""
@@ -24,3 +28,18 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def require_resources(kind: str, count: int, what: str, hint: str) -> None:
+    """Fail before asking for `count` CPUs/GPUs that a local cluster could never place (Ray
+    would leave the actors pending forever). `what` names the setting; `hint` the way out."""
+    import ray
+
+    available = ray.cluster_resources().get(kind, 0)
+    if available >= count:
+        return
+    message = f"{what} needs {count} {kind}(s); the Ray cluster has {available:g}"
+    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still add nodes
+        log.warning("%s; waiting for the cluster to scale up", message)
+        return
+    raise UserError(f"{message}; {hint}")

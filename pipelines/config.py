@@ -314,6 +314,9 @@ class SegmentConfig:
     """Epochs of IDEC refinement of the autoencoder + centroids (0: plain K-means on codes)."""
     refine_weight: float = 0.1
     """Weight of the clustering (KL) term against reconstruction during refinement."""
+    serve: Literal["kmeans", "autoencoder"] = "kmeans"
+    """Which model `export_segment` registers for /v1/segment: K-means on the features, or
+    the autoencoder's encoder + K-means on its codes (both graphs are exported)."""
     seed: int = 0
     """Seed of K-means initialisation and of the validation split for early stopping."""
     registered_model: str = "dlpipe-segment"
@@ -363,6 +366,105 @@ class SegmentDigitsConfig:
             raise ValueError("refine_epochs and refine_weight must be >= 0")
 
 
+TUNABLE_SECTIONS = ("train", "model")
+"""Which params sections a search may set (`train.weight_decay`, `model.dropout`, ...)."""
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    """Optimizers searched (default: the whole catalogue)."""
+    lr: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {
+            "default": (0.0003, 0.03),
+            "gd": (0.03, 3.0),
+            "sgd": (0.0001, 0.01),
+            "minibatch_sgd": (0.003, 0.3),
+            "momentum": (0.001, 0.1),
+            "nesterov": (0.001, 0.1),
+            "adagrad": (0.001, 0.1),
+            "adadelta": (0.1, 10.0),
+        }
+    )
+    """Learning-rate range [low, high] per optimizer, searched on a log scale; optimizers not
+    listed use `default` (their families differ by orders of magnitude: full-batch gd wants
+    ~1, per-example sgd ~1e-3, adadelta ~1)."""
+    space: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "train.batch_size": (32, 64, 128),
+            "train.weight_decay": (0.0, 0.0001, 0.001),
+            "model.dropout": (0.0, 0.1, 0.3),
+        }
+    )
+    """Other hyperparameters: dotted params key (`train.*` or `model.*`) -> the values to try."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """random: every optimizer, `samples` learning rates each (log-uniform in its range) with
+    random picks of `space`; grid: every optimizer x `samples` log-spaced learning rates x
+    every combination of `space`; optuna: TPE over all of it (needs `pip install optuna`)."""
+    samples: int = 2
+    """Trials per optimizer (random, grid: learning rates per optimizer; optuna: x optimizers)."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """asha: stop trials early that trail at a rung; none: every trial runs `epochs`."""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """Validation metric the search optimizes (accuracy up, loss down)."""
+    epochs: int = 12
+    """Epochs per trial at most (ASHA's max_t)."""
+    grace_period: int = 2
+    """ASHA: epochs every trial gets before it can be stopped."""
+    reduction_factor: int = 3
+    """ASHA: 1/reduction_factor of the trials go on at each rung."""
+    max_concurrent_trials: int = 2
+    """Trials running at once (each takes `workers_per_trial` workers)."""
+    workers_per_trial: int = 1
+    """Ray Train workers per trial."""
+    device: Literal["auto", "cpu", "gpu"] = "cpu"
+    """Where trials train (auto: GPU when the cluster has one)."""
+    seed: int = 0
+    """Seed of the search (sampling) and of every trial's training."""
+    experiment: str = "dlpipe-tune"
+    """MLflow experiment: one parent run per search, one child run per trial."""
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if unknown or not self.optimizers:
+            raise ValueError(
+                f"optimizers: {unknown[0] if unknown else 'empty'!r} is not in the catalogue "
+                f"({', '.join(OPTIMIZERS)})"
+            )
+        for name, (low, high) in self.lr.items():
+            if name != "default" and name not in OPTIMIZERS:
+                raise ValueError(f"lr.{name}: not an optimizer ({', '.join(OPTIMIZERS)})")
+            if not 0 < low <= high:
+                raise ValueError(f"lr.{name}: need 0 < low <= high, got [{low}, {high}]")
+        if "default" not in self.lr and set(self.optimizers) - set(self.lr):
+            raise ValueError("lr: give a `default` range or one for every optimizer searched")
+        tunable = {
+            section: {f.name for f in dataclasses.fields(cls)}
+            for section, cls in (("train", TrainConfig), ("model", ArchitectureConfig))
+        }
+        for key, values in self.space.items():
+            section, _, name = key.partition(".")
+            if section not in TUNABLE_SECTIONS or name not in tunable[section]:
+                raise ValueError(
+                    f"space.{key}: not a train.* or model.* key (e.g. train.batch_size, "
+                    "model.dropout)"
+                )
+            if name in ("optimizer", "lr", "epochs", "num_workers", "device", "seed"):
+                raise ValueError(f"space.{key}: set by the search itself, not by `space`")
+            if not values:
+                raise ValueError(f"space.{key}: give at least one value")
+        for name in ("samples", "epochs", "grace_period", "max_concurrent_trials"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+
+    def lr_range(self, optimizer: str) -> tuple[float, float]:
+        return self.lr.get(optimizer, self.lr.get("default", (0.0, 0.0)))
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "dlpipe-supervised"
@@ -387,6 +489,11 @@ class PipelineConfig:
     """Customer segmentation (`ingest_transactions`, `segment`)."""
     segment_digits: SegmentDigitsConfig = field(default_factory=SegmentDigitsConfig)
     """Segmentation checked against labels: the same method on the digits (`segment_digits`)."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """The Ray Tune search over optimizers and learning rates (`tune`)."""
+    tuned_params: str = "pipelines/tuning/untuned.yaml"
+    """Settings `train_supervised` lays over `train` and `model`: an empty file by default;
+    `artifacts/tune/best_params.yaml` trains with the best trial of the `tune` stage."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow experiment names."""
 
@@ -401,6 +508,30 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     return parse_section(PipelineConfig, raw, where=str(path), prefix="")
+
+
+def with_tuned_params(config: PipelineConfig) -> PipelineConfig:
+    """`config` with the `train` and `model` values of `config.tuned_params` laid over it
+    (validated like params.yaml itself, errors naming that file)."""
+    path = Path(config.tuned_params)
+    if not path.is_file():
+        hint = " (run `dvc repro tune` first)" if "tune" in path.parts else ""
+        raise UserError(f"tuned_params: {path} not found{hint}")
+    try:
+        overlay = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(overlay, dict):
+        raise UserError(f"{path}: expected a mapping with train and/or model keys")
+    unknown = sorted(set(overlay) - set(TUNABLE_SECTIONS))
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]}: only {', '.join(TUNABLE_SECTIONS)} can be tuned")
+    changes = {}
+    for section, values in overlay.items():
+        merged = {**config_to_dict(getattr(config, section)), **(values or {})}
+        cls = type(getattr(config, section))
+        changes[section] = parse_section(cls, merged, where=str(path), prefix=f"{section}.")
+    return dataclasses.replace(config, **changes)
 
 
 def parse_section(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -440,6 +571,10 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unions are not supported in config: {key}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return {str(k): _coerce(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise fail("a list")

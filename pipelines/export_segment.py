@@ -4,7 +4,7 @@
 encoder -> nearest centroid) take the raw feature values (batch, features) and return
 `segment` (int64) and `distances` to every centroid. Parity: on every customer, the
 graph's segment ids equal the torch path's and its distances match within
-`export.parity_atol`. The graph named by `--serve` (default kmeans) is registered as
+`export.parity_atol`. The graph named by `segment.serve` (or `--serve`) is registered as
 `segment.registered_model`, with the model card (feature names, segment names and
 profiles) and the other graph beside it.
 """
@@ -74,8 +74,9 @@ def export_segment(
     figures_path: str,
     output: str,
     metrics_path: str,
-    serve: str,
+    serve: str | None = None,
 ) -> dict:
+    serve = serve or config.segment.serve
     if serve not in GRAPHS:
         raise UserError(f"--serve must be one of {', '.join(GRAPHS)}, got {serve!r}")
     path = Path(model_dir) / MODEL_FILE
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="artifacts/segment/export")
     parser.add_argument("--metrics", default="metrics/segment_export.json")
     parser.add_argument(
-        "--serve", default="kmeans", help="graph to register: kmeans or autoencoder"
+        "--serve", help="graph to register, kmeans or autoencoder (default: segment.serve)"
     )
     args = parser.parse_args(argv)
     run_stage(

@@ -148,11 +148,15 @@ def kmeans_shards(points: np.ndarray, num_shards: int) -> Iterator[ShardedPoints
     """Split `points` (in order) over `num_shards` Ray actors for the duration of the block."""
     import ray
 
-    from pipelines.cluster import connect_ray
+    from pipelines.cluster import connect_ray, require_resources
 
     connect_ray()
-    remote = ray.remote(num_cpus=1)(KMeansShard)
     pieces = np.array_split(points, min(num_shards, len(points)))
+    # One CPU per shard actor; they hold their shard for the whole sweep.
+    require_resources(
+        "CPU", len(pieces), f"segment.num_shards={num_shards}", "lower segment.num_shards"
+    )
+    remote = ray.remote(num_cpus=1)(KMeansShard)
     actors = [remote.remote(piece) for piece in pieces]
     try:
         yield ShardedPoints(actors)

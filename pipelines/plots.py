@@ -131,3 +131,42 @@ def projection_png(
     axis.legend(markerscale=4, fontsize=7, loc="best")
     _save(fig, path)
     plt.close(fig)
+
+
+def lr_sweep_png(rows: Sequence[dict[str, object]], metric: str, path: str | Path) -> None:
+    """A search's trials: final validation `metric` against learning rate, one colour per
+    optimizer (log-scale x). Diverged trials sit on the bottom edge as crosses."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    optimizers = sorted({str(r["optimizer"]) for r in rows})
+    colours = plt.get_cmap("tab10")
+    finite = [float(r[metric]) for r in rows if np.isfinite(float(r[metric]))]
+    floor = min(finite) if finite else 0.0
+    for i, optimizer in enumerate(optimizers):
+        mine = [r for r in rows if r["optimizer"] == optimizer]
+        ok = [r for r in mine if r["status"] != "diverged" and np.isfinite(float(r[metric]))]
+        bad = [r for r in mine if r not in ok]
+        colour = colours(i % 10)
+        ax.scatter([r["lr"] for r in ok], [r[metric] for r in ok], color=colour, label=optimizer)
+        ax.scatter([r["lr"] for r in bad], [floor] * len(bad), color=colour, marker="x")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=metric, title=f"{metric} by learning rate (x: diverged)")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def best_curves_png(
+    curves: dict[str, Sequence[dict[str, float]]], metric: str, path: str | Path
+) -> None:
+    """Validation `metric` per epoch of the best trial of each optimizer."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for optimizer, history in sorted(curves.items()):
+        ax.plot(
+            [int(h["epoch"]) + 1 for h in history], [h[metric] for h in history], label=optimizer
+        )
+    ax.set(xlabel="epoch", ylabel=metric, title=f"best trial per optimizer: {metric}")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+    plt.close(fig)

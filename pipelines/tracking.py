@@ -110,21 +110,59 @@ def stage_run(
     run_name: str,
     tags: Mapping[str, str],
     parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
-    """Open a run for one stage execution; it ends FINISHED, or FAILED if the block raises."""
+    """Open a run for one stage execution (or reopen `resume_run_id`, the run of an
+    interrupted execution); it ends FINISHED, or FAILED if the block raises."""
     uri = tracking_uri()
     client = _client(uri)
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(ensure_experiment(experiment, uri), run_name=run_name, tags=all_tags)
-    logger = RunLogger(run.info.run_id, uri)
+    if resume_run_id:
+        client.update_run(resume_run_id, status="RUNNING")
+        run_id = resume_run_id
+    else:
+        experiment_id = ensure_experiment(experiment, uri)
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+    logger = RunLogger(run_id, uri)
     try:
         yield logger
     except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def start_child_run(
+    parent: RunLogger, experiment: str, name: str, tags: Mapping[str, str]
+) -> RunLogger:
+    """A run nested under `parent` in the MLflow UI; end it with `end_run`."""
+    client = _client(parent.uri)
+    run = client.create_run(
+        ensure_experiment(experiment, parent.uri),
+        run_name=name,
+        tags={**tags, "mlflow.parentRunId": parent.run_id},
+    )
+    return RunLogger(run.info.run_id, parent.uri)
+
+
+def end_run(run: RunLogger, status: str) -> None:
+    """status: FINISHED, FAILED or KILLED."""
+    _client(run.uri).set_terminated(run.run_id, status=status)
+
+
+def child_runs(parent: RunLogger, experiment: str, tag: str) -> dict[str, RunLogger]:
+    """The runs under `parent`, keyed by their value of `tag` (e.g. a Tune trial id)."""
+    client = _client(parent.uri)
+    runs = client.search_runs(
+        [ensure_experiment(experiment, parent.uri)],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+        max_results=10000,
+    )
+    return {
+        r.data.tags[tag]: RunLogger(r.info.run_id, parent.uri) for r in runs if tag in r.data.tags
+    }
 
 
 def register_onnx_model(

@@ -1,6 +1,7 @@
 """Stage `train_supervised`: train the classifier/regressor on Ray Train, tracked in MLflow.
 
-Reads the prepared data and params `model` + `train`; writes the trained model bundle,
+Reads the prepared data and params `model` + `train` (with `tuned_params` laid over them:
+nothing by default, the `tune` stage's best settings when opted in); writes the trained model bundle,
 the learning-curve data for `dvc plots`, and `metrics/train_supervised.json`.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from models.losses import TaskLoss
 from pipelines import tracking
 from pipelines.atomic import output_directory, write_json
-from pipelines.config import PipelineConfig, config_to_dict, load_config
+from pipelines.config import PipelineConfig, config_to_dict, load_config, with_tuned_params
 from pipelines.dataset import load_prepared
 from pipelines.errors import UserError
 from pipelines.model_bundle import RUN_FILE, build_model, save_bundle
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(
         STAGE,
         lambda: train_supervised(
-            load_config(args.params), args.data, args.output, args.metrics, args.plots
+            with_tuned_params(load_config(args.params)),
+            args.data,
+            args.output,
+            args.metrics,
+            args.plots,
         ),
     )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import random
 import socket
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,22 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def generated_transaction_log(path: Path, customers: int = 240) -> Path:
+    """Two kinds of customers: loyal (recent, frequent, high spend) and lapsed one-offs."""
+    rng = random.Random(0)
+    rows = []
+    start = date(2024, 1, 1)
+    for n in range(customers):
+        loyal = n % 2 == 0
+        purchases = rng.randint(8, 15) if loyal else 1
+        first = rng.randint(0, 60) if loyal else rng.randint(0, 120)
+        for p in range(purchases):
+            day = start + timedelta(days=first + p * rng.randint(15, 25))
+            amount = rng.uniform(60, 120) if loyal else rng.uniform(5, 20)
+            rows.append([f"c{n:04d}", day.isoformat(), f"{amount:.2f}", rng.randint(1, 3)])
+    return write_csv(path, ["client", "bought_on", "value", "items"], rows)
 
 
 def free_port() -> int:

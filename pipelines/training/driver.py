@@ -59,21 +59,11 @@ def run_name(stage: str, *parts: Any) -> str:
 
 def check_resources(train: TrainConfig, gpu: bool) -> None:
     """Fail before starting workers that a local cluster could never place."""
-    import ray
+    from pipelines.cluster import require_resources
 
     kind = "GPU" if gpu else "CPU"
-    available = ray.cluster_resources().get(kind, 0)
-    if available >= train.num_workers:
-        return
-    message = (
-        f"train.num_workers={train.num_workers} needs {train.num_workers} {kind}(s); "
-        f"the Ray cluster has {available:g}"
-    )
-    if os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still add nodes
-        log.warning("%s; waiting for the cluster to scale up", message)
-        return
     hint = "set train.device: cpu" if gpu else "lower train.num_workers"
-    raise UserError(f"{message}; {hint}")
+    require_resources(kind, train.num_workers, f"train.num_workers={train.num_workers}", hint)
 
 
 def use_gpu(train: TrainConfig) -> bool:
@@ -134,8 +124,10 @@ def run_training(
     config: dict[str, Any],
     train: TrainConfig,
     name: str,
+    callbacks: list[Any] | None = None,
 ) -> Result:
-    """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result."""
+    """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result.
+    `callbacks` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a trial."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -161,6 +153,7 @@ def run_training(
             # The latest checkpoint is all a restart needs; the best weights live inside it.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

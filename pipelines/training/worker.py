@@ -138,7 +138,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except TrainingDiverged as exc:
         # Reported, not raised: a retry from the checkpoint would diverge again. It travels
         # in a checkpoint because Ray Train's Result keeps the metrics of checkpointed reports.
-        metrics = {"diverged": 1.0, "epoch": float(state.next_epoch)}
+        # The validation figures at their worst, so a search ranks a diverged run last.
+        metrics = {
+            "diverged": 1.0,
+            "epoch": float(state.next_epoch),
+            "val_loss": float("inf"),
+            **({"val_accuracy": 0.0} if classification else {}),
+        }
         if rank != 0:
             ray.train.report(metrics)
             return

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO
+from tests.helpers import REPO, generated_transaction_log
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +136,34 @@ def test_bad_params_fail_the_stage_with_one_line_and_keep_outputs(repo_copy):
     )
     if before is not None:
         assert model.read_bytes() == before
+
+
+def test_a_users_transaction_log_runs_through_the_segmentation_stages(repo_copy):
+    root, env = repo_copy
+    log = generated_transaction_log(root / "data" / "sources" / "shop.csv")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["segment"].update(
+        source="data/sources/shop.csv",
+        customer_column="client",
+        timestamp_column="bought_on",
+        amount_column="value",
+        quantity_column="items",
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = run([sys.executable, "-m", "dvc", "repro", "export_segment"], repo_copy)
+    assert ran(first.stdout) == {"ingest_transactions", "segment", "export_segment"}
+    figures = json.loads((root / "metrics" / "segment.json").read_text())
+    assert figures["customers"] == 240
+    assert sorted(figures["segment_sizes"]) == [120, 120]  # the log's loyal and lapsed halves
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("dlpipe-segment", "champion").version
+
+    # A malformed edit of the log fails the ingest naming the row and column; the served
+    # model stays where it was.
+    with log.open("a") as handle:
+        handle.write("c9999,2024-02-30,10.00,1\n")
+    broken = run([sys.executable, "-m", "dvc", "repro", "export_segment"], repo_copy, check=False)
+    assert broken.returncode != 0
+    rows = len(log.read_text().splitlines())
+    assert f"row {rows}, column 'bought_on': not a date" in broken.stdout + broken.stderr
+    assert client.get_model_version_by_alias("dlpipe-segment", "champion").version == champion

@@ -5,9 +5,7 @@ torch K-means against scikit-learn on the CDNOW customers."""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import replace
-from datetime import date, timedelta
 
 import httpx
 import numpy as np
@@ -15,25 +13,9 @@ import pytest
 
 from models.autoencoder import AutoencoderConfig
 from pipelines.config import PipelineConfig, SegmentConfig, TrainConfig
-from tests.helpers import free_port, write_csv
+from tests.helpers import free_port, generated_transaction_log
 
 pytestmark = pytest.mark.integration
-
-
-def generated_log(path, customers: int = 240) -> None:
-    """Two kinds of customers: loyal (recent, frequent, high spend) and lapsed one-offs."""
-    rng = random.Random(0)
-    rows = []
-    start = date(2024, 1, 1)
-    for n in range(customers):
-        loyal = n % 2 == 0
-        purchases = rng.randint(8, 15) if loyal else 1
-        first = rng.randint(0, 60) if loyal else rng.randint(0, 120)
-        for p in range(purchases):
-            day = start + timedelta(days=first + p * rng.randint(15, 25))
-            amount = rng.uniform(60, 120) if loyal else rng.uniform(5, 20)
-            rows.append([f"c{n:04d}", day.isoformat(), f"{amount:.2f}", rng.randint(1, 3)])
-    write_csv(path, ["client", "bought_on", "value", "items"], rows)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +25,7 @@ def segmented(ray_cluster, tmp_path_factory):
     from pipelines.segment import segment
 
     root = tmp_path_factory.mktemp("segment")
-    generated_log(root / "log.csv")
+    generated_transaction_log(root / "log.csv")
     config = SegmentConfig(
         source=str(root / "log.csv"),
         customer_column="client",
@@ -117,6 +99,17 @@ def test_torch_kmeans_agrees_with_scikit_learn_on_cdnow(ray_cluster):
     assert adjusted_rand_score(ours.labels, reference.labels_) >= 0.95
     assert ours.inertia <= reference.inertia_ * 1.001
     assert np.bincount(ours.labels).min() > 0
+
+
+def test_more_shards_than_cpus_fail_at_once_naming_the_setting(ray_cluster):
+    from pipelines.errors import UserError
+    from pipelines.kmeans import kmeans_shards
+
+    with pytest.raises(
+        UserError, match=r"segment.num_shards=3 needs 3 CPU\(s\); the Ray cluster has 2"
+    ):
+        with kmeans_shards(np.zeros((10, 2), np.float32), 3):
+            pass
 
 
 @pytest.fixture(scope="module")

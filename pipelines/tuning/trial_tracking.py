@@ -1,0 +1,115 @@
+"""One MLflow child run per trial, written by the search's driver process.
+
+Trials never touch MLflow themselves: a dozen processes writing one SQLite file at once
+fail with "database is locked". Tune hands every trial's results to callbacks in the
+driver, so this callback is the only writer and logs each epoch as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from ray.tune import Callback
+
+from pipelines import tracking
+from pipelines.config import TuneConfig
+from pipelines.tracking import RunLogger
+from pipelines.tuning.space import tuned_values
+
+log = logging.getLogger(__name__)
+
+TRIAL_TAG = "tune_trial_id"
+CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
+
+
+def trial_status(last: dict[str, Any], max_epochs: int) -> str:
+    """completed | stopped_early (by the scheduler) | diverged, from a trial's last result."""
+    if last.get("diverged"):
+        return "diverged"
+    if int(last.get("training_iteration", 0)) < max_epochs:
+        return "stopped_early"
+    return "completed"
+
+
+class TrialTracking(Callback):
+    def __init__(self, parent: RunLogger, tune: TuneConfig, total: int) -> None:
+        self.parent = parent
+        self.tune = tune
+        self.total = total
+        self.runs: dict[str, RunLogger] = {}
+        self.logged: dict[str, set[int]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.finished = 0
+
+    def setup(self, **info: Any) -> None:
+        # A resumed search: its trials already have runs.
+        self.runs = tracking.child_runs(self.parent, self.tune.experiment, TRIAL_TAG)
+        # Epochs already logged: a resumed trial may report some of them again.
+        self.logged = {tid: run.logged_steps("val_loss") for tid, run in self.runs.items()}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        settings = tuned_values(trial.config, self.tune)
+        log.info(
+            "trial %s started: %s lr %.3g",
+            trial.trial_id,
+            settings["train"]["optimizer"],
+            settings["train"]["lr"],
+        )
+        if trial.trial_id in self.runs:
+            return
+        run = tracking.start_child_run(
+            self.parent,
+            self.tune.experiment,
+            f"trial-{trial.trial_id}",
+            {TRIAL_TAG: trial.trial_id, "optimizer": settings["train"]["optimizer"]},
+        )
+        run.log_params(settings)
+        self.runs[trial.trial_id] = run
+        self.logged[trial.trial_id] = set()
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self.last[trial.trial_id] = result
+        run = self.runs.get(trial.trial_id)
+        if run is None or "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        if epoch in self.logged[trial.trial_id]:
+            return
+        self.logged[trial.trial_id].add(epoch)
+        curves = {
+            k: float(result[k])
+            for k in CURVE_KEYS
+            if k in result and math.isfinite(float(result[k]))
+        }
+        run.log_metrics(curves, step=epoch)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = self.last.get(trial.trial_id, trial.last_result or {})
+        self._end(trial, trial_status(last, self.tune.epochs), last)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "error", self.last.get(trial.trial_id, {}))
+
+    def _end(self, trial: Any, status: str, last: dict[str, Any]) -> None:
+        self.finished += 1
+        epochs = int(last.get("training_iteration", 0))
+        figure = last.get(self.tune.metric)
+        log.info(
+            "trial %s %s after %d epoch(s)%s [%d/%d]",
+            trial.trial_id,
+            status.replace("_", " "),
+            epochs,
+            f", {self.tune.metric} {figure:.4f}" if isinstance(figure, float) else "",
+            self.finished,
+            self.total,
+        )
+        run = self.runs.get(trial.trial_id)
+        if run is None:
+            return
+        run.set_tags({"status": status, "epochs": str(epochs)})
+        mlflow_status = {"completed": "FINISHED", "stopped_early": "KILLED"}.get(status, "FAILED")
+        tracking.end_run(run, mlflow_status)

@@ -1,0 +1,200 @@
+"""The `tune` stage on the session's Ray cluster: real trials through the training driver,
+ASHA, a diverging trial, MLflow parent/child runs, best_params.yaml consumed by training,
+and an interrupted search resumed without re-running its finished trials."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import PipelineConfig, TuneConfig, load_config, with_tuned_params
+from tests.helpers import REPO
+from tests.integration.conftest import quick_train_config
+
+pytestmark = pytest.mark.integration
+
+SMALL_SEARCH = TuneConfig(
+    optimizers=("minibatch_sgd", "adam", "rmsprop"),
+    # minibatch_sgd at lr >= 20 on this MLP diverges within an epoch: the search must go on.
+    lr={"default": (0.001, 0.01), "minibatch_sgd": (20.0, 50.0)},
+    space={"train.batch_size": (32, 64)},
+    samples=1,
+    epochs=3,
+    grace_period=1,
+    max_concurrent_trials=2,
+)
+
+
+def child_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def searched(trained, tmp_path_factory):
+    from pipelines.tune import tune_search
+
+    root = tmp_path_factory.mktemp("tune")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    config = PipelineConfig(train=quick_train_config(), tune=SMALL_SEARCH)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("DLPIPE_STORAGE", str(root / "ray_results"))
+        summary = tune_search(
+            config,
+            str(trained.prepared),
+            str(root / "out"),
+            str(root / "tune.json"),
+            str(root / "plots"),
+        )
+    return root, uri, summary
+
+
+def test_search_covers_every_optimizer_and_survives_a_diverging_trial(searched):
+    root, _, summary = searched
+    assert summary == json.loads((root / "tune.json").read_text())
+    assert summary["trials"] == 3
+    assert summary["optimizers"] == ["minibatch_sgd", "adam", "rmsprop"]
+    assert summary["trials_diverged"] == 1
+    assert summary["best_optimizer"] in ("adam", "rmsprop")
+    assert summary["best_val_accuracy"] > 0.8
+    assert 0.001 <= summary["best_lr"] <= 0.01
+    with (root / "out" / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["optimizer"] for r in rows} == {"minibatch_sgd", "adam", "rmsprop"}
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    assert [r["optimizer"] for r in diverged] == ["minibatch_sgd"]
+    assert {r["train.batch_size"] for r in rows} <= {"32", "64"}
+    for image in ("lr_sweep.png", "best_curves.png"):
+        assert (root / "plots" / image).stat().st_size > 1000
+    # The search is over: no Tune or Train state is left to resume.
+    assert not any((root / "ray_results").iterdir())
+
+
+def test_mlflow_has_a_parent_run_and_one_child_per_trial(searched):
+    _, uri, summary = searched
+    children = child_runs(uri, SMALL_SEARCH.experiment)
+    assert len(children) == 3
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+    statuses = sorted(r.data.tags["status"] for r in children)
+    assert statuses.count("diverged") == 1
+    best = [r for r in children if r.data.tags.get("best_trial") == "true"]
+    assert len(best) == 1 and best[0].data.tags["tune_trial_id"] == summary["best_trial"]
+    client = MlflowClient(uri)
+    curve = client.get_metric_history(best[0].info.run_id, "val_accuracy")
+    assert len(curve) >= 1 and max(m.value for m in curve) == pytest.approx(
+        summary["best_val_accuracy"]
+    )
+    assert best[0].data.params["train.optimizer"] == summary["best_optimizer"]
+
+
+def test_training_opts_into_the_best_params(searched, tmp_path):
+    root, _, summary = searched
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tuned_params": str(root / "out" / "best_params.yaml")}))
+    config = with_tuned_params(load_config(params))
+    assert config.train.optimizer == summary["best_optimizer"]
+    assert config.train.lr == pytest.approx(summary["best_lr"])
+    assert config.train.batch_size in (32, 64)
+    # The default overlay changes nothing.
+    assert with_tuned_params(PipelineConfig()) == PipelineConfig()
+
+
+def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
+    from pipelines.errors import UserError
+    from pipelines.tune import tune_search
+
+    stores()
+    config = PipelineConfig(tune=replace(SMALL_SEARCH, space={"train.batch_size": (0,)}))
+    with pytest.raises(UserError, match=r"tune.space.train.batch_size: 0(\.0)? is not a valid"):
+        tune_search(config, str(trained.prepared), "out", "tune.json", "plots")
+    with pytest.raises(ValueError, match="space.train.colour"):
+        TuneConfig(space={"train.colour": (1,)})
+
+
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
+    trained, ray_cluster, tmp_path
+):
+    """Ctrl-C in the middle of a search, then the same command again."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(epochs=3, batch_size=32)
+    params["tune"].update(
+        optimizers=["adam", "rmsprop", "adagrad", "momentum"],
+        samples=1,
+        epochs=3,
+        scheduler="none",
+        max_concurrent_trials=1,
+        space={"train.batch_size": [32]},
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster,
+        "MLFLOW_TRACKING_URI": uri,
+        "DLPIPE_STORAGE": str(tmp_path / "ray_results"),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.tune",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--data",
+        str(trained.prepared),
+        "--output",
+        str(tmp_path / "out"),
+        "--metrics",
+        str(tmp_path / "tune.json"),
+        "--plots",
+        str(tmp_path / "plots"),
+    ]
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    finished: dict[str, int] = {}
+    while time.monotonic() < deadline and len(finished) < 2:
+        time.sleep(1)
+        try:
+            runs = child_runs(uri, "dlpipe-tune")
+        except Exception:  # the store is being created
+            continue
+        finished = {
+            r.data.tags["tune_trial_id"]: len(
+                MlflowClient(uri).get_metric_history(r.info.run_id, "val_loss")
+            )
+            for r in runs
+            if r.data.tags.get("status") == "completed"
+        }
+    first.send_signal(signal.SIGINT)
+    output, _ = first.communicate(timeout=120)
+    assert len(finished) >= 2, output
+    assert first.returncode == 130, output
+    assert "search interrupted" in output
+    assert not (tmp_path / "tune.json").exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stdout + second.stderr
+    log = second.stdout + second.stderr
+    assert "resuming the interrupted search" in log
+    for trial_id in finished:  # not started again
+        assert f"trial {trial_id} started" not in log
+    summary = json.loads((tmp_path / "tune.json").read_text())
+    assert summary["trials"] == 4
+    runs = child_runs(uri, "dlpipe-tune")
+    assert len(runs) == 4  # one per trial: the resumed ones kept theirs
+    client = MlflowClient(uri)
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 3
