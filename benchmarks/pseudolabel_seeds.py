@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.scratch import machine, scratch_stores
 from pipelines.atomic import write_json
 from pipelines.config import load_config
 from pipelines.prepare_pseudolabel import prepare_pseudolabel
@@ -68,10 +66,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dlpipe-bench-") as scratch:
-        workdir = Path(scratch)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-        os.environ["DLPIPE_STORAGE"] = str(workdir / "ray_results")
+    with scratch_stores() as workdir:
         rows = []
         for seed in args.seeds:
             rows.append(run_seed(seed, args.params, args.data, workdir))
@@ -85,7 +80,7 @@ def main() -> None:
         "mean_teacher_test_accuracy": statistics.mean(r["teacher_test_accuracy"] for r in rows),
         "student_beats_baseline": student > baseline,
         "params": dataclasses.asdict(load_config(args.params).pseudolabel),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": machine(),
     }
     write_json(args.output, summary)
     print(

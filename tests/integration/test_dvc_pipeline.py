@@ -26,7 +26,7 @@ PSEUDOLABEL = (
 )
 MLM = ("ingest_corpus", "prepare_mlm", "pretrain_mlm", "export_mlm")
 SEGMENT = ("ingest_transactions", "segment", "export_segment", "segment_digits")
-STAGES = SUPERVISED + PSEUDOLABEL + MLM + SEGMENT
+STAGES = SUPERVISED + PSEUDOLABEL + MLM + SEGMENT + ("tune",)
 
 
 def ran(output: str) -> set[str]:
@@ -56,6 +56,9 @@ def repo_copy(tmp_path_factory, ray_cluster):
     params["segment"]["train"].update(epochs=1)
     params["segment_digits"]["train"].update(epochs=1)
     params["segment_digits"].update(refine_epochs=1)
+    params["tune"].update(
+        optimizers=["adam", "momentum"], samples=1, epochs=2, space={"train.batch_size": [64]}
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
@@ -105,8 +108,10 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     params["train"]["lr"] = 0.003
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
-    # Both training stages read train.lr; no data stage does, nor the MLM or segmentation.
+    # Both training stages and the search read `train`; no data stage does, nor the MLM or
+    # segmentation.
     assert ran(changed.stdout) == {
+        "tune",
         "train_supervised",
         "evaluate",
         "export",
@@ -167,3 +172,23 @@ def test_a_users_transaction_log_runs_through_the_segmentation_stages(repo_copy)
     rows = len(log.read_text().splitlines())
     assert f"row {rows}, column 'bought_on': not a date" in broken.stdout + broken.stderr
     assert client.get_model_version_by_alias("dlpipe-segment", "champion").version == champion
+
+
+def test_training_opts_into_the_searchs_best_params(repo_copy):
+    root, env = repo_copy
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tuned_params"] = "artifacts/tune/best_params.yaml"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run([sys.executable, "-m", "dvc", "repro", "evaluate"], repo_copy)
+    assert ran(result.stdout) == {"train_supervised", "evaluate"}
+    best = yaml.safe_load((root / "artifacts" / "tune" / "best_params.yaml").read_text())
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("dlpipe-supervised")
+    latest = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.dvc_stage = 'train_supervised'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    assert latest.data.params["train.optimizer"] == best["train"]["optimizer"]
+    assert float(latest.data.params["train.lr"]) == pytest.approx(best["train"]["lr"])

@@ -111,6 +111,30 @@ def test_training_opts_into_the_best_params(searched, tmp_path):
     assert with_tuned_params(PipelineConfig()) == PipelineConfig()
 
 
+def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
+    from pipelines.tune import tune_search
+
+    stores()
+    search = replace(
+        SMALL_SEARCH,
+        optimizers=("adam", "rmsprop"),
+        search="optuna",
+        scheduler="none",
+        samples=2,
+        epochs=1,
+    )
+    summary = tune_search(
+        PipelineConfig(train=quick_train_config(), tune=search),
+        str(trained.prepared),
+        str(tmp_path / "out"),
+        str(tmp_path / "tune.json"),
+        str(tmp_path / "plots"),
+    )
+    assert summary["trials"] == 4 and summary["search"] == "optuna"
+    assert summary["best_optimizer"] in ("adam", "rmsprop")
+    assert summary["best_val_accuracy"] > 0.5
+
+
 def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
     from pipelines.errors import UserError
     from pipelines.tune import tune_search
@@ -185,7 +209,9 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     assert "search interrupted" in output
     assert not (tmp_path / "tune.json").exists()
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    second = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     log = second.stdout + second.stderr
     assert "resuming the interrupted search" in log
