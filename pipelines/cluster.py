@@ -30,6 +30,17 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def state_api_answers() -> bool:
+    """Whether Ray's State API (served by the dashboard) answers on the connected cluster."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception:  # the dashboard is off or unreachable: any failure means "no"
+        return False
+    return True
+
+
 def require_resources(kind: str, count: int, what: str, hint: str) -> None:
     """Fail before asking for `count` CPUs/GPUs that a local cluster could never place (Ray
     would leave the actors pending forever). `what` names the setting; `hint` the way out."""

@@ -409,10 +409,13 @@ class TuneConfig:
     """Validation metric the search optimizes (accuracy up, loss down)."""
     epochs: int = 12
     """Epochs per trial at most (ASHA's max_t)."""
-    grace_period: int = 2
-    """ASHA: epochs every trial gets before it can be stopped."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it can be stopped (one epoch already shows a
+    learning rate that is far off)."""
     reduction_factor: int = 3
-    """ASHA: 1/reduction_factor of the trials go on at each rung."""
+    """ASHA: 1/reduction_factor of the trials go on at each rung (rungs at grace_period x
+    reduction_factor^n epochs: 1, 3, 9 by default; Ray's 4 leaves only 1 and 4 below 12
+    epochs, and used more epochs on the default search: benchmarks/README.md)."""
     max_concurrent_trials: int = 2
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1

@@ -140,7 +140,7 @@ def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path
     """A new Tuner, or the interrupted one restored from `experiment_dir`."""
     from ray import tune as ray_tune
 
-    from pipelines.cluster import connect_ray, require_resources
+    from pipelines.cluster import connect_ray, require_resources, state_api_answers
     from pipelines.tuning.trial import run_trial
     from pipelines.tuning.trial_tracking import TrialTracking
 
@@ -153,6 +153,15 @@ def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path
         f"tune.workers_per_trial={tune.workers_per_trial}",
         "lower tune.workers_per_trial",
     )
+    if tune.scheduler != "none" and not state_api_answers():
+        # Ray Train frees the workers of a trial that Tune stops early only once its
+        # PlacementGroupCleaner sees (through the State API) that the trial is gone.
+        log.warning(
+            "Ray's State API does not answer (dashboard off?): the CPUs/GPUs of trials "
+            "that %s stops early stay reserved until the search ends, and later trials "
+            "may wait for them; start Ray with its dashboard (the default)",
+            tune.scheduler,
+        )
     # The trial itself only waits on its Train run, whose workers hold the CPUs. Tune needs
     # the trial to ask for something: a token of memory, no CPU (with even 0.01 CPU each,
     # two trials of one worker would not fit on two CPUs at once).

@@ -19,10 +19,16 @@ def digits_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance for the whole session: 2 CPUs, so two Train workers fit."""
+    """One local Ray instance for the whole session: 2 CPUs, so two Train workers fit.
+
+    The dashboard stays on, as in the stages' own `ray.init()`: Ray Train's
+    PlacementGroupCleaner asks the State API (served by the dashboard) whether a Train
+    controller is still alive. Without it, the worker placement group of a trial that Tune
+    stops early (ASHA) is never removed, and in this long-lived driver the leaked CPUs
+    starve every later Train run (seen as a CI hang in test_tune)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
