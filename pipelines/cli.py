@@ -60,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     connect_ray()
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # The replicas answer HTTP themselves (serving/http_server.py): no Serve proxy.
+    serve.start(proxy_location="Disabled")
     app = build_app(
         {
             "model": args.model,
@@ -68,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "segment_model": segment_model,
             "tracking_uri": tracking_uri(),
             "threads": str(args.threads),
+            "http": {"host": args.host, "port": args.port},
         }
     )
     print(
@@ -118,7 +120,7 @@ def _print_endpoints(url: str) -> None:
     print(
         f"\nendpoints:\n  POST {url}/v1/classify\n  POST {url}/v1/fill-mask\n"
         f"  POST {url}/v1/embed\n  POST {url}/v1/segment\n  GET  {url}/v1/models\n"
-        f"  GET  {url}/healthz\n  docs {url}/docs"
+        f"  GET  {url}/healthz\n  GET  {url}/readyz\n  GET  {url}/openapi.json"
     )
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
 

@@ -1,95 +1,86 @@
-"""The Ray Serve application: a thin FastAPI ingress over the ONNX Runtime predictors.
+"""The Ray Serve application: every model the pipeline exports, behind one HTTP API.
 
-Run it with `dlpipe serve`, or `serve run serving.app:build_app model=<source>
-mlm_model=<source> segment_model=<source>`. Endpoints: POST /v1/classify (the classifier),
-POST /v1/fill-mask and /v1/embed (the masked-language model), POST /v1/segment (customer
-segments), GET /v1/models, GET /healthz (OpenAPI at /docs). Any model may be left out
-("none"); its endpoints then answer 404 saying so.
+Deploy it with `dlpipe serve`, `serve run serving/config.yaml` / `serve deploy
+serving/config.yaml`, or as a KubeRay RayService (the same file is its `serveConfigV2`).
+Endpoints (serving/http_api.py): POST /v1/classify, /v1/fill-mask, /v1/embed, /v1/segment;
+GET /v1/models, /healthz, /readyz, /openapi.json. A model left out ("none") answers 404.
+
+Serve runs the replicas: placement, CPUs/GPUs, health checks, scaling, live settings
+(`reconfigure`). Each replica answers HTTP on its own server (serving/http_server.py) on
+`http_port` of its node, so Serve's proxy is off (`proxy_location: Disabled`).
 """
 
-# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
-# at runtime to know that `request` is the JSON body.
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import ray
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
 
+from serving.http_api import HttpApi, Limits
+from serving.http_server import ReplicaHttpServer
 from serving.mlm_predictor import MaskedLmPredictor
 from serving.model_source import resolve_model
+from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor, InputError
-from serving.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    EmbedRequest,
-    EmbedResponse,
-    FillMaskRequest,
-    FillMaskResponse,
-    SegmentRequest,
-    SegmentResponse,
-)
 from serving.segment_predictor import SegmentPredictor
 
 DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
 DEFAULT_MLM_MODEL = "models:/dlpipe-mlm@champion"
 DEFAULT_SEGMENT_MODEL = "models:/dlpipe-segment@champion"
 NO_MODEL = "none"
-
-api = FastAPI(
-    title="dlpipe",
-    description="Predictions from the models trained by the dlpipe pipeline.",
-    version="0.1.0",
-)
+DEFAULT_HTTP_PORT = 8000
 
 
-@api.exception_handler(RequestValidationError)
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field. FastAPI's default echoes the offending input back, and
-    cannot encode NaN or undecodable bytes: a client mistake would become a 500."""
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse(status_code=422, content={"detail": errors})
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching of /v1/classify (Serve's `@serve.batch`), changeable live through
+    the deployment's `user_config`."""
+
+    max_batch_size: int = 32
+    """Requests run through onnxruntime together at most."""
+    batch_wait_timeout_s: float = 0.0
+    """How long the first request of a batch waits for others. 0: no waiting, a batch is
+    whatever queued while the previous one ran; under load that fills batches by itself
+    (measured: benchmarks/README.md), and a lone client pays no delay."""
+
+    @classmethod
+    def from_user_config(cls, config: dict[str, Any] | None) -> Batching:
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(
+                f"user_config: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        batching = cls(**config)
+        if batching.max_batch_size < 1 or batching.batch_wait_timeout_s < 0:
+            raise ValueError(f"user_config: {batching} (need max_batch_size >= 1, wait >= 0)")
+        return batching
 
 
-def input_error(exc: InputError) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors: the field is in `loc`."""
-    return HTTPException(
-        status_code=422,
-        detail=[
-            {
-                "loc": ["body", *exc.field.replace("[", ".").rstrip("]").split(".")],
-                "msg": exc.message,
-                "type": "value_error",
-            }
-        ],
-    )
+@dataclass
+class LoadedModels:
+    classifier: ClassifierPredictor | None = None
+    mlm: MaskedLmPredictor | None = None
+    segmenter: SegmentPredictor | None = None
 
-
-# What FastAPI says when the body cannot be decoded (e.g. not UTF-8): true, but no help.
-_UNPARSEABLE_BODY = "There was an error parsing the body"
-
-
-@api.exception_handler(StarletteHTTPException)
-async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 400 and exc.detail == _UNPARSEABLE_BODY:
-        return JSONResponse(
-            status_code=400,
-            content={"detail": "the request body is not valid JSON text: send UTF-8 encoded JSON"},
-        )
-    return await http_exception_handler(request, exc)
+    def infos(self) -> list[dict[str, Any]]:
+        return [p.info() for p in (self.classifier, self.mlm, self.segmenter) if p is not None]
 
 
 @serve.deployment(
     name="dlpipe",
     num_replicas=1,
-    # Serve's default of 5 in-flight requests per replica throttles concurrent clients.
+    # Requests reach the replicas' own servers, not Serve's router: admission control is
+    # http.max_in_flight (503 beyond it). These only bound Serve's own calls (health, config).
     max_ongoing_requests=64,
+    health_check_period_s=5,
 )
-@serve.ingress(api)
 class PredictionService:
     def __init__(
         self,
@@ -98,95 +89,79 @@ class PredictionService:
         threads: int = 1,
         mlm_model: str = NO_MODEL,
         segment_model: str = NO_MODEL,
+        http: dict[str, Any] | None = None,
     ) -> None:
+        http = dict(http or {})
+        host = http.pop("host", "127.0.0.1")
+        port = int(http.pop("port", DEFAULT_HTTP_PORT))
+        limits = Limits(**http)
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
         use_gpu = bool(ray.get_gpu_ids())
-        self.classifier = self.mlm = self.segmenter = None
+        self.models = LoadedModels()
         if model != NO_MODEL:
-            self.classifier = ClassifierPredictor(
+            self.models.classifier = ClassifierPredictor(
                 resolve_model(model, tracking_uri), threads=threads, use_gpu=use_gpu
             )
         if mlm_model != NO_MODEL:
-            self.mlm = MaskedLmPredictor(
+            self.models.mlm = MaskedLmPredictor(
                 resolve_model(mlm_model, tracking_uri), threads=threads, use_gpu=use_gpu
             )
-
         if segment_model != NO_MODEL:
-            self.segmenter = SegmentPredictor(
+            self.models.segmenter = SegmentPredictor(
                 resolve_model(segment_model, tracking_uri), threads=threads, use_gpu=use_gpu
             )
+        api = HttpApi(self.models, limits, self.classify_batched, openapi_document)
+        self.server = ReplicaHttpServer(Starlette(routes=api.routes()), host, port)
+        self.server.start()
 
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this at start and whenever `user_config` changes (no restart)."""
+        batching = Batching.from_user_config(user_config)
+        self._batch_many.set_max_batch_size(batching.max_batch_size)
+        self._batch_many.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    @api.get("/v1/models")
-    def models(self) -> dict[str, Any]:
-        loaded = [p for p in (self.classifier, self.mlm, self.segmenter) if p is not None]
-        return {"models": [p.info() for p in loaded]}
+    def check_health(self) -> None:
+        self.server.check()
 
-    @api.post("/v1/classify", response_model=ClassifyResponse)
-    def classify(self, request: ClassifyRequest) -> dict[str, Any]:
-        classifier = self._loaded(self.classifier, "classifier", "model")
-        try:
-            if request.instances is not None:
-                batch = classifier.features_to_array(request.instances)
-            else:
-                batch = classifier.images_to_array(request.images or [])
-            return {"model": classifier.card["name"], "predictions": classifier.classify(batch)}
-        except InputError as exc:
-            raise input_error(exc) from None
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
 
-    @api.post("/v1/fill-mask", response_model=FillMaskResponse)
-    def fill_mask(self, request: FillMaskRequest) -> dict[str, Any]:
-        mlm = self._loaded(self.mlm, "masked-language model", "mlm_model")
-        try:
-            results = mlm.fill_mask(request.texts, request.top_k)
-        except InputError as exc:
-            raise input_error(exc) from None
-        return {"model": mlm.card["name"], "results": results}
+    async def classify_batched(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        result = await self._batch_many(batch)
+        if isinstance(result, InputError):
+            raise result
+        return result
 
-    @api.post("/v1/embed", response_model=EmbedResponse)
-    def embed(self, request: EmbedRequest) -> dict[str, Any]:
-        mlm = self._loaded(self.mlm, "masked-language model", "mlm_model")
-        try:
-            vectors, truncated = mlm.embed(request.texts)
-        except InputError as exc:
-            raise input_error(exc) from None
-        return {"model": mlm.card["name"], "embeddings": vectors.tolist(), "truncated": truncated}
-
-    @api.post("/v1/segment", response_model=SegmentResponse)
-    def segment(self, request: SegmentRequest) -> dict[str, Any]:
-        segmenter = self._loaded(self.segmenter, "segmentation model", "segment_model")
-        try:
-            batch = segmenter.records_to_array(request.customers)
-        except InputError as exc:
-            raise input_error(exc) from None
-        return {"model": segmenter.card["name"], "assignments": segmenter.segment(batch)}
-
-    @staticmethod
-    def _loaded(predictor, kind: str, option: str):
-        if predictor is None:
-            raise HTTPException(
-                status_code=404,
-                detail=f"no {kind} is loaded in this app (start it with {option}=<source>)",
-            )
-        return predictor
+    @serve.batch(
+        max_batch_size=Batching.max_batch_size, batch_wait_timeout_s=Batching.batch_wait_timeout_s
+    )
+    async def _batch_many(self, batches: list[np.ndarray]) -> list[Any]:
+        # Concurrent requests' inputs in one onnxruntime call; each gets its own answer.
+        return self.models.classifier.classify_many(batches)
 
 
-def build_app(args: dict) -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run serving.app:build_app model=... mlm_model=...
-    tracking_uri=...` (`none` leaves a model out).
+    tracking_uri=... http_port=...` (`none` leaves a model out); serving/config.yaml sets
+    the same arguments.
 
     `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus`
-    (default 0) reserves GPUs per replica, and only then does onnxruntime use CUDA.
+    (default 0) reserves GPUs per replica, and only then does onnxruntime use CUDA. `http`
+    (a mapping) sets host, port and the limits of serving/http_api.py `Limits`.
     """
     threads = int(args.get("threads", 1))
     actor_options = {"num_cpus": threads, "num_gpus": float(args.get("num_gpus", 0))}
+    http = dict(args.get("http") or {})
+    for key in ("host", "port"):  # flat forms for `serve run ... http_port=8080`
+        if f"http_{key}" in args:
+            http[key] = args[f"http_{key}"]
     return PredictionService.options(ray_actor_options=actor_options).bind(
         args.get("model", DEFAULT_MODEL),
         args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         threads,
         args.get("mlm_model", NO_MODEL),
         args.get("segment_model", NO_MODEL),
+        http,
     )

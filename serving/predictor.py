@@ -137,7 +137,23 @@ class ClassifierPredictor:
         return self.session.run(None, {self.input_name: batch})[0]
 
     def classify(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        probabilities = self.predict_proba(batch)
+        return self.predictions(self.predict_proba(batch))
+
+    def classify_many(self, batches: list[np.ndarray]) -> list[list[dict[str, Any]] | InputError]:
+        """Several requests' batches in one onnxruntime call (dynamic batching); each
+        request gets its own predictions, or the InputError that only it caused."""
+        probabilities = self.predict_proba(np.concatenate(batches))
+        results: list[list[dict[str, Any]] | InputError] = []
+        start = 0
+        for batch in batches:
+            try:
+                results.append(self.predictions(probabilities[start : start + len(batch)]))
+            except InputError as exc:
+                results.append(exc)
+            start += len(batch)
+        return results
+
+    def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         if not np.isfinite(probabilities).all():  # e.g. huge feature values overflowing
             row = int(np.argwhere(~np.isfinite(probabilities))[0][0])
             raise InputError(
@@ -151,7 +167,7 @@ class ClassifierPredictor:
                     "label": self.class_names[best],
                     "class_index": best,
                     "confidence": float(row[best]),
-                    "probabilities": {name: float(p) for name, p in zip(self.class_names, row)},
+                    "probabilities": dict(zip(self.class_names, row.tolist())),
                 }
             )
         return results

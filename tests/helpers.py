@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
 import socket
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -55,7 +58,26 @@ def generated_transaction_log(path: Path, customers: int = 240) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now (for a test's own Serve HTTP proxy)."""
+    """A TCP port nothing listens on now (for a test's own server)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(name: str, args: dict) -> Iterator[httpx.Client]:
+    """The Serve app built from `args` (serving.app:build_app) on the session's cluster,
+    answering on a free port, as `dlpipe serve` runs it; an HTTP client on it. Serve is shut
+    down afterwards, so the next module starts afresh."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = free_port()
+    serve.start(proxy_location="Disabled")
+    serve.run(build_app({**args, "http": {"port": port}}), name=name, route_prefix="/")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        serve.shutdown()

@@ -8,12 +8,11 @@ import json
 import random
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from pipelines.config import EncoderConfig, MlmConfig, PipelineConfig, TrainConfig
-from tests.helpers import free_port
+from tests.helpers import served_app
 
 pytestmark = pytest.mark.integration
 
@@ -108,23 +107,15 @@ def test_a_users_folder_of_text_files_trains_through_the_same_stages(ray_cluster
 
 @pytest.fixture(scope="module")
 def server(pretrained):
-    from ray import serve
-
-    from serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
+    with served_app(
+        "dlpipe-mlm-test",
         {
             "model": "none",
             "mlm_model": "models:/dlpipe-mlm@champion",
             "tracking_uri": pretrained.uri,
-        }
-    )
-    serve.run(app, name="dlpipe-mlm-test", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        },
+    ) as client:
         yield client
-    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def corpus_sentences(count: int, seed: int = 0) -> list[tuple[str, str]]:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import httpx
 import numpy as np
 import pytest
 
 from models.autoencoder import AutoencoderConfig
 from pipelines.config import PipelineConfig, SegmentConfig, TrainConfig
-from tests.helpers import free_port, generated_transaction_log
+from tests.helpers import generated_transaction_log, served_app
 
 pytestmark = pytest.mark.integration
 
@@ -114,20 +113,12 @@ def test_more_shards_than_cpus_fail_at_once_naming_the_setting(ray_cluster):
 
 @pytest.fixture(scope="module")
 def server(segmented):
-    from ray import serve
-
-    from serving.app import build_app
-
     _, uri, _ = segmented
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {"model": "none", "segment_model": "models:/dlpipe-segment@champion", "tracking_uri": uri}
-    )
-    serve.run(app, name="dlpipe-segment-test", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with served_app(
+        "dlpipe-segment-test",
+        {"model": "none", "segment_model": "models:/dlpipe-segment@champion", "tracking_uri": uri},
+    ) as client:
         yield client
-    serve.shutdown()
 
 
 LOYAL = {

@@ -5,30 +5,21 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import served_app
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server(trained):
-    from ray import serve
-
-    from serving.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri}
-    )
-    serve.run(app, name="dlpipe", route_prefix="/")
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with served_app(
+        "dlpipe",
+        {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri},
+    ) as client:
         yield client
-    serve.shutdown()
 
 
 def digit_png(digits_folder: Path, label: str) -> str:
@@ -95,3 +86,29 @@ def test_non_finite_and_non_json_bodies_are_rejected_and_the_app_keeps_serving(
     assert garbage.status_code == 400  # not JSON at all: malformed syntax, not a bad field
     ok = server.post("/v1/classify", json={"images": [digit_png(digits_folder, "5")]})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] == "5"
+
+
+def test_concurrent_requests_batched_together_each_get_their_own_answer(server, trained):
+    """/v1/classify batches concurrent requests into one onnxruntime call: each request
+    must still get the predictions of its own inputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = np.load(trained.prepared / "x_test.npy")[:48].reshape(48, -1)
+    one_by_one = [
+        server.post("/v1/classify", json={"instances": [row.tolist()]}).json()["predictions"]
+        for row in images
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(
+            pool.map(
+                lambda row: server.post("/v1/classify", json={"instances": [row.tolist()]}),
+                images,
+            )
+        )
+    assert all(r.status_code == 200 for r in together)
+    together = [r.json()["predictions"] for r in together]
+    # Batched and single onnxruntime calls may differ in the last float bits, not more.
+    assert [p[0]["label"] for p in together] == [p[0]["label"] for p in one_by_one]
+    for alone, batched in zip(one_by_one, together):
+        assert batched[0]["confidence"] == pytest.approx(alone[0]["confidence"], abs=1e-5)
+    assert len({p[0]["label"] for p in one_by_one}) > 5  # many different answers to mix up

@@ -2,6 +2,7 @@
 
 import importlib
 
+import pytest
 import yaml
 
 from tests.helpers import REPO
@@ -14,13 +15,28 @@ def test_every_infra_manifest_is_valid_yaml():
         assert list(yaml.safe_load_all(path.read_text())), path
 
 
-def test_rayservice_import_path_is_the_serving_app_builder():
+def serve_configs() -> dict[str, dict]:
     service = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
-    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    return {
+        "serving/config.yaml": yaml.safe_load((REPO / "serving/config.yaml").read_text()),
+        "rayservice serveConfigV2": yaml.safe_load(service["spec"]["serveConfigV2"]),
+    }
+
+
+@pytest.mark.parametrize("where", ["serving/config.yaml", "rayservice serveConfigV2"])
+def test_serve_configs_are_valid_and_build_the_serving_app(where):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import PredictionService, build_app
+
+    config = serve_configs()[where]
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` checks first
+    assert config["proxy_location"] == "Disabled"  # the replicas serve HTTP themselves
     [app] = config["applications"]
     module, name = app["import_path"].split(":")
-    builder = getattr(importlib.import_module(module), name)
-    from serving.app import build_app
-
-    assert builder is build_app
+    assert getattr(importlib.import_module(module), name) is build_app
     assert app["args"]["model"].startswith("models:/")
+    built = build_app(app["args"])
+    # Settings in `deployments` apply only to a deployment of that name.
+    assert [d["name"] for d in app["deployments"]] == [PredictionService.name]
+    assert built._bound_deployment.name == PredictionService.name

@@ -1,0 +1,239 @@
+"""The HTTP API: routes, request checks and error answers, as plain Starlette handlers over
+the loaded predictors.
+
+Why not FastAPI here: at the request rates a replica reaches, FastAPI's routing and
+dependency layers cost more CPU than the model (measured: see benchmarks/README.md). The
+bodies are still pydantic models (serving/schemas.py), validated straight from the JSON
+bytes, and the OpenAPI document is generated from them (serving/openapi.py).
+
+Every client mistake is a 4xx with a message naming the problem; a 500 means a bug:
+- 400: not UTF-8 JSON at all;  404: that model is not loaded;  413: body too large;
+- 422: a field is wrong (`detail` lists each, with its location, as FastAPI does);
+- 503: the replica already has `max_in_flight` requests (retry after a moment);
+- 504: the request took longer than `request_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from serving.predictor import InputError
+from serving.schemas import (
+    ClassifyRequest,
+    EmbedRequest,
+    FillMaskRequest,
+    SegmentRequest,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one replica accepts. Settings of the app (serving/config.yaml, `http`)."""
+
+    max_body_bytes: int = 16 * 2**20
+    """Larger bodies get a 413 before they are read."""
+    max_in_flight: int = 256
+    """Requests a replica works on at once; more get a quick 503, not an unbounded queue."""
+    request_timeout_s: float = 10.0
+    """A request not answered by then gets a 504."""
+
+
+class ClientError(Exception):
+    """A request we refuse; `detail` is what the client reads."""
+
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None):
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def field_error(exc: InputError) -> ClientError:
+    """A predictor's InputError as a 422 shaped like a validation error (field in `loc`)."""
+    loc = ["body", *exc.field.replace("[", ".").rstrip("]").split(".")]
+    return ClientError(422, [{"loc": loc, "msg": exc.message, "type": "value_error"}])
+
+
+def parse_body(schema: type[BaseModel], body: bytes) -> BaseModel:
+    """The JSON body validated as `schema`: 400 when it is not JSON, 422 naming bad fields."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError(
+            400, "the request body is not valid JSON text: send UTF-8 encoded JSON"
+        ) from None
+    try:
+        return schema.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise ClientError(
+                400, f"the request body is not valid JSON: {errors[0]['msg']}"
+            ) from None
+        detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
+        raise ClientError(422, detail) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ClientError(413, f"request body of {declared} bytes is over the {limit} byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(413, f"request body is over the {limit} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+Predict = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+class HttpApi:
+    """The endpoints over `models`, an object with `classifier`, `mlm` and `segmenter`
+    (each a predictor or None) and `infos()`; `classify_batch` runs the classifier on one
+    array and may batch concurrent calls (serving/app.py passes Serve's `@serve.batch`)."""
+
+    def __init__(
+        self,
+        models: Any,
+        limits: Limits,
+        classify_batch: Callable[[np.ndarray], Awaitable[list[dict[str, Any]]]] | None = None,
+        openapi: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.models = models
+        self.limits = limits
+        self.in_flight = 0
+        self._classify_batch = classify_batch
+        self._openapi = openapi
+
+    def routes(self) -> list[Route]:
+        post = [
+            ("/v1/classify", ClassifyRequest, self.classify),
+            ("/v1/fill-mask", FillMaskRequest, self.fill_mask),
+            ("/v1/embed", EmbedRequest, self.embed),
+            ("/v1/segment", SegmentRequest, self.segment),
+        ]
+        get = [
+            ("/healthz", self.healthz),
+            ("/readyz", self.readyz),
+            ("/v1/models", self.list_models),
+            ("/openapi.json", self.openapi),
+        ]
+        return [
+            *(Route(path, self._post(schema, fn), methods=["POST"]) for path, schema, fn in post),
+            *(Route(path, self._get(fn), methods=["GET"]) for path, fn in get),
+        ]
+
+    # --- plumbing: admission, body, validation, timeout, errors -------------------------
+
+    def _post(self, schema: type[BaseModel], predict: Predict):
+        async def endpoint(request: Request) -> Response:
+            if self.in_flight >= self.limits.max_in_flight:
+                return json_response(
+                    {"detail": "overloaded: too many requests in flight, retry shortly"},
+                    503,
+                    {"Retry-After": "1"},
+                )
+            self.in_flight += 1
+            try:
+                body = await read_body(request, self.limits.max_body_bytes)
+                payload = parse_body(schema, body)
+                result = await asyncio.wait_for(predict(payload), self.limits.request_timeout_s)
+                return json_response(result)
+            except ClientError as exc:
+                return json_response({"detail": exc.detail}, exc.status, exc.headers)
+            except InputError as exc:
+                error = field_error(exc)
+                return json_response({"detail": error.detail}, 422)
+            except TimeoutError:
+                return json_response(
+                    {"detail": f"no answer within {self.limits.request_timeout_s:g} s"}, 504
+                )
+            except ClientDisconnect:
+                return Response(status_code=499)
+            finally:
+                self.in_flight -= 1
+
+        return endpoint
+
+    @staticmethod
+    def _get(handler: Callable[[], Awaitable[tuple[int, Any]]]):
+        async def endpoint(request: Request) -> Response:
+            status, content = await handler()
+            return json_response(content, status)
+
+        return endpoint
+
+    def _loaded(self, attribute: str, kind: str, option: str):
+        predictor = getattr(self.models, attribute)
+        if predictor is None:
+            raise ClientError(
+                404, f"no {kind} is loaded in this app (start it with {option}=<source>)"
+            )
+        return predictor
+
+    # --- the endpoints -------------------------------------------------------------------
+
+    async def healthz(self) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    async def readyz(self) -> tuple[int, Any]:
+        infos = self.models.infos()
+        if not infos:
+            return 503, {"status": "no model loaded"}
+        return 200, {"status": "ready", "models": [m["name"] for m in infos]}
+
+    async def list_models(self) -> tuple[int, Any]:
+        return 200, {"models": self.models.infos()}
+
+    async def openapi(self) -> tuple[int, Any]:
+        if self._openapi is None:
+            return 404, {"detail": "no OpenAPI document"}
+        return 200, self._openapi()
+
+    async def classify(self, request: ClassifyRequest) -> dict[str, Any]:
+        classifier = self._loaded("classifier", "classifier", "model")
+        if request.instances is not None:
+            batch = classifier.features_to_array(request.instances)
+        else:
+            batch = classifier.images_to_array(request.images or [])
+        if self._classify_batch is not None:
+            predictions = await self._classify_batch(batch)
+        else:
+            predictions = classifier.classify(batch)
+        return {"model": classifier.card["name"], "predictions": predictions}
+
+    async def fill_mask(self, request: FillMaskRequest) -> dict[str, Any]:
+        mlm = self._loaded("mlm", "masked-language model", "mlm_model")
+        return {"model": mlm.card["name"], "results": mlm.fill_mask(request.texts, request.top_k)}
+
+    async def embed(self, request: EmbedRequest) -> dict[str, Any]:
+        mlm = self._loaded("mlm", "masked-language model", "mlm_model")
+        vectors, truncated = mlm.embed(request.texts)
+        return {"model": mlm.card["name"], "embeddings": vectors.tolist(), "truncated": truncated}
+
+    async def segment(self, request: SegmentRequest) -> dict[str, Any]:
+        segmenter = self._loaded("segmenter", "segmentation model", "segment_model")
+        batch = segmenter.records_to_array(request.customers)
+        return {"model": segmenter.card["name"], "assignments": segmenter.segment(batch)}

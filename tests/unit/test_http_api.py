@@ -1,0 +1,76 @@
+"""The HTTP API's request checks, in-process (Starlette's test client over the real ASGI
+app and a real onnxruntime predictor; the Serve app runs the same app in its replicas)."""
+
+import json
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from serving.app import LoadedModels
+from serving.http_api import HttpApi, Limits
+from serving.model_source import resolve_model
+from serving.openapi import openapi_document
+from serving.predictor import ClassifierPredictor
+from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
+
+BRIGHT = [[0.9] * 16]
+
+
+def client(export_dir, **limits) -> TestClient:  # noqa: F811
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    api = HttpApi(models, Limits(**limits), openapi=openapi_document)
+    return TestClient(Starlette(routes=api.routes()))
+
+
+def test_classify_answers_and_health_readiness_and_listing(export_dir):  # noqa: F811
+    http = client(export_dir)
+    response = http.post("/v1/classify", json={"instances": BRIGHT})
+    assert response.status_code == 200
+    assert response.json()["predictions"][0]["label"] == "light"
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").json() == {"status": "ready", "models": ["tiny"]}
+    assert [m["name"] for m in http.get("/v1/models").json()["models"]] == ["tiny"]
+
+
+def test_a_model_left_out_is_a_404_naming_the_option(export_dir):  # noqa: F811
+    http = client(export_dir)
+    response = http.post("/v1/fill-mask", json={"texts": ["a [MASK]"]})
+    assert response.status_code == 404 and "mlm_model" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "message"),
+    [
+        (b"\xff\xfe", 400, "UTF-8"),
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"instances": [[0.5] * 15]}).encode(), 422, "expected 16 values"),
+        (json.dumps({"instances": [[2.0] * 16]}).encode(), 422, "[0, 1]"),
+        (json.dumps({"rows": BRIGHT}).encode(), 422, "rows"),
+        (b'{"instances": [[NaN' + b", 0.5" * 15 + b"]]}", 422, "finite"),
+    ],
+)
+def test_client_mistakes_are_4xx_naming_the_problem(export_dir, content, status, message):  # noqa: F811
+    http = client(export_dir)
+    response = http.post("/v1/classify", content=content)
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert http.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
+
+
+def test_too_large_bodies_are_413_and_overload_is_a_quick_503(export_dir):  # noqa: F811
+    small = client(export_dir, max_body_bytes=100)
+    response = small.post("/v1/classify", json={"instances": BRIGHT * 10})
+    assert response.status_code == 413 and "100 byte limit" in response.text
+    full = client(export_dir, max_in_flight=0)
+    response = full.post("/v1/classify", json={"instances": BRIGHT})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert full.get("/healthz").status_code == 200  # liveness is not admission-controlled
+
+
+def test_the_openapi_document_describes_every_endpoint(export_dir):  # noqa: F811
+    document = client(export_dir).get("/openapi.json").json()
+    for path in ("/v1/classify", "/v1/fill-mask", "/v1/embed", "/v1/segment"):
+        post = document["paths"][path]["post"]
+        assert "requestBody" in post and {"200", "413", "422", "503"} <= set(post["responses"])
+    assert "ClassifyRequest" in document["components"]["schemas"]
