@@ -3,6 +3,7 @@
 dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
 dlpipe serve              serve the registered model over HTTP (Ctrl-C stops)
 dlpipe serve --demo       start, send one real prediction, print it, stop
+dlpipe serve reload       serve what the registry aliases name now (every replica, no restart)
 dlpipe predict IMAGE ...  classify images through a running server
 dlpipe ui                 open the MLflow dashboard
 """
@@ -37,7 +38,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipelines.cluster import connect_ray
-    from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL, NO_MODEL, build_app
+    from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL
+    from serving.deploy import DeployError, dashboard_address, deploy_app, wait_until_running
+    from serving.model_slots import NO_MODEL
+
+    if args.action == "reload":
+        return cmd_reload(args)
 
     # Fail here, in one line, rather than in a replica's traceback.
     mlm_model = args.mlm_model or DEFAULT_MLM_MODEL
@@ -59,24 +65,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    connect_ray()
-    # The replicas answer HTTP themselves (serving/http_server.py): no Serve proxy.
-    serve.start(proxy_location="Disabled")
-    app = build_app(
-        {
-            "model": args.model,
-            "mlm_model": mlm_model,
-            "segment_model": segment_model,
-            "tracking_uri": tracking_uri(),
-            "threads": str(args.threads),
-            "http": {"host": args.host, "port": args.port},
-        }
-    )
+    dashboard = connect_ray() or dashboard_address()
+    app = _app_config(args, mlm_model, segment_model)
     print(
-        f"starting the Serve app with models {args.model}, {mlm_model}, {segment_model} ...",
+        f"starting the Serve app with models {args.model}, {mlm_model}, {segment_model} "
+        f"(through the Serve REST API at {dashboard}) ...",
         flush=True,
     )
-    serve.run(app, name="dlpipe", route_prefix="/", blocking=False)
+    # Deployed as a config (what `serve deploy` does), so `dlpipe serve reload` can change
+    # the served versions on every replica without restarting them.
+    try:
+        deploy_app(dashboard, app)
+        wait_until_running(dashboard, "dlpipe")
+    except DeployError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
         if args.demo:
@@ -92,28 +95,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.delete("dlpipe")
 
 
+def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) -> dict:
+    """serving/config.yaml's application with this command's models and address, and at
+    most as many replicas as the cluster has CPUs for (`threads` each)."""
+    import ray
+
+    from serving.deploy import default_app
+
+    app = default_app()
+    app["args"].update(
+        model=args.model,
+        mlm_model=mlm_model,
+        segment_model=segment_model,
+        tracking_uri=tracking_uri(),
+        threads=args.threads,
+        http={**app["args"]["http"], "host": args.host, "port": args.port},
+    )
+    for deployment in app.get("deployments", []):
+        autoscaling = deployment.get("autoscaling_config")
+        if autoscaling:
+            fit = max(1, int(ray.cluster_resources().get("CPU", 1)) // args.threads)
+            autoscaling["max_replicas"] = min(autoscaling["max_replicas"], fit)
+    return app
+
+
 def _check_model(source: str, task: str) -> str | None:
-    """Why `source` cannot be served as `task` (None when it can, or is left out)."""
-    from serving.app import NO_MODEL
-    from serving.mlm_predictor import MaskedLmPredictor
-    from serving.model_source import ModelNotFound, resolve_model
-    from serving.predictor import ClassifierPredictor
-    from serving.segment_predictor import SegmentPredictor
+    """Why `source` cannot be served as `task` (None when it can, or is left out): the same
+    loading and checks (hashes, parity sample) a replica runs."""
+    from serving.model_slots import LOAD_ERRORS, NO_MODEL, load_predictor
 
     if source == NO_MODEL:
         return None
-    predictor = {
-        "classifier": ClassifierPredictor,
-        "masked_lm": MaskedLmPredictor,
-        "segmentation": SegmentPredictor,
-    }[task]
+    slot = {"classifier": "classifier", "masked_lm": "mlm", "segmentation": "segmenter"}[task]
     try:
-        predictor(resolve_model(source, tracking_uri()), use_gpu=False)
-    except ModelNotFound as exc:
-        return str(exc)
-    except ValueError as exc:  # e.g. a regression model: /v1/classify serves classifiers
+        load_predictor(slot, source, tracking_uri(), use_gpu=False)
+    except LOAD_ERRORS as exc:  # e.g. a regression model: /v1/classify serves classifiers
         return str(exc)
     return None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Move the app's models to the versions their aliases name now, on every replica."""
+    from serving.deploy import DeployError, dashboard_address, reload_models, wait_for_versions
+
+    dashboard = args.dashboard or dashboard_address()
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    try:
+        versions = reload_models(dashboard, "dlpipe", tracking_uri())
+        if not versions:
+            print("reload: the app serves no registry alias: nothing to reload")
+            return 0
+        print(f"reload: asked every replica for {versions}; waiting for {url}/v1/models ...")
+        settled = wait_for_versions(url, versions)
+    except DeployError as exc:
+        print(f"reload: error: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for slot, model in settled.items():
+        if model["version"] == versions[slot]:
+            print(f"  {slot}: {model['name']} version {model['version']} (@{model['alias']})")
+        else:
+            failed += 1
+            reason = model["failed_reload"]["error"]
+            print(
+                f"  {slot}: version {versions[slot]} REFUSED, version {model['version']} "
+                f"keeps serving: {reason}"
+            )
+    return 1 if failed else 0
 
 
 def _print_endpoints(url: str) -> None:
@@ -122,6 +170,7 @@ def _print_endpoints(url: str) -> None:
         f"  POST {url}/v1/embed\n  POST {url}/v1/segment\n  GET  {url}/v1/models\n"
         f"  GET  {url}/healthz\n  GET  {url}/readyz\n  GET  {url}/openapi.json"
     )
+    print("swap models after moving a registry alias: dlpipe serve reload")
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
 
 
@@ -151,6 +200,7 @@ def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
                 "label": prediction["label"],
                 "confidence": round(prediction["confidence"], 4),
                 "model": response["model"],
+                "version": response["version"],
             },
             indent=2,
         )
@@ -226,6 +276,14 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve")
     serve.add_argument(
+        "action",
+        nargs="?",
+        choices=("start", "reload"),
+        default="start",
+        help="start (default) the app, or reload: serve the versions the registry aliases "
+        "name now, on every replica, without a restart",
+    )
+    serve.add_argument(
         "--model",
         default="models:/dlpipe-classifier@champion",
         help="classifier: registry URI (models:/NAME@ALIAS), an export folder, or none",
@@ -245,6 +303,11 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
     serve.add_argument("--demo", action="store_true", help="send one prediction, print it, stop")
     serve.add_argument("--demo-image", help="image for --demo (default: a bundled digit)")
+    serve.add_argument(
+        "--dashboard",
+        help="reload: the Ray dashboard (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)",
+    )
+    serve.add_argument("--url", help="reload: the app's URL (default http://127.0.0.1:PORT)")
     serve.set_defaults(func=cmd_serve)
 
     predict = sub.add_parser("predict", help="classify image files through a running server")

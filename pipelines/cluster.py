@@ -10,18 +10,22 @@ from pipelines.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def connect_ray() -> None:
-    """Start or join Ray once per process. Set RAY_ADDRESS (e.g. ray://head:10001) for a cluster."""
+def connect_ray() -> str | None:
+    """Start or join Ray once per process. Set RAY_ADDRESS (e.g. ray://head:10001) for a
+    cluster. Returns the dashboard's URL when this call started or joined Ray and Ray
+    reported one (None otherwise)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(
+    context = ray.init(
         address=address,
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
 
 
 def cluster_has_gpus() -> bool:

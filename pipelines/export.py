@@ -23,7 +23,16 @@ from pipelines.config import PipelineConfig, load_config
 from pipelines.dataset import load_prepared, sha256_file
 from pipelines.errors import UserError
 from pipelines.model_bundle import MODEL_FILE, inference_model, load_trained
-from pipelines.onnx_export import INPUT_NAME, OUTPUT_NAME, Parity, check_parity, export_onnx
+from pipelines.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PARITY_SAMPLE_FILE,
+    PARITY_SAMPLE_SIZE,
+    Parity,
+    check_parity,
+    export_onnx,
+    write_parity_sample,
+)
 from pipelines.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -109,6 +118,13 @@ def export(
                 f"(export.parity_atol {config.export.parity_atol:g}), argmax agreement "
                 f"{parity.argmax_agreement:.4f}; the previous export is kept"
             )
+        with torch.no_grad():
+            expected = servable(torch.from_numpy(x_test[:PARITY_SAMPLE_SIZE])).numpy()
+        sample = write_parity_sample(
+            staging,
+            {ONNX_FILE: ({INPUT_NAME: x_test[:PARITY_SAMPLE_SIZE]}, {OUTPUT_NAME: expected})},
+            config.export.parity_atol,
+        )
         hashes = {
             "onnx_sha256": sha256_file(onnx_path),
             "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
@@ -123,6 +139,7 @@ def export(
             hashes,
             train_run_id,
         )
+        card["parity_sample"] = sample
         write_json(staging / CARD_FILE, card)
 
     figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
@@ -141,6 +158,7 @@ def export(
             Path(output) / CARD_FILE,
             config.export.registered_model,
             config.export.alias,
+            extra_files=(Path(output) / PARITY_SAMPLE_FILE,),
         )
         run.log_metrics(figures)
         run.set_tags(

@@ -31,7 +31,13 @@ from pipelines.dataset import load_prepared, sha256_file
 from pipelines.errors import UserError
 from pipelines.mlm_bundle import TOKENIZER_FILE, load_mlm_bundle
 from pipelines.model_bundle import MODEL_FILE
-from pipelines.onnx_export import export_onnx, onnx_session
+from pipelines.onnx_export import (
+    PARITY_SAMPLE_FILE,
+    PARITY_SAMPLE_SIZE,
+    export_onnx,
+    onnx_session,
+    write_parity_sample,
+)
 from pipelines.pretrain_mlm import validation_arrays
 from pipelines.stage import run_stage
 
@@ -141,6 +147,22 @@ def export_mlm(
                 f"{config.export.parity_atol:g}); the previous export is kept"
             )
         (staging / TOKENIZER_FILE).write_bytes((Path(model_dir) / TOKENIZER_FILE).read_bytes())
+        sample_ids = torch.from_numpy(arrays["x_val"][:PARITY_SAMPLE_SIZE].astype(np.int64))
+        with torch.no_grad():
+            sample = write_parity_sample(
+                staging,
+                {
+                    FILL_MASK_FILE: (
+                        {INPUT: sample_ids.numpy()},
+                        {LOGITS: model(sample_ids).numpy()},
+                    ),
+                    EMBED_FILE: (
+                        {INPUT: sample_ids.numpy()},
+                        {EMBEDDING: model.embed(sample_ids).numpy()},
+                    ),
+                },
+                config.export.parity_atol,
+            )
         card = {
             "name": mlm.registered_model,
             "task": "masked_lm",
@@ -165,6 +187,7 @@ def export_mlm(
                 },
             },
             "tokenizer": TOKENIZER_FILE,
+            "parity_sample": sample,
             "metrics": {**figures, **parity},
             "hashes": {
                 "onnx_sha256": sha256_file(staging / FILL_MASK_FILE),
@@ -189,7 +212,7 @@ def export_mlm(
             out / CARD_FILE,
             mlm.registered_model,
             config.export.alias,
-            extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE),
+            extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
         )
         run.log_metrics(parity)
         run.set_tags({"registered_model": mlm.registered_model, "model_version": str(version)})

@@ -28,7 +28,13 @@ from pipelines.config import PipelineConfig, load_config
 from pipelines.customer_features import FeatureTransform
 from pipelines.dataset import sha256_file
 from pipelines.errors import UserError
-from pipelines.onnx_export import export_onnx, onnx_session
+from pipelines.onnx_export import (
+    PARITY_SAMPLE_FILE,
+    PARITY_SAMPLE_SIZE,
+    export_onnx,
+    onnx_session,
+    write_parity_sample,
+)
 from pipelines.segment import MODEL_FILE, feature_table
 from pipelines.stage import run_stage
 
@@ -116,6 +122,19 @@ def export_segment(
                     f"ONNX parity check failed for {name}: {parity[name]}; previous export kept"
                 )
         (staging / "model.onnx").write_bytes((staging / f"{serve}.onnx").read_bytes())
+        sample_rows = raw[:PARITY_SAMPLE_SIZE]
+        with torch.no_grad():
+            ids, distances = segmenters(bundle)[serve].eval()(torch.from_numpy(sample_rows))
+        sample = write_parity_sample(
+            staging,
+            {
+                "model.onnx": (
+                    {INPUT: sample_rows},
+                    dict(zip(OUTPUTS, (ids.numpy(), distances.numpy()))),
+                )
+            },
+            config.export.parity_atol,
+        )
         card = {
             "name": config.segment.registered_model,
             "task": "segmentation",
@@ -136,6 +155,7 @@ def export_segment(
             "k": int(bundle["k"]),
             "segments": profiles[serve],
             "transform": bundle["transform"],
+            "parity_sample": sample,
             "metrics": {
                 **{k: v for k, v in figures.items() if isinstance(v, (int, float))},
                 **{f"onnx_{g}_max_abs_diff": p["max_abs_diff"] for g, p in parity.items()},
@@ -164,7 +184,7 @@ def export_segment(
             out / CARD_FILE,
             config.segment.registered_model,
             config.export.alias,
-            extra_files=tuple(out / f"{g}.onnx" for g in GRAPHS),
+            extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
         )
         run.log_metrics(metrics)
         run.set_tags(

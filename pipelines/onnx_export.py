@@ -14,9 +14,13 @@ import torch
 from torch import nn
 
 from pipelines.atomic import write_bytes
+from pipelines.dataset import sha256_file
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+PARITY_SAMPLE_FILE = "parity_sample.npz"
+PARITY_SAMPLE_SIZE = 16
+"""Examples kept in the parity sample: enough to catch a wrong graph, small to store."""
 
 
 def export_onnx(
@@ -82,3 +86,29 @@ def check_parity(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray) ->
         else 1.0
     )
     return Parity(float(np.max(np.abs(expected - actual))), agreement, len(inputs))
+
+
+def write_parity_sample(
+    directory: Path,
+    graphs: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    atol: float,
+) -> dict:
+    """Save a few inputs and torch's outputs on them beside the exported graphs, so whoever
+    loads the model later (a Serve replica swapping versions) can re-check onnxruntime
+    against torch without torch. `graphs` maps an ONNX file name in `directory` to
+    ({input name: array}, {output name: torch's array}). Returns the model card's
+    `parity_sample` entry: the file, its atol, and the sha256 of the sample and of each
+    graph, which the loader checks before running anything."""
+    arrays = {}
+    for graph, (inputs, outputs) in graphs.items():
+        arrays.update({f"{graph}/input/{name}": value for name, value in inputs.items()})
+        arrays.update({f"{graph}/output/{name}": value for name, value in outputs.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(directory / PARITY_SAMPLE_FILE, buffer.getvalue())
+    return {
+        "file": PARITY_SAMPLE_FILE,
+        "atol": atol,
+        "sha256": sha256_file(directory / PARITY_SAMPLE_FILE),
+        "graphs": {graph: sha256_file(directory / graph) for graph in graphs},
+    }

@@ -12,6 +12,7 @@ Serve runs the replicas: placement, CPUs/GPUs, health checks, scaling, live sett
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,18 +22,17 @@ import ray
 from ray import serve
 from starlette.applications import Starlette
 
+from serving.autoscaling import IN_FLIGHT
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
-from serving.mlm_predictor import MaskedLmPredictor
-from serving.model_source import resolve_model
+from serving.metrics import ServingMetrics
+from serving.model_slots import NO_MODEL, PREDICTORS, LoadedModels
 from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor, InputError
-from serving.segment_predictor import SegmentPredictor
 
 DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
 DEFAULT_MLM_MODEL = "models:/dlpipe-mlm@champion"
 DEFAULT_SEGMENT_MODEL = "models:/dlpipe-segment@champion"
-NO_MODEL = "none"
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -63,19 +63,20 @@ class Batching:
         return batching
 
 
-@dataclass
-class LoadedModels:
-    classifier: ClassifierPredictor | None = None
-    mlm: MaskedLmPredictor | None = None
-    segmenter: SegmentPredictor | None = None
-
-    def infos(self) -> list[dict[str, Any]]:
-        return [p.info() for p in (self.classifier, self.mlm, self.segmenter) if p is not None]
+def pinned_versions(config: Any) -> dict[str, str]:
+    """`user_config.versions`: slot -> registry version, written by `dlpipe serve reload`."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict) or not set(config) <= set(PREDICTORS):
+        raise ValueError(
+            f"user_config.versions: expected a mapping of {sorted(PREDICTORS)} to registry "
+            f"versions, got {config!r}"
+        )
+    return {slot: str(version) for slot, version in config.items()}
 
 
 @serve.deployment(
     name="dlpipe",
-    num_replicas=1,
     # Requests reach the replicas' own servers, not Serve's router: admission control is
     # http.max_in_flight (503 beyond it). These only bound Serve's own calls (health, config).
     max_ongoing_requests=64,
@@ -92,44 +93,64 @@ class PredictionService:
         http: dict[str, Any] | None = None,
     ) -> None:
         http = dict(http or {})
-        host = http.pop("host", "127.0.0.1")
-        port = int(http.pop("port", DEFAULT_HTTP_PORT))
-        limits = Limits(**http)
+        self.host = http.pop("host", "127.0.0.1")
+        self.port = int(http.pop("port", DEFAULT_HTTP_PORT))
+        self.limits = Limits(**http)
+        self.sources = {"classifier": model, "mlm": mlm_model, "segmenter": segment_model}
+        self.tracking_uri = tracking_uri
+        self.threads = threads
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
-        use_gpu = bool(ray.get_gpu_ids())
+        self.use_gpu = bool(ray.get_gpu_ids())
         self.models = LoadedModels()
-        if model != NO_MODEL:
-            self.models.classifier = ClassifierPredictor(
-                resolve_model(model, tracking_uri), threads=threads, use_gpu=use_gpu
-            )
-        if mlm_model != NO_MODEL:
-            self.models.mlm = MaskedLmPredictor(
-                resolve_model(mlm_model, tracking_uri), threads=threads, use_gpu=use_gpu
-            )
-        if segment_model != NO_MODEL:
-            self.models.segmenter = SegmentPredictor(
-                resolve_model(segment_model, tracking_uri), threads=threads, use_gpu=use_gpu
-            )
-        api = HttpApi(self.models, limits, self.classify_batched, openapi_document)
-        self.server = ReplicaHttpServer(Starlette(routes=api.routes()), host, port)
-        self.server.start()
+        self.metrics = ServingMetrics()
+        self.api: HttpApi | None = None
+        self.server: ReplicaHttpServer | None = None
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve calls this at start and whenever `user_config` changes (no restart)."""
-        batching = Batching.from_user_config(user_config)
+    def reconfigure(self, user_config: dict[str, Any] | None, rank: Any = None) -> None:
+        """Serve calls this once the replica is built and whenever `user_config` changes,
+        on every replica, without restarting it (taking `rank` makes Serve call it even
+        when there is no user_config). Loads or swaps the models, then starts answering."""
+        config = dict(user_config or {})
+        versions = pinned_versions(config.pop("versions", None))
+        batching = Batching.from_user_config(config)
         self._batch_many.set_max_batch_size(batching.max_batch_size)
         self._batch_many.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        refused = self.models.load(
+            self.sources, versions, self.tracking_uri, self.threads, self.use_gpu
+        )
+        self.metrics.models(self.models, refused)
+        if self.server is None:
+            self.api = HttpApi(
+                self.models,
+                self.limits,
+                self.classify_batched,
+                openapi_document,
+                self.metrics,
+                replica=serve.get_replica_context().replica_id.unique_id,
+            )
+            self.server = ReplicaHttpServer(
+                Starlette(routes=self.api.routes()), self.host, self.port
+            )
+            self.server.start()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks every few seconds; serving/autoscaling.py scales on it (Serve's own
+        request counts miss the requests this replica's server takes)."""
+        return {IN_FLIGHT: float(self.api.in_flight if self.api is not None else 0)}
 
     def check_health(self) -> None:
-        self.server.check()
+        if self.server is not None:
+            self.server.check()
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()
 
-    async def classify_batched(self, batch: np.ndarray) -> list[dict[str, Any]]:
-        result = await self._batch_many(batch)
+    async def classify_batched(
+        self, classifier: ClassifierPredictor, batch: np.ndarray
+    ) -> list[dict[str, Any]]:
+        result = await self._batch_many((classifier, batch))
         if isinstance(result, InputError):
             raise result
         return result
@@ -137,9 +158,17 @@ class PredictionService:
     @serve.batch(
         max_batch_size=Batching.max_batch_size, batch_wait_timeout_s=Batching.batch_wait_timeout_s
     )
-    async def _batch_many(self, batches: list[np.ndarray]) -> list[Any]:
+    async def _batch_many(
+        self, requests: list[tuple[ClassifierPredictor, np.ndarray]]
+    ) -> list[Any]:
         # Concurrent requests' inputs in one onnxruntime call; each gets its own answer.
-        return self.models.classifier.classify_many(batches)
+        # Grouped by predictor: during a model swap a batch can hold requests for both.
+        results: list[Any] = []
+        for classifier, group in itertools.groupby(requests, key=lambda r: r[0]):
+            batches = [batch for _, batch in group]
+            self.metrics.batch(classifier, len(batches))
+            results.extend(classifier.classify_many(batches))
+        return results
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -16,6 +16,7 @@ Every client mistake is a 4xx with a message naming the problem; a 500 means a b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,17 +112,23 @@ Predict = Callable[[Any], Awaitable[dict[str, Any]]]
 
 class HttpApi:
     """The endpoints over `models`, an object with `classifier`, `mlm` and `segmenter`
-    (each a predictor or None) and `infos()`; `classify_batch` runs the classifier on one
-    array and may batch concurrent calls (serving/app.py passes Serve's `@serve.batch`)."""
+    (each a predictor or None, swapped in place on reload) and `infos()`;
+    `classify_batch(classifier, array)` may batch concurrent calls (serving/app.py passes
+    Serve's `@serve.batch`); `metrics` (serving/metrics.py) records every answer; `replica`
+    names the replica answering in /v1/models (several share a port)."""
 
     def __init__(
         self,
         models: Any,
         limits: Limits,
-        classify_batch: Callable[[np.ndarray], Awaitable[list[dict[str, Any]]]] | None = None,
+        classify_batch: Callable[[Any, np.ndarray], Awaitable[list[dict[str, Any]]]] | None = None,
         openapi: Callable[[], dict[str, Any]] | None = None,
+        metrics: Any = None,
+        replica: str | None = None,
     ) -> None:
         self.models = models
+        self.replica = replica
+        self.metrics = metrics
         self.limits = limits
         self.in_flight = 0
         self._classify_batch = classify_batch
@@ -129,10 +136,10 @@ class HttpApi:
 
     def routes(self) -> list[Route]:
         post = [
-            ("/v1/classify", ClassifyRequest, self.classify),
-            ("/v1/fill-mask", FillMaskRequest, self.fill_mask),
-            ("/v1/embed", EmbedRequest, self.embed),
-            ("/v1/segment", SegmentRequest, self.segment),
+            ("/v1/classify", "classifier", ClassifyRequest, self.classify),
+            ("/v1/fill-mask", "mlm", FillMaskRequest, self.fill_mask),
+            ("/v1/embed", "mlm", EmbedRequest, self.embed),
+            ("/v1/segment", "segmenter", SegmentRequest, self.segment),
         ]
         get = [
             ("/healthz", self.healthz),
@@ -141,41 +148,58 @@ class HttpApi:
             ("/openapi.json", self.openapi),
         ]
         return [
-            *(Route(path, self._post(schema, fn), methods=["POST"]) for path, schema, fn in post),
+            *(
+                Route(path, self._post(path, slot, schema, fn), methods=["POST"])
+                for path, slot, schema, fn in post
+            ),
             *(Route(path, self._get(fn), methods=["GET"]) for path, fn in get),
         ]
 
-    # --- plumbing: admission, body, validation, timeout, errors -------------------------
+    # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
 
-    def _post(self, schema: type[BaseModel], predict: Predict):
+    def _post(self, route: str, slot: str, schema: type[BaseModel], predict: Predict):
         async def endpoint(request: Request) -> Response:
             if self.in_flight >= self.limits.max_in_flight:
-                return json_response(
+                response = json_response(
                     {"detail": "overloaded: too many requests in flight, retry shortly"},
                     503,
                     {"Retry-After": "1"},
                 )
+                self._record(route, slot, response.status_code, time.perf_counter())
+                return response
+            started = time.perf_counter()
             self.in_flight += 1
             try:
-                body = await read_body(request, self.limits.max_body_bytes)
-                payload = parse_body(schema, body)
-                result = await asyncio.wait_for(predict(payload), self.limits.request_timeout_s)
-                return json_response(result)
-            except ClientError as exc:
-                return json_response({"detail": exc.detail}, exc.status, exc.headers)
-            except InputError as exc:
-                error = field_error(exc)
-                return json_response({"detail": error.detail}, 422)
-            except TimeoutError:
-                return json_response(
-                    {"detail": f"no answer within {self.limits.request_timeout_s:g} s"}, 504
-                )
-            except ClientDisconnect:
-                return Response(status_code=499)
+                response = await self._answer(request, schema, predict)
             finally:
                 self.in_flight -= 1
+            self._record(route, slot, response.status_code, started)
+            return response
 
         return endpoint
+
+    async def _answer(self, request: Request, schema: type[BaseModel], predict: Predict):
+        try:
+            body = await read_body(request, self.limits.max_body_bytes)
+            payload = parse_body(schema, body)
+            result = await asyncio.wait_for(predict(payload), self.limits.request_timeout_s)
+            return json_response(result)
+        except ClientError as exc:
+            return json_response({"detail": exc.detail}, exc.status, exc.headers)
+        except InputError as exc:
+            error = field_error(exc)
+            return json_response({"detail": error.detail}, 422)
+        except TimeoutError:
+            return json_response(
+                {"detail": f"no answer within {self.limits.request_timeout_s:g} s"}, 504
+            )
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    def _record(self, route: str, slot: str, code: int, started: float) -> None:
+        if self.metrics is not None:
+            predictor = getattr(self.models, slot)
+            self.metrics.request(route, code, predictor, time.perf_counter() - started)
 
     @staticmethod
     def _get(handler: Callable[[], Awaitable[tuple[int, Any]]]):
@@ -205,7 +229,7 @@ class HttpApi:
         return 200, {"status": "ready", "models": [m["name"] for m in infos]}
 
     async def list_models(self) -> tuple[int, Any]:
-        return 200, {"models": self.models.infos()}
+        return 200, {"replica": self.replica, "models": self.models.infos()}
 
     async def openapi(self) -> tuple[int, Any]:
         if self._openapi is None:
@@ -219,21 +243,26 @@ class HttpApi:
         else:
             batch = classifier.images_to_array(request.images or [])
         if self._classify_batch is not None:
-            predictions = await self._classify_batch(batch)
+            predictions = await self._classify_batch(classifier, batch)
         else:
             predictions = classifier.classify(batch)
-        return {"model": classifier.card["name"], "predictions": predictions}
+        return {**_model_of(classifier), "predictions": predictions}
 
     async def fill_mask(self, request: FillMaskRequest) -> dict[str, Any]:
         mlm = self._loaded("mlm", "masked-language model", "mlm_model")
-        return {"model": mlm.card["name"], "results": mlm.fill_mask(request.texts, request.top_k)}
+        return {**_model_of(mlm), "results": mlm.fill_mask(request.texts, request.top_k)}
 
     async def embed(self, request: EmbedRequest) -> dict[str, Any]:
         mlm = self._loaded("mlm", "masked-language model", "mlm_model")
         vectors, truncated = mlm.embed(request.texts)
-        return {"model": mlm.card["name"], "embeddings": vectors.tolist(), "truncated": truncated}
+        return {**_model_of(mlm), "embeddings": vectors.tolist(), "truncated": truncated}
 
     async def segment(self, request: SegmentRequest) -> dict[str, Any]:
         segmenter = self._loaded("segmenter", "segmentation model", "segment_model")
         batch = segmenter.records_to_array(request.customers)
-        return {"model": segmenter.card["name"], "assignments": segmenter.segment(batch)}
+        return {**_model_of(segmenter), "assignments": segmenter.segment(batch)}
+
+
+def _model_of(predictor: Any) -> dict[str, Any]:
+    """Which model answered: its name and registry version (None for a local folder)."""
+    return {"model": predictor.card["name"], "version": predictor.files.version}

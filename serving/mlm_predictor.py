@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,14 +39,14 @@ class MaskedLmPredictor:
                 f"{files.source}: not a masked-language model (task {self.card.get('task')!r})"
             )
         graphs = self.card["graphs"]
-        self.tokenizer = Tokenizer.from_file(str(_sibling(files, self.card["tokenizer"])))
+        self.tokenizer = Tokenizer.from_file(str(files.sibling(self.card["tokenizer"])))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         providers = execution_providers(use_gpu)
         self.fill_mask_session = ort.InferenceSession(str(files.onnx), options, providers=providers)
         self.embed_session = ort.InferenceSession(
-            str(_sibling(files, graphs["embed"]["file"])), options, providers=providers
+            str(files.sibling(graphs["embed"]["file"])), options, providers=providers
         )
         special = self.card["special_ids"]
         self.cls_id, self.sep_id = special["[CLS]"], special["[SEP]"]
@@ -126,15 +125,6 @@ class MaskedLmPredictor:
         encoded = self.encode(texts, "texts", truncate=True)
         vectors = self.embed_session.run(None, {"input_ids": encoded.ids})[0]
         return vectors, encoded.truncated
-
-
-def _sibling(files: ModelFiles, name: str) -> Path:
-    """A file exported next to the card: beside it locally, under extra_files/ in a registry
-    download (MLflow's layout), where the card also is."""
-    for directory in (files.card.parent, files.onnx.parent):
-        if (directory / name).is_file():
-            return directory / name
-    raise FileNotFoundError(f"{files.source}: {name} missing next to {files.card.name}")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,12 +1,15 @@
-"""Finding the model files to serve: a local export folder or an MLflow registry alias."""
+"""Finding the model files to serve: a local export folder or an MLflow registry model,
+by alias (`models:/NAME@ALIAS`) or by version (`models:/NAME/3`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 CARD_FILE = "model_card.json"
 ONNX_FILE = "model.onnx"
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class ModelNotFound(Exception):
@@ -18,25 +21,57 @@ class ModelFiles:
     onnx: Path
     card: Path
     source: str
+    """What was asked for, e.g. models:/dlpipe-classifier@champion or a folder."""
+    registered_model: str | None = None
+    version: str | None = None
+    """The registry version the files are, whatever the alias points to later."""
+    alias: str | None = None
+
+    def sibling(self, name: str) -> Path:
+        """A file exported next to the card: beside it locally, under extra_files/ in a
+        registry download (MLflow's layout), where the card also is."""
+        for directory in (self.card.parent, self.onnx.parent):
+            if (directory / name).is_file():
+                return directory / name
+        raise FileNotFoundError(f"{self.source}: {name} missing next to {self.card.name}")
 
 
-def resolve_model(source: str, tracking_uri: str | None = None) -> ModelFiles:
+def resolve_model(
+    source: str, tracking_uri: str | None = None, version: str | None = None
+) -> ModelFiles:
     """The ONNX file and model card behind `source`.
 
-    `source` is a folder (e.g. artifacts/supervised/export) or a registry URI such as
-    `models:/dlpipe-classifier@champion`, downloaded from `tracking_uri`.
+    `source` is a folder (e.g. artifacts/supervised/export) or a registry URI, downloaded
+    from `tracking_uri`. An alias is resolved to its version first, so the files and the
+    version reported are the same even if the alias moves meanwhile; `version` pins one
+    (what `dlpipe serve reload` does so that every replica loads the same).
     """
-    if source.startswith("models:/"):
-        import mlflow
+    if not source.startswith("models:/"):
+        return _find_files(Path(source), source)
+    match = REGISTRY_URI.match(source)
+    if match is None:
+        raise ModelNotFound(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    import mlflow
+    from mlflow import MlflowClient
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
-            directory = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
-        except Exception as exc:
-            raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
-    else:
-        directory = Path(source)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    name, alias = match["name"], match["alias"]
+    try:
+        if version is None:
+            version = (
+                match["version"] or MlflowClient().get_model_version_by_alias(name, alias).version
+            )
+        directory = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+        )
+    except Exception as exc:
+        raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
+    files = _find_files(directory, source)
+    return ModelFiles(files.onnx, files.card, source, name, str(version), alias)
+
+
+def _find_files(directory: Path, source: str) -> ModelFiles:
     # Registry downloads keep the card under extra_files/ (MLflow's layout for extra files).
     for card in (directory / CARD_FILE, directory / "extra_files" / CARD_FILE):
         if card.is_file() and (directory / ONNX_FILE).is_file():

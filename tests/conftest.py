@@ -18,7 +18,7 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_context():
     """One local Ray instance for the whole session: 2 CPUs, so two Train workers fit.
 
     The dashboard stays on, as in the stages' own `ray.init()`: Ray Train's
@@ -28,9 +28,21 @@ def ray_cluster():
     starve every later Train run (seen as a CI hang in test_tune)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
+    context = ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    yield context
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_context) -> str:
+    """The session cluster's address (RAY_ADDRESS for subprocesses that should join it)."""
+    return ray_context.address_info["gcs_address"]
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_context) -> str:
+    """The session cluster's dashboard URL (Serve's REST API, the State API)."""
+    return f"http://{ray_context.dashboard_url}"
 
 
 @pytest.fixture()

@@ -65,19 +65,37 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served_app(name: str, args: dict) -> Iterator[httpx.Client]:
-    """The Serve app built from `args` (serving.app:build_app) on the session's cluster,
-    answering on a free port, as `dlpipe serve` runs it; an HTTP client on it. Serve is shut
-    down afterwards, so the next module starts afresh."""
+def declared_app(
+    dashboard: str, name: str, args: dict, deployment: dict | None = None
+) -> Iterator[str]:
+    """The Serve app built from `args` (serving.app:build_app) deployed on the session's
+    cluster as `dlpipe serve` deploys it (Serve's config API), with `deployment` options,
+    answering on a free port; yields its URL. Serve is shut down afterwards, so the next
+    module starts afresh."""
     from ray import serve
 
-    from serving.app import build_app
+    from serving.deploy import deploy_app, wait_until_running
 
     port = free_port()
-    serve.start(proxy_location="Disabled")
-    serve.run(build_app({**args, "http": {"port": port}}), name=name, route_prefix="/")
+    app = {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "serving.app:build_app",
+        "args": {**args, "http": {"port": port}},
+    }
+    if deployment:
+        app["deployments"] = [{"name": "dlpipe", **deployment}]
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
+        deploy_app(dashboard, app)
+        wait_until_running(dashboard, name)
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+@contextlib.contextmanager
+def served_app(dashboard: str, name: str, args: dict) -> Iterator[httpx.Client]:
+    """`declared_app` with an HTTP client on it."""
+    with declared_app(dashboard, name, args) as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield client

@@ -106,8 +106,9 @@ def test_a_users_folder_of_text_files_trains_through_the_same_stages(ray_cluster
 
 
 @pytest.fixture(scope="module")
-def server(pretrained):
+def server(pretrained, ray_dashboard):
     with served_app(
+        ray_dashboard,
         "dlpipe-mlm-test",
         {
             "model": "none",

@@ -112,9 +112,10 @@ def test_more_shards_than_cpus_fail_at_once_naming_the_setting(ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def server(segmented):
+def server(segmented, ray_dashboard):
     _, uri, _ = segmented
     with served_app(
+        ray_dashboard,
         "dlpipe-segment-test",
         {"model": "none", "segment_model": "models:/dlpipe-segment@champion", "tracking_uri": uri},
     ) as client:

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(trained):
+def server(trained, ray_dashboard):
     with served_app(
+        ray_dashboard,
         "dlpipe",
         {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri},
     ) as client:

@@ -7,8 +7,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from serving.app import LoadedModels
 from serving.http_api import HttpApi, Limits
+from serving.model_slots import LoadedModels
 from serving.model_source import resolve_model
 from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor

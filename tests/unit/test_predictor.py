@@ -11,7 +11,7 @@ from PIL import Image
 
 from models.architecture import ArchitectureConfig
 from pipelines.model_bundle import build_model, inference_model
-from pipelines.onnx_export import export_onnx
+from pipelines.onnx_export import export_onnx, write_parity_sample
 from serving.model_source import ModelNotFound, resolve_model
 from serving.predictor import ClassifierPredictor, InputError, execution_providers
 
@@ -34,11 +34,13 @@ def export_dir(tmp_path_factory):
         net = model.network.layers
         net[0].weight.fill_(1.0), net[0].bias.zero_()
         net[2].weight.copy_(torch.tensor([[-1.0] * 4, [1.0] * 4])), net[2].bias.zero_()
-    export_onnx(
-        inference_model(model, "classification"),
-        torch.rand(2, 1, 4, 4),
-        directory / "model.onnx",
-        18,
+    servable = inference_model(model, "classification")
+    export_onnx(servable, torch.rand(2, 1, 4, 4), directory / "model.onnx", 18)
+    sample = torch.rand(4, 1, 4, 4)
+    with torch.no_grad():
+        expected = servable(sample).numpy()
+    parity_sample = write_parity_sample(
+        directory, {"model.onnx": ({"input": sample.numpy()}, {"output": expected})}, 1e-5
     )
     card = {
         "name": "tiny",
@@ -52,7 +54,8 @@ def export_dir(tmp_path_factory):
         },
         "preprocessing": {"image_size": [4, 4], "grayscale": True},
         "metrics": {"test_accuracy": 1.0},
-        "hashes": {"onnx_sha256": "x"},
+        "hashes": {"onnx_sha256": parity_sample["graphs"]["model.onnx"]},
+        "parity_sample": parity_sample,
     }
     (directory / "model_card.json").write_text(json.dumps(card))
     return directory

@@ -1,0 +1,184 @@
+"""Swapping the served model by moving its registry alias: deployed as `dlpipe serve` does
+(Serve's config API), reloaded as `dlpipe serve reload` does, under a steady 200 requests/s
+that must see no failure; a version failing its checks leaves the old one serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+
+from pipelines import tracking
+from serving.deploy import reload_models, wait_for_versions
+from tests.helpers import declared_app
+
+pytestmark = pytest.mark.integration
+
+APP = "reload-test"
+
+
+class SteadyLoad(threading.Thread):
+    """POST /v1/classify at `rate` requests/s on one keep-alive connection; keeps every
+    answer's status and model version."""
+
+    def __init__(self, url: str, body: dict, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body, self.interval = url, body, 1.0 / rate
+        self.answers: list[tuple[int, str | None]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            next_at = time.perf_counter()
+            while not self.stop.is_set():
+                try:
+                    response = client.post("/v1/classify", json=self.body)
+                    version = response.json().get("version") if response.is_success else None
+                    self.answers.append((response.status_code, version))
+                except httpx.HTTPError as exc:  # a refused or dropped connection is a failure
+                    self.answers.append((0, repr(exc)))
+                next_at += self.interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+@pytest.fixture(scope="module")
+def served(trained, ray_dashboard):
+    args = {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri}
+    with declared_app(ray_dashboard, APP, args) as url:
+        yield url
+
+
+def register_copy(trained, tmp_path, tamper: bool = False) -> str:
+    """The trained export registered again as a new version (the alias moves to it), its
+    graph optionally edited after export."""
+    export = shutil.copytree(trained.export_dir, tmp_path / "export")
+    if tamper:  # a valid graph, same answers, but not the bytes the card vouches for
+        import onnx
+
+        graph = onnx.load(str(export / "model.onnx"))
+        graph.doc_string = "edited after export"
+        onnx.save(graph, str(export / "model.onnx"))
+    card = json.loads((export / "model_card.json").read_text())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
+        return tracking.register_onnx_model(
+            card["mlflow_run_id"],
+            export / "model.onnx",
+            export / "model_card.json",
+            "dlpipe-classifier",
+            "champion",
+            extra_files=(export / "parity_sample.npz",),
+        )
+
+
+def models(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/v1/models") as response:
+        return json.loads(response.read())
+
+
+def test_alias_swap_under_200_requests_per_s_fails_no_request(
+    served, trained, ray_dashboard, tmp_path
+):
+    before = models(served)
+    [classifier] = before["models"]
+    old_version = classifier["version"]
+    assert classifier["alias"] == "champion" and classifier["failed_reload"] is None
+
+    new_version = register_copy(trained, tmp_path)
+    assert models(served)["models"][0]["version"] == old_version  # nothing moves by itself
+
+    x = np.load(trained.prepared / "x_test.npy")[:2].reshape(2, -1).tolist()
+    load = SteadyLoad(served, {"instances": x}, rate=200)
+    load.start()
+    time.sleep(1.0)
+    versions = reload_models(ray_dashboard, APP, trained.mlflow_uri)
+    assert versions == {"classifier": new_version}
+    settled = wait_for_versions(served, versions, timeout_s=60)
+    time.sleep(1.0)
+    load.stop.set()
+    load.join()
+
+    assert settled["classifier"]["version"] == new_version
+    statuses = [status for status, _ in load.answers]
+    assert len(statuses) >= 300  # the load really ran throughout (~200/s for > 2 s)
+    assert statuses.count(200) == len(statuses), [a for a in load.answers if a[0] != 200][:5]
+    served_versions = [version for _, version in load.answers]
+    assert served_versions[0] == old_version and served_versions[-1] == new_version
+    # Swapped in place: the same replica answers, it was not restarted.
+    assert models(served)["replica"] == before["replica"]
+
+
+def test_a_version_failing_its_checks_leaves_the_old_one_serving(
+    served, trained, ray_dashboard, tmp_path
+):
+    serving_version = models(served)["models"][0]["version"]
+    bad_version = register_copy(trained, tmp_path, tamper=True)
+
+    versions = reload_models(ray_dashboard, APP, trained.mlflow_uri)
+    settled = wait_for_versions(served, versions, timeout_s=60)
+
+    classifier = settled["classifier"]
+    assert classifier["version"] == serving_version
+    assert classifier["failed_reload"]["version"] == bad_version
+    assert "model.onnx has sha256" in classifier["failed_reload"]["error"]
+    x = np.load(trained.prepared / "x_test.npy")[:1].reshape(1, -1).tolist()
+    response = httpx.post(f"{served}/v1/classify", json={"instances": x})
+    assert response.status_code == 200 and response.json()["version"] == serving_version
+    scrape_until(
+        lambda text: series(text, "ray_dlpipe_failed_reloads_total", slot="classifier") >= 1
+    )
+
+
+def scrape_until(predicate, timeout_s: float = 60) -> str:
+    """The node's Prometheus page (Ray's metrics agent), once `predicate(text)` holds;
+    Ray exports recorded values every few seconds."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if predicate(text):
+            return text
+        time.sleep(2)
+    raise AssertionError(
+        "metrics never showed up:\n"
+        + "\n".join(line for line in text.splitlines() if "dlpipe" in line)
+    )
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_metrics_count_answers_by_route_code_and_version(served, trained):
+    version = models(served)["models"][0]["version"]
+    x = np.load(trained.prepared / "x_test.npy")[:1].reshape(1, -1).tolist()
+    with httpx.Client(base_url=served) as client:
+        for _ in range(5):
+            assert client.post("/v1/classify", json={"instances": x}).status_code == 200
+        assert client.post("/v1/classify", json={"instances": [[0.5] * 3]}).status_code == 422
+
+    def ready(text: str) -> bool:
+        return series(text, "ray_dlpipe_requests_total", code="422") >= 1
+
+    text = scrape_until(ready)
+    ok = series(
+        text, "ray_dlpipe_requests_total", route="/v1/classify", code="200", version=version
+    )
+    assert ok >= 5
+    assert series(text, "ray_dlpipe_request_seconds_count", route="/v1/classify") >= ok + 1
+    assert series(text, "ray_dlpipe_batch_size_count", model="dlpipe-classifier") >= 1
+    assert series(text, "ray_dlpipe_model_version", slot="classifier") == float(version)

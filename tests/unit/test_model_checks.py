@@ -1,0 +1,57 @@
+"""A model is served only if its files are the exported ones and agree with torch."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from serving.model_checks import ModelRejected, verify_model
+from serving.model_slots import load_predictor
+from serving.model_source import resolve_model
+from tests.unit.test_predictor import export_dir  # noqa: F401  (the exported tiny model)
+
+
+@pytest.fixture()
+def copy(export_dir, tmp_path):  # noqa: F811
+    return shutil.copytree(export_dir, tmp_path / "model")
+
+
+def test_the_exported_files_pass(export_dir):  # noqa: F811
+    verify_model(resolve_model(str(export_dir)))
+    predictor = load_predictor("classifier", str(export_dir))
+    assert predictor.card["name"] == "tiny"
+
+
+def test_a_changed_graph_is_refused_by_its_hash(copy):
+    graph = copy / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(ModelRejected, match=r"model\.onnx has sha256 .* not the file"):
+        verify_model(resolve_model(str(copy)))
+
+
+def test_a_graph_that_no_longer_matches_torch_is_refused(copy):
+    # The sample's recorded torch outputs are changed (and its hash updated): the graph now
+    # disagrees with "torch" by 0.5, far over atol.
+    card = json.loads((copy / "model_card.json").read_text())
+    with np.load(copy / "parity_sample.npz") as arrays:
+        stored = {k: arrays[k] for k in arrays.files}
+    stored["model.onnx/output/output"] = stored["model.onnx/output/output"] + 0.5
+    np.savez(copy / "parity_sample.npz", **stored)
+    from serving.model_checks import sha256
+
+    card["parity_sample"]["sha256"] = sha256(copy / "parity_sample.npz")
+    (copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelRejected, match=r"output output differs from torch's by 0\.5"):
+        verify_model(resolve_model(str(copy)))
+
+
+def test_a_changed_sample_or_a_card_without_one_is_refused(copy):
+    (copy / "parity_sample.npz").write_bytes(b"junk")
+    with pytest.raises(ModelRejected, match="parity_sample.npz does not match its sha256"):
+        verify_model(resolve_model(str(copy)))
+    card = json.loads((copy / "model_card.json").read_text())
+    del card["parity_sample"]
+    (copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelRejected, match="no parity_sample .* re-run its export stage"):
+        load_predictor("classifier", str(copy))
