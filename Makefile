@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-unit lint ui clean
+.PHONY: install demo serve test test-unit lint ui bench bench-deps clean
 
 install: $(STAMP)
 
@@ -37,6 +37,30 @@ lint: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# Every benchmark in benchmarks/, one after the other (over an hour on 2 CPUs), each
+# writing benchmarks/results/<name>.json (and a .md table for most). The pipeline runs first:
+# the benchmarks time its outputs. `make bench BENCH_DEMO=` leaves out the cold and warm
+# `make demo` of the pipeline-overhead benchmark (the cold one trains every stage).
+BENCH_DEMO ?= --demo
+bench: install bench-deps
+	@command -v wrk >/dev/null || { echo "make bench: wrk is missing; the serving benchmark needs it: apt-get install wrk (macOS: brew install wrk)" >&2; exit 1; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m benchmarks.training_throughput
+	$(BIN)/python -m benchmarks.inference
+	$(BIN)/python -m benchmarks.pipeline_overhead $(BENCH_DEMO)
+	$(BIN)/python -m benchmarks.pseudolabel_seeds
+	$(BIN)/python -m benchmarks.tune_asha
+	$(BIN)/python -m benchmarks.serving_throughput
+
+# The benchmarks' Debian packages: wrk (the serving load generator) and Fashion-MNIST (the
+# training benchmark's image set; without it, it trains on the bundled digits). Installed
+# when this runs as root with apt; otherwise `make bench` says what is missing.
+bench-deps:
+	@if command -v wrk >/dev/null && test -d /usr/share/datasets/fashion-mnist; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends wrk dataset-fashion-mnist; \
+	fi
 
 # The MLflow dashboard on http://127.0.0.1:5000
 ui: install

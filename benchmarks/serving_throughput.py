@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.loadgen import run_load, wrk_path
-from benchmarks.scratch import machine
-from pipelines.atomic import write_json, write_text
+from benchmarks.scratch import markdown_table, write_results
 
 RESULTS = Path("benchmarks/results/serving.json")
 CONCURRENCY = (1, 8, 32, 128)
 START_TIMEOUT_S = 240
+SETTLE_S = 15  # after a server stops: its Ray processes (GCS, dashboard) exit meanwhile
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,7 @@ def running(server: Server, log_dir: Path) -> Iterator[str]:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        time.sleep(SETTLE_S)
 
 
 def measure(server: Server, body: bytes, seconds: float, log_dir: Path) -> dict[str, dict]:
@@ -162,17 +163,21 @@ def measure(server: Server, body: bytes, seconds: float, log_dir: Path) -> dict[
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-    lines = [
-        "| server | clients | requests/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, by_clients in results.items():
-        for clients, f in by_clients.items():
-            lines.append(
-                f"| {name} | {clients} | {f['rps']:.0f} | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} "
-                f"| {f['errors']} |"
+    return markdown_table(
+        ("server", "clients", "requests/s", "p50 ms", "p99 ms", "errors"),
+        (
+            (
+                name,
+                clients,
+                f"{f['rps']:.0f}",
+                f"{f['p50_ms']:.2f}",
+                f"{f['p99_ms']:.2f}",
+                f["errors"],
             )
-    return "\n".join(lines)
+            for name, by_clients in results.items()
+            for clients, f in by_clients.items()
+        ),
+    )
 
 
 def main() -> None:
@@ -203,13 +208,13 @@ def main() -> None:
             for clients, f in figures.items():
                 if f["rps"] > best[clients]["rps"]:
                     best[clients] = f
-    write_json(args.output, results)
-    report = (
-        f"{table(results)}\n\nMachine: {machine()}. wrk, {args.seconds:g} s per level, best of "
-        f"{args.rounds} rounds, one 8x8 digit (64 features) per request.\n"
+    write_results(
+        args.output,
+        results,
+        table(results),
+        f"wrk, {args.seconds:g} s per level, best of {args.rounds} rounds, one 8x8 digit (64 "
+        "features) per request.",
     )
-    write_text(Path(args.output).with_suffix(".md"), report)
-    print("\n" + report)
 
 
 if __name__ == "__main__":

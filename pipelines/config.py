@@ -28,9 +28,11 @@ from pipelines.errors import UserError
 @dataclass(frozen=True)
 class PrepareConfig:
     source: str = "data/raw/digits"
-    """Raw data: an image folder (`<root>/<class>/*.png|jpg`) or a CSV file."""
-    format: Literal["image_folder", "csv"] = "image_folder"
-    """How to read `source`."""
+    """Raw data: an image folder (`<root>/<class>/*.png|jpg`), a CSV file, or a folder of
+    MNIST-format IDX files (`train-images-idx3-ubyte[.gz]` beside `train-labels-idx1-ubyte[.gz]`,
+    any number of such pairs; their labels are the class names)."""
+    format: Literal["image_folder", "csv", "idx"] = "image_folder"
+    """How to read `source`: image_folder, csv or idx."""
     task: Literal["classification", "regression"] = "classification"
     """What the label is: a class (classification) or a number (regression, CSV only)."""
     image_size: tuple[int, int] = (8, 8)
@@ -54,9 +56,9 @@ class PrepareConfig:
         for name in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
-        if self.format == "image_folder" and self.task != "classification":
+        if self.format != "csv" and self.task != "classification":
             raise ValueError(
-                "task: an image folder's labels are its class folders; use classification"
+                f"task: {self.format} images are labeled with classes; use classification"
             )
 
 

@@ -1,7 +1,8 @@
 """Stage `prepare`: raw data -> stratified train/val/test arrays + manifest.json.
 
-Reads an image folder or a CSV (params `prepare.*`), splits it with a seed, computes the
-normalization statistics on the training split only, and writes everything atomically.
+Reads an image folder, a CSV or MNIST-format IDX files (params `prepare.*`), splits it
+with a seed, computes the normalization statistics on the training split only, and writes
+everything atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pipelines.atomic import output_directory, write_json
 from pipelines.config import PrepareConfig, load_config
 from pipelines.dataset import MANIFEST, SPLITS, array_file, sha256_file
 from pipelines.errors import UserError
-from pipelines.readers import RawDataset, read_csv_table, read_image_folder
+from pipelines.readers import RawDataset, read_csv_table, read_idx_folder, read_image_folder
 from pipelines.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ MIN_EXAMPLES_PER_CLASS = 3  # one each for train, val and test
 def read_raw(config: PrepareConfig, source: str) -> RawDataset:
     if config.format == "image_folder":
         return read_image_folder(source, config.image_size, config.grayscale)
+    if config.format == "idx":
+        return read_idx_folder(source, config.image_size, config.grayscale)
     return read_csv_table(source, config.label_column, config.feature_columns, config.task)
 
 
@@ -69,7 +72,11 @@ def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]
 
 
 def prepare(config: PrepareConfig, source: str, output: str) -> dict:
-    raw = read_raw(config, source)
+    return write_prepared(read_raw(config, source), config, source, output)
+
+
+def write_prepared(raw: RawDataset, config: PrepareConfig, source: str, output: str) -> dict:
+    """Split `raw` (read from `source`) and write it to `output`; returns the manifest."""
     splits = split_indices(raw, config)
     manifest: dict = {
         "format_version": 1,

@@ -1,4 +1,4 @@
-"""Readers for users' raw data: an image folder or a CSV table.
+"""Readers for users' raw data: an image folder, a CSV table or MNIST-format IDX files.
 
 Each reader returns a `RawDataset` or raises a UserError naming the file, row or column
 that is wrong; nothing is written here, so a bad input never leaves partial output.
@@ -7,8 +7,10 @@ that is wrong; nothing is written here, so a bad input never leaves partial outp
 from __future__ import annotations
 
 import csv
+import gzip
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,6 +79,88 @@ def _read_image(file: Path, size: tuple[int, int], grayscale: bool) -> np.ndarra
             return image_to_array(image, size, grayscale)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise UserError(f"{file}: unreadable image ({exc})") from None
+
+
+# IDX's type byte -> numpy dtype; the format stores every number big-endian.
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx_file(path: str | Path) -> np.ndarray:
+    """One IDX file (the format of MNIST and Fashion-MNIST; gzip-compressed when its name
+    ends in .gz): the array in the shape its header gives."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: unreadable ({exc})") from None
+    # Magic number: two zero bytes, the element type, the number of dimensions.
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_TYPES or data[3] == 0:
+        raise UserError(f"{path}: not an IDX file (no IDX magic number at its start)")
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise UserError(f"{path}: IDX header cut short")
+    shape = struct.unpack(f">{data[3]}I", data[4:header])
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    expected = header + math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise UserError(
+            f"{path}: {len(data)} bytes, but its header (shape {list(shape)}, {dtype.name}) "
+            f"needs {expected}"
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def read_idx_folder(root: str | Path, size: tuple[int, int], grayscale: bool) -> RawDataset:
+    """Every pair of IDX files in `root` named like MNIST's (`train-images-idx3-ubyte` with
+    `train-labels-idx1-ubyte`, `t10k-...`; `.gz` or not), concatenated: `prepare` makes its
+    own split. Images are resized like an image folder's; class names are the label values."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: IDX folder not found")
+    names = {p.name for p in root.iterdir() if p.is_file()}
+    # A file unpacked beside its .gz (`gunzip -k`) is read once, from the unpacked copy.
+    image_files = sorted(
+        root / name
+        for name in names
+        if "images" in name and "idx3" in name and name.removesuffix(".gz") not in names - {name}
+    )
+    if not image_files:
+        raise UserError(f"{root}: no IDX image files (named like train-images-idx3-ubyte[.gz])")
+    images, values = [], []
+    for image_file in image_files:
+        label_file = image_file.with_name(
+            image_file.name.replace("images", "labels").replace("idx3", "idx1")
+        )
+        if not label_file.is_file():
+            raise UserError(f"{image_file}: its labels file {label_file.name} is missing")
+        pixels, labels = read_idx_file(image_file), read_idx_file(label_file)
+        if pixels.ndim != 3 or pixels.dtype != np.uint8:
+            raise UserError(
+                f"{image_file}: expected 8-bit images (count, height, width), found "
+                f"{pixels.dtype.name} of shape {list(pixels.shape)}"
+            )
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(pixels):
+            raise UserError(
+                f"{label_file}: expected {len(pixels)} integer labels (one per image in "
+                f"{image_file.name}), found {labels.dtype.name} of shape {list(labels.shape)}"
+            )
+        images.append(pixels)
+        values.append(labels.astype(np.int64))
+    # Through PIL like an image folder's files, so both formats give the same arrays.
+    pixels = np.concatenate(images)
+    progress = tqdm(pixels, desc=f"reading {root}", unit="img", disable=None, leave=False)
+    features = np.stack([image_to_array(Image.fromarray(p), size, grayscale) for p in progress])
+    classes, labels = np.unique(np.concatenate(values), return_inverse=True)
+    log.info("read %d images in %d classes from %s", len(labels), len(classes), root)
+    return RawDataset(
+        features=features,
+        labels=labels.astype(np.int64),
+        class_names=tuple(str(c) for c in classes),
+        feature_names=None,
+        input_kind="image",
+    )
 
 
 def read_csv_table(

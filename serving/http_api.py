@@ -182,7 +182,9 @@ class HttpApi:
         try:
             body = await read_body(request, self.limits.max_body_bytes)
             payload = parse_body(schema, body)
-            result = await asyncio.wait_for(predict(payload), self.limits.request_timeout_s)
+            # asyncio.timeout, not wait_for: no extra task per request (measurable at ~4k/s).
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                result = await predict(payload)
             return json_response(result)
         except ClientError as exc:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)

@@ -13,7 +13,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,24 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
 Batches = Iterable[tuple[torch.Tensor, ...]]  # (x, y) or (x, y, per-example weight)
 
 
+class TimedBatches:
+    """`batches`, counting in `seconds` the time spent waiting for the next one: the part of
+    an epoch that data loading costs (host time: on a GPU, steps run ahead asynchronously)."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        iterator = iter(self.batches)
+        while True:
+            asked = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
+
+
 def run_epoch(
     model: nn.Module,
     batches: Batches,
@@ -234,7 +252,8 @@ def fit(
     worker's totals into the global ones, so every worker takes the same decisions.
     Raises TrainingDiverged when a loss becomes NaN/inf or the training loss exceeds
     `divergence_factor` times the first epoch's. `lr_at(epoch)`, when given, sets the
-    learning rate of each epoch (see `scheduled_lr`).
+    learning rate of each epoch (see `scheduled_lr`). Each epoch's metrics include its
+    `train_seconds` and, of those, the `data_wait_seconds` spent waiting for batches.
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
@@ -243,9 +262,11 @@ def fit(
         if lr_at is not None:
             for group in state.optimizer.param_groups:
                 group["lr"] = lr_at(epoch)
+        batches = TimedBatches(train_batches(epoch))
         train_totals, norms = run_epoch(
-            state.model, train_batches(epoch), loss_fn, device, amp, classification, state.optimizer
+            state.model, batches, loss_fn, device, amp, classification, state.optimizer
         )
+        train_seconds = time.perf_counter() - started
         # Evaluate the bare module: DDP's forward may broadcast buffers, a collective that
         # would hang when workers hold different numbers of validation batches.
         val_totals, _ = run_epoch(
@@ -259,6 +280,8 @@ def fit(
             **{f"grad_norm/{name}": value for name, value in norms.items()},
             "lr": state.optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,  # the training part of the epoch
+            "data_wait_seconds": batches.seconds,  # the part of it spent waiting for batches
         }
         train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]
         if state.first_train_loss is None:

@@ -20,23 +20,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from models.optimizers import batch_size_for, make_optimizer
 from pipelines.config import TrainConfig
 from pipelines.tracking import RunLogger
-from pipelines.training.batches import shard_for_eval
-from pipelines.training.loop import (
-    EarlyStopping,
-    TrainingDiverged,
-    TrainingState,
-    fit,
-    scheduled_lr,
-    unwrap,
-)
+from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
+from pipelines.training.loop import TrainingDiverged, TrainingState, unwrap
 
 STATE_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npy"
 DIVERGED_FILE = "diverged.txt"
-EVAL_BATCH_SIZE = 1024
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -52,16 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
 
-    torch.manual_seed(train_cfg.seed)  # identical initial weights on every worker
-    model = ray.train.torch.prepare_model(task.build_model())
-    optimizer = make_optimizer(
-        train_cfg.optimizer,
-        model.parameters(),
-        train_cfg.lr,
-        weight_decay=train_cfg.weight_decay,
-        momentum=train_cfg.momentum,
-    )
-    state = TrainingState(model, optimizer, EarlyStopping(train_cfg.early_stopping_patience))
+    state = initial_state(task, train_cfg, ray.train.torch.prepare_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -70,12 +52,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
     start_epoch = state.next_epoch
 
-    per_worker = -(-len(arrays["x_train"]) // world_size)
-    batch_size = batch_size_for(train_cfg.optimizer, train_cfg.batch_size, per_worker)
-    train_batches = task.train_batches(arrays, batch_size, rank, world_size, train_cfg.seed)
-    val_batches = shard_for_eval(
-        arrays["x_val"], arrays["y_val"], EVAL_BATCH_SIZE, rank, world_size
-    )
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
     if logger is not None and state.history:
         # A resumed run: make sure the MLflow run has the curves of the epochs before it.
@@ -102,27 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     try:
-        fit(
-            state,
-            task.loss(),
-            train_batches,
-            lambda: val_batches.epoch(0),
-            epochs=train_cfg.epochs,
-            lr=train_cfg.lr,
-            device=device,
-            classification=classification,
-            amp=train_cfg.amp,
-            divergence_factor=train_cfg.divergence_factor,
-            reduce=all_reduce,
-            on_epoch_end=on_epoch_end,
-            lr_at=lambda epoch: scheduled_lr(
-                epoch,
-                train_cfg.lr,
-                train_cfg.epochs,
-                train_cfg.lr_schedule,
-                train_cfg.warmup_epochs,
-            ),
-        )
+        fit_task(state, task, arrays, train_cfg, device, rank, world_size, all_reduce, on_epoch_end)
         if "x_predict" in arrays:
             probabilities = predict_distributed(
                 unwrap(state.model), arrays["x_predict"], device, rank, world_size

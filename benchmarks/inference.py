@@ -1,0 +1,282 @@
+"""Inference latency: onnxruntime against torch eager, for every model the pipeline exports.
+
+Each exported ONNX graph is timed beside the torch module it was exported from, rebuilt by
+the export stage's own code from the trained weights on disk, on the inputs that stage
+checks parity on:
+
+- `classifier_<architecture>` (and `pseudolabel_classifier_<architecture>`): the servable
+  classifier (standardize -> network -> softmax) on test-split images;
+- `mlm_fill_mask`, `mlm_embed`: the encoder's two graphs on validation blocks cut to
+  random lengths and padded (what serving sends: short, padded batches);
+- `segment_kmeans`, `segment_autoencoder`: raw customer feature rows -> segment and
+  distances to every centroid.
+
+One thread each (`torch.set_num_threads(1)`; onnxruntime intra- and inter-op 1, as a
+serving replica runs it), at batch 1 and 32. A figure is the median of many calls after a
+warm-up; torch and onnxruntime take turns in short slices, so that a neighbour's burst on a
+shared machine falls on both. `max_abs_diff` is the largest |torch - onnxruntime| over
+every output of both batches. Run from the repository root after `dvc repro`:
+
+    python -m benchmarks.inference       # writes benchmarks/results/inference.json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.scratch import machine, markdown_table, write_results
+from pipelines.onnx_export import onnx_session
+
+RESULTS = Path("benchmarks/results/inference.json")
+BATCHES = (1, 32)
+TARGET_SPEEDUP_B1 = 1.5
+
+
+def median_ms(
+    calls: dict[str, Callable[[], object]],
+    seconds: float,
+    *,
+    slices: int = 5,
+    warmup_s: float = 0.2,
+    min_runs: int = 20,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median milliseconds per call of each of `calls`, after `warmup_s` of warm-up each.
+
+    Each call is timed for about `seconds` in all (and at least `min_runs` times), in
+    `slices` turns taken one call after the other, so that a disturbance lasting part of
+    the measurement touches every call alike rather than only the one running then."""
+    for call in calls.values():
+        deadline = clock() + warmup_s
+        while clock() < deadline:
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    per_slice_s, per_slice_runs = seconds / slices, math.ceil(min_runs / slices)
+    for _ in range(slices):
+        for name, call in calls.items():
+            spent, runs = 0.0, 0
+            while spent < per_slice_s or runs < per_slice_runs:
+                start = clock()
+                call()
+                elapsed = clock() - start
+                samples[name].append(elapsed)
+                spent, runs = spent + elapsed, runs + 1
+    return {name: statistics.median(times) * 1e3 for name, times in samples.items()}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One exported graph and the torch module it was exported from."""
+
+    name: str
+    module: nn.Module
+    onnx_path: Path
+    input_name: str
+    inputs: np.ndarray  # at least max(BATCHES) rows; batch b is the first b
+    describe: str
+
+
+def _outputs(value) -> list[np.ndarray]:
+    return [t.numpy() for t in value] if isinstance(value, (tuple, list)) else [value.numpy()]
+
+
+def measure(case: Case, seconds: float) -> dict:
+    session = onnx_session(case.onnx_path, threads=1)
+    module = case.module.eval()
+    figures: dict = {"onnx": str(case.onnx_path), "inputs": case.describe}
+    worst, speedup = 0.0, {}
+    for batch in BATCHES:
+        array = np.ascontiguousarray(case.inputs[:batch])
+        tensor = torch.from_numpy(array)
+        feed = {case.input_name: array}
+        with torch.inference_mode():
+            expected = _outputs(module(tensor))
+            actual = session.run(None, feed)
+            for want, got in zip(expected, actual, strict=True):
+                diff = np.abs(want.astype(np.float64) - got.astype(np.float64))
+                worst = max(worst, float(diff.max()))
+            calls = {"torch": partial(module, tensor), "ort": partial(session.run, None, feed)}
+            ms = median_ms(calls, seconds)
+        figures[f"torch_ms_b{batch}"] = round(ms["torch"], 4)
+        figures[f"ort_ms_b{batch}"] = round(ms["ort"], 4)
+        speedup[batch] = ms["torch"] / ms["ort"]
+        figures[f"speedup_b{batch}"] = round(speedup[batch], 2)
+    figures["max_abs_diff"] = worst
+    figures["target_b1_met"] = speedup[1] >= TARGET_SPEEDUP_B1
+    return figures
+
+
+# The stage modules are imported where they are used: they bring Ray and MLflow with them
+# (seconds), which the timing helper and its unit test do not need.
+
+
+def classifier_case(name: str, data_dir: str, model_dir: str, export_dir: str) -> Case:
+    from pipelines.dataset import load_prepared
+    from pipelines.export import CARD_FILE, ONNX_FILE
+    from pipelines.model_bundle import inference_model, load_trained
+    from pipelines.onnx_export import INPUT_NAME
+
+    data = load_prepared(data_dir)
+    model, _, _ = load_trained(model_dir, data.manifest)
+    card = json.loads((Path(export_dir) / CARD_FILE).read_text())
+    x_test = data.x("test")
+    return Case(
+        f"{name}_{card['architecture']}",
+        inference_model(model, data.task),
+        Path(export_dir) / ONNX_FILE,
+        INPUT_NAME,
+        x_test,
+        f"test images {tuple(x_test.shape[1:])}",
+    )
+
+
+def mlm_cases(params: str, data_dir: str, model_dir: str, export_dir: str) -> Iterator[Case]:
+    from models.transformer import SentenceEmbedder
+    from pipelines.config import load_config
+    from pipelines.dataset import load_prepared
+    from pipelines.export_mlm import CARD_FILE, parity_inputs
+    from pipelines.mlm_bundle import load_mlm_bundle
+    from pipelines.pretrain_mlm import validation_arrays
+
+    data = load_prepared(data_dir)
+    model, _, _ = load_mlm_bundle(model_dir, data.manifest)
+    arrays = validation_arrays(load_config(params).mlm, data)
+    pad_id = data.manifest["special_ids"]["[PAD]"]
+    _, (padded, _) = parity_inputs(arrays["x_val"], arrays["y_val"], pad_id)
+    ids = padded.astype(np.int64)
+    card = json.loads((Path(export_dir) / CARD_FILE).read_text())
+    modules = {"fill_mask": model, "embed": SentenceEmbedder(model)}
+    for graph, spec in card["graphs"].items():
+        yield Case(
+            f"mlm_{graph}",
+            modules[graph],
+            Path(export_dir) / spec["file"],
+            spec["input"],
+            ids,
+            f"validation blocks cut to 2-{ids.shape[1]} tokens, padded to {ids.shape[1]}",
+        )
+
+
+def segment_cases(data_dir: str, model_dir: str, export_dir: str) -> Iterator[Case]:
+    from pipelines.export_segment import INPUT, segmenters
+    from pipelines.segment import MODEL_FILE, feature_table
+
+    bundle = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    raw = feature_table(data_dir)[bundle["transform"]["columns"]].to_numpy(dtype=np.float32)
+    # model.onnx is a copy of the graph `segment.serve` names; each graph is timed once.
+    for graph, module in segmenters(bundle).items():
+        yield Case(
+            f"segment_{graph}",
+            module,
+            Path(export_dir) / f"{graph}.onnx",
+            INPUT,
+            raw,
+            f"customer feature rows ({raw.shape[1]} features)",
+        )
+
+
+# Where `dvc repro` leaves each model's data, trained weights and export (dvc.yaml's outs).
+SUPERVISED = (
+    "data/prepared/supervised",
+    "artifacts/supervised/model",
+    "artifacts/supervised/export",
+)
+PSEUDOLABEL = (
+    "data/prepared/pseudolabel",
+    "artifacts/pseudolabel/model",
+    "artifacts/pseudolabel/export",
+)
+MLM = ("data/prepared/mlm", "artifacts/mlm/model", "artifacts/mlm/export")
+SEGMENT = ("data/raw/customers", "artifacts/segment/model", "artifacts/segment/export")
+
+
+def cases(root: Path, params: str) -> Iterator[Case]:
+    """Every exported model under `root`; the pseudo-label student where it was exported."""
+    yield classifier_case("classifier", *(str(root / p) for p in SUPERVISED))
+    if (root / PSEUDOLABEL[2]).is_dir():
+        yield classifier_case("pseudolabel_classifier", *(str(root / p) for p in PSEUDOLABEL))
+    yield from mlm_cases(params, *(str(root / p) for p in MLM))
+    yield from segment_cases(*(str(root / p) for p in SEGMENT))
+
+
+def table(results: dict[str, dict]) -> str:
+    header = (
+        "model",
+        "torch b1 ms",
+        "ORT b1 ms",
+        "speedup b1",
+        "torch b32 ms",
+        "ORT b32 ms",
+        "speedup b32",
+        "max abs diff",
+        f"b1 >= {TARGET_SPEEDUP_B1}x",
+    )
+    rows = (
+        (
+            name,
+            f"{f['torch_ms_b1']:.3f}",
+            f"{f['ort_ms_b1']:.3f}",
+            f"{f['speedup_b1']:.2f}x",
+            f"{f['torch_ms_b32']:.3f}",
+            f"{f['ort_ms_b32']:.3f}",
+            f"{f['speedup_b32']:.2f}x",
+            f"{f['max_abs_diff']:.1e}",
+            "met" if f["target_b1_met"] else "**MISSED**",
+        )
+        for name, f in results.items()
+    )
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", default=".", help="the repository whose models to time")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument(
+        "--seconds", type=float, default=1.0, help="timed per engine, model and batch size"
+    )
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    import onnxruntime as ort
+
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    for case in cases(Path(args.root), args.params):
+        results[case.name] = measure(case, args.seconds)
+        f = results[case.name]
+        print(
+            f"{case.name:28s} b1 torch {f['torch_ms_b1']:.3f} ms ort {f['ort_ms_b1']:.3f} ms "
+            f"({f['speedup_b1']:.2f}x)  b32 torch {f['torch_ms_b32']:.3f} ms "
+            f"ort {f['ort_ms_b32']:.3f} ms ({f['speedup_b32']:.2f}x)  "
+            f"max |diff| {f['max_abs_diff']:.1e}",
+            flush=True,
+        )
+    versions = f"torch {torch.__version__}, onnxruntime {ort.__version__}"
+    write_results(
+        args.output,
+        {**results, "machine": f"{machine()}; {versions}"},
+        table(results),
+        f"{versions}. One thread each, median of the calls in {args.seconds:g} s per engine and "
+        "batch size (after 0.2 s of warm-up), torch in `inference_mode`. Target: onnxruntime >= "
+        f"{TARGET_SPEEDUP_B1}x torch eager at batch 1. Took {time.perf_counter() - started:.0f} s.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""One process's part of a training run, in plain PyTorch: what the Ray Train worker adapter
+(`worker.py`) wraps, and what the training benchmark runs alone as its no-Ray reference.
+
+`initial_state` builds the seeded network, its optimizer and early stopping; `fit_task` cuts
+this process's shard into batches and runs `fit` with the run's learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from models.optimizers import batch_size_for, make_optimizer
+from pipelines.config import TrainConfig
+from pipelines.training.batches import shard_for_eval
+from pipelines.training.loop import EarlyStopping, TrainingState, fit, scheduled_lr
+
+if TYPE_CHECKING:
+    from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
+
+    Task = SupervisedTask | MaskedLmTask | AutoencoderTask
+
+EVAL_BATCH_SIZE = 1024
+
+
+def initial_state(
+    task: Task,
+    train: TrainConfig,
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model,
+) -> TrainingState:
+    """A fresh run: `task`'s network, seeded so that every worker starts from the same
+    weights, passed through `prepare_model` (Ray's DDP wrapping and device placement, or a
+    plain `.to(device)`), with the optimizer and early stopping `train` asks for."""
+    torch.manual_seed(train.seed)
+    model = prepare_model(task.build_model())
+    optimizer = make_optimizer(
+        train.optimizer,
+        model.parameters(),
+        train.lr,
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
+    )
+    return TrainingState(model, optimizer, EarlyStopping(train.early_stopping_patience))
+
+
+def fit_task(
+    state: TrainingState,
+    task: Task,
+    arrays: dict[str, torch.Tensor],
+    train: TrainConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda totals: totals,
+    on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
+) -> TrainingState:
+    """Train `state` on worker `rank`'s shard of `arrays` (x_train/y_train/x_val/y_val as
+    the task reads them) for `train.epochs`; `reduce` and `on_epoch_end` are `fit`'s hooks."""
+    per_worker = -(-len(arrays["x_train"]) // world_size)
+    batch_size = batch_size_for(train.optimizer, train.batch_size, per_worker)
+    train_batches = task.train_batches(arrays, batch_size, rank, world_size, train.seed)
+    val_batches = shard_for_eval(
+        arrays["x_val"], arrays["y_val"], EVAL_BATCH_SIZE, rank, world_size
+    )
+    return fit(
+        state,
+        task.loss(),
+        train_batches,
+        lambda: val_batches.epoch(0),
+        epochs=train.epochs,
+        lr=train.lr,
+        device=device,
+        classification=task.classification,
+        amp=train.amp,
+        divergence_factor=train.divergence_factor,
+        reduce=reduce,
+        on_epoch_end=on_epoch_end,
+        lr_at=lambda epoch: scheduled_lr(
+            epoch, train.lr, train.epochs, train.lr_schedule, train.warmup_epochs
+        ),
+    )

@@ -1,0 +1,55 @@
+"""The inference benchmark's timer, on a fake clock: medians, not means, and fair turns."""
+
+import itertools
+
+import pytest
+
+from benchmarks.inference import median_ms
+
+
+class FakeClock:
+    """Time moves only when a timed call runs: each call takes its next listed duration."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.runs: dict[str, int] = {}
+        self.spent: dict[str, float] = {}
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self, name: str, durations: list[float]):
+        steps = itertools.cycle(durations)
+        self.runs[name], self.spent[name] = 0, 0.0
+
+        def run() -> None:
+            step = next(steps)
+            self.runs[name] += 1
+            self.spent[name] += step
+            self.now += step
+
+        return run
+
+
+def test_median_ms_is_the_median_of_each_calls_runs_in_turns():
+    clock = FakeClock()
+    # One run in five is a 50 ms outlier: the means would be 11.6 and 13.2 ms.
+    calls = {
+        "fast": clock.call("fast", [0.002] * 4 + [0.05]),
+        "slow": clock.call("slow", [0.004] * 4 + [0.05]),
+    }
+    ms = median_ms(calls, seconds=1.0, warmup_s=0.1, slices=5, clock=clock)
+    assert ms == pytest.approx({"fast": 2.0, "slow": 4.0})
+    # Each call runs for `seconds` plus its warm-up, however fast it is; a slice ends with
+    # the first run past its share (at most one 50 ms run over, in each of 5 slices).
+    for name in calls:
+        assert 1.1 <= clock.spent[name] <= 1.1 + 6 * 0.05
+
+
+def test_median_ms_runs_a_slow_call_min_runs_times():
+    clock = FakeClock()
+    slow = clock.call("slow", [1.0])
+    assert median_ms({"slow": slow}, 0.5, warmup_s=0.0, min_runs=10, clock=clock) == {
+        "slow": 1000.0
+    }
+    assert clock.runs["slow"] == 10  # 5 slices of 2 runs; no warm-up asked for
