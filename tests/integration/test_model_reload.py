@@ -21,19 +21,33 @@ from tests.helpers import declared_app
 pytestmark = pytest.mark.integration
 
 APP = "reload-test"
+MODEL = "reload-test-classifier"
 
 
-class SteadyLoad(threading.Thread):
-    """POST /v1/classify at `rate` requests/s on one keep-alive connection; keeps every
-    answer's status and model version."""
+class SteadyLoad:
+    """POST /v1/classify at `rate` requests/s in all, from `connections` keep-alive
+    connections on their own threads (a late answer on one does not hold up the others; a
+    late thread catches up on its schedule); keeps every answer's status and version."""
 
-    def __init__(self, url: str, body: dict, rate: float) -> None:
-        super().__init__(daemon=True)
-        self.url, self.body, self.interval = url, body, 1.0 / rate
+    def __init__(self, url: str, body: dict, rate: float, connections: int = 2) -> None:
+        self.url, self.body, self.interval = url, body, connections / rate
         self.answers: list[tuple[int, str | None]] = []
         self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
 
-    def run(self) -> None:
+    def __enter__(self) -> SteadyLoad:
+        self.started = time.perf_counter()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        self.seconds = time.perf_counter() - self.started
+
+    def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=10) as client:
             next_at = time.perf_counter()
             while not self.stop.is_set():
@@ -48,8 +62,11 @@ class SteadyLoad(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def served(trained, ray_dashboard):
-    args = {"model": "models:/dlpipe-classifier@champion", "tracking_uri": trained.mlflow_uri}
+def served(trained, ray_dashboard, tmp_path_factory):
+    # A registered model of this module's own: its versions and alias move here, and the
+    # session's dlpipe-classifier@champion stays as the other modules expect it.
+    register_copy(trained, tmp_path_factory.mktemp("first"))
+    args = {"model": f"models:/{MODEL}@champion", "tracking_uri": trained.mlflow_uri}
     with declared_app(ray_dashboard, APP, args) as url:
         yield url
 
@@ -71,7 +88,7 @@ def register_copy(trained, tmp_path, tamper: bool = False) -> str:
             card["mlflow_run_id"],
             export / "model.onnx",
             export / "model_card.json",
-            "dlpipe-classifier",
+            MODEL,
             "champion",
             extra_files=(export / "parity_sample.npz",),
         )
@@ -94,22 +111,23 @@ def test_alias_swap_under_200_requests_per_s_fails_no_request(
     assert models(served)["models"][0]["version"] == old_version  # nothing moves by itself
 
     x = np.load(trained.prepared / "x_test.npy")[:2].reshape(2, -1).tolist()
-    load = SteadyLoad(served, {"instances": x}, rate=200)
-    load.start()
-    time.sleep(1.0)
-    versions = reload_models(ray_dashboard, APP, trained.mlflow_uri)
-    assert versions == {"classifier": new_version}
-    settled = wait_for_versions(served, versions, timeout_s=60)
-    time.sleep(1.0)
-    load.stop.set()
-    load.join()
+    with SteadyLoad(served, {"instances": x}, rate=200) as load:
+        time.sleep(1.5)
+        versions = reload_models(ray_dashboard, APP, trained.mlflow_uri)
+        assert versions == {"classifier": new_version}
+        settled = wait_for_versions(served, versions, timeout_s=60)
+        time.sleep(1.5)
 
     assert settled["classifier"]["version"] == new_version
     statuses = [status for status, _ in load.answers]
-    assert len(statuses) >= 300  # the load really ran throughout (~200/s for > 2 s)
     assert statuses.count(200) == len(statuses), [a for a in load.answers if a[0] != 200][:5]
+    # The load really ran throughout: at 200/s asked, at least half of it answered (a busy
+    # 2-core CI machine slows the Python client itself), on both sides of the swap.
+    rate = len(statuses) / load.seconds
+    assert rate >= 100, f"only {rate:.0f} requests/s were sent"
     served_versions = [version for _, version in load.answers]
     assert served_versions[0] == old_version and served_versions[-1] == new_version
+    assert min(served_versions.count(old_version), served_versions.count(new_version)) >= 100
     # Swapped in place: the same replica answers, it was not restarted.
     assert models(served)["replica"] == before["replica"]
 
