@@ -35,15 +35,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.action == "reload":
+        return cmd_reload(args)
+
     from ray import serve
 
     from pipelines.cluster import connect_ray
     from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL
     from serving.deploy import DeployError, dashboard_address, deploy_app, wait_until_running
     from serving.model_slots import NO_MODEL
-
-    if args.action == "reload":
-        return cmd_reload(args)
 
     # Fail here, in one line, rather than in a replica's traceback.
     mlm_model = args.mlm_model or DEFAULT_MLM_MODEL

@@ -159,15 +159,15 @@ class HttpApi:
 
     def _post(self, route: str, slot: str, schema: type[BaseModel], predict: Predict):
         async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
             if self.in_flight >= self.limits.max_in_flight:
                 response = json_response(
                     {"detail": "overloaded: too many requests in flight, retry shortly"},
                     503,
                     {"Retry-After": "1"},
                 )
-                self._record(route, slot, response.status_code, time.perf_counter())
+                self._record(route, slot, response.status_code, started)
                 return response
-            started = time.perf_counter()
             self.in_flight += 1
             try:
                 response = await self._answer(request, schema, predict)

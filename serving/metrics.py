@@ -71,13 +71,11 @@ class ServingMetrics:
 
     def models(self, loaded: Any, failed_slots: list[str]) -> None:
         """After a (re)load: the versions served, and the slots whose new version failed."""
-        for slot in ("classifier", "mlm", "segmenter"):
-            predictor = getattr(loaded, slot)
-            if predictor is not None:
-                model, version = _model_tags(predictor)
-                self.model_version.set(
-                    float(version) if version.isdigit() else 0.0, {"slot": slot, "model": model}
-                )
+        for slot, predictor in loaded.served():
+            model, version = _model_tags(predictor)
+            self.model_version.set(
+                float(version) if version.isdigit() else 0.0, {"slot": slot, "model": model}
+            )
         for slot in failed_slots:
             self.failed_reloads.inc(1, {"slot": slot})
 

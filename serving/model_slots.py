@@ -112,12 +112,13 @@ class LoadedModels:
             )
         return refused
 
+    def served(self) -> list[tuple[str, Any]]:
+        """(slot, predictor) for every slot with a model."""
+        return [(slot, getattr(self, slot)) for slot in PREDICTORS if getattr(self, slot)]
+
     def infos(self) -> list[dict[str, Any]]:
         infos = []
-        for slot in PREDICTORS:
-            predictor = getattr(self, slot)
-            if predictor is None:
-                continue
+        for slot, predictor in self.served():
             files = predictor.files
             infos.append(
                 {
