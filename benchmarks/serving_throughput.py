@@ -4,7 +4,8 @@ would run instead, side by side in one invocation.
 Servers, each started in its own process (and, for the Ray ones, its own local Ray
 cluster), measured one after the other with the same request and load generator:
 
-- `dlpipe`: `dlpipe serve` with the exported classifier (what `make serve` runs);
+- `dlpipe`: `dlpipe serve` with the exported classifier (what `make serve` runs), held
+  at one replica;
 - `bare`: the same ONNX model in one bare uvicorn/Starlette process: the reference limit;
 - `naive`: FastAPI + the torch model in eager mode, as a user would first write it;
 - `ray_default`: a FastAPI ingress on Ray Serve with Serve's defaults.
@@ -71,6 +72,11 @@ def servers(export_dir: str, model_dir: str) -> list[Server]:
                 "none",
                 "--port",
                 "8100",
+                # One replica, like the bare process: on 2 CPUs wrk needs the other one, and
+                # a second replica would only take CPU from wrk (measured: autoscaling added
+                # one at 128 clients and throughput fell below 32 clients').
+                "--max-replicas",
+                "1",
             ],  # fmt: skip
             8100,
             ray_env,

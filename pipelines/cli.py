@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) -> dict:
     """serving/config.yaml's application with this command's models and address, and at
-    most as many replicas as the cluster has CPUs for (`threads` each)."""
+    most as many replicas as the cluster has CPUs for (`threads` each) or `--max-replicas`."""
     import ray
 
     from serving.deploy import default_app
@@ -115,7 +115,10 @@ def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) ->
         autoscaling = deployment.get("autoscaling_config")
         if autoscaling:
             fit = max(1, int(ray.cluster_resources().get("CPU", 1)) // args.threads)
+            if args.max_replicas is not None:
+                fit = min(fit, args.max_replicas)
             autoscaling["max_replicas"] = min(autoscaling["max_replicas"], fit)
+            autoscaling["min_replicas"] = min(autoscaling["min_replicas"], fit)
     return app
 
 
@@ -263,6 +266,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -301,6 +311,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
+    serve.add_argument(
+        "--max-replicas",
+        type=positive_int,
+        help="autoscaling's upper bound (default: serving/config.yaml's, at most CPUs / threads); "
+        "1 keeps one replica, e.g. when the clients share this machine's CPUs",
+    )
     serve.add_argument("--demo", action="store_true", help="send one prediction, print it, stop")
     serve.add_argument("--demo-image", help="image for --demo (default: a bundled digit)")
     serve.add_argument(

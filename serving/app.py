@@ -23,6 +23,7 @@ from ray import serve
 from starlette.applications import Starlette
 
 from serving.autoscaling import IN_FLIGHT
+from serving.batcher import DynamicBatcher
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.metrics import ServingMetrics
@@ -38,8 +39,8 @@ DEFAULT_HTTP_PORT = 8000
 
 @dataclass(frozen=True)
 class Batching:
-    """Dynamic batching of /v1/classify (Serve's `@serve.batch`), changeable live through
-    the deployment's `user_config`."""
+    """Dynamic batching of /v1/classify (serving/batcher.py), changeable live through the
+    deployment's `user_config`."""
 
     max_batch_size: int = 32
     """Requests run through onnxruntime together at most."""
@@ -57,10 +58,7 @@ class Batching:
             raise ValueError(
                 f"user_config: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
             )
-        batching = cls(**config)
-        if batching.max_batch_size < 1 or batching.batch_wait_timeout_s < 0:
-            raise ValueError(f"user_config: {batching} (need max_batch_size >= 1, wait >= 0)")
-        return batching
+        return cls(**config)
 
 
 def pinned_versions(config: Any) -> dict[str, str]:
@@ -103,6 +101,9 @@ class PredictionService:
         self.use_gpu = bool(ray.get_gpu_ids())
         self.models = LoadedModels()
         self.metrics = ServingMetrics()
+        self.batcher: DynamicBatcher[tuple[ClassifierPredictor, np.ndarray], Any] = DynamicBatcher(
+            self._classify_together
+        )
         self.api: HttpApi | None = None
         self.server: ReplicaHttpServer | None = None
 
@@ -113,8 +114,7 @@ class PredictionService:
         config = dict(user_config or {})
         versions = pinned_versions(config.pop("versions", None))
         batching = Batching.from_user_config(config)
-        self._batch_many.set_max_batch_size(batching.max_batch_size)
-        self._batch_many.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         refused = self.models.load(
             self.sources, versions, self.tracking_uri, self.threads, self.use_gpu
         )
@@ -150,20 +150,14 @@ class PredictionService:
     async def classify_batched(
         self, classifier: ClassifierPredictor, batch: np.ndarray
     ) -> list[dict[str, Any]]:
-        result = await self._batch_many((classifier, batch))
-        if isinstance(result, InputError):
-            raise result
-        return result
+        return await self.batcher.submit((classifier, batch))
 
-    @serve.batch(
-        max_batch_size=Batching.max_batch_size, batch_wait_timeout_s=Batching.batch_wait_timeout_s
-    )
-    async def _batch_many(
+    def _classify_together(
         self, requests: list[tuple[ClassifierPredictor, np.ndarray]]
-    ) -> list[Any]:
+    ) -> list[list[dict[str, Any]] | InputError]:
         # Concurrent requests' inputs in one onnxruntime call; each gets its own answer.
         # Grouped by predictor: during a model swap a batch can hold requests for both.
-        results: list[Any] = []
+        results: list[list[dict[str, Any]] | InputError] = []
         for classifier, group in itertools.groupby(requests, key=lambda r: r[0]):
             batches = [batch for _, batch in group]
             self.metrics.batch(classifier, len(batches))

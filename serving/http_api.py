@@ -114,7 +114,7 @@ class HttpApi:
     """The endpoints over `models`, an object with `classifier`, `mlm` and `segmenter`
     (each a predictor or None, swapped in place on reload) and `infos()`;
     `classify_batch(classifier, array)` may batch concurrent calls (serving/app.py passes
-    Serve's `@serve.batch`); `metrics` (serving/metrics.py) records every answer; `replica`
+    serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
     names the replica answering in /v1/models (several share a port)."""
 
     def __init__(

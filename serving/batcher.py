@@ -1,0 +1,127 @@
+"""Dynamic batching: concurrent requests' inputs answered by one model call.
+
+Why not Serve's `@serve.batch`: it is built for requests that come through Serve's router,
+and pays for that on every call even when they do not. Profiled on a replica at 128
+clients (py-spy, issue 7 note): each request runs `inspect.signature` on the batched
+method (`extract_signature` in `enqueue_request`) and looks up Serve's request and trace
+contexts; each batch records five Ray metrics and, with no wait time, still creates an
+`asyncio.wait_for` task. Our requests come through the replica's own HTTP server
+(serving/http_server.py) and need none of it, so this queue does the same job with a
+deque, a future per request and one task per replica (benchmarks/README.md has the
+before/after).
+
+Semantics, as `@serve.batch`: a batch is at most `max_batch_size` requests; the first
+request of a batch waits up to `batch_wait_timeout_s` for others (0: a batch is what queued
+while the previous one ran, which under load fills batches by itself and never delays a
+lone client); both change live. A result that is an exception is raised to its own caller
+only, so one bad request does not fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class DynamicBatcher(Generic[Item, Result]):
+    """`await batcher.submit(item)` -> that item's entry of `run_batch(items)`.
+
+    `run_batch` takes a list of items and returns one result per item, in order; it runs
+    on the event loop (onnxruntime on a small batch takes less time than a thread handoff).
+    Create the batcher anywhere; its task starts with the first `submit`, on the running
+    loop.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Item]], list[Result | BaseException]],
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.0,
+    ) -> None:
+        self._run_batch = run_batch
+        self.configure(max_batch_size, batch_wait_timeout_s)
+        self._queue: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """New limits, taken from the next batch on (`reconfigure` calls this live)."""
+        if max_batch_size < 1 or batch_wait_timeout_s < 0:
+            raise ValueError(
+                f"batching needs max_batch_size >= 1 and batch_wait_timeout_s >= 0, got "
+                f"{max_batch_size} and {batch_wait_timeout_s}"
+            )
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+
+    async def submit(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._serve_batches(), name="dynamic-batcher")
+        future = loop.create_future()
+        self._queue.append((item, future))
+        self._arrived.set()
+        return await future
+
+    async def _serve_batches(self) -> None:
+        assert self._arrived is not None
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
+                await self._wait_for_more(self.batch_wait_timeout_s)
+            self._answer(self._next_batch())
+            # Yield once so the answers go out and new requests reach the queue before the
+            # next batch is taken.
+            await asyncio.sleep(0)
+
+    async def _wait_for_more(self, timeout_s: float) -> None:
+        assert self._arrived is not None
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(self._queue) < self.max_batch_size:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item, future = self._queue.popleft()
+            if not future.done():  # a caller that timed out or disconnected is skipped
+                batch.append((item, future))
+        return batch
+
+    def _answer(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._run_batch([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"run_batch returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:  # the whole call failed: every caller hears why
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
