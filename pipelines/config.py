@@ -405,11 +405,14 @@ class TuneConfig:
     every combination of `space`; optuna: TPE over all of it (needs `pip install optuna`)."""
     samples: int = 2
     """Trials per optimizer (random, grid: learning rates per optimizer; optuna: x optimizers)."""
-    scheduler: Literal["asha", "none"] = "asha"
-    """asha: stop trials early that trail at a rung; none: every trial runs `epochs`."""
+    scheduler: Literal["asha", "pbt", "none"] = "asha"
+    """asha: stop trials early that trail at a rung; pbt: population based training, every
+    `perturbation_interval` epochs a trailing trial takes a leading trial's weights and
+    settings, with its learning rate and `space` values perturbed; none: every trial runs
+    `epochs`."""
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     """Validation metric the search optimizes (accuracy up, loss down)."""
-    epochs: int = 12
+    epochs: int = 16
     """Epochs per trial at most (ASHA's max_t)."""
     grace_period: int = 1
     """ASHA: epochs every trial gets before it can be stopped (one epoch already shows a
@@ -418,6 +421,8 @@ class TuneConfig:
     """ASHA: 1/reduction_factor of the trials go on at each rung (rungs at grace_period x
     reduction_factor^n epochs: 1, 3, 9 by default; Ray's 4 leaves only 1 and 4 below 12
     epochs, and used more epochs on the default search: benchmarks/README.md)."""
+    perturbation_interval: int = 4
+    """PBT: epochs between the times a trailing trial may take a leading trial's weights."""
     max_concurrent_trials: int = 2
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1
@@ -458,9 +463,20 @@ class TuneConfig:
                 raise ValueError(f"space.{key}: set by the search itself, not by `space`")
             if not values:
                 raise ValueError(f"space.{key}: give at least one value")
-        for name in ("samples", "epochs", "grace_period", "max_concurrent_trials"):
+        for name in (
+            "samples",
+            "epochs",
+            "grace_period",
+            "perturbation_interval",
+            "max_concurrent_trials",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduler == "pbt" and self.search == "optuna":
+            raise ValueError(
+                "scheduler: pbt picks the next settings itself and cannot follow a search "
+                "algorithm; use search: random or grid with it"
+            )
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
         if self.workers_per_trial < 1:

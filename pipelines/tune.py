@@ -1,8 +1,9 @@
 """Stage `tune`: a Ray Tune search over optimizers, learning rates and other settings.
 
 Each trial is a Ray Train run of the supervised task through the training stages' own
-driver and worker (pipelines/tuning/trial.py); its per-epoch reports reach the scheduler
-(ASHA by default), which stops trailing trials between epochs. A diverging trial ends
+driver and worker (pipelines/tuning/trial.py); its per-epoch reports reach the scheduler:
+ASHA (the default) stops trailing trials between epochs, PBT restarts them from leading
+trials' checkpoints with perturbed settings (its population: the trials running at once). A diverging trial ends
 itself and is reported as diverged; the search goes on. The driver logs a parent MLflow
 run with one child run per trial.
 
@@ -37,6 +38,7 @@ from pipelines.training.driver import run_name, storage_path, supervised_arrays
 from pipelines.tuning.space import (
     LR_SCALE,
     check_space,
+    clip_lr_scale,
     learning_rate,
     num_samples,
     param_space,
@@ -93,6 +95,8 @@ def tune_search(
         rows, curves = trial_rows(grid, tune)
         summary = summarize(rows, tune)
         best = summary.pop("_best")
+        if tune.scheduler == "pbt":
+            summary["pbt_exploits"] = pbt_exploits(experiment_dir)
         with output_directory(output) as staging:
             write_text(staging / BEST_PARAMS_FILE, best_params_yaml(best, summary, tune))
             write_csv(staging / RESULTS_FILE, rows, result_columns(tune))
@@ -114,8 +118,9 @@ def tune_search(
     # The search is over: a later run with these settings starts afresh.
     shutil.rmtree(experiment_dir, ignore_errors=True)
     parent_file.unlink(missing_ok=True)
-    for row in rows:
-        shutil.rmtree(Path(storage_path()) / f"tune-{row['trial_id']}", ignore_errors=True)
+    for row in rows:  # each trial's Train runs: tune-<id>, and tune-<id>-<n> under PBT
+        for run in Path(storage_path()).glob(f"tune-{row['trial_id']}*"):
+            shutil.rmtree(run, ignore_errors=True)
     log.info(
         "best of %d trials: %s lr %.3g, %s %.4f (%d stopped early, %d diverged; %d epochs)",
         summary["trials"],
@@ -128,6 +133,15 @@ def tune_search(
         summary["epochs_total"],
     )
     return summary
+
+
+def pbt_exploits(experiment_dir: Path) -> int:
+    """How many times PBT restarted a trial from a better one's checkpoint (Tune logs one
+    line per exploit in the experiment's pbt_global.txt)."""
+    log_file = experiment_dir / "pbt_global.txt"
+    if not log_file.is_file():
+        return 0
+    return sum(1 for line in log_file.read_text().splitlines() if line.strip())
 
 
 def total_trials(tune: TuneConfig) -> int:
@@ -210,10 +224,29 @@ def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path
 
 
 def _scheduler(tune: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if tune.scheduler == "none":
         return FIFOScheduler()
+    if tune.scheduler == "pbt":
+        # Tune keeps every checkpoint (PBT may read a leading trial's epochs later; the
+        # search's folder goes when it ends). The optimizer is not perturbed: a trial goes on
+        # with the optimizer whose moments it took, nor is any model.* key but dropout: the
+        # weights it took must fit.
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=tune.perturbation_interval,
+            hyperparam_mutations={
+                LR_SCALE: ray_tune.uniform(0.0, 1.0),
+                **{
+                    key: list(values)
+                    for key, values in tune.space.items()
+                    if key.startswith("train.") or key == "model.dropout"
+                },
+            },
+            custom_explore_fn=clip_lr_scale,
+        )
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=tune.epochs,
@@ -262,6 +295,10 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
         status = "error" if result.error else trial_status(last, tune.epochs)
         settings = tuned_values(result.config, tune)
         scored = [h for h in history if _finite(h.get(tune.metric))]
+        if tune.scheduler == "pbt":
+            # A PBT trial's earlier epochs may belong to weights and settings it has since
+            # dropped for a leading trial's: it is judged by where it ended.
+            scored = scored[-1:]
         pick = max if tune.metric == "val_accuracy" else min
         best = pick(scored, key=lambda h: h[tune.metric]) if scored else {}
         rows.append(

@@ -74,8 +74,18 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`: weights, the optimizer's moments and the run's progress.
+        The optimizer's settings (weight decay, momentum, betas) stay this run's own: a
+        population-based-training trial takes a better trial's weights with its own
+        mutated settings (a restart after a failure has the same settings anyway)."""
         unwrap(self.model).load_state_dict(state["model"])
+        settings = [
+            {key: value for key, value in group.items() if key != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         vars(self.early_stopping).update(state["early_stopping"])
         self.next_epoch = state["next_epoch"]
         self.history = list(state["history"])

@@ -44,7 +44,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
 
     state = initial_state(task, train_cfg, ray.train.torch.prepare_model)
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restart after a failure), else the one the run was
+    # started from (`initial_checkpoint`: e.g. a Tune trial restarted by PBT from a better
+    # trial's weights).
+    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state.load_state_dict(

@@ -57,6 +57,13 @@ def learning_rate(tune: TuneConfig, optimizer: str, scale: float) -> float:
     return float(low * (high / low) ** scale)
 
 
+def clip_lr_scale(config: dict[str, Any]) -> dict[str, Any]:
+    """PBT's `custom_explore_fn`: its perturbation multiplies lr_scale by 0.8 or 1.2; keep it
+    in [0, 1], the optimizer's learning-rate range."""
+    config[LR_SCALE] = min(max(float(config[LR_SCALE]), 0.0), 1.0)
+    return config
+
+
 def trial_settings(
     model: ArchitectureConfig, train: TrainConfig, tune: TuneConfig, sample: dict[str, Any]
 ) -> tuple[ArchitectureConfig, TrainConfig]:

@@ -1,13 +1,24 @@
 """One trial of the search: a Ray Train run through the stages' own driver and worker.
 
-Tune calls `run_trial` with a sample of the search space. It builds the trial's settings,
-starts the same `run_training` the training stages use, and passes Tune a callback that
-forwards every epoch's report, so the scheduler can stop the trial between epochs.
+Tune calls `run_trial` with a sample of the search space. It builds the trial's settings
+and starts the same `run_training` the training stages use; every epoch's report reaches
+Tune, so the scheduler can stop the trial (ASHA) between epochs.
+
+Under PBT, Tune must also hold each trial's checkpoints: it restarts a trailing trial from
+a leading trial's. Ray's `TuneReportCallback` forwards only a checkpoint's path (as a
+metric), so the Train run goes on a thread and its reports, checkpoints included, are
+handed to Tune from the trial's own thread (`train_reports`). ASHA and no scheduler keep
+the cheaper callback: a restored search resumes a trial from its Train run's own folder.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
 
 from models.architecture import ArchitectureConfig
 from pipelines.config import TrainConfig, TuneConfig
@@ -19,6 +30,8 @@ from pipelines.training.driver import (
 )
 from pipelines.training.worker import train_loop_per_worker
 from pipelines.tuning.space import trial_settings
+
+REPORT_WAIT_S = 1.0
 
 
 def run_trial(
@@ -33,15 +46,81 @@ def run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     model_cfg, train_cfg = trial_settings(model, train, tune, sample)
+    task = supervised_task(model_cfg, manifest, train_cfg)
+    config = loop_config(arrays, task, train_cfg, logger=None)
     # The trial id names the Train run: a trial restarted by Tuner.restore resumes its own
     # run's latest checkpoint instead of starting over.
     name = f"tune-{ray_tune.get_context().get_trial_id()}"
-    task = supervised_task(model_cfg, manifest, train_cfg)
-    run_training(
-        train_loop_per_worker,
-        loop_config(arrays, task, train_cfg, logger=None),
-        train_cfg,
-        name,
-        callbacks=[TuneReportCallback()],
-    )
+    start = ray_tune.get_checkpoint()
+    if start is not None:
+        # PBT restarts the trial from a checkpoint Tune holds (a leading trial's, or its own
+        # last one in a restored search): a new Train run from it, never the trial's old run.
+        name = f"{name}-{uuid.uuid4().hex[:8]}"
+        config["initial_checkpoint"] = start
+
+    def train_run(callbacks: list[Any]) -> None:
+        run_training(train_loop_per_worker, config, train_cfg, name, callbacks=callbacks)
+
+    if tune.scheduler != "pbt":
+        train_run([TuneReportCallback()])
+    else:
+        for metrics, checkpoint in train_reports(train_run):
+            if checkpoint is not None:
+                checkpoint = ray_tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+            ray_tune.report(metrics, checkpoint=checkpoint)
     remove_local_run(name)
+
+
+def train_reports(train_run: Callable[[list[Any]], None]) -> Iterator[tuple[dict, Any]]:
+    """Run `train_run(callbacks)` on a thread and yield its reports (rank 0's metrics and
+    checkpoint, each epoch) here, as they come. The Train run waits until the consumer
+    asks for the next report, so a checkpoint is read (Tune copies it) before Train's
+    `num_to_keep` deletes it. An error in the run is raised here once its reports are out.
+    """
+    from ray.util.queue import Empty, Queue
+
+    # Queues, not a local object: the callback runs in the Train run's controller actor.
+    reports: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    taken: Queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train_run([ForwardReports(reports, taken)])
+        except BaseException as exc:  # raised in the consumer's thread below
+            failure.append(exc)
+        try:
+            reports.put(None)
+        except Exception:  # the trial is being stopped: nobody is listening
+            pass
+
+    thread = threading.Thread(target=run, name="train-run", daemon=True)
+    thread.start()
+    # Tune stopping or pausing the trial ends this generator at its `yield`; the queues, the
+    # Train run and its thread then go with the trial's actor, which owns them.
+    while True:
+        try:
+            report = reports.get(timeout=REPORT_WAIT_S)
+        except Empty:
+            continue
+        if report is None:
+            break
+        yield report
+        taken.put(True)
+    thread.join()
+    for queue in (reports, taken):
+        queue.shutdown()
+    if failure:
+        raise failure[0]
+
+
+class ForwardReports(UserCallback):
+    """A Ray Train callback (it runs in the run's controller) that puts each report on
+    `reports` and waits on `taken` until the trial has handed it to Tune."""
+
+    def __init__(self, reports: Any, taken: Any) -> None:
+        self.reports, self.taken = reports, taken
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        self.reports.put((dict(metrics[0]), checkpoint))
+        self.taken.get()

@@ -28,7 +28,10 @@ def trial_status(last: dict[str, Any], max_epochs: int) -> str:
     """completed | stopped_early (by the scheduler) | diverged, from a trial's last result."""
     if last.get("diverged"):
         return "diverged"
-    if int(last.get("training_iteration", 0)) < max_epochs:
+    # The model's epoch, not Tune's report count: a trial PBT restarted from another
+    # trial's checkpoint goes on from that trial's epoch.
+    epochs = int(last["epoch"]) + 1 if "epoch" in last else int(last.get("training_iteration", 0))
+    if epochs < max_epochs:
         return "stopped_early"
     return "completed"
 

@@ -135,6 +135,34 @@ def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
     assert summary["best_val_accuracy"] > 0.5
 
 
+def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_path):
+    """Population based training: Tune holds every trial's checkpoints (forwarded from the
+    Train runs), so a trailing trial goes on from a leading one's weights."""
+    from pipelines.tune import tune_search
+
+    stores()
+    search = replace(
+        SMALL_SEARCH,
+        optimizers=("adam", "rmsprop"),
+        # Far apart on purpose: one trial of each pair trails and exploits the other.
+        lr={"default": (0.00003, 0.01)},
+        scheduler="pbt",
+        perturbation_interval=1,
+        epochs=4,
+    )
+    summary = tune_search(
+        PipelineConfig(train=quick_train_config(), tune=search),
+        str(trained.prepared),
+        str(tmp_path / "out"),
+        str(tmp_path / "tune.json"),
+        str(tmp_path / "plots"),
+    )
+    assert summary["trials"] == 2 and summary["scheduler"] == "pbt"
+    assert summary["pbt_exploits"] >= 1
+    assert summary["trials_stopped_early"] == 0 and summary["trials_failed"] == 0
+    assert summary["best_val_accuracy"] > 0.8
+
+
 def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
     from pipelines.errors import UserError
     from pipelines.tune import tune_search

@@ -100,6 +100,27 @@ def test_resume_from_a_saved_state_continues_at_the_next_epoch():
     )
 
 
+def test_a_state_loaded_into_other_settings_keeps_their_hyperparameters():
+    """PBT: a trial takes a better trial's weights and moments but keeps its own settings."""
+    donor = run(make_state(optimizer="adamw"), epochs=2)
+    torch.manual_seed(0)
+    model = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(16,), dropout=0.0), (2,), 2)
+    taker = TrainingState(
+        model,
+        make_optimizer("adamw", model.parameters(), 0.01, weight_decay=0.003),
+        EarlyStopping(0),
+    )
+    taker.load_state_dict(copy.deepcopy(donor.state_dict()))
+    group = taker.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.003 and group["lr"] == 0.01
+    moments = taker.optimizer.state[group["params"][0]]["exp_avg"]
+    donor_group = donor.optimizer.param_groups[0]
+    assert torch.equal(moments, donor.optimizer.state[donor_group["params"][0]]["exp_avg"])
+    assert taker.next_epoch == 2
+    for mine, theirs in zip(taker.model.parameters(), donor.model.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
 def test_shards_are_equal_sized_disjoint_and_cover_the_data():
     x, y = torch.arange(103).float()[:, None], torch.arange(103)
     shards = [ShardedBatches(x, y, 10, rank=r, world_size=2, seed=3) for r in range(2)]
