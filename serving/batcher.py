@@ -113,10 +113,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 raise RuntimeError(
                     f"run_batch returned {len(results)} results for {len(batch)} items"
                 )
-        except Exception as exc:  # the whole call failed: every caller hears why
+        except BaseException as exc:  # the whole call failed: every caller hears why
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))
+            if not isinstance(exc, Exception):
+                raise  # e.g. the loop shutting down: the batcher task ends here
             return
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
