@@ -146,6 +146,8 @@ class PredictionService:
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()
+            # The counts of the last second: their timer went with the server's loop.
+            self.metrics.flush()
 
     async def classify_batched(
         self, classifier: ClassifierPredictor, batch: np.ndarray
