@@ -51,6 +51,7 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.pipeline_overhead $(BENCH_DEMO)
 	$(BIN)/python -m benchmarks.pseudolabel_seeds
 	$(BIN)/python -m benchmarks.tune_asha
+	$(BIN)/python -m benchmarks.batching_overhead
 	$(BIN)/python -m benchmarks.serving_throughput
 
 # The benchmarks' Debian packages: wrk (the serving load generator) and Fashion-MNIST (the
