@@ -408,7 +408,7 @@ class TuneConfig:
     scheduler: Literal["asha", "pbt", "none"] = "asha"
     """asha: stop trials early that trail at a rung; pbt: population based training, every
     `perturbation_interval` epochs a trailing trial takes a leading trial's weights and
-    settings, with its learning rate and `space` values perturbed; none: every trial runs
+    settings, with its learning rate and `train.*` `space` values perturbed; none: every trial runs
     `epochs`."""
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     """Validation metric the search optimizes (accuracy up, loss down)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -231,9 +232,9 @@ def _scheduler(tune: TuneConfig):
         return FIFOScheduler()
     if tune.scheduler == "pbt":
         # Tune keeps every checkpoint (PBT may read a leading trial's epochs later; the
-        # search's folder goes when it ends). The optimizer is not perturbed: a trial goes on
-        # with the optimizer whose moments it took, nor is any model.* key but dropout: the
-        # weights it took must fit.
+        # search's folder goes when it ends). Only train.* settings are perturbed: a trial
+        # goes on with the optimizer whose moments it took, and with the model whose weights
+        # it took (even dropout: at 0 the network has no Dropout layer, other weight names).
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=tune.perturbation_interval,
@@ -242,7 +243,7 @@ def _scheduler(tune: TuneConfig):
                 **{
                     key: list(values)
                     for key, values in tune.space.items()
-                    if key.startswith("train.") or key == "model.dropout"
+                    if key.startswith("train.")
                 },
             },
             custom_explore_fn=clip_lr_scale,
@@ -291,7 +292,7 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
         reports = [] if frame is None else frame.to_dict("records")
         history = [r for r in reports if "epoch" in r and not _flag(r.get("diverged"))]
         last = reports[-1] if reports else {}
-        trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
+        trial_id = _trial_id(result)
         status = "error" if result.error else trial_status(last, tune.epochs)
         settings = tuned_values(result.config, tune)
         scored = [h for h in history if _finite(h.get(tune.metric))]
@@ -378,6 +379,14 @@ def result_columns(tune: TuneConfig) -> list[str]:
         tune.metric,
         "best_epoch",
     ]
+
+
+def _trial_id(result) -> str:
+    """The trial's own id, from its folder (`<trainable>_<id>_<n>_<settings>_<date>`): its
+    last metrics may be another trial's when PBT restarted it from that trial's checkpoint
+    and it failed or ended before reporting."""
+    found = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path).name)
+    return found.group(1) if found else str(result.metrics.get("trial_id"))
 
 
 def _space_value(settings: dict[str, dict[str, Any]], key: str) -> Any:
