@@ -293,7 +293,7 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
         history = [r for r in reports if "epoch" in r and not _flag(r.get("diverged"))]
         last = reports[-1] if reports else {}
         trial_id = _trial_id(result)
-        status = "error" if result.error else trial_status(last, tune.epochs)
+        status = "error" if result.error else trial_status(last, tune.epochs, tune.scheduler)
         settings = tuned_values(result.config, tune)
         scored = [h for h in history if _finite(h.get(tune.metric))]
         if tune.scheduler == "pbt":

@@ -24,10 +24,14 @@ TRIAL_TAG = "tune_trial_id"
 CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
 
 
-def trial_status(last: dict[str, Any], max_epochs: int) -> str:
+def trial_status(last: dict[str, Any], max_epochs: int, scheduler: str = "asha") -> str:
     """completed | stopped_early (by the scheduler) | diverged, from a trial's last result."""
     if last.get("diverged"):
         return "diverged"
+    if scheduler == "pbt":
+        # PBT stops no trial; one it restarted from a leading trial's last checkpoint has
+        # nothing left to train and ends without another report.
+        return "completed"
     # The model's epoch, not Tune's report count: a trial PBT restarted from another
     # trial's checkpoint goes on from that trial's epoch.
     epochs = int(last["epoch"]) + 1 if "epoch" in last else int(last.get("training_iteration", 0))
@@ -92,7 +96,7 @@ class TrialTracking(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = self.last.get(trial.trial_id, trial.last_result or {})
-        self._end(trial, trial_status(last, self.tune.epochs), last)
+        self._end(trial, trial_status(last, self.tune.epochs, self.tune.scheduler), last)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "error", self.last.get(trial.trial_id, {}))
