@@ -111,9 +111,20 @@ def test_training_opts_into_the_best_params(searched, tmp_path):
     assert with_tuned_params(PipelineConfig()) == PipelineConfig()
 
 
-def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
+def run_search(search: TuneConfig, trained, tmp_path) -> dict:
+    """`search` over the quick training settings, its outputs under tmp_path."""
     from pipelines.tune import tune_search
 
+    return tune_search(
+        PipelineConfig(train=quick_train_config(), tune=search),
+        str(trained.prepared),
+        str(tmp_path / "out"),
+        str(tmp_path / "tune.json"),
+        str(tmp_path / "plots"),
+    )
+
+
+def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
     stores()
     search = replace(
         SMALL_SEARCH,
@@ -123,13 +134,7 @@ def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
         samples=2,
         epochs=1,
     )
-    summary = tune_search(
-        PipelineConfig(train=quick_train_config(), tune=search),
-        str(trained.prepared),
-        str(tmp_path / "out"),
-        str(tmp_path / "tune.json"),
-        str(tmp_path / "plots"),
-    )
+    summary = run_search(search, trained, tmp_path)
     assert summary["trials"] == 4 and summary["search"] == "optuna"
     assert summary["best_optimizer"] in ("adam", "rmsprop")
     assert summary["best_val_accuracy"] > 0.5
@@ -138,8 +143,6 @@ def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
 def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_path):
     """Population based training: Tune holds every trial's checkpoints (forwarded from the
     Train runs), so a trailing trial goes on from a leading one's weights."""
-    from pipelines.tune import tune_search
-
     stores()
     search = replace(
         SMALL_SEARCH,
@@ -150,13 +153,7 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
         perturbation_interval=1,
         epochs=4,
     )
-    summary = tune_search(
-        PipelineConfig(train=quick_train_config(), tune=search),
-        str(trained.prepared),
-        str(tmp_path / "out"),
-        str(tmp_path / "tune.json"),
-        str(tmp_path / "plots"),
-    )
+    summary = run_search(search, trained, tmp_path)
     assert summary["trials"] == 2 and summary["scheduler"] == "pbt"
     assert summary["pbt_exploits"] >= 1
     assert summary["trials_stopped_early"] == 0 and summary["trials_failed"] == 0
