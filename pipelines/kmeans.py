@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from models.kmeans import nearest, partial_sums
+from pipelines.errors import UserError
+
+LOCAL_START_TIMEOUT_S = 120
+CLUSTER_START_TIMEOUT_S = 600
 
 
 class KMeansShard:
@@ -159,10 +163,33 @@ def kmeans_shards(points: np.ndarray, num_shards: int) -> Iterator[ShardedPoints
     remote = ray.remote(num_cpus=1)(KMeansShard)
     actors = [remote.remote(piece) for piece in pieces]
     try:
+        _wait_until_started(actors)
         yield ShardedPoints(actors)
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _wait_until_started(actors: list) -> None:
+    """Fail with the cluster's CPU count when the shard actors cannot all be placed: Ray
+    would leave them pending forever (CPUs held by another job, or by a placement group
+    that outlived its job). A cluster that autoscales gets longer to add nodes."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    from pipelines.cluster import joined_cluster
+
+    timeout_s = CLUSTER_START_TIMEOUT_S if joined_cluster() else LOCAL_START_TIMEOUT_S
+    try:
+        ray.get([actor.size.remote() for actor in actors], timeout=timeout_s)
+    except GetTimeoutError:
+        free = ray.available_resources().get("CPU", 0)
+        total = ray.cluster_resources().get("CPU", 0)
+        raise UserError(
+            f"the {len(actors)} K-means shard actors (1 CPU each) did not start within "
+            f"{timeout_s} s: {free:g} of the cluster's {total:g} CPUs are free. `ray status` "
+            "shows what holds them; or lower segment.num_shards"
+        ) from None
 
 
 def _tensor(centroids: np.ndarray) -> torch.Tensor:

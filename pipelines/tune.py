@@ -29,6 +29,7 @@ import yaml
 
 from pipelines import tracking
 from pipelines.atomic import output_directory, write_json, write_text
+from pipelines.cluster import remove_orphaned_placement_groups
 from pipelines.config import PipelineConfig, TuneConfig, config_to_dict, load_config
 from pipelines.dataset import load_prepared
 from pipelines.errors import UserError
@@ -84,6 +85,7 @@ def tune_search(
             parent.log_params({"tune": config_to_dict(tune), "model": config_to_dict(config.model)})
         tuner = make_tuner(config, data, name, parent, total, experiment_dir)
         grid = tuner.fit()
+        remove_orphaned_placement_groups()  # else a stopped trial's CPUs may stay held
         if grid.num_terminated + grid.num_errors < total:
             # Tune returns (not raises) on Ctrl-C, its state saved: keep it for a resume.
             log.warning(

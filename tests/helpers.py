@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import random
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -15,6 +18,32 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_command(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess:
+    """`subprocess.run` with output captured, in a process group of its own that is killed
+    whole on timeout: a timed-out `dvc repro` must not leave its stage running, holding the
+    session cluster's CPUs while every later test waits for them."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command)} did not finish within {timeout_s:g} s:\n{stdout}\n{stderr}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def write_image_folder(

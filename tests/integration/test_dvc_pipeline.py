@@ -7,13 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import REPO, generated_transaction_log
+from pipelines.cluster import orphaned_placement_groups
+from tests.helpers import REPO, generated_transaction_log, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +29,23 @@ PSEUDOLABEL = (
 MLM = ("ingest_corpus", "prepare_mlm", "pretrain_mlm", "export_mlm")
 SEGMENT = ("ingest_transactions", "segment", "export_segment", "segment_digits")
 STAGES = SUPERVISED + PSEUDOLABEL + MLM + SEGMENT + ("tune",)
+
+
+def free_cpus() -> float:
+    import ray
+
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def wait_for_free_cpus(count: float, timeout_s: float = 30) -> bool:
+    """Whether `count` CPUs are free within `timeout_s` (a finished job's actors take a
+    moment to go)."""
+    deadline = time.monotonic() + timeout_s
+    while free_cpus() < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def ran(output: str) -> set[str]:
@@ -80,9 +99,7 @@ def run(
     command: list[str], repo: tuple[Path, dict], check: bool = True
 ) -> subprocess.CompletedProcess:
     root, env = repo
-    result = subprocess.run(
-        command, cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    result = run_command(command, root, env, timeout_s=600)
     if check and result.returncode != 0:
         pytest.fail(
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
@@ -92,8 +109,13 @@ def run(
 
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo_copy):
     root, env = repo_copy
+    free_before = free_cpus()
     first = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     assert ran(first.stdout) == set(STAGES)
+    # The stages hand back every CPU they took: none held by a placement group that a
+    # stopped tune trial left behind (pipelines/cluster.py).
+    assert wait_for_free_cpus(free_before), f"{free_cpus():g} of {free_before:g} CPUs free"
+    assert orphaned_placement_groups() == []
     figures = json.loads((root / "metrics" / "supervised.json").read_text())
     assert {"test_accuracy", "test_macro_f1", "onnx_max_abs_diff"} <= set(figures)
     assert figures["onnx_max_abs_diff"] <= 1e-4

@@ -111,6 +111,27 @@ def test_more_shards_than_cpus_fail_at_once_naming_the_setting(ray_cluster):
             pass
 
 
+def test_shards_that_cannot_be_placed_fail_naming_the_free_cpus(ray_cluster, monkeypatch):
+    # The CI failure this guards against: CPUs held by a placement group that outlived its
+    # job, and the shard actors pending forever.
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines import kmeans
+    from pipelines.errors import UserError
+
+    monkeypatch.setattr(kmeans, "LOCAL_START_TIMEOUT_S", 3)
+    monkeypatch.setattr(kmeans, "CLUSTER_START_TIMEOUT_S", 3)
+    holder = placement_group([{"CPU": 2}])
+    ray.get(holder.ready(), timeout=60)
+    try:
+        with pytest.raises(UserError, match=r"did not start within 3 s: 0 of the cluster's 2 CPUs"):
+            with kmeans.kmeans_shards(np.zeros((10, 2), np.float32), 2):
+                pass
+    finally:
+        remove_placement_group(holder)
+
+
 @pytest.fixture(scope="module")
 def server(segmented, ray_dashboard):
     _, uri, _ = segmented

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig, TuneConfig, load_config, with_tuned_params
-from tests.helpers import REPO
+from tests.helpers import REPO, run_command
 from tests.integration.conftest import quick_train_config
 
 pytestmark = pytest.mark.integration
@@ -234,9 +234,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     assert "search interrupted" in output
     assert not (tmp_path / "tune.json").exists()
 
-    second = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    second = run_command(command, REPO, env, timeout_s=600)
     assert second.returncode == 0, second.stdout + second.stderr
     log = second.stdout + second.stderr
     assert "resuming the interrupted search" in log
