@@ -12,6 +12,7 @@ Serve runs the replicas: placement, CPUs/GPUs, health checks, scaling, live sett
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 from dataclasses import dataclass, fields
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 import ray
 from ray import serve
-from starlette.applications import Starlette
 
 from serving.autoscaling import IN_FLIGHT
 from serving.batcher import DynamicBatcher
@@ -128,9 +128,12 @@ class PredictionService:
                 self.metrics,
                 replica=serve.get_replica_context().replica_id.unique_id,
             )
-            self.server = ReplicaHttpServer(
-                Starlette(routes=self.api.routes()), self.host, self.port
-            )
+            self.server = ReplicaHttpServer(self.api, self.host, self.port)
+            # Everything loaded so far (Ray, onnxruntime, pydantic, the models) lives as long
+            # as the replica: out of the garbage collector's sight, a full collection under
+            # load scans only what requests allocate, not the whole heap (a p99 pause).
+            gc.collect()
+            gc.freeze()
             self.server.start()
 
     def record_autoscaling_stats(self) -> dict[str, float]:

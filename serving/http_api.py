@@ -1,10 +1,13 @@
-"""The HTTP API: routes, request checks and error answers, as plain Starlette handlers over
-the loaded predictors.
+"""The HTTP API: routes, request checks and error answers, as one plain ASGI app over the
+loaded predictors.
 
-Why not FastAPI here: at the request rates a replica reaches, FastAPI's routing and
-dependency layers cost more CPU than the model (measured: see benchmarks/README.md). The
-bodies are still pydantic models (serving/schemas.py), validated straight from the JSON
-bytes, and the OpenAPI document is generated from them (serving/openapi.py).
+Why no web framework: at the request rates a replica reaches, the layers of one cost more
+CPU than the model. FastAPI's routing and dependencies did first; then Starlette's own
+stack (error and exception middleware, router, request/response wrappers: about a fifth
+of a replica's time under load, profiled with py-spy), so requests go from uvicorn
+straight to a dict of routes here (measured: see benchmarks/README.md). The bodies are
+still pydantic models (serving/schemas.py), validated straight from the JSON bytes, and
+the OpenAPI document is generated from them (serving/openapi.py).
 
 Every client mistake is a 4xx with a message naming the problem; a 500 means a bug:
 - 400: not UTF-8 JSON at all;  404: that model is not loaded;  413: body too large;
@@ -16,17 +19,15 @@ Every client mistake is a 4xx with a message naming the problem; a 500 means a b
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from serving.predictor import InputError
 from serving.schemas import (
@@ -35,6 +36,8 @@ from serving.schemas import (
     FillMaskRequest,
     SegmentRequest,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,37 @@ class ClientError(Exception):
         self.headers = headers
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None):
-    return Response(
-        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
-        status_code=status,
-        headers=headers,
-        media_type="application/json",
-    )
+    return Answer(status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), headers)
+
+
+async def send_answer(send: Callable, answer: Answer, with_body: bool = True) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(answer.body)).encode()),
+    ]
+    for name, value in (answer.headers or {}).items():
+        headers.append((name.lower().encode(), value.encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body if with_body else b""})
+
+
+def header(scope: dict[str, Any], name: bytes) -> str | None:
+    """A request header's value (`name` lower-case, as ASGI servers give them)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
 
 
 def field_error(exc: InputError) -> ClientError:
@@ -94,20 +121,26 @@ def parse_body(schema: type[BaseModel], body: bytes) -> BaseModel:
         raise ClientError(422, detail) from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> bytes:
+    declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ClientError(413, f"request body of {declared} bytes is over the {limit} byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise ClientError(413, f"request body is over the {limit} byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 Predict = Callable[[Any], Awaitable[dict[str, Any]]]
+Endpoint = Callable[[dict[str, Any], Callable], Awaitable[Answer]]
 
 
 class HttpApi:
@@ -115,7 +148,9 @@ class HttpApi:
     (each a predictor or None, swapped in place on reload) and `infos()`;
     `classify_batch(classifier, array)` may batch concurrent calls (serving/app.py passes
     serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
-    names the replica answering in /v1/models (several share a port)."""
+    names the replica answering in /v1/models (several share a port).
+
+    The object is the ASGI app: give it to uvicorn (or any ASGI server or test client)."""
 
     def __init__(
         self,
@@ -133,8 +168,10 @@ class HttpApi:
         self.in_flight = 0
         self._classify_batch = classify_batch
         self._openapi = openapi
+        self._routes = self._route_table()
 
-    def routes(self) -> list[Route]:
+    def _route_table(self) -> dict[str, dict[str, Endpoint]]:
+        """path -> method -> endpoint."""
         post = [
             ("/v1/classify", "classifier", ClassifyRequest, self.classify),
             ("/v1/fill-mask", "mlm", FillMaskRequest, self.fill_mask),
@@ -147,40 +184,60 @@ class HttpApi:
             ("/v1/models", self.list_models),
             ("/openapi.json", self.openapi),
         ]
-        return [
-            *(
-                Route(path, self._post(path, slot, schema, fn), methods=["POST"])
-                for path, slot, schema, fn in post
-            ),
-            *(Route(path, self._get(fn), methods=["GET"]) for path, fn in get),
-        ]
+        table: dict[str, dict[str, Endpoint]] = {}
+        for path, slot, schema, fn in post:
+            table[path] = {"POST": self._post(path, slot, schema, fn)}
+        for path, fn in get:
+            endpoint = self._get(fn)
+            table[path] = {"GET": endpoint, "HEAD": endpoint}
+        return table
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":  # no lifespan events (uvicorn's lifespan is off), no websockets
+            return
+        methods = self._routes.get(scope["path"])
+        if methods is None:
+            answer = json_response({"detail": "Not Found"}, 404)
+        elif (endpoint := methods.get(scope["method"])) is None:
+            answer = json_response(
+                {"detail": "Method Not Allowed"}, 405, {"Allow": ", ".join(methods)}
+            )
+        else:
+            try:
+                answer = await endpoint(scope, receive)
+            except Exception:  # a bug, not a client mistake: logged, and a plain 500
+                log.exception("%s %s failed", scope["method"], scope["path"])
+                answer = json_response({"detail": "internal server error"}, 500)
+        await send_answer(send, answer, with_body=scope["method"] != "HEAD")
 
     # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
 
-    def _post(self, route: str, slot: str, schema: type[BaseModel], predict: Predict):
-        async def endpoint(request: Request) -> Response:
+    def _post(self, route: str, slot: str, schema: type[BaseModel], predict: Predict) -> Endpoint:
+        async def endpoint(scope: dict[str, Any], receive: Callable) -> Answer:
             started = time.perf_counter()
             if self.in_flight >= self.limits.max_in_flight:
-                response = json_response(
+                answer = json_response(
                     {"detail": "overloaded: too many requests in flight, retry shortly"},
                     503,
                     {"Retry-After": "1"},
                 )
-                self._record(route, slot, response.status_code, started)
-                return response
+                self._record(route, slot, answer.status, started)
+                return answer
             self.in_flight += 1
             try:
-                response = await self._answer(request, schema, predict)
+                answer = await self._answer(scope, receive, schema, predict)
             finally:
                 self.in_flight -= 1
-            self._record(route, slot, response.status_code, started)
-            return response
+            self._record(route, slot, answer.status, started)
+            return answer
 
         return endpoint
 
-    async def _answer(self, request: Request, schema: type[BaseModel], predict: Predict):
+    async def _answer(
+        self, scope: dict[str, Any], receive: Callable, schema: type[BaseModel], predict: Predict
+    ) -> Answer:
         try:
-            body = await read_body(request, self.limits.max_body_bytes)
+            body = await read_body(scope, receive, self.limits.max_body_bytes)
             payload = parse_body(schema, body)
             # asyncio.timeout, not wait_for: no extra task per request (measurable at ~4k/s).
             async with asyncio.timeout(self.limits.request_timeout_s):
@@ -195,8 +252,8 @@ class HttpApi:
             return json_response(
                 {"detail": f"no answer within {self.limits.request_timeout_s:g} s"}, 504
             )
-        except ClientDisconnect:
-            return Response(status_code=499)
+        except ClientDisconnected:
+            return Answer(499, b"")
 
     def _record(self, route: str, slot: str, code: int, started: float) -> None:
         if self.metrics is not None:
@@ -204,8 +261,8 @@ class HttpApi:
             self.metrics.request(route, code, predictor, time.perf_counter() - started)
 
     @staticmethod
-    def _get(handler: Callable[[], Awaitable[tuple[int, Any]]]):
-        async def endpoint(request: Request) -> Response:
+    def _get(handler: Callable[[], Awaitable[tuple[int, Any]]]) -> Endpoint:
+        async def endpoint(scope: dict[str, Any], receive: Callable) -> Answer:
             status, content = await handler()
             return json_response(content, status)
 

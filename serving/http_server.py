@@ -55,6 +55,9 @@ class ReplicaHttpServer:
             log_level="warning",
             timeout_keep_alive=30,
             lifespan="off",
+            # No proxy in front to trust: skip the middleware that rewrites client addresses
+            # from X-Forwarded-* headers on every request.
+            proxy_headers=False,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="dlpipe-http", daemon=True)

@@ -4,7 +4,6 @@ app and a real onnxruntime predictor; the Serve app runs the same app in its rep
 import json
 
 import pytest
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from serving.http_api import HttpApi, Limits
@@ -20,7 +19,7 @@ BRIGHT = [[0.9] * 16]
 def client(export_dir, **limits) -> TestClient:  # noqa: F811
     models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
     api = HttpApi(models, Limits(**limits), openapi=openapi_document)
-    return TestClient(Starlette(routes=api.routes()))
+    return TestClient(api)
 
 
 def test_classify_answers_and_health_readiness_and_listing(export_dir):  # noqa: F811
@@ -74,3 +73,13 @@ def test_the_openapi_document_describes_every_endpoint(export_dir):  # noqa: F81
         post = document["paths"][path]["post"]
         assert "requestBody" in post and {"200", "413", "422", "503"} <= set(post["responses"])
     assert "ClassifyRequest" in document["components"]["schemas"]
+
+
+def test_unknown_paths_and_methods_are_404_and_405_in_json(export_dir):  # noqa: F811
+    http = client(export_dir)
+    missing = http.get("/v2/classify")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    wrong = http.get("/v1/classify")
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    head = http.head("/healthz")
+    assert head.status_code == 200 and head.content == b""
