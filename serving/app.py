@@ -119,6 +119,7 @@ class PredictionService:
             self.sources, versions, self.tracking_uri, self.threads, self.use_gpu
         )
         self.metrics.models(self.models, refused)
+        freeze_heap()
         if self.server is None:
             self.api = HttpApi(
                 self.models,
@@ -129,11 +130,6 @@ class PredictionService:
                 replica=serve.get_replica_context().replica_id.unique_id,
             )
             self.server = ReplicaHttpServer(self.api, self.host, self.port)
-            # Everything loaded so far (Ray, onnxruntime, pydantic, the models) lives as long
-            # as the replica: out of the garbage collector's sight, a full collection under
-            # load scans only what requests allocate, not the whole heap (a p99 pause).
-            gc.collect()
-            gc.freeze()
             self.server.start()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -168,6 +164,17 @@ class PredictionService:
             self.metrics.batch(classifier, len(batches))
             results.extend(classifier.classify_many(batches))
         return results
+
+
+def freeze_heap() -> None:
+    """Move what the replica holds now (Ray, onnxruntime, pydantic, the models) out of the
+    garbage collector's sight: a full collection under load then scans only what requests
+    allocate, not the whole heap (a p99 pause). Redone after every (re)load, unfrozen
+    first, so that a swapped-out model is collected and the new one frozen (the one-off
+    collection pauses requests for a moment, at reload only)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -87,6 +87,12 @@ async def send_answer(send: Callable, answer: Answer, with_body: bool = True) ->
     await send({"type": "http.response.body", "body": answer.body if with_body else b""})
 
 
+def internal_error(scope: dict[str, Any]) -> Answer:
+    """A bug, not a client mistake: logged with its traceback (call it in an `except`)."""
+    log.exception("%s %s failed", scope["method"], scope["path"])
+    return json_response({"detail": "internal server error"}, 500)
+
+
 def header(scope: dict[str, Any], name: bytes) -> str | None:
     """A request header's value (`name` lower-case, as ASGI servers give them)."""
     for key, value in scope["headers"]:
@@ -121,10 +127,17 @@ def parse_body(schema: type[BaseModel], body: bytes) -> BaseModel:
         raise ClientError(422, detail) from None
 
 
+# A 413 closes the connection: the rest of the refused body would otherwise be read (and
+# with `Expect: 100-continue`, a body never sent would be taken for the next request).
+CLOSE = {"Connection": "close"}
+
+
 async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> bytes:
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ClientError(413, f"request body of {declared} bytes is over the {limit} byte limit")
+        raise ClientError(
+            413, f"request body of {declared} bytes is over the {limit} byte limit", CLOSE
+        )
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -133,7 +146,7 @@ async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> byt
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ClientError(413, f"request body is over the {limit} byte limit")
+            raise ClientError(413, f"request body is over the {limit} byte limit", CLOSE)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -205,9 +218,8 @@ class HttpApi:
         else:
             try:
                 answer = await endpoint(scope, receive)
-            except Exception:  # a bug, not a client mistake: logged, and a plain 500
-                log.exception("%s %s failed", scope["method"], scope["path"])
-                answer = json_response({"detail": "internal server error"}, 500)
+            except Exception:
+                answer = internal_error(scope)
         await send_answer(send, answer, with_body=scope["method"] != "HEAD")
 
     # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
@@ -226,6 +238,8 @@ class HttpApi:
             self.in_flight += 1
             try:
                 answer = await self._answer(scope, receive, schema, predict)
+            except Exception:  # here, not only in __call__, so that the 500 is counted
+                answer = internal_error(scope)
             finally:
                 self.in_flight -= 1
             self._record(route, slot, answer.status, started)

@@ -55,6 +55,7 @@ class ReplicaHttpServer:
             log_level="warning",
             timeout_keep_alive=30,
             lifespan="off",
+            ws="none",  # HTTP only: a websocket upgrade is refused by uvicorn itself
             # No proxy in front to trust: skip the middleware that rewrites client addresses
             # from X-Forwarded-* headers on every request.
             proxy_headers=False,

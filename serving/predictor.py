@@ -102,7 +102,7 @@ class ClassifierPredictor:
         # One or two reductions on the happy path (this runs for every request): pixels in
         # [0, 1] are also finite, and a NaN fails both comparisons.
         if self.pixel_input:
-            if not (array.min() >= 0.0 and array.max() <= 1.0):
+            if array.size and not (array.min() >= 0.0 and array.max() <= 1.0):
                 self._refuse_values(array)
         elif not np.isfinite(array).all():
             self._refuse_values(array)

@@ -61,6 +61,7 @@ def test_too_large_bodies_are_413_and_overload_is_a_quick_503(export_dir):  # no
     small = client(export_dir, max_body_bytes=100)
     response = small.post("/v1/classify", json={"instances": BRIGHT * 10})
     assert response.status_code == 413 and "100 byte limit" in response.text
+    assert response.headers["Connection"] == "close"  # the refused body is not read
     full = client(export_dir, max_in_flight=0)
     response = full.post("/v1/classify", json={"instances": BRIGHT})
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
@@ -83,3 +84,31 @@ def test_unknown_paths_and_methods_are_404_and_405_in_json(export_dir):  # noqa:
     assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
     head = http.head("/healthz")
     assert head.status_code == 200 and head.content == b""
+
+
+class RecordedAnswers:
+    """The `metrics` side of HttpApi: what it records for each answer."""
+
+    def __init__(self) -> None:
+        self.codes: list[tuple[str, int]] = []
+
+    def request(self, route, code, predictor, seconds) -> None:
+        self.codes.append((route, code))
+
+
+def test_a_bug_is_a_counted_500_and_the_app_keeps_serving(export_dir):  # noqa: F811
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    calls = []
+
+    async def batch_that_fails_once(classifier, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the batching code")
+        return classifier.classify(batch)
+
+    metrics = RecordedAnswers()
+    http = TestClient(HttpApi(models, Limits(), batch_that_fails_once, metrics=metrics))
+    broken = http.post("/v1/classify", json={"instances": BRIGHT})
+    assert broken.status_code == 500 and broken.json() == {"detail": "internal server error"}
+    assert http.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
+    assert metrics.codes == [("/v1/classify", 500), ("/v1/classify", 200)]
