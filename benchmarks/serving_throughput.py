@@ -11,10 +11,11 @@ cluster), measured one after the other with the same request and load generator:
 - `ray_default`: a FastAPI ingress on Ray Serve with Serve's defaults.
 
 Each gets closed-loop load from wrk (benchmarks/loadgen.py) at 1, 8, 32 and 128 concurrent
-clients. The whole sequence runs `--rounds` times (default 2) and each figure is the round
-with the most requests/s: on a small shared machine a neighbour's burst can cost a run a
-third of its throughput, and the best round is the one least disturbed, for every server
-alike. Run from the repository root after `dvc repro export`:
+clients. The whole sequence runs `--rounds` times (default 3) and each figure is the median
+round's for that server and level (its requests/s and the latencies measured with it);
+`rps_min` / `rps_max` keep the spread and `errors` sums every round. On this 2-core machine
+runs of the same server and level differ by up to a third, more than the gaps the targets
+compare, so one run is not a figure. Run from the repository root after `dvc repro export`:
 
     python -m benchmarks.serving_throughput      # writes benchmarks/results/serving.json
 """
@@ -170,12 +171,13 @@ def measure(server: Server, body: bytes, seconds: float, log_dir: Path) -> dict[
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     return markdown_table(
-        ("server", "clients", "requests/s", "p50 ms", "p99 ms", "errors"),
+        ("server", "clients", "requests/s", "min-max", "p50 ms", "p99 ms", "errors"),
         (
             (
                 name,
                 clients,
                 f"{f['rps']:.0f}",
+                f"{f['rps_min']:.0f}-{f['rps_max']:.0f}",
                 f"{f['p50_ms']:.2f}",
                 f"{f['p99_ms']:.2f}",
                 f["errors"],
@@ -195,7 +197,7 @@ def main() -> None:
     parser.add_argument("--data", default="data/prepared/supervised")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--servers", default="dlpipe,bare,naive,ray_default")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     wrk_path()
@@ -203,24 +205,36 @@ def main() -> None:
     wanted = args.servers.split(",")
     log_dir = Path(tempfile.mkdtemp(prefix="dlpipe-serving-logs-"))
     print(f"server logs in {log_dir}", flush=True)
-    results: dict[str, dict[str, dict]] = {}
+    rounds: dict[str, list[dict[str, dict]]] = {}
     for round_number in range(1, args.rounds + 1):
         for server in servers(args.export, args.model):
             if server.name not in wanted:
                 continue
             print(f"round {round_number}: {server.name}", flush=True)
-            figures = measure(server, body, args.seconds, log_dir)
-            best = results.setdefault(server.name, figures)
-            for clients, f in figures.items():
-                if f["rps"] > best[clients]["rps"]:
-                    best[clients] = f
+            rounds.setdefault(server.name, []).append(measure(server, body, args.seconds, log_dir))
+    results = {name: median_round(runs) for name, runs in rounds.items()}
     write_results(
         args.output,
         results,
         table(results),
-        f"wrk, {args.seconds:g} s per level, best of {args.rounds} rounds, one 8x8 digit (64 "
-        "features) per request.",
+        f"wrk, {args.seconds:g} s per level, median of {args.rounds} rounds (requests/s min-max "
+        "beside it), one 8x8 digit (64 features) per request.",
     )
+
+
+def median_round(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per concurrency level: the median run's figures, the spread of requests/s and the
+    errors of all runs."""
+    merged = {}
+    for clients in runs[0]:
+        level = sorted((run[clients] for run in runs), key=lambda f: f["rps"])
+        merged[clients] = {
+            **level[(len(level) - 1) // 2],
+            "rps_min": level[0]["rps"],
+            "rps_max": level[-1]["rps"],
+            "errors": sum(f["errors"] for f in level),
+        }
+    return merged
 
 
 if __name__ == "__main__":
