@@ -35,13 +35,15 @@ def train_autoencoder(
     seed: int,
     logger: RunLogger | None,
     stage: str,
+    image_shape: tuple[int, ...] | None = None,
 ) -> tuple[Autoencoder, list[dict]]:
-    """(trained autoencoder with its best-validation weights, per-epoch history)."""
+    """(trained autoencoder with its best-validation weights, per-epoch history).
+    `image_shape` (channels, height, width) of the rows of `x` when they are images."""
     order = np.random.default_rng(seed).permutation(len(x))
     cut = max(1, int(len(x) * VALIDATION_SHARE))
     x_val, x_train = x[order[:cut]], x[order[cut:]]
     arrays = {"x_train": x_train, "x_val": x_val, "y_val": x_val}
-    task = AutoencoderTask(config, x.shape[1], train.loss, train.huber_delta)
+    task = AutoencoderTask(config, x.shape[1], train.loss, train.huber_delta, image_shape)
     data_hash = data_fingerprint(x)
     name = run_name(stage, config_to_dict(config), config_to_dict(train), seed, data_hash)
     result = run_training(
@@ -53,7 +55,7 @@ def train_autoencoder(
         if logger is not None:
             logger.set_tags({"diverged": "true"})
         raise
-    model = Autoencoder(config, x.shape[1])
+    model = Autoencoder(config, x.shape[1], image_shape)
     model.load_state_dict(state["best_model"] or state["model"])
     return model.eval(), state["history"]
 

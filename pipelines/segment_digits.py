@@ -45,7 +45,13 @@ def segment_digits(config: PipelineConfig, data_dir: str, metrics_path: str) -> 
             "K-means on pixels: accuracy %.4f, NMI %.4f", raw_scores["accuracy"], raw_scores["nmi"]
         )
         autoencoder, _ = train_autoencoder(
-            x, digits.autoencoder, digits.train, seg.seed, run, f"{STAGE}_autoencoder"
+            x,
+            digits.autoencoder,
+            digits.train,
+            seg.seed,
+            run,
+            f"{STAGE}_autoencoder",
+            tuple(data.input_shape),
         )
         codes = encode(autoencoder, x)
         with kmeans_shards(codes, seg.num_shards) as points:

@@ -104,11 +104,13 @@ class AutoencoderTask:
     num_features: int
     loss_name: str = "mse"
     huber_delta: float = 1.0
+    image_shape: tuple[int, ...] | None = None
+    """(channels, height, width) of image rows: needed by the conv kind."""
 
     classification = False
 
     def build_model(self) -> nn.Module:
-        return Autoencoder(self.config, self.num_features)
+        return Autoencoder(self.config, self.num_features, self.image_shape)
 
     def loss(self) -> nn.Module:
         return TaskLoss(self.loss_name, "regression", self.huber_delta)

@@ -10,6 +10,7 @@ import torch
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.dec import soft_assignment, target_distribution
 from models.kmeans import partial_sums
+from pipelines.config import SegmentConfig
 from pipelines.customer_features import FeatureTransform, customer_features
 from pipelines.errors import UserError
 from pipelines.kmeans import KMeansShard
@@ -121,3 +122,28 @@ def test_autoencoder_and_dec_shapes():
     q = soft_assignment(model.encode(x), torch.randn(3, 2))
     p = target_distribution(q)
     assert torch.allclose(q.sum(1), torch.ones(7)) and torch.allclose(p.sum(1), torch.ones(7))
+
+
+def test_conv_autoencoder_takes_and_gives_flattened_images():
+    config = AutoencoderConfig(hidden_sizes=(4, 8, 16), bottleneck=3, kind="conv")
+    model = Autoencoder(config, 64, (1, 8, 8))
+    x = torch.rand(5, 64)
+    assert model(x).shape == (5, 64) and model.encode(x).shape == (5, 3)
+    # the exported segment graph runs the encoder alone on flattened rows
+    assert model.encoder(x).shape == (5, 3)
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "message"),
+    [(None, "needs images"), ((1, 4, 4), "needs images"), ((1, 6, 6), "must divide by 4")],
+)
+def test_conv_autoencoder_refuses_what_is_not_a_fitting_image(image_shape, message):
+    config = AutoencoderConfig(hidden_sizes=(4, 8, 16), bottleneck=3, kind="conv")
+    features = 36 if image_shape == (1, 6, 6) else 64
+    with pytest.raises(ValueError, match=message):
+        Autoencoder(config, features, image_shape)
+
+
+def test_customer_segmentation_refuses_the_conv_kind():
+    with pytest.raises(ValueError, match="segment.autoencoder.kind must be dense"):
+        SegmentConfig(autoencoder=AutoencoderConfig(kind="conv"))
