@@ -81,6 +81,7 @@ def _conv_stacks(
             f"{len(config.hidden_sizes) - 1} times: {height}x{width} must divide by {scale}"
         )
     inner = (config.hidden_sizes[-1], height // scale, width // scale)
+    flat_inner = math.prod(inner)
 
     def block(layer: nn.Module, units: int) -> list[nn.Module]:
         dropout = [nn.Dropout(config.dropout)] if config.dropout else []
@@ -91,9 +92,8 @@ def _conv_stacks(
     for i, n_out in enumerate(config.hidden_sizes):
         encoder += block(nn.Conv2d(n_in, n_out, 3, stride=1 if i == 0 else 2, padding=1), n_out)
         n_in = n_out
-    encoder += [nn.Flatten(), nn.Linear(inner[0] * inner[1] * inner[2], config.bottleneck)]
+    encoder += [nn.Flatten(), nn.Linear(flat_inner, config.bottleneck)]
 
-    flat_inner = inner[0] * inner[1] * inner[2]
     decoder: list[nn.Module] = [*block(nn.Linear(config.bottleneck, flat_inner), flat_inner)]
     decoder.append(nn.Unflatten(1, inner))
     sizes = config.hidden_sizes[::-1]
