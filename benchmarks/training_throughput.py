@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -149,15 +148,22 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def logged_epoch_ends(run_id: str) -> list[float]:
-    """When rank 0 logged each epoch's metrics to MLflow (unix s): as each epoch ended."""
+def logged_epochs(run_id: str) -> tuple[list[dict[str, float]], list[float]]:
+    """The run's per-epoch timings as rank 0 logged them to MLflow (the model file keeps no
+    timings), and when each epoch's metrics were logged (unix s): as each epoch ended."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import tracking_uri
 
-    logged = MlflowClient(tracking_uri()).get_metric_history(run_id, "epoch_seconds")
-    ends = {m.step: m.timestamp / 1000 for m in sorted(logged, key=lambda m: m.timestamp)}
-    return [ends[step] for step in sorted(ends)]
+    client = MlflowClient(tracking_uri())
+    series = {
+        key: {m.step: m for m in client.get_metric_history(run_id, key)}
+        for key in ("epoch_seconds", "train_seconds", "data_wait_seconds", "val_accuracy")
+    }
+    steps = sorted(series["epoch_seconds"])
+    history = [{key: values[step].value for key, values in series.items()} for step in steps]
+    ends = [series["epoch_seconds"][step].timestamp / 1000 for step in steps]
+    return history, ends
 
 
 def ray_run(
@@ -167,7 +173,7 @@ def ray_run(
     import ray
 
     from pipelines import tracking
-    from pipelines.model_bundle import RUN_FILE, load_bundle
+    from pipelines.model_bundle import MODEL_FILE
     from pipelines.train_supervised import train_supervised
 
     out = workdir / name
@@ -180,9 +186,9 @@ def ray_run(
     stage_s = time.time() - started
     threads = ray_worker_threads()
     ray.shutdown()  # the next run starts its own Ray, so its start-up is measured whole
-    history = load_bundle(out / "model")[1]["extra"]["history"]
-    run_id = json.loads((out / "model" / RUN_FILE).read_text())["mlflow_run_id"]
-    figures = epoch_figures(history, logged_epoch_ends(run_id), started, train_size)
+    run_id = tracking.producing_run(out / "model" / MODEL_FILE, config.tracking.experiment)
+    history, ends = logged_epochs(run_id)
+    figures = epoch_figures(history, ends, started, train_size)
     return {**figures, "stage_s": round(stage_s, 1), "worker_torch_threads": threads}
 
 

@@ -17,7 +17,7 @@ from pipelines.atomic import write_json
 from pipelines.config import load_config
 from pipelines.dataset import load_prepared
 from pipelines.metrics import classification_metrics, regression_metrics
-from pipelines.model_bundle import inference_model, load_trained
+from pipelines.model_bundle import MODEL_FILE, inference_model, load_trained
 from pipelines.plots import confusion_matrix_png, predicted_vs_actual_png, write_csv
 from pipelines.stage import run_stage
 
@@ -32,7 +32,7 @@ def evaluate(
     experiment: str, data_dir: str, model_dir: str, metrics_path: str, plots_dir: str
 ) -> dict:
     data = load_prepared(data_dir)
-    model, _, train_run_id = load_trained(model_dir, data.manifest)
+    model, _ = load_trained(model_dir, data.manifest)
     with torch.no_grad():
         output = inference_model(model, data.task)(torch.from_numpy(data.x("test"))).numpy()
     y_test = data.y("test")
@@ -56,15 +56,17 @@ def evaluate(
     images = [image]
 
     tags = tracking.stage_tags(STAGE, data.data_hash)
+    train_run_id = tracking.producing_run(Path(model_dir) / MODEL_FILE, experiment)
     with tracking.stage_run(experiment, STAGE, tags, parent_run_id=train_run_id) as run:
         run.log_metrics(metrics)
         for image in images:
             run.log_artifact(image, "plots")
-    # The training run is the model's record: it carries the test figures too.
-    training_run = tracking.RunLogger(train_run_id, tracking.tracking_uri())
-    training_run.log_metrics(metrics)
-    for image in images:
-        training_run.log_artifact(image, "plots")
+    if train_run_id is not None:
+        # The training run is the model's record: it carries the test figures too.
+        training_run = tracking.RunLogger(train_run_id, tracking.tracking_uri())
+        training_run.log_metrics(metrics)
+        for image in images:
+            training_run.log_artifact(image, "plots")
     headline = {k: round(v, 4) for k, v in metrics.items() if "/" not in k}
     log.info("test split (%d examples): %s", len(y_test), headline)
     return metrics

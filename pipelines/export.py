@@ -9,7 +9,6 @@ figures of the supervised pipeline.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 from dataclasses import replace
@@ -50,9 +49,10 @@ def model_card(
     evaluation: dict,
     parity: Parity,
     hashes: dict,
-    train_run_id: str,
 ) -> dict:
-    """What a client or reviewer needs to use the model correctly, in one JSON file."""
+    """What a client or reviewer needs to use the model correctly, in one JSON file. The
+    same model gives the same bytes: the run, commit and time that made it are on its
+    registered version in MLflow, not here (DVC hashes this file)."""
     classification = manifest["task"] == "classification"
     return {
         "name": config.export.registered_model,
@@ -81,9 +81,6 @@ def model_card(
             "onnx_argmax_agreement": parity.argmax_agreement,
         },
         "hashes": hashes,
-        "mlflow_run_id": train_run_id,
-        "git_commit": tracking.git_commit(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -96,7 +93,7 @@ def export(
     metrics_path: str,
 ) -> dict:
     data = load_prepared(data_dir)
-    model, bundle, train_run_id = load_trained(model_dir, data.manifest)
+    model, bundle = load_trained(model_dir, data.manifest)
     if not Path(evaluation_path).is_file():
         raise UserError(f"{evaluation_path}: not found; run the evaluate stage first")
     evaluation = json.loads(Path(evaluation_path).read_text())
@@ -137,7 +134,6 @@ def export(
             evaluation,
             parity,
             hashes,
-            train_run_id,
         )
         card["parity_sample"] = sample
         write_json(staging / CARD_FILE, card)
@@ -148,30 +144,18 @@ def export(
     )
     write_json(metrics_path, figures)
 
-    tags = tracking.stage_tags(STAGE, data.data_hash)
-    with tracking.stage_run(
-        config.tracking.experiment, STAGE, tags, parent_run_id=train_run_id
-    ) as run:
-        version = tracking.register_onnx_model(
-            train_run_id,
-            Path(output) / ONNX_FILE,
-            Path(output) / CARD_FILE,
-            config.export.registered_model,
-            config.export.alias,
-            extra_files=(Path(output) / PARITY_SAMPLE_FILE,),
-        )
-        run.log_metrics(figures)
-        run.set_tags(
-            {"registered_model": config.export.registered_model, "model_version": str(version)}
-        )
-    tracking.RunLogger(train_run_id, tracking.tracking_uri()).log_metrics(
-        {"onnx_max_abs_diff": parity.max_abs_diff, "onnx_argmax_agreement": parity.argmax_agreement}
-    )
-    log.info(
-        "registered %s version %s as @%s",
+    out = Path(output)
+    tracking.register_export(
+        STAGE,
+        config.tracking.experiment,
+        data.data_hash,
+        Path(model_dir) / MODEL_FILE,
+        out / ONNX_FILE,
+        out / CARD_FILE,
         config.export.registered_model,
-        version,
         config.export.alias,
+        figures,
+        extra_files=(out / PARITY_SAMPLE_FILE,),
     )
     return figures
 

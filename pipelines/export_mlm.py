@@ -14,7 +14,6 @@ token. The folder (graphs, tokenizer, model card) is registered as `mlm.register
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -101,7 +100,7 @@ def export_mlm(
 ) -> dict:
     mlm = config.mlm
     data = load_prepared(data_dir)
-    model, bundle, train_run_id = load_mlm_bundle(model_dir, data.manifest)
+    model, bundle = load_mlm_bundle(model_dir, data.manifest)
     if not Path(figures_path).is_file():
         raise UserError(f"{figures_path}: not found; run pretrain_mlm first")
     figures = json.loads(Path(figures_path).read_text())
@@ -196,28 +195,23 @@ def export_mlm(
                 "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
                 "data_sha256": data.data_hash,
             },
-            "mlflow_run_id": train_run_id,
-            "git_commit": tracking.git_commit(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(staging / CARD_FILE, card)
     write_json(metrics_path, parity)
 
-    tags = tracking.stage_tags(STAGE, data.data_hash)
-    with tracking.stage_run(mlm.experiment, STAGE, tags, parent_run_id=train_run_id) as run:
-        out = Path(output)
-        version = tracking.register_onnx_model(
-            train_run_id,
-            out / FILL_MASK_FILE,
-            out / CARD_FILE,
-            mlm.registered_model,
-            config.export.alias,
-            extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
-        )
-        run.log_metrics(parity)
-        run.set_tags({"registered_model": mlm.registered_model, "model_version": str(version)})
-    tracking.RunLogger(train_run_id, tracking.tracking_uri()).log_metrics(parity)
-    log.info("registered %s version %s as @%s", mlm.registered_model, version, config.export.alias)
+    out = Path(output)
+    tracking.register_export(
+        STAGE,
+        mlm.experiment,
+        data.data_hash,
+        Path(model_dir) / MODEL_FILE,
+        out / FILL_MASK_FILE,
+        out / CARD_FILE,
+        mlm.registered_model,
+        config.export.alias,
+        parity,
+        extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
+    )
     return parity
 
 

@@ -12,7 +12,6 @@ profiles) and the other graph beside it.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -35,7 +34,7 @@ from pipelines.onnx_export import (
     onnx_session,
     write_parity_sample,
 )
-from pipelines.segment import MODEL_FILE, feature_table
+from pipelines.segment import MODEL_FILE, feature_table, table_hash
 from pipelines.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -161,41 +160,23 @@ def export_segment(
                 **{f"onnx_{g}_max_abs_diff": p["max_abs_diff"] for g, p in parity.items()},
             },
             "hashes": {"onnx_sha256": sha256_file(staging / "model.onnx")},
-            "mlflow_run_id": json.loads((Path(model_dir) / "run.json").read_text())[
-                "mlflow_run_id"
-            ],
-            "git_commit": tracking.git_commit(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(staging / CARD_FILE, card)
     metrics = {f"{g}_{k}": v for g, p in parity.items() for k, v in p.items()}
     write_json(metrics_path, metrics)
     out = Path(output)
-    run_id = card["mlflow_run_id"]
-    with tracking.stage_run(
-        config.segment.experiment,
+    log.info("registering the %s graph", serve)
+    tracking.register_export(
         STAGE,
-        tracking.stage_tags(STAGE, card["hashes"]["onnx_sha256"]),
-        parent_run_id=run_id,
-    ) as run:
-        version = tracking.register_onnx_model(
-            run_id,
-            out / "model.onnx",
-            out / CARD_FILE,
-            config.segment.registered_model,
-            config.export.alias,
-            extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
-        )
-        run.log_metrics(metrics)
-        run.set_tags(
-            {"registered_model": config.segment.registered_model, "model_version": str(version)}
-        )
-    log.info(
-        "registered %s version %s (%s graph) as @%s",
+        config.segment.experiment,
+        table_hash(table),
+        path,
+        out / "model.onnx",
+        out / CARD_FILE,
         config.segment.registered_model,
-        version,
-        serve,
         config.export.alias,
+        metrics,
+        extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
     )
     return metrics
 

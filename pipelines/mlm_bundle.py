@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from models.transformer import EncoderConfig, MaskedLanguageModel
 from pipelines.atomic import write_bytes
 from pipelines.errors import UserError
-from pipelines.model_bundle import MODEL_FILE, RUN_FILE
+from pipelines.model_bundle import MODEL_FILE
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -52,11 +51,11 @@ def build_mlm(encoder: EncoderConfig, manifest: dict[str, Any]) -> MaskedLanguag
 
 def load_mlm_bundle(
     directory: str | Path, manifest: dict[str, Any] | None = None
-) -> tuple[MaskedLanguageModel, dict[str, Any], str]:
-    """(model in eval mode, bundle metadata, MLflow run id); with `manifest`, the model must
-    have been trained on that prepared data."""
+) -> tuple[MaskedLanguageModel, dict[str, Any]]:
+    """(model in eval mode, bundle metadata); with `manifest`, the model must have been
+    trained on that prepared data."""
     directory = Path(directory)
-    for name in (MODEL_FILE, RUN_FILE, TOKENIZER_FILE):
+    for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise UserError(f"{directory / name}: not found; run pretrain_mlm first")
     bundle = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
@@ -66,5 +65,4 @@ def load_mlm_bundle(
         )
     model = build_mlm(EncoderConfig(**bundle["encoder"]), bundle["manifest"])
     model.load_state_dict(bundle["state_dict"])
-    run_id = json.loads((directory / RUN_FILE).read_text())["mlflow_run_id"]
-    return model.eval(), bundle, run_id
+    return model.eval(), bundle

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from pipelines.atomic import write_bytes
 from pipelines.errors import UserError
 
 MODEL_FILE = "model.pt"
-RUN_FILE = "run.json"
 
 
 def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequential:
@@ -82,21 +80,18 @@ def load_bundle(directory: str | Path) -> tuple[nn.Sequential, dict[str, Any]]:
     return model.eval(), bundle
 
 
-def load_trained(
-    directory: str | Path, manifest: dict[str, Any]
-) -> tuple[nn.Sequential, dict, str]:
-    """The trained model for data described by `manifest`, its bundle and its MLflow run id.
+def load_trained(directory: str | Path, manifest: dict[str, Any]) -> tuple[nn.Sequential, dict]:
+    """The trained model for data described by `manifest` and its bundle (its MLflow run:
+    `tracking.producing_run(directory / MODEL_FILE, experiment)`).
 
     Raises UserError when the model is missing or was trained on other prepared data.
     """
     directory = Path(directory)
-    for name in (MODEL_FILE, RUN_FILE):
-        if not (directory / name).is_file():
-            raise UserError(f"{directory / name}: not found; run train_supervised first")
+    if not (directory / MODEL_FILE).is_file():
+        raise UserError(f"{directory / MODEL_FILE}: not found; run train_supervised first")
     model, bundle = load_bundle(directory)
     if bundle["manifest"] != manifest:
         raise UserError(
             f"{directory}: the model was trained on other prepared data; re-run train_supervised"
         )
-    run_id = json.loads((directory / RUN_FILE).read_text())["mlflow_run_id"]
-    return model, bundle, run_id
+    return model, bundle

@@ -21,11 +21,12 @@ from pipelines.dataset import PreparedData, load_prepared
 from pipelines.errors import UserError
 from pipelines.mlm_bundle import build_mlm, save_mlm_bundle
 from pipelines.mlm_metrics import baseline_figures, model_figures, token_counts
-from pipelines.model_bundle import RUN_FILE
+from pipelines.model_bundle import MODEL_FILE
 from pipelines.plots import learning_curves_png, write_csv
 from pipelines.prepare_mlm import TASK, TOKENIZER_FILE
 from pipelines.stage import run_stage
 from pipelines.training.driver import RunDiverged, finished_run, loop_config, run_name, run_training
+from pipelines.training.loop import without_timings
 from pipelines.training.masking import MaskingSpec, mask_for_validation
 from pipelines.training.tasks import MaskedLmTask
 from pipelines.training.worker import train_loop_per_worker
@@ -136,9 +137,14 @@ def pretrain_mlm(
         model.load_state_dict(state["best_model"])
         with output_directory(output) as staging:
             save_mlm_bundle(
-                staging, model, manifest, Path(data_dir) / TOKENIZER_FILE, {"history": history}
+                staging,
+                model,
+                manifest,
+                Path(data_dir) / TOKENIZER_FILE,
+                {"history": without_timings(history)},
             )
-            write_json(staging / RUN_FILE, {"mlflow_run_id": run.run_id, "ray_run": name})
+            run.set_tags({"ray_run": name})
+            tracking.tag_output(run, staging / MODEL_FILE)
             learning_curves_png(history, staging / "learning_curves.png")
         write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
         write_json(metrics_path, figures)

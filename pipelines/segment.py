@@ -59,6 +59,11 @@ def feature_table(raw_dir: str) -> pd.DataFrame:
     return table if kind == "features" else customer_features(table)
 
 
+def table_hash(table: pd.DataFrame) -> str:
+    """The feature table's content hash: the `data_sha256` tag of the segment runs."""
+    return str(pd.util.hash_pandas_object(table).sum().item())
+
+
 def sweep(points: ShardedPoints, x: np.ndarray, config: SegmentConfig) -> list[dict]:
     rows = []
     for k in range(config.k_min, config.k_max + 1):
@@ -118,9 +123,8 @@ def segment(
         ", ".join(transform.log_columns) or "none",
     )
     plots = Path(plots_dir)
-    data_hash = pd.util.hash_pandas_object(table).sum().item()
     with tracking.stage_run(
-        config.experiment, STAGE, tracking.stage_tags(STAGE, str(data_hash))
+        config.experiment, STAGE, tracking.stage_tags(STAGE, table_hash(table))
     ) as run:
         run.log_params(
             {
@@ -183,10 +187,10 @@ def segment(
                 buffer,
             )
             write_bytes(staging / MODEL_FILE, buffer.getvalue())
+            tracking.tag_output(run, staging / MODEL_FILE)
             write_json(
                 staging / "profiles.json", {"kmeans": kmeans_profiles, "autoencoder": code_profiles}
             )
-            write_json(staging / "run.json", {"mlflow_run_id": run.run_id})
             learning_curves_png(history, staging / "autoencoder_curves.png")
         write_csv(plots / "k_sweep.csv", rows, SWEEP_COLUMNS)
         write_csv(

@@ -7,12 +7,17 @@ The tracking server comes from `MLFLOW_TRACKING_URI`; without it, runs go to SQL
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from pipelines.dataset import sha256_file
+
+log = logging.getLogger(__name__)
 
 LOCAL_STORE = Path("mlruns")
 
@@ -62,6 +67,43 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
+
+
+OUTPUT_TAG = "output_sha256"
+"""Tag on a training run: the sha256 of the model file it wrote. Later stages find the run
+from the file itself, so no run id is written into a file that DVC hashes (the same
+training run twice must give the same bytes)."""
+
+
+def tag_output(run: RunLogger, model_file: str | Path) -> None:
+    """Mark `run` as the run that wrote `model_file`."""
+    run.set_tags({OUTPUT_TAG: sha256_file(model_file)})
+
+
+def producing_run(model_file: str | Path, experiment: str) -> str | None:
+    """The id of the latest run in `experiment` that wrote exactly `model_file`, or None
+    (the model was trained against another tracking store, e.g. pulled from a DVC remote)."""
+    client = _client()
+    found = client.get_experiment_by_name(experiment)
+    runs = (
+        client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.{OUTPUT_TAG} = '{sha256_file(model_file)}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found is not None
+        else []
+    )
+    if not runs:
+        log.warning(
+            "%s: no run of MLflow experiment %r wrote this model (trained against another "
+            "tracking store?); this stage's figures go to its own run only",
+            model_file,
+            experiment,
+        )
+        return None
+    return runs[0].info.run_id
 
 
 def stage_tags(stage: str, data_hash: str) -> dict[str, str]:
@@ -189,8 +231,42 @@ def register_onnx_model(
     version = mlflow.register_model(info.model_uri, name)
     client = _client()
     client.set_registered_model_alias(name, alias, version.version)
+    # What the exported files leave out so that a re-run gives the same bytes: which run
+    # and which commit made this version (MLflow stamps the time itself).
     client.set_model_version_tag(name, version.version, "source_run", run_id)
+    client.set_model_version_tag(name, version.version, "git_commit", git_commit())
     return str(version.version)
+
+
+def register_export(
+    stage: str,
+    experiment: str,
+    data_hash: str,
+    model_file: Path,
+    onnx_path: Path,
+    card_path: Path,
+    registered_model: str,
+    alias: str,
+    figures: Mapping[str, float],
+    extra_files: tuple[Path, ...] = (),
+) -> str:
+    """An export stage's MLflow record: a run for this execution (nested under the training
+    run that wrote `model_file`, found by its hash), the ONNX graph registered as a new
+    version of `registered_model` with `alias` moved to it, and the parity `figures` on
+    both runs. The version's source run is the training run when the store has it (so the
+    registry links back to the curves), else this execution's run. Returns the version."""
+    train_run_id = producing_run(model_file, experiment)
+    tags = stage_tags(stage, data_hash)
+    with stage_run(experiment, stage, tags, parent_run_id=train_run_id) as run:
+        version = register_onnx_model(
+            train_run_id or run.run_id, onnx_path, card_path, registered_model, alias, extra_files
+        )
+        run.log_metrics(figures)
+        run.set_tags({"registered_model": registered_model, "model_version": version})
+    if train_run_id is not None:
+        RunLogger(train_run_id, tracking_uri()).log_metrics(figures)
+    log.info("registered %s version %s as @%s", registered_model, version, alias)
+    return version
 
 
 def _metric_key(key: str) -> str:

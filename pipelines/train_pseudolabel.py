@@ -29,7 +29,7 @@ from pipelines.config import PipelineConfig, config_to_dict, load_config
 from pipelines.dataset import PreparedData, load_prepared
 from pipelines.errors import UserError
 from pipelines.metrics import classification_metrics
-from pipelines.model_bundle import RUN_FILE, build_model, inference_model, save_bundle
+from pipelines.model_bundle import build_model, inference_model, save_bundle
 from pipelines.plots import learning_curves_png, write_csv
 from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
 from pipelines.stage import run_stage
@@ -42,6 +42,7 @@ from pipelines.training.driver import (
     run_training,
     supervised_task,
 )
+from pipelines.training.loop import without_timings
 from pipelines.training.worker import EVAL_BATCH_SIZE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -283,14 +284,14 @@ def train_pseudolabel(
         model = build_model(config.model, data.manifest)
         model.load_state_dict(rounds.final.state_dict)
         with output_directory(output) as staging:
-            save_bundle(
+            model_file = save_bundle(
                 staging,
                 model,
                 config.model,
                 data.manifest,
-                extra={"history": rounds.final.history, "rounds": rounds.table},
+                extra={"history": without_timings(rounds.final.history), "rounds": rounds.table},
             )
-            write_json(staging / RUN_FILE, {"mlflow_run_id": parent.run_id, "stage": STAGE})
+            tracking.tag_output(parent, model_file)
             learning_curves_png(rounds.final.history, staging / "learning_curves.png")
         write_csv(Path(plots_dir) / "rounds.csv", rounds.table, ROUND_COLUMNS)
         write_json(metrics_path, figures)

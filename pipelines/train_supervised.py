@@ -17,7 +17,7 @@ from pipelines.atomic import output_directory, write_json
 from pipelines.config import PipelineConfig, config_to_dict, load_config, with_tuned_params
 from pipelines.dataset import load_prepared
 from pipelines.errors import UserError
-from pipelines.model_bundle import RUN_FILE, build_model, save_bundle
+from pipelines.model_bundle import build_model, save_bundle
 from pipelines.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stage import run_stage
 from pipelines.training.driver import (
@@ -29,6 +29,7 @@ from pipelines.training.driver import (
     supervised_arrays,
     supervised_task,
 )
+from pipelines.training.loop import without_timings
 from pipelines.training.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,15 @@ def train_supervised(
             "stopped_early": len(history) < config.train.epochs,
         }
         with output_directory(output) as staging:
-            save_bundle(staging, model, config.model, data.manifest, extra={"history": history})
-            write_json(staging / RUN_FILE, {"mlflow_run_id": run.run_id, "ray_run": name})
+            model_file = save_bundle(
+                staging,
+                model,
+                config.model,
+                data.manifest,
+                extra={"history": without_timings(history)},
+            )
+            run.set_tags({"ray_run": name})
+            tracking.tag_output(run, model_file)
             learning_curves_png(history, staging / "learning_curves.png")
             gradient_norms_png(history, staging / "gradient_norms.png")
         write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)

@@ -93,6 +93,17 @@ class TrainingState:
         self.first_train_loss = state["first_train_loss"]
 
 
+TIMING_KEYS = ("epoch_seconds", "train_seconds", "data_wait_seconds")
+"""The wall-clock figures `fit` adds to each epoch's metrics (MLflow and the benchmarks
+read them)."""
+
+
+def without_timings(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The run's per-epoch figures without their wall-clock times: what a model file keeps.
+    A repeated run gives the same figures but other times, and DVC hashes the file."""
+    return [{k: v for k, v in epoch.items() if k not in TIMING_KEYS} for epoch in history]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") else model

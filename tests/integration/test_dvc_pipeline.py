@@ -146,6 +146,32 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     assert str(client.get_model_version_by_alias("dlpipe-classifier", "champion").version) == "2"
 
 
+def lock_outputs(root: Path) -> dict[str, dict[str, str]]:
+    """Each stage's outputs (outs, metrics, plots) and their hashes, as dvc.lock has them."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {
+        stage: {out["path"]: out["md5"] for out in entry.get("outs", [])}
+        for stage, entry in lock["stages"].items()
+    }
+
+
+def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
+    """Reproducible: every stage run again on the same params, data and code writes files
+    with the same hashes (tune aside: ASHA decides on the arrival order of concurrent
+    trials), so dvc.lock and metrics/ stay as committed."""
+    root, _ = repo_copy
+    before = lock_outputs(root)
+    ends = ("export", "export_pseudolabel", "export_mlm", "export_segment", "segment_digits")
+    forced = run([sys.executable, "-m", "dvc", "repro", "--force", *ends], repo_copy)
+    assert ran(forced.stdout) == set(STAGES) - {"tune"}
+    after = lock_outputs(root)
+    changed = {
+        stage: sorted(path for path, md5 in outs.items() if before[stage].get(path) != md5)
+        for stage, outs in after.items()
+    }
+    assert not any(changed.values()), {stage: paths for stage, paths in changed.items() if paths}
+
+
 def test_bad_params_fail_the_stage_with_one_line_and_keep_outputs(repo_copy):
     root, _ = repo_copy
     (root / "bad.yaml").write_text("train:\n  lr: fast\n")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipelines import tracking
+from pipelines.model_bundle import MODEL_FILE
 from serving.deploy import reload_models, wait_for_versions
 from tests.helpers import declared_app
 
@@ -81,11 +82,12 @@ def register_copy(trained, tmp_path, tamper: bool = False) -> str:
         graph = onnx.load(str(export / "model.onnx"))
         graph.doc_string = "edited after export"
         onnx.save(graph, str(export / "model.onnx"))
-    card = json.loads((export / "model_card.json").read_text())
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
         return tracking.register_onnx_model(
-            card["mlflow_run_id"],
+            tracking.producing_run(
+                trained.model_dir / MODEL_FILE, trained.config.tracking.experiment
+            ),
             export / "model.onnx",
             export / "model_card.json",
             MODEL,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines import tracking
 from pipelines.config import PipelineConfig, PrepareConfig, PseudoLabelConfig
 from pipelines.errors import UserError
 from pipelines.evaluate import evaluate
 from pipelines.export import export, with_overrides
+from pipelines.model_bundle import MODEL_FILE
 from pipelines.prepare import prepare
 from pipelines.prepare_pseudolabel import prepare_pseudolabel
 from pipelines.train_pseudolabel import train_pseudolabel
@@ -49,7 +50,7 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     assert (out / "plots" / "rounds.csv").read_text().startswith("round,pseudo_labels")
 
     client = MlflowClient(uri)
-    parent_id = json.loads((out / "model" / "run.json").read_text())["mlflow_run_id"]
+    parent_id = tracking.producing_run(out / "model" / MODEL_FILE, PseudoLabelConfig().experiment)
     parent = client.get_run(parent_id)
     assert parent.data.metrics["baseline_test_accuracy"] == pytest.approx(
         figures["baseline_test_accuracy"]

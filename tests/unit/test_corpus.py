@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,7 +16,13 @@ from pipelines.corpus import builtin_documents, read_documents, split_documents
 from pipelines.errors import UserError
 from pipelines.mlm_metrics import baseline_figures, token_counts
 from pipelines.prepare_mlm import split_documents as split_train_val
-from pipelines.tokenizer import pack_blocks, special_ids, train_wordpiece
+from pipelines.tokenizer import (
+    SPECIAL_TOKENS,
+    learn_vocabulary,
+    pack_blocks,
+    special_ids,
+    train_wordpiece,
+)
 
 
 def test_builtin_corpus_is_pythons_documentation_without_layout_lines():
@@ -78,6 +87,32 @@ def test_tokenizer_keeps_special_tokens_and_recognises_mask_in_text():
     assert ids == {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
     encoded = tokenizer.encode("The [MASK] Statement", add_special_tokens=False)
     assert encoded.tokens[1] == "[MASK]" and encoded.tokens[0] == "the"
+
+
+def test_tokenizer_merges_the_most_frequent_pair_first_ties_alphabetically():
+    counts = Counter({"ce": 3, "ab": 5, "cd": 3})
+    vocabulary = learn_vocabulary(counts, vocab_size=len(SPECIAL_TOKENS) + 5 + 2)
+    assert vocabulary[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS)
+    assert vocabulary[len(SPECIAL_TOKENS) : -2] == ["##b", "##d", "##e", "a", "c"]
+    # (a, ##b) occurs 5 times; (c, ##d) and (c, ##e) tie at 3: the alphabetical first wins.
+    assert vocabulary[-2:] == ["ab", "cd"]
+
+
+def test_tokenizer_training_gives_the_same_file_in_every_process():
+    """`tokenizers`' own trainer numbered pieces in a per-process hash order: two runs on the
+    same text learned different vocabularies. Two fresh interpreters must agree here."""
+    script = (
+        "from pipelines.corpus import builtin_documents\n"
+        "from pipelines.tokenizer import train_wordpiece\n"
+        "print(train_wordpiece(builtin_documents()[:20], 800, True).to_str())"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    }
+    assert len(outputs) == 1
 
 
 def test_packing_fills_blocks_and_pads_only_the_last():
