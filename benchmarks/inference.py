@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from benchmarks.scratch import machine, markdown_table, write_results
-from pipelines.onnx_export import onnx_session
+from pipelines.stagekit.onnx_export import onnx_session
 
 RESULTS = Path("benchmarks/results/inference.json")
 BATCHES = (1, 32)
@@ -123,10 +123,10 @@ def measure(case: Case, seconds: float) -> dict:
 
 
 def classifier_case(name: str, data_dir: str, model_dir: str, export_dir: str) -> Case:
-    from pipelines.dataset import load_prepared
-    from pipelines.export import CARD_FILE, ONNX_FILE
-    from pipelines.model_bundle import inference_model, load_trained
-    from pipelines.onnx_export import INPUT_NAME
+    from pipelines.stagekit.dataset import load_prepared
+    from pipelines.stagekit.model_bundle import inference_model, load_trained
+    from pipelines.stagekit.onnx_export import INPUT_NAME
+    from pipelines.supervised.export import CARD_FILE, ONNX_FILE
 
     data = load_prepared(data_dir)
     model, _, _ = load_trained(model_dir, data.manifest)
@@ -144,11 +144,11 @@ def classifier_case(name: str, data_dir: str, model_dir: str, export_dir: str) -
 
 def mlm_cases(params: str, data_dir: str, model_dir: str, export_dir: str) -> Iterator[Case]:
     from models.transformer import SentenceEmbedder
-    from pipelines.config import load_config
-    from pipelines.dataset import load_prepared
-    from pipelines.export_mlm import CARD_FILE, parity_inputs
-    from pipelines.mlm_bundle import load_mlm_bundle
-    from pipelines.pretrain_mlm import validation_arrays
+    from pipelines.selfsupervised.bundle import load_mlm_bundle
+    from pipelines.selfsupervised.export import CARD_FILE, parity_inputs
+    from pipelines.selfsupervised.pretrain import validation_arrays
+    from pipelines.stagekit.config import load_config
+    from pipelines.stagekit.dataset import load_prepared
 
     data = load_prepared(data_dir)
     model, _, _ = load_mlm_bundle(model_dir, data.manifest)
@@ -170,8 +170,8 @@ def mlm_cases(params: str, data_dir: str, model_dir: str, export_dir: str) -> It
 
 
 def segment_cases(data_dir: str, model_dir: str, export_dir: str) -> Iterator[Case]:
-    from pipelines.export_segment import INPUT, segmenters
-    from pipelines.segment import MODEL_FILE, feature_table
+    from pipelines.unsupervised.export import INPUT, segmenters
+    from pipelines.unsupervised.segment import MODEL_FILE, feature_table
 
     bundle = torch.load(Path(model_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
     raw = feature_table(data_dir)[bundle["transform"]["columns"]].to_numpy(dtype=np.float32)

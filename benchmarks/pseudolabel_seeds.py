@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from benchmarks.scratch import machine, scratch_stores
-from pipelines.atomic import write_json
-from pipelines.config import load_config
-from pipelines.prepare_pseudolabel import prepare_pseudolabel
-from pipelines.train_pseudolabel import train_pseudolabel
+from pipelines.semisupervised.prepare import prepare_pseudolabel
+from pipelines.semisupervised.train import train_pseudolabel
+from pipelines.stagekit.atomic import write_json
+from pipelines.stagekit.config import load_config
 
 RESULTS = Path("benchmarks/results/pseudolabel_seeds.json")
 COLUMNS = (

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from pipelines.atomic import write_json, write_text
+from pipelines.stagekit.atomic import write_json, write_text
 
 
 @contextlib.contextmanager

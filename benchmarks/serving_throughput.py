@@ -113,7 +113,7 @@ def servers(export_dir: str, model_dir: str) -> list[Server]:
 
 def request_body(prepared: str) -> bytes:
     """One real test image of the prepared digits (pixels in [0, 1]) as a classify request."""
-    from pipelines.dataset import load_prepared
+    from pipelines.stagekit.dataset import load_prepared
 
     image = load_prepared(prepared).x("test")[0].reshape(-1).astype(float)
     return json.dumps({"instances": [image.round(4).tolist()]}).encode()

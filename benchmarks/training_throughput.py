@@ -48,10 +48,10 @@ import numpy as np
 import torch
 
 from benchmarks.scratch import machine, markdown_table, scratch_stores, write_results
-from pipelines.config import PipelineConfig, PrepareConfig, load_config, with_tuned_params
-from pipelines.dataset import load_prepared
-from pipelines.prepare import read_raw, write_prepared
-from pipelines.readers import RawDataset
+from pipelines.stagekit.config import PipelineConfig, PrepareConfig, load_config, with_tuned_params
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.readers import RawDataset
+from pipelines.supervised.prepare import read_raw, write_prepared
 from pipelines.training.driver import supervised_arrays, supervised_task
 from pipelines.training.fitting import fit_task, initial_state
 
@@ -153,7 +153,7 @@ def logged_epochs(run_id: str) -> tuple[list[dict[str, float]], list[float]]:
     timings), and when each epoch's metrics were logged (unix s): as each epoch ended."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.stagekit.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     series = {
@@ -172,9 +172,9 @@ def ray_run(
     """The `train_supervised` stage as `dvc repro` runs it, on a Ray instance of its own."""
     import ray
 
-    from pipelines import tracking
-    from pipelines.model_bundle import MODEL_FILE
-    from pipelines.train_supervised import train_supervised
+    from pipelines.stagekit import tracking
+    from pipelines.stagekit.model_bundle import MODEL_FILE
+    from pipelines.supervised.train import train_supervised
 
     out = workdir / name
     # Creating the scratch MLflow store is a one-off of this benchmark, not stage start-up.

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from benchmarks.scratch import machine, scratch_stores
-from pipelines.atomic import write_json
-from pipelines.config import load_config
-from pipelines.tune import tune_search
+from pipelines.stagekit.atomic import write_json
+from pipelines.stagekit.config import load_config
+from pipelines.tuning.tune import tune_search
 
 RESULTS = Path("benchmarks/results/tune_asha.json")
 

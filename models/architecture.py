@@ -1,7 +1,8 @@
-"""The architecture a user picks in params.yaml, and the factory that builds it.
+"""The architecture a user picks in params.yaml, and the dense head every network ends with.
 
 `ArchitectureConfig` holds what a user chooses; the input shape and number of outputs come
-from the prepared data, so the same params work for 8x8 digits and a 64-column CSV.
+from the prepared data, so the same params work for 8x8 digits and a 64-column CSV. The
+networks import this module; `models/networks.py` maps each kind to its network.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 from torch import nn
 
-from models.activations import ACTIVATIONS
+from models.activations import ACTIVATIONS, make_activation, width_factor
 
 NetworkKind = Literal["mlp", "cnn", "resnet"]
 Pooling = Literal["max", "avg", "min"]
@@ -52,31 +53,8 @@ class ArchitectureConfig:
             raise ValueError(f"channels: a {self.kind} needs at least one entry")
 
 
-def build_network(
-    arch: ArchitectureConfig, input_shape: tuple[int, ...], num_outputs: int
-) -> nn.Module:
-    """Build the network for inputs of `input_shape` (without batch) and `num_outputs` outputs."""
-    # Imported here so each network module stays importable on its own.
-    from models.cnn import ConvNet
-    from models.mlp import MLP
-    from models.resnet import ResidualCNN
-
-    if arch.kind == "mlp":
-        return MLP(arch, input_shape, num_outputs)
-    if len(input_shape) != 3:
-        raise ValueError(
-            f"a {arch.kind} needs image inputs shaped (channels, height, width), got {input_shape}; "
-            "use kind: mlp for tabular data"
-        )
-    if arch.kind == "cnn":
-        return ConvNet(arch, input_shape, num_outputs)
-    return ResidualCNN(arch, input_shape, num_outputs)
-
-
 def dense_head(arch: ArchitectureConfig, in_features: int, num_outputs: int) -> nn.Sequential:
     """Dropout -> Linear -> activation blocks for `arch.hidden_sizes`, then the output layer."""
-    from models.activations import make_activation, width_factor
-
     layers: list[nn.Module] = []
     width = in_features
     factor = width_factor(arch.activation)

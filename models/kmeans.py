@@ -1,6 +1,6 @@
 """K-means arithmetic in torch: the per-shard pieces a distributed K-means reduces.
 
-Each function works on one shard of the points; the driver (pipelines/kmeans.py) adds the
+Each function works on one shard of the points; the driver (pipelines/unsupervised/kmeans.py) adds the
 shards' sums and counts together, so the result equals K-means on all points at once.
 """
 

@@ -1,30 +1,22 @@
-"""`dlpipe`: one console script for the pipeline.
+"""`dlpipe`: one console script for the pipeline and its models.
 
 dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
-dlpipe serve              serve the registered model over HTTP (Ctrl-C stops)
-dlpipe serve --demo       start, send one real prediction, print it, stop
-dlpipe serve reload       serve what the registry aliases name now (every replica, no restart)
-dlpipe predict IMAGE ...  classify images through a running server
 dlpipe ui                 open the MLflow dashboard
+dlpipe serve ...          serve, reload and query the models (serving/cli.py)
+dlpipe predict IMAGE ...  classify images through a running server (serving/cli.py)
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from pipelines.tracking import tracking_uri
-
-DEFAULT_URL = "http://127.0.0.1:8000"
+from pipelines.stagekit.tracking import tracking_uri
+from serving import cli as serving_cli
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -32,227 +24,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
     print("$", " ".join(["dvc", *command[1:]]), flush=True)
     return subprocess.call(command)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    if args.action == "reload":
-        return cmd_reload(args)
-
-    from ray import serve
-
-    from pipelines.cluster import connect_ray
-    from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL
-    from serving.deploy import DeployError, dashboard_address, deploy_app, wait_until_running
-    from serving.model_slots import NO_MODEL
-
-    # Fail here, in one line, rather than in a replica's traceback.
-    mlm_model = args.mlm_model or DEFAULT_MLM_MODEL
-    error = _check_model(args.model, "classifier")
-    if error is None:
-        error = _check_model(mlm_model, "masked_lm")
-        if error and not args.mlm_model:  # the default MLM is optional: serve without it
-            print(f"(no masked-language model: {error}; /v1/fill-mask and /v1/embed are off)")
-            mlm_model, error = NO_MODEL, None
-    segment_model = args.segment_model or DEFAULT_SEGMENT_MODEL
-    if error is None:
-        error = _check_model(segment_model, "segmentation")
-        if error and not args.segment_model:  # optional too
-            print(f"(no segmentation model: {error}; /v1/segment is off)")
-            segment_model, error = NO_MODEL, None
-    if error:
-        print(
-            f"serve: error: {error}\n(run the pipeline first: `make demo` or `dvc repro`)",
-            file=sys.stderr,
-        )
-        return 2
-    dashboard = connect_ray() or dashboard_address()
-    app = _app_config(args, mlm_model, segment_model)
-    print(
-        f"starting the Serve app with models {args.model}, {mlm_model}, {segment_model} "
-        f"(through the Serve REST API at {dashboard}) ...",
-        flush=True,
-    )
-    # Deployed as a config (what `serve deploy` does), so `dlpipe serve reload` can change
-    # the served versions on every replica without restarting them.
-    try:
-        deploy_app(dashboard, app)
-        wait_until_running(dashboard, "dlpipe")
-    except DeployError as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        return 1
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    try:
-        if args.demo:
-            return _demo_request(url, args.demo_image, with_mlm=mlm_model != NO_MODEL)
-        _print_endpoints(url)
-        print("serving; press Ctrl-C to stop", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        # Only our application: on a shared cluster other Serve apps keep running.
-        serve.delete("dlpipe")
-
-
-def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) -> dict:
-    """serving/config.yaml's application with this command's models and address, and at
-    most as many replicas as the cluster has CPUs for (`threads` each) or `--max-replicas`."""
-    import ray
-
-    from serving.deploy import default_app
-
-    app = default_app()
-    app["args"].update(
-        model=args.model,
-        mlm_model=mlm_model,
-        segment_model=segment_model,
-        tracking_uri=tracking_uri(),
-        threads=args.threads,
-        http={**app["args"]["http"], "host": args.host, "port": args.port},
-    )
-    for deployment in app.get("deployments", []):
-        autoscaling = deployment.get("autoscaling_config")
-        if autoscaling:
-            fit = max(1, int(ray.cluster_resources().get("CPU", 1)) // args.threads)
-            if args.max_replicas is not None:
-                fit = min(fit, args.max_replicas)
-            autoscaling["max_replicas"] = min(autoscaling["max_replicas"], fit)
-            autoscaling["min_replicas"] = min(autoscaling["min_replicas"], fit)
-    return app
-
-
-def _check_model(source: str, task: str) -> str | None:
-    """Why `source` cannot be served as `task` (None when it can, or is left out): the same
-    loading and checks (hashes, parity sample) a replica runs."""
-    from serving.model_slots import LOAD_ERRORS, NO_MODEL, load_predictor
-
-    if source == NO_MODEL:
-        return None
-    slot = {"classifier": "classifier", "masked_lm": "mlm", "segmentation": "segmenter"}[task]
-    try:
-        load_predictor(slot, source, tracking_uri(), use_gpu=False)
-    except LOAD_ERRORS as exc:  # e.g. a regression model: /v1/classify serves classifiers
-        return str(exc)
-    return None
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """Move the app's models to the versions their aliases name now, on every replica."""
-    from serving.deploy import DeployError, dashboard_address, reload_models, wait_for_versions
-
-    dashboard = args.dashboard or dashboard_address()
-    url = args.url or f"http://127.0.0.1:{args.port}"
-    try:
-        versions = reload_models(dashboard, "dlpipe", tracking_uri())
-        if not versions:
-            print("reload: the app serves no registry alias: nothing to reload")
-            return 0
-        print(f"reload: asked every replica for {versions}; waiting for {url}/v1/models ...")
-        settled = wait_for_versions(url, versions)
-    except DeployError as exc:
-        print(f"reload: error: {exc}", file=sys.stderr)
-        return 1
-    failed = 0
-    for slot, model in settled.items():
-        if model["version"] == versions[slot]:
-            print(f"  {slot}: {model['name']} version {model['version']} (@{model['alias']})")
-        else:
-            failed += 1
-            reason = model["failed_reload"]["error"]
-            print(
-                f"  {slot}: version {versions[slot]} REFUSED, version {model['version']} "
-                f"keeps serving: {reason}"
-            )
-    return 1 if failed else 0
-
-
-def _print_endpoints(url: str) -> None:
-    print(
-        f"\nendpoints:\n  POST {url}/v1/classify\n  POST {url}/v1/fill-mask\n"
-        f"  POST {url}/v1/embed\n  POST {url}/v1/segment\n  GET  {url}/v1/models\n"
-        f"  GET  {url}/healthz\n  GET  {url}/readyz\n  GET  {url}/openapi.json"
-    )
-    print("swap models after moving a registry alias: dlpipe serve reload")
-    print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
-
-
-def _demo_image() -> Path:
-    """A test-split-sized sample: the first image of the bundled digits' class '7'."""
-    return min(Path("data/raw/digits/7").glob("*.png"))
-
-
-DEMO_SENTENCE = "Raise an exception if the [MASK] is not found."
-
-
-def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
-    path = Path(image) if image else _demo_image()
-    payload = {"images": [base64.b64encode(path.read_bytes()).decode()]}
-    print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
-    try:
-        response = _post_json(f"{url}/v1/classify", payload)
-    except urllib.error.HTTPError as exc:
-        print(
-            f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr
-        )
-        return 1
-    prediction = response["predictions"][0]
-    print(
-        json.dumps(
-            {
-                "label": prediction["label"],
-                "confidence": round(prediction["confidence"], 4),
-                "model": response["model"],
-                "version": response["version"],
-            },
-            indent=2,
-        )
-    )
-    if with_mlm:
-        print(f"\nPOST {url}/v1/fill-mask  ({DEMO_SENTENCE!r})", flush=True)
-        try:
-            filled = _post_json(f"{url}/v1/fill-mask", {"texts": [DEMO_SENTENCE], "top_k": 3})
-        except urllib.error.HTTPError as exc:
-            print(f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
-            return 1
-        top = filled["results"][0]["masks"][0]["predictions"]
-        print(json.dumps({p["token"]: round(p["score"], 3) for p in top}))
-    _print_endpoints(url)
-    print("(demo: stopping the app; `make serve` keeps it running)")
-    return 0
-
-
-def _post_json(url: str, payload: dict, timeout: float = 30.0) -> dict:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        print(f"predict: error: {missing[0]}: no such file", file=sys.stderr)
-        return 2
-    payload = {"images": [base64.b64encode(Path(p).read_bytes()).decode() for p in args.images]}
-    try:
-        response = _post_json(f"{args.url.rstrip('/')}/v1/classify", payload)
-    except urllib.error.HTTPError as exc:
-        print(
-            f"predict: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}",
-            file=sys.stderr,
-        )
-        return 2
-    except urllib.error.URLError as exc:
-        print(
-            f"predict: error: cannot reach {args.url} ({exc.reason}); is `dlpipe serve` running?",
-            file=sys.stderr,
-        )
-        return 2
-    for path, prediction in zip(args.images, response["predictions"]):
-        print(f"{path}\t{prediction['label']}\t{prediction['confidence']:.4f}")
-    return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -266,13 +37,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -284,52 +48,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
     run.set_defaults(func=cmd_run)
 
-    serve = sub.add_parser("serve", help="serve the model over HTTP with Ray Serve")
-    serve.add_argument(
-        "action",
-        nargs="?",
-        choices=("start", "reload"),
-        default="start",
-        help="start (default) the app, or reload: serve the versions the registry aliases "
-        "name now, on every replica, without a restart",
-    )
-    serve.add_argument(
-        "--model",
-        default="models:/dlpipe-classifier@champion",
-        help="classifier: registry URI (models:/NAME@ALIAS), an export folder, or none",
-    )
-    serve.add_argument(
-        "--mlm-model",
-        help="masked-language model for /v1/fill-mask and /v1/embed (default: "
-        "models:/dlpipe-mlm@champion when registered), or none",
-    )
-    serve.add_argument(
-        "--segment-model",
-        help="segmentation model for /v1/segment (default: models:/dlpipe-segment@champion "
-        "when registered), or none",
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
-    serve.add_argument(
-        "--max-replicas",
-        type=positive_int,
-        help="autoscaling's upper bound (default: serving/config.yaml's, at most CPUs / threads); "
-        "1 keeps one replica, e.g. when the clients share this machine's CPUs",
-    )
-    serve.add_argument("--demo", action="store_true", help="send one prediction, print it, stop")
-    serve.add_argument("--demo-image", help="image for --demo (default: a bundled digit)")
-    serve.add_argument(
-        "--dashboard",
-        help="reload: the Ray dashboard (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)",
-    )
-    serve.add_argument("--url", help="reload: the app's URL (default http://127.0.0.1:PORT)")
-    serve.set_defaults(func=cmd_serve)
-
-    predict = sub.add_parser("predict", help="classify image files through a running server")
-    predict.add_argument("images", nargs="+", help="PNG/JPEG files")
-    predict.add_argument("--url", default=DEFAULT_URL)
-    predict.set_defaults(func=cmd_predict)
+    serving_cli.add_commands(sub)
 
     ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")
     ui.add_argument("--host", default="127.0.0.1")

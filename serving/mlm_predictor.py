@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from serving.model_source import ModelFiles
-from serving.predictor import InputError, execution_providers
+from serving.predictor import InputError
+from serving.runtime import ort_session
 
 MASK_TOKEN = "[MASK]"
 
@@ -29,7 +30,6 @@ class Encoded:
 
 class MaskedLmPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.files = files
@@ -40,14 +40,8 @@ class MaskedLmPredictor:
             )
         graphs = self.card["graphs"]
         self.tokenizer = Tokenizer.from_file(str(files.sibling(self.card["tokenizer"])))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        providers = execution_providers(use_gpu)
-        self.fill_mask_session = ort.InferenceSession(str(files.onnx), options, providers=providers)
-        self.embed_session = ort.InferenceSession(
-            str(files.sibling(graphs["embed"]["file"])), options, providers=providers
-        )
+        self.fill_mask_session = ort_session(files.onnx, threads, use_gpu)
+        self.embed_session = ort_session(files.sibling(graphs["embed"]["file"]), threads, use_gpu)
         special = self.card["special_ids"]
         self.cls_id, self.sep_id = special["[CLS]"], special["[SEP]"]
         self.pad_id, self.mask_id = special["[PAD]"], special["[MASK]"]

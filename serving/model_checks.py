@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.model_source import ModelFiles
+from serving.runtime import ort_session
 
 
 class ModelRejected(Exception):
@@ -54,19 +55,14 @@ def verify_model(files: ModelFiles) -> None:
 
 
 def _check_graph(files: ModelFiles, graph: str, stored: dict[str, np.ndarray], atol: float) -> None:
-    import onnxruntime as ort
 
     def named(kind: str) -> dict[str, np.ndarray]:
         prefix = f"{graph}/{kind}/"
         return {k[len(prefix) :]: v for k, v in stored.items() if k.startswith(prefix)}
 
     inputs, expected = named("input"), named("output")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
     try:
-        session = ort.InferenceSession(
-            str(_existing(files, graph)), options, providers=["CPUExecutionProvider"]
-        )
+        session = ort_session(_existing(files, graph))
         outputs = session.run(list(expected), inputs)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelRejected(

@@ -12,14 +12,13 @@ import binascii
 import io
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serving.model_source import ModelFiles
 from serving.preprocess import image_to_array
+from serving.runtime import ort_session
 
 
 class InputError(ValueError):
@@ -31,45 +30,14 @@ class InputError(ValueError):
         self.message = message
 
 
-def gpu_visible() -> bool:
-    """True when this process can see an NVIDIA GPU (respects CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
-
-
-def execution_providers(use_gpu: bool | None = None) -> list[str]:
-    """CUDA first only where a GPU is ours to use (None: wherever one is visible);
-    onnxruntime-gpu asked for CUDA without a GPU logs loud errors."""
-    import onnxruntime as ort
-
-    if use_gpu is None:
-        use_gpu = gpu_visible()
-    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 class ClassifierPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
-        import onnxruntime as ort
 
         self.files = files
         self.card: dict[str, Any] = json.loads(files.card.read_text())
         if self.card.get("task") != "classification":
             raise ValueError(f"{files.source}: not a classifier (task {self.card.get('task')!r})")
-        options = ort.SessionOptions()
-        # One session per replica with a fixed thread count: several sessions with default
-        # threads each would oversubscribe the cores. No I/O binding: on CPU onnxruntime
-        # reads the numpy input in place; on CUDA it would save copying a few KiB per batch,
-        # not worth keeping device buffers per batch size.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(files.onnx), options, providers=execution_providers(use_gpu)
-        )
+        self.session = ort_session(files.onnx, threads, use_gpu)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.card["input"]["shape"][1:])
         self.class_names: list[str] = self.card["class_names"]

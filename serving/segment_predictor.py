@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from serving.model_source import ModelFiles
-from serving.predictor import InputError, execution_providers
+from serving.predictor import InputError
+from serving.runtime import ort_session
 
 
 class SegmentPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
-        import onnxruntime as ort
 
         self.files = files
         self.card: dict[str, Any] = json.loads(files.card.read_text())
@@ -27,12 +27,7 @@ class SegmentPredictor:
             raise ValueError(
                 f"{files.source}: not a segmentation model (task {self.card.get('task')!r})"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(files.onnx), options, providers=execution_providers(use_gpu)
-        )
+        self.session = ort_session(files.onnx, threads, use_gpu)
         self.features: list[str] = self.card["input"]["feature_names"]
         self.non_negative = set(self.card["input"].get("non_negative", []))
         self.names = {s["segment"]: s["name"] for s in self.card["segments"]}

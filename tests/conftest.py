@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """The bundled digits written as an image folder, exactly as the ingest stage does."""
-    from pipelines.ingest_digits import ingest_digits
+    from pipelines.supervised.ingest_digits import ingest_digits
 
     root = tmp_path_factory.mktemp("raw") / "digits"
     ingest_digits(str(root))

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from benchmarks.servers.response import predictions
-from pipelines.model_bundle import inference_model, load_bundle
+from pipelines.stagekit.model_bundle import inference_model, load_bundle
 
 
 class ClassifyRequest(BaseModel):

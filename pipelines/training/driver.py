@@ -7,7 +7,6 @@ run after its inputs so that re-running an interrupted stage resumes its checkpo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.architecture import ArchitectureConfig
-from pipelines.config import TrainConfig
-from pipelines.dataset import PreparedData
-from pipelines.errors import UserError
-from pipelines.tracking import RunLogger
+from pipelines.stagekit.config import TrainConfig
+from pipelines.stagekit.dataset import PreparedData
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.tracking import RunLogger
 from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def run_name(stage: str, *parts: Any) -> str:
 
 def check_resources(train: TrainConfig, gpu: bool) -> None:
     """Fail before starting workers that a local cluster could never place."""
-    from pipelines.cluster import require_resources
+    from pipelines.training.cluster import require_resources
 
     kind = "GPU" if gpu else "CPU"
     hint = "set train.device: cpu" if gpu else "lower train.num_workers"
@@ -67,7 +66,7 @@ def check_resources(train: TrainConfig, gpu: bool) -> None:
 
 
 def use_gpu(train: TrainConfig) -> bool:
-    from pipelines.cluster import cluster_has_gpus
+    from pipelines.training.cluster import cluster_has_gpus
 
     if train.device == "auto":
         return cluster_has_gpus()
@@ -89,8 +88,11 @@ def loop_config(
     task: SupervisedTask | MaskedLmTask | AutoencoderTask,
     train: TrainConfig,
     logger: RunLogger | None,
+    lr_key: str = "train.lr",
 ) -> dict[str, Any]:
-    """The `train_loop_config` the worker adapter expects.
+    """The `train_loop_config` the worker adapter expects. `train` crosses to the workers
+    as the frozen dataclass it is; `lr_key` is the params key a diverged run tells the user
+    to lower (e.g. `mlm.train.lr`).
 
     `arrays` holds x_train/y_train/x_val/y_val as the task reads them, optionally
     `pseudo_train` (a mask of pseudo-labeled examples) and `x_predict` (examples to predict
@@ -98,13 +100,14 @@ def loop_config(
     """
     import ray
 
-    from pipelines.cluster import connect_ray
+    from pipelines.training.cluster import connect_ray
 
     connect_ray()
     return {
         "data": ray.put(arrays),  # one copy in the object store, read zero-copy by workers
         "task": task,
-        "train": dataclasses.asdict(train),
+        "train": train,
+        "lr_key": lr_key,
         "mlflow": {"run_id": logger.run_id, "uri": logger.uri} if logger else None,
     }
 
@@ -131,7 +134,7 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.cluster import connect_ray
+    from pipelines.training.cluster import connect_ray
 
     # Ray Train V2 hands each report to the controller on its health-check tick (2 s by
     # default), which blocks the workers: with sub-second epochs that tick, not the
@@ -189,6 +192,32 @@ def finished_run(result: Result, name: str) -> FinishedRun:
         predictions = np.load(predictions_file) if predictions_file.exists() else None
     remove_local_run(name)
     return FinishedRun(state, predictions)
+
+
+def train_job(
+    arrays: dict[str, np.ndarray],
+    task: SupervisedTask | MaskedLmTask | AutoencoderTask,
+    train: TrainConfig,
+    name: str,
+    logger: RunLogger | None = None,
+    lr_key: str = "train.lr",
+) -> FinishedRun:
+    """One Ray Train job, start to finish: `task` trained on `arrays` (see `loop_config`)
+    with `train`'s settings as Ray run `name`, logged to `logger`'s MLflow run; returns the
+    finished state. A diverged run (its message names `lr_key`) tags the MLflow run `diverged` and raises RunDiverged.
+    Every training stage runs its jobs through here (Tune trials, which read the reports
+    as they come instead of the finished run, call `run_training` themselves)."""
+    from pipelines.training.worker import train_loop_per_worker
+
+    result = run_training(
+        train_loop_per_worker, loop_config(arrays, task, train, logger, lr_key), train, name
+    )
+    try:
+        return finished_run(result, name)
+    except RunDiverged:
+        if logger is not None:
+            logger.set_tags({"diverged": "true"})
+        raise
 
 
 def remove_local_run(name: str) -> None:

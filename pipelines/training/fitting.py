@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.optimizers import batch_size_for, make_optimizer
-from pipelines.config import TrainConfig
+from pipelines.stagekit.config import TrainConfig
 from pipelines.training.batches import shard_for_eval
 from pipelines.training.loop import EarlyStopping, TrainingState, fit, scheduled_lr
 
@@ -39,7 +39,7 @@ def initial_state(
     optimizer = make_optimizer(
         train.optimizer,
         model.parameters(),
-        train.lr,
+        learning_rate(train, 0),
         weight_decay=train.weight_decay,
         momentum=train.momentum,
     )
@@ -56,6 +56,7 @@ def fit_task(
     world_size: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda totals: totals,
     on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
+    lr_key: str = "train.lr",
 ) -> TrainingState:
     """Train `state` on worker `rank`'s shard of `arrays` (x_train/y_train/x_val/y_val as
     the task reads them) for `train.epochs`; `reduce` and `on_epoch_end` are `fit`'s hooks."""
@@ -71,14 +72,18 @@ def fit_task(
         train_batches,
         lambda: val_batches.epoch(0),
         epochs=train.epochs,
-        lr=train.lr,
         device=device,
         classification=task.classification,
         amp=train.amp,
         divergence_factor=train.divergence_factor,
         reduce=reduce,
         on_epoch_end=on_epoch_end,
-        lr_at=lambda epoch: scheduled_lr(
-            epoch, train.lr, train.epochs, train.lr_schedule, train.warmup_epochs
-        ),
+        lr_at=lambda epoch: learning_rate(train, epoch),
+        lr_key=lr_key,
     )
+
+
+def learning_rate(train: TrainConfig, epoch: int) -> float:
+    """The learning rate of `epoch`: `train.lr` through `train`'s schedule. The one path from
+    params to the optimizer: the optimizer starts at epoch 0's and `fit` sets each epoch's."""
+    return scheduled_lr(epoch, train.lr, train.epochs, train.lr_schedule, train.warmup_epochs)

@@ -258,7 +258,6 @@ def fit(
     val_batches: Callable[[], Batches],
     *,
     epochs: int,
-    lr: float,
     device: torch.device,
     classification: bool,
     amp: bool = False,
@@ -266,14 +265,16 @@ def fit(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
     lr_at: Callable[[int], float] | None = None,
+    lr_key: str = "train.lr",
 ) -> TrainingState:
     """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
 
     `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
     worker's totals into the global ones, so every worker takes the same decisions.
     Raises TrainingDiverged when a loss becomes NaN/inf or the training loss exceeds
-    `divergence_factor` times the first epoch's. `lr_at(epoch)`, when given, sets the
-    learning rate of each epoch (see `scheduled_lr`). Each epoch's metrics include its
+    `divergence_factor` times the first epoch's, naming `lr_key` (the params key the user
+    lowers). `lr_at(epoch)`, when given, sets the learning rate of each epoch (see
+    `scheduled_lr`); otherwise the optimizer keeps its own. Each epoch's metrics include its
     `train_seconds` and, of those, the `data_wait_seconds` spent waiting for batches.
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
@@ -312,7 +313,7 @@ def fit(
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch}: train loss {train_loss:.4g}, val loss "
                 f"{val_loss:.4g} (first epoch's train loss {state.first_train_loss:.4g}) with "
-                f"learning rate {lr:g}; lower train.lr"
+                f"learning rate {metrics['lr']:g}; lower {lr_key}"
             )
         if state.early_stopping.update(metrics["val_loss"], epoch):
             state.best_model_state = copy.deepcopy(unwrap(state.model).state_dict())

@@ -18,7 +18,7 @@ from models.architecture import ArchitectureConfig
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.losses import MaskedTokenLoss, TaskLoss
 from models.transformer import EncoderConfig, MaskedLanguageModel
-from pipelines.model_bundle import build_model
+from pipelines.stagekit.model_bundle import build_model
 from pipelines.training.batches import ShardedBatches
 from pipelines.training.loop import Batches
 from pipelines.training.masking import MaskedTokenBatches, MaskingSpec

@@ -20,8 +20,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipelines.config import TrainConfig
-from pipelines.tracking import RunLogger
+from pipelines.stagekit.config import TrainConfig
+from pipelines.stagekit.tracking import RunLogger
 from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
 from pipelines.training.loop import TrainingDiverged, TrainingState, unwrap
 
@@ -36,7 +36,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _quiet_per_report_log()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    train_cfg = TrainConfig(**config["train"])
+    train_cfg: TrainConfig = config["train"]
     task = config["task"]
     classification = task.classification
     device = ray.train.torch.get_device()
@@ -81,7 +81,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     try:
-        fit_task(state, task, arrays, train_cfg, device, rank, world_size, all_reduce, on_epoch_end)
+        fit_task(
+            state,
+            task,
+            arrays,
+            train_cfg,
+            device,
+            rank,
+            world_size,
+            all_reduce,
+            on_epoch_end,
+            lr_key=config["lr_key"],
+        )
         if "x_predict" in arrays:
             probabilities = predict_distributed(
                 unwrap(state.model), arrays["x_predict"], device, rank, world_size

@@ -1,1 +1,1 @@
-"""Ray Tune search over optimizers and learning rates (stage `tune`, see pipelines/tune.py)."""
+"""Ray Tune search over optimizers and learning rates (stage `tune`, see pipelines/tuning/tune.py)."""

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from models.architecture import ArchitectureConfig
-from pipelines.config import TrainConfig, TuneConfig
-from pipelines.errors import UserError
+from pipelines.stagekit.config import TrainConfig, TuneConfig
+from pipelines.stagekit.errors import UserError
 
 LR_SCALE = "lr_scale"
 SECTIONS: dict[str, type] = {"train": TrainConfig, "model": ArchitectureConfig}

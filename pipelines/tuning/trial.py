@@ -21,7 +21,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 from models.architecture import ArchitectureConfig
-from pipelines.config import TrainConfig, TuneConfig
+from pipelines.stagekit.config import TrainConfig, TuneConfig
 from pipelines.training.driver import (
     loop_config,
     remove_local_run,
@@ -47,7 +47,7 @@ def run_trial(
 
     model_cfg, train_cfg = trial_settings(model, train, tune, sample)
     task = supervised_task(model_cfg, manifest, train_cfg)
-    config = loop_config(arrays, task, train_cfg, logger=None)
+    config = loop_config(arrays, task, train_cfg, logger=None, lr_key="tune.lr")
     # The trial id names the Train run: a trial restarted by Tuner.restore resumes its own
     # run's latest checkpoint instead of starting over.
     name = f"tune-{ray_tune.get_context().get_trial_id()}"

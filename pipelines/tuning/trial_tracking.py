@@ -13,9 +13,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipelines import tracking
-from pipelines.config import TuneConfig
-from pipelines.tracking import RunLogger
+from pipelines.stagekit import tracking
+from pipelines.stagekit.config import TuneConfig
+from pipelines.stagekit.tracking import RunLogger
 from pipelines.tuning.space import tuned_values
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import PipelineConfig, TrainConfig
+from pipelines.stagekit.config import PipelineConfig, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,10 @@ def quick_train_config(**overrides) -> TrainConfig:
 
 @pytest.fixture(scope="session")
 def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
-    from pipelines.evaluate import evaluate
-    from pipelines.export import export
-    from pipelines.prepare import prepare
-    from pipelines.train_supervised import train_supervised
+    from pipelines.supervised.evaluate import evaluate
+    from pipelines.supervised.export import export
+    from pipelines.supervised.prepare import prepare
+    from pipelines.supervised.train import train_supervised
 
     root = tmp_path_factory.mktemp("pipeline")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -50,7 +50,7 @@ def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
             str(root / "plots"),
         )
         evaluate(
-            config.tracking.experiment,
+            config,
             str(root / "prepared"),
             str(root / "model"),
             str(root / "metrics/evaluate.json"),

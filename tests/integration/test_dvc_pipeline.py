@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.cluster import orphaned_placement_groups
+from pipelines.training.cluster import orphaned_placement_groups
 from tests.helpers import REPO, generated_transaction_log, run_command
 
 pytestmark = pytest.mark.integration
@@ -113,7 +113,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     first = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     assert ran(first.stdout) == set(STAGES)
     # The stages hand back every CPU they took: none held by a placement group that a
-    # stopped tune trial left behind (pipelines/cluster.py).
+    # stopped tune trial left behind (pipelines/training/cluster.py).
     assert wait_for_free_cpus(free_before), f"{free_cpus():g} of {free_before:g} CPUs free"
     assert orphaned_placement_groups() == []
     figures = json.loads((root / "metrics" / "supervised.json").read_text())
@@ -178,7 +178,7 @@ def test_bad_params_fail_the_stage_with_one_line_and_keep_outputs(repo_copy):
     model = root / "artifacts" / "supervised" / "model" / "model.pt"
     before = model.read_bytes() if model.exists() else None
     result = run(
-        [sys.executable, "-m", "pipelines.train_supervised", "--params", "bad.yaml"],
+        [sys.executable, "-m", "pipelines.supervised.train", "--params", "bad.yaml"],
         repo_copy,
         check=False,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.architecture import ArchitectureConfig
-from pipelines.dataset import load_prepared
+from pipelines.stagekit.dataset import load_prepared
 from pipelines.training.driver import (
     loop_config,
     run_training,

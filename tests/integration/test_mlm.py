@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import EncoderConfig, MlmConfig, PipelineConfig, TrainConfig
+from pipelines.stagekit.config import EncoderConfig, MlmConfig, PipelineConfig, TrainConfig
 from tests.helpers import served_app
 
 pytestmark = pytest.mark.integration
@@ -27,10 +27,10 @@ class PretrainedMlm:
 
 def run_mlm_stages(root: Path, mlm: MlmConfig) -> tuple[dict, Path]:
     """The four MLM stages, as `dvc repro export_mlm` runs them, into `root`."""
-    from pipelines.export_mlm import export_mlm
-    from pipelines.ingest_corpus import ingest_corpus
-    from pipelines.prepare_mlm import prepare_mlm
-    from pipelines.pretrain_mlm import pretrain_mlm
+    from pipelines.selfsupervised.export import export_mlm
+    from pipelines.selfsupervised.ingest_corpus import ingest_corpus
+    from pipelines.selfsupervised.prepare import prepare_mlm
+    from pipelines.selfsupervised.pretrain import pretrain_mlm
 
     ingest_corpus(mlm, str(root / "raw"))
     prepare_mlm(mlm, str(root / "raw"), str(root / "prepared"))
@@ -122,7 +122,7 @@ def server(pretrained, ray_dashboard):
 def corpus_sentences(count: int, seed: int = 0) -> list[tuple[str, str]]:
     """(sentence with one word replaced by [MASK], that word): plain lowercase words of
     sentences from the built-in corpus, chosen with a fixed seed."""
-    from pipelines.corpus import builtin_documents
+    from pipelines.selfsupervised.corpus import builtin_documents
 
     rng = random.Random(seed)
     sentences = [
@@ -168,7 +168,7 @@ def frequent_tokens(pretrained: PretrainedMlm, k: int) -> list[str]:
     """The most-frequent-token baseline's top k: the commonest training tokens."""
     from tokenizers import Tokenizer
 
-    from pipelines.mlm_metrics import token_counts
+    from pipelines.selfsupervised.figures import token_counts
 
     manifest = json.loads((pretrained.root / "prepared" / "manifest.json").read_text())
     blocks = np.load(pretrained.root / "prepared" / "x_train.npy")

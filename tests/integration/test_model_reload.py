@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from pipelines import tracking
-from pipelines.model_bundle import MODEL_FILE
+from pipelines.stagekit import tracking
+from pipelines.stagekit.model_bundle import MODEL_FILE
 from serving.deploy import reload_models, wait_for_versions
 from tests.helpers import declared_app
 

@@ -7,15 +7,15 @@ import dataclasses
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
-from pipelines.config import PipelineConfig, PrepareConfig, PseudoLabelConfig
-from pipelines.errors import UserError
-from pipelines.evaluate import evaluate
-from pipelines.export import export, with_overrides
-from pipelines.model_bundle import MODEL_FILE
-from pipelines.prepare import prepare
-from pipelines.prepare_pseudolabel import prepare_pseudolabel
-from pipelines.train_pseudolabel import train_pseudolabel
+from pipelines.semisupervised.prepare import prepare_pseudolabel
+from pipelines.semisupervised.train import train_pseudolabel
+from pipelines.stagekit import tracking
+from pipelines.stagekit.config import PipelineConfig, PrepareConfig, PseudoLabelConfig
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.supervised.evaluate import evaluate
+from pipelines.supervised.export import export, with_overrides
+from pipelines.supervised.prepare import prepare
 from serving.model_source import resolve_model
 from serving.predictor import ClassifierPredictor
 from tests.helpers import write_image_folder
@@ -69,11 +69,12 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
 
     # The student takes the supervised evaluate/export path and the classify predictor unchanged.
     evaluate(
-        config.pseudolabel.experiment,
+        config,
         str(out / "pl"),
         str(out / "model"),
         str(out / "e.json"),
         str(out / "eplots"),
+        experiment=config.pseudolabel.experiment,
     )
     named = with_overrides(
         config, config.pseudolabel.registered_model, config.pseudolabel.experiment

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from models.architecture import ArchitectureConfig
-from pipelines.config import ExportConfig, PipelineConfig, PrepareConfig
-from pipelines.evaluate import evaluate
-from pipelines.export import export
-from pipelines.prepare import prepare
-from pipelines.train_supervised import train_supervised
+from pipelines.stagekit.config import ExportConfig, PipelineConfig, PrepareConfig
+from pipelines.supervised.evaluate import evaluate
+from pipelines.supervised.export import export
+from pipelines.supervised.prepare import prepare
+from pipelines.supervised.train import train_supervised
 from tests.helpers import write_csv
 from tests.integration.conftest import quick_train_config
 
@@ -39,7 +39,7 @@ def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
         config, str(out / "prepared"), str(out / "model"), str(out / "t.json"), str(out / "plots")
     )
     metrics = evaluate(
-        config.tracking.experiment,
+        config,
         str(out / "prepared"),
         str(out / "model"),
         str(out / "evaluate.json"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models.autoencoder import AutoencoderConfig
-from pipelines.config import PipelineConfig, SegmentConfig, TrainConfig
+from pipelines.stagekit.config import PipelineConfig, SegmentConfig, TrainConfig
 from tests.helpers import generated_transaction_log, served_app
 
 pytestmark = pytest.mark.integration
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def segmented(ray_cluster, tmp_path_factory):
-    from pipelines.export_segment import export_segment
-    from pipelines.ingest_transactions import ingest_transactions
-    from pipelines.segment import segment
+    from pipelines.unsupervised.export import export_segment
+    from pipelines.unsupervised.ingest_transactions import ingest_transactions
+    from pipelines.unsupervised.segment import segment
 
     root = tmp_path_factory.mktemp("segment")
     generated_transaction_log(root / "log.csv")
@@ -86,9 +86,9 @@ def test_torch_kmeans_agrees_with_scikit_learn_on_cdnow(ray_cluster):
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from pipelines.customer_features import FeatureTransform, customer_features
-    from pipelines.kmeans import kmeans_shards
-    from pipelines.transactions import cdnow_path, read_cdnow
+    from pipelines.unsupervised.features import FeatureTransform, customer_features
+    from pipelines.unsupervised.kmeans import kmeans_shards
+    from pipelines.unsupervised.transactions import cdnow_path, read_cdnow
 
     table = customer_features(read_cdnow(cdnow_path()))
     x = FeatureTransform.fit(table).apply(table)
@@ -101,8 +101,8 @@ def test_torch_kmeans_agrees_with_scikit_learn_on_cdnow(ray_cluster):
 
 
 def test_more_shards_than_cpus_fail_at_once_naming_the_setting(ray_cluster):
-    from pipelines.errors import UserError
-    from pipelines.kmeans import kmeans_shards
+    from pipelines.stagekit.errors import UserError
+    from pipelines.unsupervised.kmeans import kmeans_shards
 
     with pytest.raises(
         UserError, match=r"segment.num_shards=3 needs 3 CPU\(s\); the Ray cluster has 2"
@@ -117,8 +117,8 @@ def test_shards_that_cannot_be_placed_fail_naming_the_free_cpus(ray_cluster, mon
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from pipelines import kmeans
-    from pipelines.errors import UserError
+    from pipelines.stagekit.errors import UserError
+    from pipelines.unsupervised import kmeans
 
     monkeypatch.setattr(kmeans, "LOCAL_START_TIMEOUT_S", 3)
     monkeypatch.setattr(kmeans, "CLUSTER_START_TIMEOUT_S", 3)

@@ -7,11 +7,11 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
-from pipelines.config import PipelineConfig
-from pipelines.errors import UserError
-from pipelines.model_bundle import MODEL_FILE
-from pipelines.train_supervised import train_supervised
+from pipelines.stagekit import tracking
+from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.supervised.train import train_supervised
 from tests.integration.conftest import quick_train_config
 
 pytestmark = pytest.mark.integration

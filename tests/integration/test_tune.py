@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import PipelineConfig, TuneConfig, load_config, with_tuned_params
+from pipelines.stagekit.config import PipelineConfig, TuneConfig, load_config, with_tuned_params
 from tests.helpers import REPO, run_command
 from tests.integration.conftest import quick_train_config
 
@@ -43,7 +43,7 @@ def child_runs(uri: str, experiment: str) -> list:
 
 @pytest.fixture(scope="module")
 def searched(trained, tmp_path_factory):
-    from pipelines.tune import tune_search
+    from pipelines.tuning.tune import tune_search
 
     root = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -113,7 +113,7 @@ def test_training_opts_into_the_best_params(searched, tmp_path):
 
 def run_search(search: TuneConfig, trained, tmp_path) -> dict:
     """`search` over the quick training settings, its outputs under tmp_path."""
-    from pipelines.tune import tune_search
+    from pipelines.tuning.tune import tune_search
 
     return tune_search(
         PipelineConfig(train=quick_train_config(), tune=search),
@@ -161,8 +161,8 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
 
 
 def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
-    from pipelines.errors import UserError
-    from pipelines.tune import tune_search
+    from pipelines.stagekit.errors import UserError
+    from pipelines.tuning.tune import tune_search
 
     stores()
     config = PipelineConfig(tune=replace(SMALL_SEARCH, space={"train.batch_size": (0,)}))
@@ -197,7 +197,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     command = [
         sys.executable,
         "-m",
-        "pipelines.tune",
+        "pipelines.tuning.tune",
         "--params",
         str(tmp_path / "params.yaml"),
         "--data",

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import PipelineConfig, load_config
-from pipelines.errors import UserError
+from pipelines.stagekit.config import PipelineConfig, load_config
+from pipelines.stagekit.errors import UserError
 from tests.helpers import REPO
 
 

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 
 from models.losses import IGNORE_INDEX
-from pipelines.corpus import builtin_documents, read_documents, split_documents
-from pipelines.errors import UserError
-from pipelines.mlm_metrics import baseline_figures, token_counts
-from pipelines.prepare_mlm import split_documents as split_train_val
-from pipelines.tokenizer import (
+from pipelines.selfsupervised.corpus import builtin_documents, read_documents, split_documents
+from pipelines.selfsupervised.figures import baseline_figures, token_counts
+from pipelines.selfsupervised.prepare import split_documents as split_train_val
+from pipelines.selfsupervised.tokenizer import (
     SPECIAL_TOKENS,
     learn_vocabulary,
     pack_blocks,
     special_ids,
     train_wordpiece,
 )
+from pipelines.stagekit.errors import UserError
 
 
 def test_builtin_corpus_is_pythons_documentation_without_layout_lines():
@@ -102,8 +102,8 @@ def test_tokenizer_training_gives_the_same_file_in_every_process():
     """`tokenizers`' own trainer numbered pieces in a per-process hash order: two runs on the
     same text learned different vocabularies. Two fresh interpreters must agree here."""
     script = (
-        "from pipelines.corpus import builtin_documents\n"
-        "from pipelines.tokenizer import train_wordpiece\n"
+        "from pipelines.selfsupervised.corpus import builtin_documents\n"
+        "from pipelines.selfsupervised.tokenizer import train_wordpiece\n"
         "print(train_wordpiece(builtin_documents()[:20], 800, True).to_str())"
     )
     outputs = {

@@ -7,7 +7,7 @@ import torch
 
 from models.architecture import ArchitectureConfig
 from models.losses import TaskLoss
-from pipelines.config import TrainConfig
+from pipelines.stagekit.config import TrainConfig
 from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.fitting import fit_task, initial_state
 from pipelines.training.loop import fit
@@ -64,7 +64,6 @@ def test_each_epoch_reports_the_time_it_waited_for_batches():
         slow_batches,
         lambda: val.epoch(0),
         epochs=2,
-        lr=0.05,
         device=CPU,
         classification=True,
     )

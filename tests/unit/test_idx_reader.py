@@ -6,11 +6,11 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.config import PrepareConfig
-from pipelines.dataset import load_prepared
-from pipelines.errors import UserError
-from pipelines.prepare import prepare
-from pipelines.readers import read_idx_file, read_idx_folder
+from pipelines.stagekit.config import PrepareConfig
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.readers import read_idx_file, read_idx_folder
+from pipelines.supervised.prepare import prepare
 
 
 def write_idx(path, array: np.ndarray, type_byte: int = 0x08) -> None:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from models.activations import ACTIVATIONS, Maxout, make_activation
-from models.architecture import ArchitectureConfig, build_network
+from models.architecture import ArchitectureConfig
+from models.networks import build_network
 from models.pooling import Pool2d
 
 HIDDEN_ACTIVATIONS = [a for a in ACTIVATIONS if a != "softmax"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.architecture import ArchitectureConfig
-from pipelines.model_bundle import build_model, inference_model, load_bundle, save_bundle
-from pipelines.onnx_export import check_parity, export_onnx, onnx_session
+from pipelines.stagekit.model_bundle import build_model, inference_model, load_bundle, save_bundle
+from pipelines.stagekit.onnx_export import check_parity, export_onnx, onnx_session
 
 MANIFEST = {
     "task": "classification",

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from models.architecture import ArchitectureConfig
-from pipelines.model_bundle import build_model, inference_model
-from pipelines.onnx_export import export_onnx, write_parity_sample
+from pipelines.stagekit.model_bundle import build_model, inference_model
+from pipelines.stagekit.onnx_export import export_onnx, write_parity_sample
 from serving.model_source import ModelNotFound, resolve_model
-from serving.predictor import ClassifierPredictor, InputError, execution_providers
+from serving.predictor import ClassifierPredictor, InputError
+from serving.runtime import execution_providers
 
 MANIFEST = {
     "task": "classification",

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from models.losses import TaskLoss
-from pipelines.errors import UserError
-from pipelines.prepare_pseudolabel import keep_labels
-from pipelines.pseudo_labels import select_pseudo_labels, selection_stats
-from pipelines.readers import read_unlabeled_csv, read_unlabeled_images
+from pipelines.semisupervised.prepare import keep_labels
+from pipelines.semisupervised.pseudo_labels import select_pseudo_labels, selection_stats
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.readers import read_unlabeled_csv, read_unlabeled_images
 from pipelines.training.batches import ShardedBatches
 from pipelines.training.tasks import ramp_weight
 from pipelines.training.worker import interleave_shards

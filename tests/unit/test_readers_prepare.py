@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.config import PrepareConfig
-from pipelines.dataset import load_prepared, sha256_file
-from pipelines.errors import UserError
-from pipelines.prepare import prepare
-from pipelines.readers import read_csv_table, read_image_folder
+from pipelines.stagekit.config import PrepareConfig
+from pipelines.stagekit.dataset import load_prepared, sha256_file
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.readers import read_csv_table, read_image_folder
+from pipelines.supervised.prepare import prepare
 from tests.helpers import write_csv, write_image_folder
 
 SIZES = {"dark": [(10, 12), (30, 20), (16, 16)] * 3, "light": [(9, 9), (40, 25)] * 5}

@@ -10,12 +10,12 @@ import torch
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.dec import soft_assignment, target_distribution
 from models.kmeans import partial_sums
-from pipelines.config import SegmentConfig
-from pipelines.customer_features import FeatureTransform, customer_features
-from pipelines.errors import UserError
-from pipelines.kmeans import KMeansShard
-from pipelines.segment_metrics import label_agreement, mean_pairwise_ari, profiles
-from pipelines.transactions import cdnow_path, read_cdnow, read_transaction_csv
+from pipelines.stagekit.config import SegmentConfig
+from pipelines.stagekit.errors import UserError
+from pipelines.unsupervised.features import FeatureTransform, customer_features
+from pipelines.unsupervised.figures import label_agreement, mean_pairwise_ari, profiles
+from pipelines.unsupervised.kmeans import KMeansShard
+from pipelines.unsupervised.transactions import cdnow_path, read_cdnow, read_transaction_csv
 from tests.helpers import write_csv
 
 

@@ -2,7 +2,7 @@
 
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
+from pipelines.stagekit import tracking
 
 
 def test_params_and_metrics_with_class_names_in_their_keys(stores):

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from models.architecture import ArchitectureConfig, build_network
+from models.architecture import ArchitectureConfig
 from models.losses import TaskLoss
+from models.networks import build_network
 from models.optimizers import make_optimizer
 from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
@@ -49,7 +50,6 @@ def run(
         train.epoch,
         lambda: val.epoch(0),
         epochs=epochs,
-        lr=lr,
         device=device,
         amp=amp,
         classification=True,

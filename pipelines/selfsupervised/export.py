@@ -1,0 +1,219 @@
+"""Stage `export_mlm`: the pretrained encoder as two ONNX graphs, parity-checked, registered.
+
+- `model.onnx`: input_ids (batch, sequence) -> logits (batch, sequence, vocabulary), what
+  /v1/fill-mask runs;
+- `embed.onnx`: input_ids -> sentence_embedding (batch, width), mean-pooled over the
+  non-padding tokens and L2-normalized, what /v1/embed runs.
+
+Both axes are dynamic. Parity: on the masked validation blocks and on a batch of
+variable-length, padded sequences, onnxruntime must match torch within `export.parity_atol`
+(logits at the masked positions, embeddings) and agree on every masked position's top
+token. The folder (graphs, tokenizer, model card) is registered as `mlm.registered_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.losses import IGNORE_INDEX
+from models.transformer import MaskedLanguageModel, SentenceEmbedder
+from pipelines.selfsupervised.bundle import load_mlm_bundle
+from pipelines.selfsupervised.masked_data import validation_arrays
+from pipelines.selfsupervised.tokenizer import TOKENIZER_FILE
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json
+from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.dataset import load_prepared, sha256_file
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.stagekit.onnx_export import (
+    PARITY_SAMPLE_FILE,
+    PARITY_SAMPLE_SIZE,
+    export_onnx,
+    onnx_session,
+    write_parity_sample,
+)
+from pipelines.stagekit.stage import stage_command
+
+log = logging.getLogger(__name__)
+
+STAGE = "export_mlm"
+FILL_MASK_FILE = "model.onnx"
+EMBED_FILE = "embed.onnx"
+CARD_FILE = "model_card.json"
+INPUT = "input_ids"
+LOGITS = "logits"
+EMBEDDING = "sentence_embedding"  # not "embedding": the exporter names an inner node so
+
+
+def parity_inputs(x_val: np.ndarray, y_val: np.ndarray, pad_id: int, seed: int = 0):
+    """The masked validation blocks (full length) and the same blocks cut to random lengths
+    and padded (what serving sends: short, padded batches)."""
+    rng = np.random.default_rng(seed)
+    short = x_val[:32, :].copy()
+    targets = y_val[:32, :].copy()
+    length = max(4, x_val.shape[1] // 2)
+    short, targets = short[:, :length], targets[:, :length]
+    for row, cut in enumerate(rng.integers(2, length + 1, size=len(short))):
+        short[row, cut:] = pad_id
+        targets[row, cut:] = IGNORE_INDEX
+    return [(x_val, y_val), (short, targets)]
+
+
+def check_mlm_parity(
+    model: MaskedLanguageModel, fill_mask: Path, embed: Path, batches
+) -> dict[str, float]:
+    logits_session, embed_session = onnx_session(fill_mask), onnx_session(embed)
+    logits_diff = embed_diff = 0.0
+    agree = scored = 0
+    with torch.no_grad():
+        for inputs, targets in batches:
+            ids = inputs.astype(np.int64)
+            masked = targets != IGNORE_INDEX
+            expected = model(torch.from_numpy(ids)).numpy()[masked]
+            actual = logits_session.run([LOGITS], {INPUT: ids})[0][masked]
+            logits_diff = max(logits_diff, float(np.abs(expected - actual).max()))
+            agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+            scored += int(masked.sum())
+            vectors = model.embed(torch.from_numpy(ids)).numpy()
+            onnx_vectors = embed_session.run([EMBEDDING], {INPUT: ids})[0]
+            embed_diff = max(embed_diff, float(np.abs(vectors - onnx_vectors).max()))
+    return {
+        "onnx_max_abs_diff": logits_diff,
+        "onnx_argmax_agreement": agree / max(scored, 1),
+        "onnx_embedding_max_abs_diff": embed_diff,
+    }
+
+
+def export_mlm(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/mlm",
+    model_dir: str = "artifacts/mlm/model",
+    figures_path: str = "metrics/mlm.json",
+    output: str = "artifacts/mlm/export",
+    metrics_path: str = "metrics/mlm_export.json",
+) -> dict:
+    mlm = config.mlm
+    data = load_prepared(data_dir)
+    model, bundle = load_mlm_bundle(model_dir, data.manifest)
+    if not Path(figures_path).is_file():
+        raise UserError(f"{figures_path}: not found; run pretrain_mlm first")
+    figures = json.loads(Path(figures_path).read_text())
+    arrays = validation_arrays(mlm, data)
+    pad_id = data.manifest["special_ids"]["[PAD]"]
+    example = torch.from_numpy(arrays["x_val"][:2, :8].astype(np.int64))
+    dynamic = ("batch", "sequence")
+    with output_directory(output) as staging:
+        export_onnx(
+            model,
+            example,
+            staging / FILL_MASK_FILE,
+            config.export.opset,
+            input_name=INPUT,
+            output_name=LOGITS,
+            dynamic_axes=dynamic,
+        )
+        export_onnx(
+            SentenceEmbedder(model),
+            example,
+            staging / EMBED_FILE,
+            config.export.opset,
+            input_name=INPUT,
+            output_name=EMBEDDING,
+            dynamic_axes=dynamic,
+        )
+        parity = check_mlm_parity(
+            model,
+            staging / FILL_MASK_FILE,
+            staging / EMBED_FILE,
+            parity_inputs(arrays["x_val"], arrays["y_val"], pad_id),
+        )
+        log.info(
+            "parity: max |onnx - torch| logits %.2e (top-token agreement %.4f), embeddings %.2e",
+            parity["onnx_max_abs_diff"],
+            parity["onnx_argmax_agreement"],
+            parity["onnx_embedding_max_abs_diff"],
+        )
+        worst = max(parity["onnx_max_abs_diff"], parity["onnx_embedding_max_abs_diff"])
+        if worst > config.export.parity_atol or parity["onnx_argmax_agreement"] < 1.0:
+            raise UserError(
+                f"ONNX parity check failed: {parity} (export.parity_atol "
+                f"{config.export.parity_atol:g}); the previous export is kept"
+            )
+        (staging / TOKENIZER_FILE).write_bytes((Path(model_dir) / TOKENIZER_FILE).read_bytes())
+        sample_ids = torch.from_numpy(arrays["x_val"][:PARITY_SAMPLE_SIZE].astype(np.int64))
+        with torch.no_grad():
+            sample = write_parity_sample(
+                staging,
+                {
+                    FILL_MASK_FILE: (
+                        {INPUT: sample_ids.numpy()},
+                        {LOGITS: model(sample_ids).numpy()},
+                    ),
+                    EMBED_FILE: (
+                        {INPUT: sample_ids.numpy()},
+                        {EMBEDDING: model.embed(sample_ids).numpy()},
+                    ),
+                },
+                config.export.parity_atol,
+            )
+        card = {
+            "name": mlm.registered_model,
+            "task": "masked_lm",
+            "architecture": "transformer_encoder",
+            "encoder": bundle["encoder"],
+            "vocab_size": data.manifest["vocab_size"],
+            "special_ids": data.manifest["special_ids"],
+            "max_length": mlm.model.max_length,
+            "lowercase": data.manifest["lowercase"],
+            "graphs": {
+                "fill_mask": {
+                    "file": FILL_MASK_FILE,
+                    "input": INPUT,
+                    "output": LOGITS,
+                    "shape": ["batch", "sequence", data.manifest["vocab_size"]],
+                },
+                "embed": {
+                    "file": EMBED_FILE,
+                    "input": INPUT,
+                    "output": EMBEDDING,
+                    "shape": ["batch", mlm.model.width],
+                },
+            },
+            "tokenizer": TOKENIZER_FILE,
+            "parity_sample": sample,
+            "metrics": {**figures, **parity},
+            "hashes": {
+                "onnx_sha256": sha256_file(staging / FILL_MASK_FILE),
+                "embed_onnx_sha256": sha256_file(staging / EMBED_FILE),
+                "tokenizer_sha256": sha256_file(staging / TOKENIZER_FILE),
+                "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
+                "data_sha256": data.data_hash,
+            },
+        }
+        write_json(staging / CARD_FILE, card)
+    write_json(metrics_path, parity)
+
+    out = Path(output)
+    tracking.register_export(
+        STAGE,
+        mlm.experiment,
+        data.data_hash,
+        Path(model_dir) / MODEL_FILE,
+        out / FILL_MASK_FILE,
+        out / CARD_FILE,
+        mlm.registered_model,
+        config.export.alias,
+        parity,
+        extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
+    )
+    return parity
+
+
+if __name__ == "__main__":
+    stage_command(export_mlm, name=STAGE)

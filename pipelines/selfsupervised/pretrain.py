@@ -1,0 +1,133 @@
+"""Stage `pretrain_mlm`: masked-language-model pretraining of the transformer encoder on
+Ray Train, tracked in MLflow, with its held-out figures beside two baselines.
+
+Reads the packed token blocks and tokenizer from `prepare_mlm` and params `mlm`; writes the
+model folder (weights, config, tokenizer), `metrics/mlm.json` and the learning curves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipelines.selfsupervised.bundle import build_mlm, save_mlm_bundle
+from pipelines.selfsupervised.figures import baseline_figures, model_figures, token_counts
+from pipelines.selfsupervised.masked_data import check_prepared, masking_spec, validation_arrays
+from pipelines.selfsupervised.tokenizer import TOKENIZER_FILE
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json
+from pipelines.stagekit.config import MlmConfig, config_to_dict
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.stagekit.plots import learning_curves_png, write_csv
+from pipelines.stagekit.stage import stage_command
+from pipelines.training.driver import run_name, train_job
+from pipelines.training.loop import without_timings
+from pipelines.training.tasks import MaskedLmTask
+
+log = logging.getLogger(__name__)
+
+STAGE = "pretrain_mlm"
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+
+
+def pretrain_mlm(
+    config: MlmConfig,
+    data_dir: str = "data/prepared/mlm",
+    output: str = "artifacts/mlm/model",
+    metrics_path: str = "metrics/mlm.json",
+    plots_dir: str = "plots/mlm",
+) -> dict:
+    data = load_prepared(data_dir)
+    check_prepared(config, data)
+    manifest = data.manifest
+    arrays = validation_arrays(config, data)
+    special = sorted(manifest["special_ids"].values())
+    baselines = baseline_figures(
+        token_counts(data.x("train"), manifest["vocab_size"], special), arrays["y_val"], special
+    )
+    task = MaskedLmTask(
+        config.model, masking_spec(config, manifest), manifest["special_ids"]["[PAD]"]
+    )
+    name = run_name(
+        STAGE,
+        config_to_dict(config.model),
+        config_to_dict(config.train),
+        config.mask_probability,
+        data.data_hash,
+    )
+    with tracking.stage_run(
+        config.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+    ) as run:
+        run.log_params(
+            {
+                "model": config_to_dict(config.model),
+                "train": config_to_dict(config.train),
+                "mask_probability": config.mask_probability,
+                "vocab_size": manifest["vocab_size"],
+                "train_tokens": manifest["splits"]["train"]["tokens"],
+                "train_blocks": manifest["splits"]["train"]["blocks"],
+                "val_masked_tokens": baselines["val_masked_tokens"],
+            }
+        )
+        log.info(
+            "pretraining a %d-layer encoder (width %d) on %d blocks of %d tokens, %d worker(s): "
+            "ray run %s, mlflow run %s",
+            config.model.layers,
+            config.model.width,
+            manifest["splits"]["train"]["blocks"],
+            config.model.max_length,
+            config.train.num_workers,
+            name,
+            run.run_id,
+        )
+        state = train_job(arrays, task, config.train, name, run, lr_key="mlm.train.lr").state
+        history = state["history"]
+        if state["best_model"] is None:
+            raise UserError(
+                f"no usable epoch: validation loss never finite (mlm.train.lr {config.train.lr:g})"
+            )
+        best = min(history, key=lambda h: h["val_loss"])
+        figures = {
+            **model_figures(best["val_loss"], best["val_accuracy"]),
+            **baselines,
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": len(history),
+            "train_tokens": manifest["splits"]["train"]["tokens"],
+            "padding_fraction": manifest["splits"]["train"]["padding_fraction"],
+        }
+        model = build_mlm(config.model, manifest)
+        model.load_state_dict(state["best_model"])
+        with output_directory(output) as staging:
+            save_mlm_bundle(
+                staging,
+                model,
+                manifest,
+                Path(data_dir) / TOKENIZER_FILE,
+                {"history": without_timings(history)},
+            )
+            run.set_tags({"ray_run": name})
+            tracking.tag_output(run, staging / MODEL_FILE)
+            learning_curves_png(history, staging / "learning_curves.png")
+        write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
+        write_json(metrics_path, figures)
+        run.log_metrics({k: float(v) for k, v in figures.items()})
+        run.log_artifact(Path(output) / "learning_curves.png", "plots")
+    log.info(
+        "held-out documents (%d masked tokens):\n"
+        "                      masked accuracy   perplexity\n"
+        "  encoder             %15.4f %12.1f\n"
+        "  most frequent token %15.4f            -\n"
+        "  unigram model                     - %12.1f",
+        figures["val_masked_tokens"],
+        figures["masked_accuracy"],
+        figures["perplexity"],
+        figures["baseline_masked_accuracy"],
+        figures["unigram_perplexity"],
+    )
+    return figures
+
+
+if __name__ == "__main__":
+    stage_command(pretrain_mlm, name=STAGE)

@@ -1,0 +1,312 @@
+"""Stage `train_pseudolabel`: semi-supervised training by pseudo-labeling, on Ray Train.
+
+Round 0 trains a teacher on the labeled examples. Each later round predicts the unlabeled
+pool (on the Train workers), keeps the confident predictions (capped per class) as
+pseudo-labels, and trains a fresh student on labeled + pseudo-labeled data, the pseudo-labels'
+loss weight ramping up over the first epochs; the student teaches the next round. A
+supervised-only baseline gets the same labeled examples and the same number of epochs.
+Every round is a run of the same Ray Train driver as `train_supervised`, and a child MLflow
+run of this stage's run. The final student is saved in the supervised model format, so the
+`evaluate` and `export` stages (and the classify endpoint) take it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.semisupervised.pseudo_labels import select_pseudo_labels, selection_stats
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json
+from pipelines.stagekit.config import PipelineConfig, config_to_dict
+from pipelines.stagekit.dataset import PreparedData, load_prepared
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.metrics import classification_metrics
+from pipelines.stagekit.model_bundle import (
+    build_model,
+    check_compatible,
+    inference_model,
+    save_bundle,
+)
+from pipelines.stagekit.plots import learning_curves_png, write_csv
+from pipelines.stagekit.stage import stage_command
+from pipelines.training.driver import (
+    RunDiverged,
+    run_name,
+    supervised_task,
+    train_job,
+)
+from pipelines.training.loop import without_timings
+from pipelines.training.worker import EVAL_BATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_pseudolabel"
+ROUND_COLUMNS = (
+    "round",
+    "pseudo_labels",
+    "pseudo_label_accuracy",
+    "class_balance",
+    "mean_confidence",
+    "test_accuracy",
+    "test_macro_f1",
+)
+
+
+@dataclass
+class RoundResult:
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    predictions: np.ndarray | None
+
+
+def train_round(
+    config: PipelineConfig,
+    data: PreparedData,
+    label: str,
+    arrays: dict[str, np.ndarray],
+    epochs: int,
+    parent: tracking.RunLogger,
+    extra_params: dict[str, Any],
+) -> RoundResult:
+    """One Ray Train run (teacher, student or baseline), tracked as a child MLflow run."""
+    pl = config.pseudolabel
+    train = dataclasses.replace(
+        config.train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
+    )
+    pseudo = (
+        {"weight": pl.pseudo_weight, "ramp_epochs": pl.ramp_epochs}
+        if "pseudo_train" in arrays
+        else None
+    )
+    name = run_name(
+        f"{STAGE}-{label}",
+        config_to_dict(config.model),
+        config_to_dict(train),
+        config_to_dict(pl),
+        data.data_hash,
+        {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in arrays.items() if k != "x_predict"},
+    )
+    tags = {**tracking.stage_tags(STAGE, data.data_hash), "round": label}
+    with tracking.stage_run(pl.experiment, label, tags, parent_run_id=parent.run_id) as run:
+        run.log_params(
+            {"train": config_to_dict(train), "examples": len(arrays["y_train"]), **extra_params}
+        )
+        log.info("%s: training on %d examples for %d epochs", label, len(arrays["y_train"]), epochs)
+        try:
+            finished = train_job(
+                arrays,
+                supervised_task(config.model, data.manifest, train, pseudo),
+                train,
+                name,
+                run,
+            )
+        except RunDiverged as exc:
+            raise RunDiverged(f"{label}: {exc}") from None
+    # No early stopping on the (small) labeled validation data: the last epoch is kept.
+    return RoundResult(finished.state["model"], finished.state["history"], finished.predictions)
+
+
+def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) -> dict[str, float]:
+    model = build_model(config.model, data.manifest)
+    model.load_state_dict(state_dict)
+    classifier = inference_model(model, "classification")
+    x_test = torch.from_numpy(data.x("test"))
+    with torch.no_grad():  # in chunks: a large image test set need not fit in one batch
+        probabilities = torch.cat(
+            [
+                classifier(x_test[i : i + EVAL_BATCH_SIZE])
+                for i in range(0, len(x_test), EVAL_BATCH_SIZE)
+            ]
+        )
+    metrics, _ = classification_metrics(data.y("test"), probabilities.numpy(), data.class_names)
+    return {"test_accuracy": metrics["test_accuracy"], "test_macro_f1": metrics["test_macro_f1"]}
+
+
+@dataclass
+class Rounds:
+    first_teacher: RoundResult
+    final: RoundResult
+    table: list[dict[str, float]]
+    """One row per round: pseudo-label count, accuracy and balance, test figures."""
+    fallback_round: int = 0
+    """The round in which no prediction reached the threshold (0: none); the model trained
+    before it was kept."""
+
+
+def run_rounds(
+    config: PipelineConfig,
+    data: PreparedData,
+    parent: tracking.RunLogger,
+    labeled_only: dict[str, np.ndarray],
+    truth: np.ndarray | None,
+) -> Rounds:
+    """Round 0's teacher, then `pseudolabel.rounds` students, each taught by the previous model."""
+    pl = config.pseudolabel
+    pool = data.x("unlabeled")
+    # Only a model that will teach a next round needs to predict the pool.
+    teach = {"x_predict": pool} if pl.rounds > 0 else {}
+    teacher = train_round(
+        config,
+        data,
+        "round-0-teacher",
+        {**labeled_only, **teach},
+        pl.epochs_per_round,
+        parent,
+        {"round": 0},
+    )
+    outcome = Rounds(
+        teacher, teacher, [{"round": 0, **score_on_test(config, data, teacher.state_dict)}]
+    )
+    for number in range(1, pl.rounds + 1):
+        selection = select_pseudo_labels(
+            outcome.final.predictions, pl.confidence_threshold, pl.max_per_class
+        )
+        stats = selection_stats(selection, data.class_names, truth)
+        parent.log_metrics({k: v for k, v in stats.items() if "/" not in k}, step=number)
+        if len(selection.indices) == 0:
+            log.warning(
+                "round %d: no prediction reaches confidence %.2f; keeping the teacher of "
+                "round %d as the final model",
+                number,
+                pl.confidence_threshold,
+                number - 1,
+            )
+            parent.set_tags({"fallback_to_teacher": f"round {number}"})
+            outcome.table.append({"round": number, **stats})
+            outcome.fallback_round = number
+            break
+        log.info(
+            "round %d: %d pseudo-labels (accuracy %s, class balance %.2f)",
+            number,
+            len(selection.indices),
+            f"{stats['pseudo_label_accuracy']:.3f}" if truth is not None else "unknown",
+            stats["class_balance"],
+        )
+        labeled = len(labeled_only["y_train"])
+        arrays = {
+            **labeled_only,
+            "x_train": np.concatenate([labeled_only["x_train"], pool[selection.indices]]),
+            "y_train": np.concatenate([labeled_only["y_train"], selection.labels]),
+            "pseudo_train": np.arange(labeled + len(selection.indices)) >= labeled,
+            **({"x_predict": pool} if number < pl.rounds else {}),
+        }
+        outcome.final = train_round(
+            config,
+            data,
+            f"round-{number}-student",
+            arrays,
+            pl.epochs_per_round,
+            parent,
+            {"round": number, **stats},
+        )
+        outcome.table.append(
+            {"round": number, **stats, **score_on_test(config, data, outcome.final.state_dict)}
+        )
+    return outcome
+
+
+def summary_figures(
+    config: PipelineConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
+) -> dict:
+    """The stage's headline figures: the final student beside the round-0 teacher and the baseline."""
+    # The pseudo-labels the final model was trained on (a fallback round's empty set is not).
+    last_selection = next((r for r in reversed(rounds.table) if r.get("pseudo_labels")), {})
+    figures = {
+        "labeled_count": len(data.y("labeled")),
+        "unlabeled_count": len(data.x("unlabeled")),
+        **score_on_test(config, data, rounds.final.state_dict),
+        **{
+            f"teacher_{k}": v
+            for k, v in score_on_test(config, data, rounds.first_teacher.state_dict).items()
+        },
+        **{f"baseline_{k}": v for k, v in score_on_test(config, data, baseline.state_dict).items()},
+        "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
+        "fell_back_to_teacher": rounds.fallback_round > 0,
+        "fallback_round": rounds.fallback_round,
+    }
+    if "pseudo_label_accuracy" in last_selection:
+        figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]
+    return figures
+
+
+def train_pseudolabel(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/pseudolabel",
+    output: str = "artifacts/pseudolabel/model",
+    metrics_path: str = "metrics/pseudolabel.json",
+    plots_dir: str = "plots/pseudolabel",
+) -> dict:
+    data = load_prepared(data_dir)
+    if "semi_supervised" not in data.manifest:
+        raise UserError(f"{data_dir}: not a pseudo-label split; run prepare_pseudolabel first")
+    check_compatible(config.model, config.train, data.manifest)
+    pl = config.pseudolabel
+    truth = (
+        data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
+    )
+    labeled_only = {
+        "x_train": data.x("labeled"),
+        "y_train": data.y("labeled"),
+        "x_val": data.x("val"),
+        "y_val": data.y("val"),
+    }
+    with tracking.stage_run(
+        pl.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+    ) as parent:
+        parent.log_params(
+            {
+                "pseudolabel": config_to_dict(pl),
+                "model": config_to_dict(config.model),
+                "train": config_to_dict(config.train),
+                "labeled": len(data.y("labeled")),
+                "unlabeled": len(data.x("unlabeled")),
+            }
+        )
+        rounds = run_rounds(config, data, parent, labeled_only, truth)
+        # Same labeled examples, same number of epochs as the whole teacher/student schedule.
+        baseline = train_round(
+            config,
+            data,
+            "baseline-supervised-only",
+            labeled_only,
+            pl.epochs_per_round * (pl.rounds + 1),
+            parent,
+            {"round": "baseline"},
+        )
+        figures = summary_figures(config, data, rounds, baseline)
+        parent.log_metrics({k: float(v) for k, v in figures.items()})
+
+        model = build_model(config.model, data.manifest)
+        model.load_state_dict(rounds.final.state_dict)
+        with output_directory(output) as staging:
+            model_file = save_bundle(
+                staging,
+                model,
+                config.model,
+                data.manifest,
+                extra={"history": without_timings(rounds.final.history), "rounds": rounds.table},
+            )
+            tracking.tag_output(parent, model_file)
+            learning_curves_png(rounds.final.history, staging / "learning_curves.png")
+        write_csv(Path(plots_dir) / "rounds.csv", rounds.table, ROUND_COLUMNS)
+        write_json(metrics_path, figures)
+        parent.log_artifact(Path(output) / "learning_curves.png", "plots")
+    log.info(
+        "final student test accuracy %.4f (round-0 teacher %.4f, supervised-only baseline %.4f)",
+        figures["test_accuracy"],
+        figures["teacher_test_accuracy"],
+        figures["baseline_test_accuracy"],
+    )
+    return figures
+
+
+if __name__ == "__main__":
+    stage_command(train_pseudolabel, name=STAGE)

@@ -1,0 +1,82 @@
+"""The prepared-data contract: arrays per split plus `manifest.json` describing them.
+
+`prepare` writes it; training, evaluation and export read it through `load_prepared`,
+which checks every array against the sha256 recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.stagekit.errors import UserError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def array_file(kind: str, split: str) -> str:
+    """File name of the features (`x`) or labels (`y`) of a split, e.g. x_train.npy."""
+    return f"{kind}_{split}.npy"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    manifest: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    def x(self, split: str) -> np.ndarray:
+        return self.arrays[array_file("x", split)]
+
+    def y(self, split: str) -> np.ndarray:
+        return self.arrays[array_file("y", split)]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input_shape"])
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.manifest["class_names"]
+
+    @property
+    def data_hash(self) -> str:
+        """One hash of the prepared data: the manifest lists every array's sha256."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+
+def load_prepared(directory: str | Path, verify: bool = True) -> PreparedData:
+    """Load a prepared dataset; with `verify`, each array must match its manifest sha256."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(
+            f"{manifest_path}: not found; run the prepare stage first (dvc repro prepare)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    arrays = {}
+    for name, meta in manifest["arrays"].items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path}: listed in {MANIFEST} but missing")
+        if verify and sha256_file(path) != meta["sha256"]:
+            raise UserError(f"{path}: sha256 differs from {MANIFEST}; re-run prepare")
+        arrays[name] = np.load(path, allow_pickle=False)
+    return PreparedData(manifest=manifest, arrays=arrays)

@@ -1,0 +1,110 @@
+"""Torch -> ONNX with a dynamic batch axis, and the parity check against torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.stagekit.atomic import write_bytes
+from pipelines.stagekit.dataset import sha256_file
+from serving.runtime import ort_session
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+PARITY_SAMPLE_FILE = "parity_sample.npz"
+PARITY_SAMPLE_SIZE = 16
+"""Examples kept in the parity sample: enough to catch a wrong graph, small to store."""
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int,
+    *,
+    input_name: str = INPUT_NAME,
+    output_name: str | tuple[str, ...] = OUTPUT_NAME,
+    dynamic_axes: tuple[str, ...] = ("batch",),
+) -> None:
+    """Export `model` (eval mode) with its leading input axes named in `dynamic_axes` left
+    free (any batch size; for token ids also any sequence length); written atomically."""
+    model = model.eval()
+    dims = {axis: torch.export.Dim(name, min=1) for axis, name in enumerate(dynamic_axes)}
+    # The exporter narrates every pass on stdout and warns about torchvision ops this model
+    # does not use; keep the stage log readable.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[input_name],
+            output_names=[output_name] if isinstance(output_name, str) else list(output_name),
+            dynamic_shapes=(dims,),
+            opset_version=opset,
+            dynamo=True,
+        )
+    # Weights are small: one self-contained file, no external-data side files.
+    write_bytes(path, program.model_proto.SerializeToString())
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """A CPU onnxruntime session (export checks are about numerics, not speed)."""
+    return ort_session(path, threads)
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs_diff: float
+    argmax_agreement: float
+    examples: int
+
+    def holds(self, atol: float, classification: bool) -> bool:
+        return self.max_abs_diff <= atol and (not classification or self.argmax_agreement == 1.0)
+
+
+def check_parity(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> Parity:
+    """Compare onnxruntime's and torch's outputs on `inputs` (e.g. the whole test split)."""
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(inputs)).numpy()
+    actual = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]
+    agreement = (
+        float(np.mean(expected.argmax(axis=1) == actual.argmax(axis=1)))
+        if expected.ndim == 2 and expected.shape[1] > 1
+        else 1.0
+    )
+    return Parity(float(np.max(np.abs(expected - actual))), agreement, len(inputs))
+
+
+def write_parity_sample(
+    directory: Path,
+    graphs: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    atol: float,
+) -> dict:
+    """Save a few inputs and torch's outputs on them beside the exported graphs, so whoever
+    loads the model later (a Serve replica swapping versions) can re-check onnxruntime
+    against torch without torch. `graphs` maps an ONNX file name in `directory` to
+    ({input name: array}, {output name: torch's array}). Returns the model card's
+    `parity_sample` entry: the file, its atol, and the sha256 of the sample and of each
+    graph, which the loader checks before running anything."""
+    arrays = {}
+    for graph, (inputs, outputs) in graphs.items():
+        arrays.update({f"{graph}/input/{name}": value for name, value in inputs.items()})
+        arrays.update({f"{graph}/output/{name}": value for name, value in outputs.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(directory / PARITY_SAMPLE_FILE, buffer.getvalue())
+    return {
+        "file": PARITY_SAMPLE_FILE,
+        "atol": atol,
+        "sha256": sha256_file(directory / PARITY_SAMPLE_FILE),
+        "graphs": {graph: sha256_file(directory / graph) for graph in graphs},
+    }

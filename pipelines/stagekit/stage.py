@@ -1,0 +1,125 @@
+"""Every stage's command line, from the stage function's own signature.
+
+A stage module ends with
+
+    if __name__ == "__main__":
+        stage_command(train_supervised)
+
+and `python -m pipelines.supervised.train --help` lists the options the function takes:
+
+- its first parameter, when annotated with `PipelineConfig` or one of its sections (e.g.
+  `MlmConfig`), comes from `--params` (params.yaml by default), validated on load;
+- every other parameter is an option named after it, less a `_dir` or `_path` suffix
+  (`data_dir` -> `--data`, `metrics_path` -> `--metrics`), with the function's default
+  (an option without a default is required).
+
+A user mistake (UserError) prints one line `<stage>: error: ...` and exits 2, without a
+traceback; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.stagekit.errors import UserError
+
+SUFFIXES = ("_dir", "_path")
+
+
+def option_name(parameter: str) -> str:
+    """`metrics_path` -> `metrics`, `registered_model` -> `registered-model`."""
+    for suffix in SUFFIXES:
+        parameter = parameter.removesuffix(suffix)
+    return parameter.replace("_", "-")
+
+
+def _config_source(function: Callable[..., Any]) -> Callable[[Any], Any] | None:
+    """How the function's first argument is taken from the loaded PipelineConfig: the whole
+    config, one of its sections (found by type), or None when it takes no params."""
+    from pipelines.stagekit.config import PipelineConfig
+
+    first = next(iter(inspect.signature(function).parameters), None)
+    if first is None:
+        return None
+    hint = typing.get_type_hints(function).get(first)
+    if hint is PipelineConfig:
+        return lambda config: config
+    if not dataclasses.is_dataclass(hint):
+        return None
+    sections = [f.name for f in dataclasses.fields(PipelineConfig) if f.type == hint.__name__]
+    if len(sections) == 1:
+        return lambda config: getattr(config, sections[0])
+    return None
+
+
+def parser_for(function: Callable[..., Any], name: str) -> argparse.ArgumentParser:
+    """The stage's argparse parser, built from `function`'s signature."""
+    module = sys.modules.get(function.__module__)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {function.__module__}" if function.__module__ != "__main__" else name,
+        description=module.__doc__ if module else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parameters = list(inspect.signature(function).parameters.values())
+    if _config_source(function) is not None:
+        parser.add_argument(
+            "--params", default="params.yaml", help="the pipeline's params (default: %(default)s)"
+        )
+        parameters = parameters[1:]
+    for parameter in parameters:
+        flag = f"--{option_name(parameter.name)}"
+        if parameter.default is inspect.Parameter.empty:
+            parser.add_argument(flag, dest=parameter.name, metavar="VALUE", required=True)
+        else:
+            shown = "from params" if parameter.default is None else parameter.default
+            parser.add_argument(
+                flag,
+                dest=parameter.name,
+                metavar="VALUE",
+                default=parameter.default,
+                help=f"default: {shown}",
+            )
+    return parser
+
+
+def stage_command(
+    function: Callable[..., Any], argv: list[str] | None = None, name: str | None = None
+) -> None:
+    """Parse the command line for `function`, run it, and turn user mistakes into one line."""
+    name = name or function.__name__
+    args = vars(parser_for(function, name).parse_args(argv))
+    source = _config_source(function)
+
+    def body() -> None:
+        if source is None:
+            function(**args)
+            return
+        from pipelines.stagekit.config import load_config
+
+        function(source(load_config(args.pop("params"))), **args)
+
+    run_stage(name, body)
+
+
+def run_stage(name: str, body: Callable[[], None]) -> None:
+    """Run a stage body; user mistakes print `<name>: error: ...` and exit 2, without a traceback."""
+    # Our progress at INFO; libraries (MLflow, onnxscript, Ray) only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # A stage runs as `python -m pipelines.<paradigm>.<stage>`: its own logger is `__main__`.
+    for logger_name in ("pipelines", "__main__"):
+        logging.getLogger(logger_name).setLevel(logging.INFO)
+    try:
+        body()
+    except UserError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,83 @@
+"""Stage `evaluate`: the trained model's figures on the held-out test split.
+
+Writes `metrics/evaluate.json`, the confusion data for `dvc plots` and its image, and logs
+the figures to the training run in MLflow (plus a child run for this stage execution).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import write_json
+from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.metrics import classification_metrics, regression_metrics
+from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
+from pipelines.stagekit.plots import confusion_matrix_png, predicted_vs_actual_png, write_csv
+from pipelines.stagekit.stage import stage_command
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+PREDICTIONS_CSV = "predictions.csv"  # actual vs predicted per test example, for `dvc plots`
+PREDICTIONS_PNG = "test_predictions.png"  # confusion matrix, or predicted vs actual
+
+
+def evaluate(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/supervised",
+    model_dir: str = "artifacts/supervised/model",
+    metrics_path: str = "metrics/evaluate.json",
+    plots_dir: str = "plots/supervised",
+    experiment: str | None = None,
+) -> dict:
+    """The trained model's test-split figures; `experiment` (default: tracking.experiment)
+    is the MLflow experiment of the training run, e.g. the pseudo-label one."""
+    experiment = experiment or config.tracking.experiment
+    data = load_prepared(data_dir)
+    model, _ = load_trained(model_dir, data.manifest)
+    with torch.no_grad():
+        output = inference_model(model, data.task)(torch.from_numpy(data.x("test"))).numpy()
+    y_test = data.y("test")
+    plots = Path(plots_dir)
+    image = plots / PREDICTIONS_PNG
+    if data.task == "classification":
+        metrics, matrix = classification_metrics(y_test, output, data.class_names)
+        names = data.class_names
+        rows = [
+            {"actual": names[a], "predicted": names[p]}
+            for a, p in zip(y_test, output.argmax(axis=1))
+        ]
+        confusion_matrix_png(matrix, names, image)
+    else:
+        metrics = regression_metrics(y_test, output)
+        predicted = output.reshape(-1)
+        rows = [{"actual": float(a), "predicted": float(p)} for a, p in zip(y_test, predicted)]
+        predicted_vs_actual_png(y_test, predicted, image)
+    write_csv(plots / PREDICTIONS_CSV, rows, ("actual", "predicted"))
+    write_json(metrics_path, metrics)
+    images = [image]
+
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    train_run_id = tracking.producing_run(Path(model_dir) / MODEL_FILE, experiment)
+    with tracking.stage_run(experiment, STAGE, tags, parent_run_id=train_run_id) as run:
+        run.log_metrics(metrics)
+        for image in images:
+            run.log_artifact(image, "plots")
+    if train_run_id is not None:
+        # The training run is the model's record: it carries the test figures too.
+        training_run = tracking.RunLogger(train_run_id, tracking.tracking_uri())
+        training_run.log_metrics(metrics)
+        for image in images:
+            training_run.log_artifact(image, "plots")
+    headline = {k: round(v, 4) for k, v in metrics.items() if "/" not in k}
+    log.info("test split (%d examples): %s", len(y_test), headline)
+    return metrics
+
+
+if __name__ == "__main__":
+    stage_command(evaluate, name=STAGE)

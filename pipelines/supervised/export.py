@@ -1,0 +1,180 @@
+"""Stage `export`: ONNX model + parity check + model card + MLflow Model Registry.
+
+The parity check runs the whole test split through torch and onnxruntime; if they differ
+by more than `export.parity_atol` (or disagree on any predicted class) the stage fails and
+no new model is written or registered. Writes `metrics/supervised.json`, the headline
+figures of the supervised pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json
+from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.dataset import load_prepared, sha256_file
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
+from pipelines.stagekit.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PARITY_SAMPLE_FILE,
+    PARITY_SAMPLE_SIZE,
+    Parity,
+    check_parity,
+    export_onnx,
+    write_parity_sample,
+)
+from pipelines.stagekit.stage import stage_command
+
+log = logging.getLogger(__name__)
+
+STAGE = "export"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "model_card.json"
+HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
+
+
+def model_card(
+    config: PipelineConfig,
+    architecture: str,
+    manifest: dict,
+    evaluation: dict,
+    parity: Parity,
+    hashes: dict,
+) -> dict:
+    """What a client or reviewer needs to use the model correctly, in one JSON file. The
+    same model gives the same bytes: the run, commit and time that made it are on its
+    registered version in MLflow, not here (DVC hashes this file)."""
+    classification = manifest["task"] == "classification"
+    return {
+        "name": config.export.registered_model,
+        "task": manifest["task"],
+        "architecture": architecture,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", *manifest["input_shape"]],
+            "dtype": "float32",
+            "kind": manifest["input_kind"],
+            "feature_names": manifest["feature_names"],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(manifest["class_names"]) if classification else 1],
+            "meaning": "class probabilities (softmax)" if classification else "predicted value",
+        },
+        "class_names": manifest["class_names"],
+        "preprocessing": {
+            **manifest["preprocessing"],
+            "normalization": "inside the graph (mean/std of the training split)",
+        },
+        "metrics": {
+            **evaluation,
+            "onnx_max_abs_diff": parity.max_abs_diff,
+            "onnx_argmax_agreement": parity.argmax_agreement,
+        },
+        "hashes": hashes,
+    }
+
+
+def export(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/supervised",
+    model_dir: str = "artifacts/supervised/model",
+    evaluation_path: str = "metrics/evaluate.json",
+    output: str = "artifacts/supervised/export",
+    metrics_path: str = "metrics/supervised.json",
+    registered_model: str | None = None,
+    experiment: str | None = None,
+) -> dict:
+    """Export, check and register the trained model; `registered_model` and `experiment`
+    (default: export.registered_model, tracking.experiment) name another model's, e.g. the
+    pseudo-label student's."""
+    config = with_overrides(config, registered_model, experiment)
+    data = load_prepared(data_dir)
+    model, bundle = load_trained(model_dir, data.manifest)
+    if not Path(evaluation_path).is_file():
+        raise UserError(f"{evaluation_path}: not found; run the evaluate stage first")
+    evaluation = json.loads(Path(evaluation_path).read_text())
+    servable = inference_model(model, data.task)
+    x_test = data.x("test")
+    with output_directory(output) as staging:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, config.export.opset)
+        parity = check_parity(servable, onnx_path, x_test)
+        log.info(
+            "parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
+            parity.examples,
+            parity.max_abs_diff,
+            parity.argmax_agreement,
+        )
+        if not parity.holds(config.export.parity_atol, data.task == "classification"):
+            raise UserError(
+                f"ONNX parity check failed: max |onnxruntime - torch| = {parity.max_abs_diff:.3g} "
+                f"(export.parity_atol {config.export.parity_atol:g}), argmax agreement "
+                f"{parity.argmax_agreement:.4f}; the previous export is kept"
+            )
+        with torch.no_grad():
+            expected = servable(torch.from_numpy(x_test[:PARITY_SAMPLE_SIZE])).numpy()
+        sample = write_parity_sample(
+            staging,
+            {ONNX_FILE: ({INPUT_NAME: x_test[:PARITY_SAMPLE_SIZE]}, {OUTPUT_NAME: expected})},
+            config.export.parity_atol,
+        )
+        hashes = {
+            "onnx_sha256": sha256_file(onnx_path),
+            "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
+            "data_sha256": data.data_hash,
+        }
+        card = model_card(
+            config,
+            bundle["architecture"]["kind"],
+            data.manifest,
+            evaluation,
+            parity,
+            hashes,
+        )
+        card["parity_sample"] = sample
+        write_json(staging / CARD_FILE, card)
+
+    figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
+    figures.update(
+        onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement
+    )
+    write_json(metrics_path, figures)
+
+    out = Path(output)
+    tracking.register_export(
+        STAGE,
+        config.tracking.experiment,
+        data.data_hash,
+        Path(model_dir) / MODEL_FILE,
+        out / ONNX_FILE,
+        out / CARD_FILE,
+        config.export.registered_model,
+        config.export.alias,
+        figures,
+        extra_files=(out / PARITY_SAMPLE_FILE,),
+    )
+    return figures
+
+
+def with_overrides(
+    config: PipelineConfig, registered_model: str | None, experiment: str | None
+) -> PipelineConfig:
+    """The same export for another model (e.g. the pseudo-label student) under its own names."""
+    if registered_model:
+        config = replace(config, export=replace(config.export, registered_model=registered_model))
+    if experiment:
+        config = replace(config, tracking=replace(config.tracking, experiment=experiment))
+    return config
+
+
+if __name__ == "__main__":
+    stage_command(export, name=STAGE)

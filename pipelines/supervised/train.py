@@ -1,0 +1,119 @@
+"""Stage `train_supervised`: train the classifier/regressor on Ray Train, tracked in MLflow.
+
+Reads the prepared data and params `model` + `train` (with `tuned_params` laid over them:
+nothing by default, the `tune` stage's best settings when opted in); writes the trained model bundle,
+the learning-curve data for `dvc plots`, and `metrics/train_supervised.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json
+from pipelines.stagekit.config import PipelineConfig, config_to_dict, with_tuned_params
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import build_model, check_compatible, save_bundle
+from pipelines.stagekit.plots import gradient_norms_png, learning_curves_png, write_csv
+from pipelines.stagekit.stage import stage_command
+from pipelines.training.driver import (
+    run_name,
+    supervised_arrays,
+    supervised_task,
+    train_job,
+)
+from pipelines.training.loop import without_timings
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_supervised"
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+
+
+def train_supervised(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/supervised",
+    output: str = "artifacts/supervised/model",
+    metrics_path: str = "metrics/train_supervised.json",
+    plots_dir: str = "plots/supervised",
+) -> dict:
+    """Train `config.model` with `config.train`, the `tuned_params` overlay laid over both."""
+    config = with_tuned_params(config)
+    data = load_prepared(data_dir)
+    check_compatible(config.model, config.train, data.manifest)
+    name = run_name(
+        STAGE, config_to_dict(config.model), config_to_dict(config.train), data.data_hash
+    )
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    with tracking.stage_run(config.tracking.experiment, STAGE, tags) as run:
+        run.log_params(
+            {
+                "model": config_to_dict(config.model),
+                "train": config_to_dict(config.train),
+                "data.task": data.task,
+                "data.input_shape": data.input_shape,
+                "data.train_size": len(data.y("train")),
+            }
+        )
+        log.info(
+            "training %s on %d worker(s): ray run %s, mlflow run %s",
+            config.model.kind,
+            config.train.num_workers,
+            name,
+            run.run_id,
+        )
+        state = train_job(
+            supervised_arrays(data),
+            supervised_task(config.model, data.manifest, config.train),
+            config.train,
+            name,
+            run,
+        ).state
+        history = state["history"]
+        if state["best_model"] is None:  # no epoch produced a finite validation loss
+            raise UserError(
+                f"no usable epoch: validation loss never finite (train.lr {config.train.lr:g})"
+            )
+        model = build_model(config.model, data.manifest)
+        model.load_state_dict(state["best_model"])
+        best = min(history, key=lambda h: h["val_loss"])
+        summary = {
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": len(history),
+            "best_val_loss": best["val_loss"],
+            **({"best_val_accuracy": best["val_accuracy"]} if "val_accuracy" in best else {}),
+            "stopped_early": len(history) < config.train.epochs,
+        }
+        with output_directory(output) as staging:
+            model_file = save_bundle(
+                staging,
+                model,
+                config.model,
+                data.manifest,
+                extra={"history": without_timings(history)},
+            )
+            run.set_tags({"ray_run": name})
+            tracking.tag_output(run, model_file)
+            learning_curves_png(history, staging / "learning_curves.png")
+            gradient_norms_png(history, staging / "gradient_norms.png")
+        write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
+        write_json(metrics_path, summary)
+        run.log_metrics({k: float(v) for k, v in summary.items()})
+        for image in ("learning_curves.png", "gradient_norms.png"):
+            run.log_artifact(Path(output) / image, "plots")
+    log.info(
+        "best epoch %d of %d: val_loss %.4f%s",
+        summary["best_epoch"] + 1,
+        summary["epochs_run"],
+        summary["best_val_loss"],
+        f", val_accuracy {summary['best_val_accuracy']:.4f}"
+        if "best_val_accuracy" in summary
+        else "",
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    stage_command(train_supervised, name=STAGE)

@@ -1,0 +1,132 @@
+"""Connecting to Ray: a local instance by default, the cluster named by RAY_ADDRESS otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipelines.stagekit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray() -> str | None:
+    """Start or join Ray once per process. Set RAY_ADDRESS (e.g. ray://head:10001) for a
+    cluster. Returns the dashboard's URL when this call started or joined Ray and Ray
+    reported one (None otherwise)."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    address = os.environ.get("RAY_ADDRESS") or None  # set but empty: start a local Ray
+    context = ray.init(
+        address=address,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
+
+
+def joined_cluster() -> bool:
+    """Whether this process joined an existing cluster (RAY_ADDRESS), which may autoscale,
+    rather than starting a local one."""
+    return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def state_api_answers() -> bool:
+    """Whether Ray's State API (served by the dashboard) answers on the connected cluster."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception:  # the dashboard is off or unreachable: any failure means "no"
+        return False
+    return True
+
+
+def require_resources(kind: str, count: int, what: str, hint: str) -> None:
+    """Fail before asking for `count` CPUs/GPUs that a local cluster could never place (Ray
+    would leave the actors pending forever). `what` names the setting; `hint` the way out."""
+    import ray
+
+    available = ray.cluster_resources().get(kind, 0)
+    if available >= count:
+        return
+    message = f"{what} needs {count} {kind}(s); the Ray cluster has {available:g}"
+    if joined_cluster():  # an autoscaling cluster may still add nodes
+        log.warning("%s; waiting for the cluster to scale up", message)
+        return
+    raise UserError(f"{message}; {hint}")
+
+
+def orphaned_placement_groups(job_id: str | None = None) -> list[str]:
+    """Ids of the placement groups still holding resources that an actor created and then
+    died without removing (of job `job_id`, a hex id, or of any job). Needs a process
+    connected to the cluster as a driver or worker (not Ray Client).
+
+    Ray removes an actor's placement groups with its job, but a group that reaches the GCS
+    after its creator actor died is kept for good. Groups a driver created (Tune's trial
+    groups: no creator actor) and detached ones (Serve's) are never listed. Ray's public
+    table leaves out who created a group, hence the GCS records read here."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    no_actor = ray.ActorID.nil().binary()
+    job = ray.JobID.from_hex(job_id).binary() if job_id else None
+    orphans = []
+    for record in state._connect_and_get_accessor().get_placement_group_table():
+        data = gcs_pb2.PlacementGroupTableData.FromString(record)
+        if (
+            data.state != gcs_pb2.PlacementGroupTableData.REMOVED
+            and data.creator_actor_id not in (b"", no_actor)
+            and data.creator_actor_dead
+            and not data.is_detached
+            and (job is None or data.creator_job_id == job)
+        ):
+            orphans.append(ray.PlacementGroupID(data.placement_group_id).hex())
+    return orphans
+
+
+def _remove_orphans_of_job(job_id: str, settle_s: float, limit_s: float) -> int:
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    quiet_since = started = time.monotonic()
+    while time.monotonic() - quiet_since < settle_s and time.monotonic() - started < limit_s:
+        for pg_id in orphaned_placement_groups(job_id):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            removed += 1
+            quiet_since = time.monotonic()
+        time.sleep(0.25)
+    return removed
+
+
+def remove_orphaned_placement_groups(settle_s: float = 2.0, limit_s: float = 15.0) -> int:
+    """Remove this job's orphaned placement groups (see `orphaned_placement_groups`);
+    returns how many. Called when a Tune search ends.
+
+    Why: when Tune stops a trial while its Ray Train controller is starting a worker group,
+    the group's placement group can outlive the controller (seen in CI with Ray 2.60: one
+    CPU of two held for the rest of the session, and the next stage's actors pending
+    forever). Polls until none has appeared for `settle_s`: the late request lands within
+    a second or so of the trial's end. Runs as a task on the cluster, so that it also
+    works from a Ray Client (ray://) driver."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    task = ray.remote(num_cpus=0, max_retries=0)(_remove_orphans_of_job)
+    removed = ray.get(task.remote(job, settle_s, limit_s))
+    if removed:
+        log.info("removed %d placement group(s) that stopped trials left behind", removed)
+    return removed

@@ -1,0 +1,411 @@
+"""Stage `tune`: a Ray Tune search over optimizers, learning rates and other settings.
+
+Each trial is a Ray Train run of the supervised task through the training stages' own
+driver and worker (pipelines/tuning/trial.py); its per-epoch reports reach the scheduler:
+ASHA (the default) stops trailing trials between epochs, PBT restarts them from leading
+trials' checkpoints with perturbed settings (its population: the trials running at once). A diverging trial ends
+itself and is reported as diverged; the search goes on. The driver logs a parent MLflow
+run with one child run per trial.
+
+An interrupted search (Ctrl-C, a lost driver) resumes where it stopped when the stage runs
+again with the same params, code and data: finished trials are kept, not re-run.
+
+Writes `best_params.yaml` (the best trial's settings; `train_supervised` trains with them
+when params.yaml says `tuned_params: artifacts/tune/best_params.yaml`), `results.csv`,
+`metrics/tune.json` and two plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.stagekit import tracking
+from pipelines.stagekit.atomic import output_directory, write_json, write_text
+from pipelines.stagekit.config import PipelineConfig, TuneConfig, config_to_dict
+from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.model_bundle import check_compatible
+from pipelines.stagekit.plots import best_curves_png, lr_sweep_png, write_csv
+from pipelines.stagekit.stage import stage_command
+from pipelines.training.cluster import remove_orphaned_placement_groups
+from pipelines.training.driver import run_name, storage_path, supervised_arrays
+from pipelines.tuning.space import (
+    LR_SCALE,
+    check_space,
+    clip_lr_scale,
+    learning_rate,
+    num_samples,
+    param_space,
+    tuned_values,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+BEST_PARAMS_FILE = "best_params.yaml"
+RESULTS_FILE = "results.csv"
+TRIAL_MEMORY = 2**20  # bytes, logical
+
+
+def tune_search(
+    config: PipelineConfig,
+    data_dir: str = "data/prepared/supervised",
+    output: str = "artifacts/tune",
+    metrics_path: str = "metrics/tune.json",
+    plots_dir: str = "plots/tune",
+) -> dict[str, Any]:
+    tune = config.tune
+    data = load_prepared(data_dir)
+    if data.task != "classification" and tune.metric == "val_accuracy":
+        raise UserError("tune.metric: val_accuracy needs a classification task; use val_loss")
+    check_compatible(config.model, config.train, data.manifest)
+    check_space(config.model, config.train, tune)
+    if tune.search == "optuna":
+        _require_optuna()
+    name = run_name(
+        STAGE,
+        config_to_dict(tune),
+        config_to_dict(config.model),
+        config_to_dict(config.train),
+        data.data_hash,
+    )
+    experiment_dir = Path(storage_path()) / name
+    parent_file = Path(storage_path()) / f"{name}.mlflow_run"
+    resume_id = parent_file.read_text().strip() if parent_file.is_file() else None
+    total = total_trials(tune)
+    tags = tracking.stage_tags(STAGE, data.data_hash)
+    with tracking.stage_run(tune.experiment, STAGE, tags, resume_run_id=resume_id) as parent:
+        parent_file.parent.mkdir(parents=True, exist_ok=True)
+        parent_file.write_text(parent.run_id)
+        if resume_id is None:
+            parent.log_params({"tune": config_to_dict(tune), "model": config_to_dict(config.model)})
+        tuner = make_tuner(config, data, name, parent, total, experiment_dir)
+        grid = tuner.fit()
+        remove_orphaned_placement_groups()  # else a stopped trial's CPUs may stay held
+        if grid.num_terminated + grid.num_errors < total:
+            # Tune returns (not raises) on Ctrl-C, its state saved: keep it for a resume.
+            log.warning(
+                "search interrupted with %d of %d trials finished; run the stage again "
+                "(same params) to resume it",
+                grid.num_terminated + grid.num_errors,
+                total,
+            )
+            raise KeyboardInterrupt
+        rows, curves = trial_rows(grid, tune)
+        summary = summarize(rows, tune)
+        best = summary.pop("_best")
+        if tune.scheduler == "pbt":
+            summary["pbt_exploits"] = pbt_exploits(experiment_dir)
+        with output_directory(output) as staging:
+            write_text(staging / BEST_PARAMS_FILE, best_params_yaml(best, summary, tune))
+            write_csv(staging / RESULTS_FILE, rows, result_columns(tune))
+        plots = Path(plots_dir)
+        lr_sweep_png(rows, tune.metric, plots / "lr_sweep.png")
+        best_curves_png(
+            best_per_optimizer(rows, curves, tune), tune.metric, plots / "best_curves.png"
+        )
+        write_json(metrics_path, summary)
+        parent.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        parent.set_tags({"best_trial": best["trial_id"], "best_optimizer": best["optimizer"]})
+        for child_id, run in tracking.child_runs(parent, tune.experiment, "tune_trial_id").items():
+            if child_id == best["trial_id"]:
+                run.set_tags({"best_trial": "true"})
+        parent.log_artifact(Path(output) / BEST_PARAMS_FILE)
+        parent.log_artifact(Path(output) / RESULTS_FILE)
+        for image in ("lr_sweep.png", "best_curves.png"):
+            parent.log_artifact(plots / image, "plots")
+    # The search is over: a later run with these settings starts afresh.
+    shutil.rmtree(experiment_dir, ignore_errors=True)
+    parent_file.unlink(missing_ok=True)
+    for row in rows:  # each trial's Train runs: tune-<id>, and tune-<id>-<n> under PBT
+        for run in Path(storage_path()).glob(f"tune-{row['trial_id']}*"):
+            shutil.rmtree(run, ignore_errors=True)
+    log.info(
+        "best of %d trials: %s lr %.3g, %s %.4f (%d stopped early, %d diverged; %d epochs)",
+        summary["trials"],
+        summary["best_optimizer"],
+        summary["best_lr"],
+        tune.metric,
+        summary[f"best_{tune.metric}"],
+        summary["trials_stopped_early"],
+        summary["trials_diverged"],
+        summary["epochs_total"],
+    )
+    return summary
+
+
+def pbt_exploits(experiment_dir: Path) -> int:
+    """How many times PBT restarted a trial from a better one's checkpoint (Tune logs one
+    line per exploit in the experiment's pbt_global.txt)."""
+    log_file = experiment_dir / "pbt_global.txt"
+    if not log_file.is_file():
+        return 0
+    return sum(1 for line in log_file.read_text().splitlines() if line.strip())
+
+
+def total_trials(tune: TuneConfig) -> int:
+    if tune.search == "grid":
+        return len(tune.optimizers) * tune.samples * math.prod(len(v) for v in tune.space.values())
+    return num_samples(tune) * (len(tune.optimizers) if tune.search == "random" else 1)
+
+
+def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path):
+    """A new Tuner, or the interrupted one restored from `experiment_dir`."""
+    from ray import tune as ray_tune
+
+    from pipelines.training.cluster import connect_ray, require_resources, state_api_answers
+    from pipelines.tuning.trial import run_trial
+    from pipelines.tuning.trial_tracking import TrialTracking
+
+    tune = config.tune
+    connect_ray()
+    gpu = tune.device == "gpu"
+    require_resources(
+        "GPU" if gpu else "CPU",
+        tune.workers_per_trial,
+        f"tune.workers_per_trial={tune.workers_per_trial}",
+        "lower tune.workers_per_trial",
+    )
+    if tune.scheduler != "none" and not state_api_answers():
+        # Ray Train frees the workers of a trial that Tune stops early only once its
+        # PlacementGroupCleaner sees (through the State API) that the trial is gone.
+        log.warning(
+            "Ray's State API does not answer (dashboard off?): the CPUs/GPUs of trials "
+            "that %s stops early stay reserved until the search ends, and later trials "
+            "may wait for them; start Ray with its dashboard (the default)",
+            tune.scheduler,
+        )
+    # The trial itself only waits on its Train run, whose workers hold the CPUs. Tune needs
+    # the trial to ask for something: a token of memory, no CPU (with even 0.01 CPU each,
+    # two trials of one worker would not fit on two CPUs at once).
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(
+            run_trial,
+            arrays=supervised_arrays(data),
+            manifest=data.manifest,
+            model=config.model,
+            train=config.train,
+            tune=tune,
+        ),
+        {"CPU": 0, "memory": TRIAL_MEMORY},
+    )
+    if ray_tune.Tuner.can_restore(experiment_dir):
+        log.info("resuming the interrupted search in %s (finished trials are kept)", experiment_dir)
+        return ray_tune.Tuner.restore(
+            str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True
+        )
+    mode = "max" if tune.metric == "val_accuracy" else "min"
+    log.info(
+        "searching %d trial(s) over %s (%s search, scheduler %s), %d at a time",
+        total,
+        ", ".join(tune.optimizers),
+        tune.search,
+        tune.scheduler,
+        tune.max_concurrent_trials,
+    )
+    return ray_tune.Tuner(
+        trainable,
+        param_space=param_space(tune),
+        tune_config=ray_tune.TuneConfig(
+            metric=tune.metric,
+            mode=mode,
+            num_samples=num_samples(tune),
+            search_alg=_searcher(tune, mode),
+            scheduler=_scheduler(tune),
+        ),
+        run_config=ray_tune.RunConfig(
+            name=name,
+            storage_path=storage_path(),
+            callbacks=[TrialTracking(parent, tune, total)],
+            verbose=0,  # progress comes from TrialTracking's one line per trial event
+        ),
+    )
+
+
+def _scheduler(tune: TuneConfig):
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if tune.scheduler == "none":
+        return FIFOScheduler()
+    if tune.scheduler == "pbt":
+        # Tune keeps every checkpoint (PBT may read a leading trial's epochs later; the
+        # search's folder goes when it ends). Only train.* settings are perturbed: a trial
+        # goes on with the optimizer whose moments it took, and with the model whose weights
+        # it took (even dropout: at 0 the network has no Dropout layer, other weight names).
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=tune.perturbation_interval,
+            hyperparam_mutations={
+                LR_SCALE: ray_tune.uniform(0.0, 1.0),
+                **{
+                    key: list(values)
+                    for key, values in tune.space.items()
+                    if key.startswith("train.")
+                },
+            },
+            custom_explore_fn=clip_lr_scale,
+        )
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=tune.epochs,
+        grace_period=tune.grace_period,
+        reduction_factor=tune.reduction_factor,
+    )
+
+
+def _searcher(tune: TuneConfig, mode: str):
+    """The search algorithm, limited to `max_concurrent_trials` at once (Tune ignores
+    TuneConfig's limit when given a search algorithm)."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if tune.search != "optuna":
+        return BasicVariantGenerator(
+            max_concurrent=tune.max_concurrent_trials, random_state=tune.seed
+        )
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(metric=tune.metric, mode=mode, seed=tune.seed)
+    return ConcurrencyLimiter(searcher, max_concurrent=tune.max_concurrent_trials)
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "tune.search: optuna needs the optuna package: pip install optuna "
+            "(or use random or grid)"
+        ) from None
+
+
+def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
+    """One row per trial (its settings, status, best figures) and each trial's curves."""
+    from pipelines.tuning.trial_tracking import trial_status
+
+    rows, curves = [], {}
+    for result in grid:
+        frame = result.metrics_dataframe
+        reports = [] if frame is None else frame.to_dict("records")
+        history = [r for r in reports if "epoch" in r and not _flag(r.get("diverged"))]
+        last = reports[-1] if reports else {}
+        trial_id = _trial_id(result)
+        status = "error" if result.error else trial_status(last, tune.epochs, tune.scheduler)
+        settings = tuned_values(result.config, tune)
+        scored = [h for h in history if _finite(h.get(tune.metric))]
+        if tune.scheduler == "pbt":
+            # A PBT trial's earlier epochs may belong to weights and settings it has since
+            # dropped for a leading trial's: it is judged by where it ended.
+            scored = scored[-1:]
+        pick = max if tune.metric == "val_accuracy" else min
+        best = pick(scored, key=lambda h: h[tune.metric]) if scored else {}
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "optimizer": result.config["optimizer"],
+                "lr": learning_rate(tune, result.config["optimizer"], result.config[LR_SCALE]),
+                **{key: _space_value(settings, key) for key in tune.space},
+                "status": status,
+                "epochs": len(history),
+                tune.metric: best.get(tune.metric, math.nan),
+                "best_epoch": int(best["epoch"]) if best else -1,
+                "settings": settings,
+            }
+        )
+        curves[trial_id] = history
+    return rows, curves
+
+
+def summarize(rows: list[dict[str, Any]], tune: TuneConfig) -> dict[str, Any]:
+    usable = [
+        r for r in rows if r["status"] not in ("diverged", "error") and _finite(r[tune.metric])
+    ]
+    if not usable:
+        raise UserError(
+            f"no trial finished with a finite {tune.metric}: every one diverged or failed; "
+            "lower the learning-rate ranges in tune.lr"
+        )
+    pick = max if tune.metric == "val_accuracy" else min
+    best = pick(usable, key=lambda r: r[tune.metric])
+    return {
+        f"best_{tune.metric}": float(best[tune.metric]),
+        "best_optimizer": best["optimizer"],
+        "best_lr": float(best["lr"]),
+        "best_trial": best["trial_id"],
+        "trials": len(rows),
+        "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+        "trials_diverged": sum(r["status"] == "diverged" for r in rows),
+        "trials_failed": sum(r["status"] == "error" for r in rows),
+        "epochs_total": sum(r["epochs"] for r in rows),
+        "optimizers": list(tune.optimizers),
+        "search": tune.search,
+        "scheduler": tune.scheduler,
+        "_best": best,
+    }
+
+
+def best_per_optimizer(rows, curves, tune: TuneConfig) -> dict[str, list[dict]]:
+    pick = max if tune.metric == "val_accuracy" else min
+    best: dict[str, list[dict]] = {}
+    for optimizer in tune.optimizers:
+        mine = [r for r in rows if r["optimizer"] == optimizer and _finite(r[tune.metric])]
+        if mine:
+            best[optimizer] = curves[pick(mine, key=lambda r: r[tune.metric])["trial_id"]]
+    return best
+
+
+def best_params_yaml(best: dict[str, Any], summary: dict[str, Any], tune: TuneConfig) -> str:
+    header = (
+        "# Written by the `tune` stage: the best trial's settings "
+        f"({tune.metric} {best[tune.metric]:.4f}, trial {best['trial_id']} of "
+        f"{summary['trials']}).\n"
+        "# Train with them: set `tuned_params: artifacts/tune/best_params.yaml` in params.yaml\n"
+        "# (train_supervised lays them over `train` and `model`), then `dvc repro`.\n"
+    )
+    return header + yaml.safe_dump(best["settings"], sort_keys=False)
+
+
+def result_columns(tune: TuneConfig) -> list[str]:
+    return [
+        "trial_id",
+        "optimizer",
+        "lr",
+        *tune.space,
+        "status",
+        "epochs",
+        tune.metric,
+        "best_epoch",
+    ]
+
+
+def _trial_id(result) -> str:
+    """The trial's own id, from its folder (`<trainable>_<id>_<n>_<settings>_<date>`): its
+    last metrics may be another trial's when PBT restarted it from that trial's checkpoint
+    and it failed or ended before reporting."""
+    found = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path).name)
+    return found.group(1) if found else str(result.metrics.get("trial_id"))
+
+
+def _space_value(settings: dict[str, dict[str, Any]], key: str) -> Any:
+    section, _, name = key.partition(".")
+    return settings[section][name]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _flag(value: Any) -> bool:
+    return _finite(value) and bool(value)
+
+
+if __name__ == "__main__":
+    stage_command(tune_search, name=STAGE)
