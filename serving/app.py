@@ -2,8 +2,9 @@
 
 Deploy it with `dlpipe serve`, `serve run serving/config.yaml` / `serve deploy
 serving/config.yaml`, or as a KubeRay RayService (the same file is its `serveConfigV2`).
-Endpoints (serving/http_api.py): POST /v1/classify, /v1/fill-mask, /v1/embed, /v1/segment;
-GET /v1/models, /healthz, /readyz, /openapi.json. A model left out ("none") answers 404.
+Endpoints: each model kind's (serving/kinds.py: POST /v1/classify, /v1/fill-mask, /v1/embed,
+/v1/segment) and GET /v1/models, /healthz, /readyz, /openapi.json. A model left out
+("none") answers 404.
 
 Serve runs the replicas: placement, CPUs/GPUs, health checks, scaling, live settings
 (`reconfigure`). Each replica answers HTTP on its own server (serving/http_server.py) on
@@ -15,7 +16,6 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -23,51 +23,25 @@ import ray
 from ray import serve
 
 from serving.autoscaling import IN_FLIGHT
-from serving.batcher import DynamicBatcher
+from serving.batcher import Batching, DynamicBatcher
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
+from serving.kinds import BY_SLOT, KINDS
 from serving.metrics import ServingMetrics
-from serving.model_slots import NO_MODEL, PREDICTORS, LoadedModels
+from serving.model_slots import LoadedModels
 from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor, InputError
 
-DEFAULT_MODEL = "models:/dlpipe-classifier@champion"
-DEFAULT_MLM_MODEL = "models:/dlpipe-mlm@champion"
-DEFAULT_SEGMENT_MODEL = "models:/dlpipe-segment@champion"
 DEFAULT_HTTP_PORT = 8000
-
-
-@dataclass(frozen=True)
-class Batching:
-    """Dynamic batching of /v1/classify (serving/batcher.py), changeable live through the
-    deployment's `user_config`."""
-
-    max_batch_size: int = 32
-    """Requests run through onnxruntime together at most."""
-    batch_wait_timeout_s: float = 0.0
-    """How long the first request of a batch waits for others. 0: no waiting, a batch is
-    whatever queued while the previous one ran; under load that fills batches by itself
-    (measured: benchmarks/README.md), and a lone client pays no delay."""
-
-    @classmethod
-    def from_user_config(cls, config: dict[str, Any] | None) -> Batching:
-        config = dict(config or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known
-        if unknown:
-            raise ValueError(
-                f"user_config: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
-            )
-        return cls(**config)
 
 
 def pinned_versions(config: Any) -> dict[str, str]:
     """`user_config.versions`: slot -> registry version, written by `dlpipe serve reload`."""
     if config is None:
         return {}
-    if not isinstance(config, dict) or not set(config) <= set(PREDICTORS):
+    if not isinstance(config, dict) or not set(config) <= set(BY_SLOT):
         raise ValueError(
-            f"user_config.versions: expected a mapping of {sorted(PREDICTORS)} to registry "
+            f"user_config.versions: expected a mapping of {sorted(BY_SLOT)} to registry "
             f"versions, got {config!r}"
         )
     return {slot: str(version) for slot, version in config.items()}
@@ -83,18 +57,17 @@ def pinned_versions(config: Any) -> dict[str, str]:
 class PredictionService:
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        sources: dict[str, str],
         tracking_uri: str | None = None,
         threads: int = 1,
-        mlm_model: str = NO_MODEL,
-        segment_model: str = NO_MODEL,
         http: dict[str, Any] | None = None,
     ) -> None:
+        """`sources`: slot -> the model to serve (registry URI, folder, or none)."""
         http = dict(http or {})
         self.host = http.pop("host", "127.0.0.1")
         self.port = int(http.pop("port", DEFAULT_HTTP_PORT))
         self.limits = Limits(**http)
-        self.sources = {"classifier": model, "mlm": mlm_model, "segmenter": segment_model}
+        self.sources = sources
         self.tracking_uri = tracking_uri
         self.threads = threads
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
@@ -192,11 +165,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for key in ("host", "port"):  # flat forms for `serve run ... http_port=8080`
         if f"http_{key}" in args:
             http[key] = args[f"http_{key}"]
+    sources = {kind.slot: str(args.get(kind.source_arg, kind.app_default)) for kind in KINDS}
     return PredictionService.options(ray_actor_options=actor_options).bind(
-        args.get("model", DEFAULT_MODEL),
+        sources,
         args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         threads,
-        args.get("mlm_model", NO_MODEL),
-        args.get("segment_model", NO_MODEL),
         http,
     )

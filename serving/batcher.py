@@ -22,10 +22,35 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from dataclasses import dataclass, fields
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batcher's settings, the one home of their defaults; the Serve app reads them from
+    its deployment's `user_config` (changed live, serving/config.yaml)."""
+
+    max_batch_size: int = 32
+    """Requests run through onnxruntime together at most."""
+    batch_wait_timeout_s: float = 0.0
+    """How long the first request of a batch waits for others. 0: no waiting, a batch is
+    whatever queued while the previous one ran; under load that fills batches by itself
+    (measured: benchmarks/README.md), and a lone client pays no delay."""
+
+    @classmethod
+    def from_user_config(cls, config: dict[str, Any] | None) -> Batching:
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(
+                f"user_config: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**config)
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -40,8 +65,8 @@ class DynamicBatcher(Generic[Item, Result]):
     def __init__(
         self,
         run_batch: Callable[[list[Item]], list[Result | BaseException]],
-        max_batch_size: int = 32,
-        batch_wait_timeout_s: float = 0.0,
+        max_batch_size: int = Batching.max_batch_size,
+        batch_wait_timeout_s: float = Batching.batch_wait_timeout_s,
     ) -> None:
         self._run_batch = run_batch
         self.configure(max_batch_size, batch_wait_timeout_s)

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from pipelines.stagekit.tracking import tracking_uri
+from serving.kinds import KINDS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -29,34 +30,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipelines.training.cluster import connect_ray
-    from serving.app import DEFAULT_MLM_MODEL, DEFAULT_SEGMENT_MODEL
     from serving.deploy import DeployError, dashboard_address, deploy_app, wait_until_running
-    from serving.model_slots import NO_MODEL
+    from serving.kinds import KINDS, NO_MODEL
 
     # Fail here, in one line, rather than in a replica's traceback.
-    mlm_model = args.mlm_model or DEFAULT_MLM_MODEL
-    error = _check_model(args.model, "classifier")
-    if error is None:
-        error = _check_model(mlm_model, "masked_lm")
-        if error and not args.mlm_model:  # the default MLM is optional: serve without it
-            print(f"(no masked-language model: {error}; /v1/fill-mask and /v1/embed are off)")
-            mlm_model, error = NO_MODEL, None
-    segment_model = args.segment_model or DEFAULT_SEGMENT_MODEL
-    if error is None:
-        error = _check_model(segment_model, "segmentation")
-        if error and not args.segment_model:  # optional too
-            print(f"(no segmentation model: {error}; /v1/segment is off)")
-            segment_model, error = NO_MODEL, None
-    if error:
-        print(
-            f"serve: error: {error}\n(run the pipeline first: `make demo` or `dvc repro`)",
-            file=sys.stderr,
-        )
-        return 2
+    sources: dict[str, str] = {}
+    for kind in KINDS:
+        named = getattr(args, kind.source_arg)
+        source = named or kind.default_model
+        error = _check_model(source, kind.slot)
+        if error and not named and not kind.required:  # an optional default: serve without it
+            paths = ", ".join(route.path for route in kind.routes)
+            print(f"(no {kind.title}: {error}; {paths} off)")
+            source, error = NO_MODEL, None
+        if error:
+            print(
+                f"serve: error: {error}\n(run the pipeline first: `make demo` or `dvc repro`)",
+                file=sys.stderr,
+            )
+            return 2
+        sources[kind.source_arg] = source
     dashboard = connect_ray() or dashboard_address()
-    app = _app_config(args, mlm_model, segment_model)
+    app = _app_config(args, sources)
     print(
-        f"starting the Serve app with models {args.model}, {mlm_model}, {segment_model} "
+        f"starting the Serve app with models {', '.join(sources.values())} "
         f"(through the Serve REST API at {dashboard}) ...",
         flush=True,
     )
@@ -71,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     try:
         if args.demo:
-            return _demo_request(url, args.demo_image, with_mlm=mlm_model != NO_MODEL)
+            return _demo_request(url, args.demo_image, with_mlm=sources["mlm_model"] != NO_MODEL)
         _print_endpoints(url)
         print("serving; press Ctrl-C to stop", flush=True)
         while True:
@@ -83,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.delete("dlpipe")
 
 
-def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) -> dict:
+def _app_config(args: argparse.Namespace, sources: dict[str, str]) -> dict:
     """serving/config.yaml's application with this command's models and address, and at
     most as many replicas as the cluster has CPUs for (`threads` each) or `--max-replicas`."""
     import ray
@@ -92,9 +89,7 @@ def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) ->
 
     app = default_app()
     app["args"].update(
-        model=args.model,
-        mlm_model=mlm_model,
-        segment_model=segment_model,
+        **sources,
         tracking_uri=tracking_uri(),
         threads=args.threads,
         http={**app["args"]["http"], "host": args.host, "port": args.port},
@@ -110,14 +105,14 @@ def _app_config(args: argparse.Namespace, mlm_model: str, segment_model: str) ->
     return app
 
 
-def _check_model(source: str, task: str) -> str | None:
-    """Why `source` cannot be served as `task` (None when it can, or is left out): the same
+def _check_model(source: str, slot: str) -> str | None:
+    """Why `source` cannot be served in `slot` (None when it can, or is left out): the same
     loading and checks (hashes, parity sample) a replica runs."""
-    from serving.model_slots import LOAD_ERRORS, NO_MODEL, load_predictor
+    from serving.kinds import NO_MODEL
+    from serving.model_slots import LOAD_ERRORS, load_predictor
 
     if source == NO_MODEL:
         return None
-    slot = {"classifier": "classifier", "masked_lm": "mlm", "segmentation": "segmenter"}[task]
     try:
         load_predictor(slot, source, tracking_uri(), use_gpu=False)
     except LOAD_ERRORS as exc:  # e.g. a regression model: /v1/classify serves classifiers
@@ -156,11 +151,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _print_endpoints(url: str) -> None:
-    print(
-        f"\nendpoints:\n  POST {url}/v1/classify\n  POST {url}/v1/fill-mask\n"
-        f"  POST {url}/v1/embed\n  POST {url}/v1/segment\n  GET  {url}/v1/models\n"
-        f"  GET  {url}/healthz\n  GET  {url}/readyz\n  GET  {url}/openapi.json"
-    )
+    from serving.kinds import endpoints
+
+    print("\nendpoints:\n  " + "\n  ".join(endpoints(url)))
     print("swap models after moving a registry alias: dlpipe serve reload")
     print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
 
@@ -261,21 +254,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="start (default) the app, or reload: serve the versions the registry aliases "
         "name now, on every replica, without a restart",
     )
-    serve.add_argument(
-        "--model",
-        default="models:/dlpipe-classifier@champion",
-        help="classifier: registry URI (models:/NAME@ALIAS), an export folder, or none",
-    )
-    serve.add_argument(
-        "--mlm-model",
-        help="masked-language model for /v1/fill-mask and /v1/embed (default: "
-        "models:/dlpipe-mlm@champion when registered), or none",
-    )
-    serve.add_argument(
-        "--segment-model",
-        help="segmentation model for /v1/segment (default: models:/dlpipe-segment@champion "
-        "when registered), or none",
-    )
+    for kind in KINDS:
+        default = kind.default_model + ("" if kind.required else " when registered")
+        serve.add_argument(
+            f"--{kind.source_arg.replace('_', '-')}",
+            help=f"{kind.title} for {', '.join(r.path for r in kind.routes)}: registry URI "
+            f"(models:/NAME@ALIAS), an export folder, or none (default: {default})",
+        )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")

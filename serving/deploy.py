@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from serving.model_slots import NO_MODEL, SOURCE_ARGS
+from serving.kinds import KINDS
 from serving.model_source import REGISTRY_URI
 
 DEPLOYMENT = "dlpipe"
@@ -128,8 +128,8 @@ def resolve_versions(args: dict[str, Any], tracking_uri: str | None) -> dict[str
 
     client = MlflowClient(tracking_uri=tracking_uri or args.get("tracking_uri"))
     versions = {}
-    for slot, arg in SOURCE_ARGS.items():
-        source = str(args.get(arg, NO_MODEL))
+    for kind in KINDS:
+        slot, source = kind.slot, str(args.get(kind.source_arg, kind.app_default))
         match = REGISTRY_URI.match(source)
         if match is None or not match["alias"]:
             continue  # a folder or a fixed version: nothing to resolve

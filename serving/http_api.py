@@ -29,13 +29,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from serving.kinds import KINDS, ModelKind, Route
 from serving.predictor import InputError
-from serving.schemas import (
-    ClassifyRequest,
-    EmbedRequest,
-    FillMaskRequest,
-    SegmentRequest,
-)
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +152,10 @@ Endpoint = Callable[[dict[str, Any], Callable], Awaitable[Answer]]
 
 
 class HttpApi:
-    """The endpoints over `models`, an object with `classifier`, `mlm` and `segmenter`
-    (each a predictor or None, swapped in place on reload) and `infos()`;
-    `classify_batch(classifier, array)` may batch concurrent calls (serving/app.py passes
-    serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
+    """The endpoints of every model kind (serving/kinds.py) over `models`, a
+    serving/model_slots.py `LoadedModels` (each slot's predictor, swapped in place on
+    reload); `classify_batch(classifier, array)` may batch concurrent classifier calls
+    (serving/app.py passes serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
     names the replica answering in /v1/models (several share a port).
 
     The object is the ASGI app: give it to uvicorn (or any ASGI server or test client)."""
@@ -185,12 +180,6 @@ class HttpApi:
 
     def _route_table(self) -> dict[str, dict[str, Endpoint]]:
         """path -> method -> endpoint."""
-        post = [
-            ("/v1/classify", "classifier", ClassifyRequest, self.classify),
-            ("/v1/fill-mask", "mlm", FillMaskRequest, self.fill_mask),
-            ("/v1/embed", "mlm", EmbedRequest, self.embed),
-            ("/v1/segment", "segmenter", SegmentRequest, self.segment),
-        ]
         get = [
             ("/healthz", self.healthz),
             ("/readyz", self.readyz),
@@ -198,8 +187,9 @@ class HttpApi:
             ("/openapi.json", self.openapi),
         ]
         table: dict[str, dict[str, Endpoint]] = {}
-        for path, slot, schema, fn in post:
-            table[path] = {"POST": self._post(path, slot, schema, fn)}
+        for kind in KINDS:
+            for route in kind.routes:
+                table[route.path] = {"POST": self._post(kind, route)}
         for path, fn in get:
             endpoint = self._get(fn)
             table[path] = {"GET": endpoint, "HEAD": endpoint}
@@ -224,7 +214,21 @@ class HttpApi:
 
     # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
 
-    def _post(self, route: str, slot: str, schema: type[BaseModel], predict: Predict) -> Endpoint:
+    def _post(self, kind: ModelKind, route: Route) -> Endpoint:
+        batch = self._classify_batch if kind.slot == "classifier" else None
+
+        async def predict(request: BaseModel) -> dict[str, Any]:
+            predictor = self.models.get(kind.slot)
+            if predictor is None:
+                raise ClientError(
+                    404,
+                    f"no {kind.title} is loaded in this app "
+                    f"(start it with {kind.source_arg}=<source>)",
+                )
+            answer = await route.answer(predictor, request, batch)
+            # Which model answered: its name and registry version (None for a folder).
+            return {"model": predictor.card["name"], "version": predictor.files.version, **answer}
+
         async def endpoint(scope: dict[str, Any], receive: Callable) -> Answer:
             started = time.perf_counter()
             if self.in_flight >= self.limits.max_in_flight:
@@ -233,16 +237,16 @@ class HttpApi:
                     503,
                     {"Retry-After": "1"},
                 )
-                self._record(route, slot, answer.status, started)
+                self._record(route.path, kind.slot, answer.status, started)
                 return answer
             self.in_flight += 1
             try:
-                answer = await self._answer(scope, receive, schema, predict)
+                answer = await self._answer(scope, receive, route.request, predict)
             except Exception:  # here, not only in __call__, so that the 500 is counted
                 answer = internal_error(scope)
             finally:
                 self.in_flight -= 1
-            self._record(route, slot, answer.status, started)
+            self._record(route.path, kind.slot, answer.status, started)
             return answer
 
         return endpoint
@@ -271,7 +275,7 @@ class HttpApi:
 
     def _record(self, route: str, slot: str, code: int, started: float) -> None:
         if self.metrics is not None:
-            predictor = getattr(self.models, slot)
+            predictor = self.models.get(slot)
             self.metrics.request(route, code, predictor, time.perf_counter() - started)
 
     @staticmethod
@@ -281,14 +285,6 @@ class HttpApi:
             return json_response(content, status)
 
         return endpoint
-
-    def _loaded(self, attribute: str, kind: str, option: str):
-        predictor = getattr(self.models, attribute)
-        if predictor is None:
-            raise ClientError(
-                404, f"no {kind} is loaded in this app (start it with {option}=<source>)"
-            )
-        return predictor
 
     # --- the endpoints -------------------------------------------------------------------
 
@@ -308,34 +304,3 @@ class HttpApi:
         if self._openapi is None:
             return 404, {"detail": "no OpenAPI document"}
         return 200, self._openapi()
-
-    async def classify(self, request: ClassifyRequest) -> dict[str, Any]:
-        classifier = self._loaded("classifier", "classifier", "model")
-        if request.instances is not None:
-            batch = classifier.features_to_array(request.instances)
-        else:
-            batch = classifier.images_to_array(request.images or [])
-        if self._classify_batch is not None:
-            predictions = await self._classify_batch(classifier, batch)
-        else:
-            predictions = classifier.classify(batch)
-        return {**_model_of(classifier), "predictions": predictions}
-
-    async def fill_mask(self, request: FillMaskRequest) -> dict[str, Any]:
-        mlm = self._loaded("mlm", "masked-language model", "mlm_model")
-        return {**_model_of(mlm), "results": mlm.fill_mask(request.texts, request.top_k)}
-
-    async def embed(self, request: EmbedRequest) -> dict[str, Any]:
-        mlm = self._loaded("mlm", "masked-language model", "mlm_model")
-        vectors, truncated = mlm.embed(request.texts)
-        return {**_model_of(mlm), "embeddings": vectors.tolist(), "truncated": truncated}
-
-    async def segment(self, request: SegmentRequest) -> dict[str, Any]:
-        segmenter = self._loaded("segmenter", "segmentation model", "segment_model")
-        batch = segmenter.records_to_array(request.customers)
-        return {**_model_of(segmenter), "assignments": segmenter.segment(batch)}
-
-
-def _model_of(predictor: Any) -> dict[str, Any]:
-    """Which model answered: its name and registry version (None for a local folder)."""
-    return {"model": predictor.card["name"], "version": predictor.files.version}

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.contracts import ModelCard
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -33,7 +34,7 @@ class MaskedLmPredictor:
         from tokenizers import Tokenizer
 
         self.files = files
-        self.card: dict[str, Any] = json.loads(files.card.read_text())
+        self.card: ModelCard = json.loads(files.card.read_text())
         if self.card.get("task") != "masked_lm":
             raise ValueError(
                 f"{files.source}: not a masked-language model (task {self.card.get('task')!r})"

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from serving.mlm_predictor import MaskedLmPredictor
+from serving.contracts import Predictor
+from serving.kinds import BY_SLOT, KINDS, NO_MODEL
 from serving.model_checks import ModelRejected, verify_model
 from serving.model_source import ModelNotFound, resolve_model
-from serving.predictor import ClassifierPredictor
-from serving.segment_predictor import SegmentPredictor
 
 log = logging.getLogger(__name__)
 
-NO_MODEL = "none"
-PREDICTORS: dict[str, type] = {
-    "classifier": ClassifierPredictor,
-    "mlm": MaskedLmPredictor,
-    "segmenter": SegmentPredictor,
-}
-SOURCE_ARGS = {"classifier": "model", "mlm": "mlm_model", "segmenter": "segment_model"}
-"""The app argument (serving/config.yaml `args`) that names each slot's model source."""
 LOAD_ERRORS = (ModelNotFound, ModelRejected, ValueError, KeyError, OSError)
 """What a bad model (not a bug) raises while loading: missing/mismatched files, wrong task."""
 
@@ -47,17 +37,24 @@ def load_predictor(
     """The predictor for `slot` from `source` (pinned to `version` if given), verified."""
     files = resolve_model(source, tracking_uri, version)
     verify_model(files)
-    return PREDICTORS[slot](files, threads=threads, use_gpu=use_gpu)
+    return BY_SLOT[slot].predictor(files, threads=threads, use_gpu=use_gpu)
 
 
-@dataclass
 class LoadedModels:
-    classifier: ClassifierPredictor | None = None
-    mlm: MaskedLmPredictor | None = None
-    segmenter: SegmentPredictor | None = None
-    loaded_at: dict[str, float] = field(default_factory=dict)
-    failed_reloads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """slot -> the last version that could not replace the served one, and why."""
+    """slot -> the predictor serving it (None: no model), one slot per kind of
+    serving/kinds.py; `LoadedModels(classifier=predictor)` starts with some filled."""
+
+    def __init__(self, **served: Predictor) -> None:
+        unknown = sorted(set(served) - set(BY_SLOT))
+        if unknown:
+            raise ValueError(f"no model kind {unknown}; kinds: {sorted(BY_SLOT)}")
+        self.predictors: dict[str, Predictor | None] = {k.slot: served.get(k.slot) for k in KINDS}
+        self.loaded_at: dict[str, float] = {}
+        self.failed_reloads: dict[str, dict[str, Any]] = {}
+        """slot -> the last version that could not replace the served one, and why."""
+
+    def get(self, slot: str) -> Predictor | None:
+        return self.predictors[slot]
 
     def load(
         self,
@@ -74,7 +71,7 @@ class LoadedModels:
         for slot, source in sources.items():
             if source == NO_MODEL:
                 continue
-            current = getattr(self, slot)
+            current = self.predictors[slot]
             version = versions.get(slot)
             if current is not None and (version is None or current.files.version == version):
                 if version is not None:
@@ -100,7 +97,7 @@ class LoadedModels:
                 }
                 refused.append(slot)
                 continue
-            setattr(self, slot, predictor)
+            self.predictors[slot] = predictor
             self.loaded_at[slot] = time.time()
             self.failed_reloads.pop(slot, None)
             log.info(
@@ -114,7 +111,7 @@ class LoadedModels:
 
     def served(self) -> list[tuple[str, Any]]:
         """(slot, predictor) for every slot with a model."""
-        return [(slot, getattr(self, slot)) for slot in PREDICTORS if getattr(self, slot)]
+        return [(slot, p) for slot, p in self.predictors.items() if p is not None]
 
     def infos(self) -> list[dict[str, Any]]:
         infos = []

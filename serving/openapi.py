@@ -9,16 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from serving.schemas import (
-    ClassifyRequest,
-    ClassifyResponse,
-    EmbedRequest,
-    EmbedResponse,
-    FillMaskRequest,
-    FillMaskResponse,
-    SegmentRequest,
-    SegmentResponse,
-)
+from serving.kinds import GET_ROUTES, KINDS
 
 ERRORS = {
     400: "not UTF-8 JSON",
@@ -28,13 +19,6 @@ ERRORS = {
     503: "overloaded: retry after `Retry-After` seconds",
     504: "no answer within the request timeout",
 }
-
-ENDPOINTS = [
-    ("/v1/classify", ClassifyRequest, ClassifyResponse, "Classify images or feature vectors"),
-    ("/v1/fill-mask", FillMaskRequest, FillMaskResponse, "Rank the words for each [MASK]"),
-    ("/v1/embed", EmbedRequest, EmbedResponse, "Sentence embeddings (unit vectors)"),
-    ("/v1/segment", SegmentRequest, SegmentResponse, "Customer segments with distances"),
-]
 
 
 @functools.cache
@@ -47,24 +31,20 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         version=version,
     )
     responses = {code: {"description": text} for code, text in ERRORS.items()}
-    for path, request_model, response_model, summary in ENDPOINTS:
+    for route in (route for kind in KINDS for route in kind.routes):
         # The annotation tells FastAPI the body's schema; the function is never called.
         def handler(request):  # pragma: no cover
             raise NotImplementedError
 
-        handler.__annotations__ = {"request": request_model, "return": response_model}
+        handler.__annotations__ = {"request": route.request, "return": route.response}
         spec.post(
-            path,
-            summary=summary,
-            response_model=response_model,
+            route.path,
+            summary=route.summary,
+            response_model=route.response,
             responses=responses,
-            operation_id=_operation_id(path),
+            operation_id=_operation_id(route.path),
         )(handler)
-    for path, summary in [
-        ("/healthz", "Liveness: the replica answers"),
-        ("/readyz", "Readiness: at least one model is loaded (503 otherwise)"),
-        ("/v1/models", "Name, version, alias, input schema and metrics of each model"),
-    ]:
+    for path, summary in GET_ROUTES:
         spec.get(path, summary=summary, operation_id=_operation_id(path))(lambda: None)
     return spec.openapi()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.contracts import ModelCard
 from serving.model_source import ModelFiles
 from serving.preprocess import image_to_array
 from serving.runtime import ort_session
@@ -34,7 +35,7 @@ class ClassifierPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
 
         self.files = files
-        self.card: dict[str, Any] = json.loads(files.card.read_text())
+        self.card: ModelCard = json.loads(files.card.read_text())
         if self.card.get("task") != "classification":
             raise ValueError(f"{files.source}: not a classifier (task {self.card.get('task')!r})")
         self.session = ort_session(files.onnx, threads, use_gpu)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.contracts import ModelCard
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -22,7 +23,7 @@ class SegmentPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
 
         self.files = files
-        self.card: dict[str, Any] = json.loads(files.card.read_text())
+        self.card: ModelCard = json.loads(files.card.read_text())
         if self.card.get("task") != "segmentation":
             raise ValueError(
                 f"{files.source}: not a segmentation model (task {self.card.get('task')!r})"

@@ -39,6 +39,7 @@ from pipelines.stagekit.onnx_export import (
     write_parity_sample,
 )
 from pipelines.stagekit.stage import stage_command
+from serving.contracts import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def export_mlm(
                 },
                 config.export.parity_atol,
             )
-        card = {
+        card: ModelCard = {
             "name": mlm.registered_model,
             "task": "masked_lm",
             "architecture": "transformer_encoder",

@@ -32,6 +32,7 @@ from pipelines.stagekit.onnx_export import (
     write_parity_sample,
 )
 from pipelines.stagekit.stage import stage_command
+from serving.contracts import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def model_card(
     evaluation: dict,
     parity: Parity,
     hashes: dict,
-) -> dict:
+) -> ModelCard:
     """What a client or reviewer needs to use the model correctly, in one JSON file. The
     same model gives the same bytes: the run, commit and time that made it are on its
     registered version in MLflow, not here (DVC hashes this file)."""

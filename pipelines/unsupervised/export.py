@@ -33,6 +33,7 @@ from pipelines.stagekit.onnx_export import (
 )
 from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.segment_model import MODEL_FILE, feature_table, segmenters, table_hash
+from serving.contracts import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def export_segment(
             },
             config.export.parity_atol,
         )
-        card = {
+        card: ModelCard = {
             "name": config.segment.registered_model,
             "task": "segmentation",
             "model": serve,

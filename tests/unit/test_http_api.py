@@ -6,7 +6,9 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
+from pipelines.cli import parser as serve_parser
 from serving.http_api import HttpApi, Limits
+from serving.kinds import KINDS
 from serving.model_slots import LoadedModels
 from serving.model_source import resolve_model
 from serving.openapi import openapi_document
@@ -74,6 +76,30 @@ def test_the_openapi_document_describes_every_endpoint(export_dir):  # noqa: F81
         post = document["paths"][path]["post"]
         assert "requestBody" in post and {"200", "413", "422", "503"} <= set(post["responses"])
     assert "ClassifyRequest" in document["components"]["schemas"]
+
+
+def test_every_route_of_the_kind_table_is_served_documented_and_has_a_serve_option(
+    export_dir,  # noqa: F811
+):
+    """serving/kinds.py is the one table: the app, the OpenAPI document and `dlpipe serve`
+    all follow it."""
+    http = client(export_dir)
+    document = http.get("/openapi.json").json()
+    options = {
+        a.dest
+        for a in next(iter(serve_parser()._subparsers._group_actions)).choices["serve"]._actions
+    }
+    for kind in KINDS:
+        assert kind.source_arg in options
+        for route in kind.routes:
+            assert route.path in document["paths"]
+            answer = http.post(route.path, json={})
+            # The route exists: its schema refuses the empty body (422), or, for a kind not
+            # loaded here, the 404 names the kind, not an unknown path.
+            assert answer.status_code == 422, answer.json()
+    mlm = next(kind for kind in KINDS if kind.slot == "mlm")
+    answer = http.post(mlm.routes[0].path, json={"texts": ["a [MASK] b"]})
+    assert answer.status_code == 404 and mlm.title in answer.json()["detail"]
 
 
 def test_unknown_paths_and_methods_are_404_and_405_in_json(export_dir):  # noqa: F811
