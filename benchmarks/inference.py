@@ -129,7 +129,7 @@ def classifier_case(name: str, data_dir: str, model_dir: str, export_dir: str) -
     from pipelines.supervised.export import CARD_FILE, ONNX_FILE
 
     data = load_prepared(data_dir)
-    model, _, _ = load_trained(model_dir, data.manifest)
+    model, _ = load_trained(model_dir, data.manifest)
     card = json.loads((Path(export_dir) / CARD_FILE).read_text())
     x_test = data.x("test")
     return Case(
@@ -151,7 +151,7 @@ def mlm_cases(params: str, data_dir: str, model_dir: str, export_dir: str) -> It
     from pipelines.stagekit.dataset import load_prepared
 
     data = load_prepared(data_dir)
-    model, _, _ = load_mlm_bundle(model_dir, data.manifest)
+    model, _ = load_mlm_bundle(model_dir, data.manifest)
     arrays = validation_arrays(load_config(params).mlm, data)
     pad_id = data.manifest["special_ids"]["[PAD]"]
     _, (padded, _) = parity_inputs(arrays["x_val"], arrays["y_val"], pad_id)

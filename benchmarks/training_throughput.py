@@ -187,6 +187,8 @@ def ray_run(
     threads = ray_worker_threads()
     ray.shutdown()  # the next run starts its own Ray, so its start-up is measured whole
     run_id = tracking.producing_run(out / "model" / MODEL_FILE, config.tracking.experiment)
+    if run_id is None:
+        raise RuntimeError(f"no MLflow run wrote {out / 'model' / MODEL_FILE}")
     history, ends = logged_epochs(run_id)
     figures = epoch_figures(history, ends, started, train_size)
     return {**figures, "stage_s": round(stage_s, 1), "worker_torch_threads": threads}

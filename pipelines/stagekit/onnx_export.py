@@ -52,8 +52,40 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
         )
+    proto = program.model_proto
+    strip_debug_info(proto)
     # Weights are small: one self-contained file, no external-data side files.
-    write_bytes(path, program.model_proto.SerializeToString())
+    write_bytes(path, proto.SerializeToString())
+
+
+def strip_debug_info(proto) -> None:
+    """Drop the exporter's per-node debug metadata (`pkg.torch.onnx.stack_trace` holds the
+    absolute paths and line numbers of the Python source, `class_hierarchy` module names):
+    with it the same model exported from another checkout, or after code moved, gave other
+    bytes, so DVC saw a changed output. The graph itself is untouched."""
+    import onnx
+
+    def clean(nodes) -> None:
+        for node in nodes:
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    clean_graph(attribute.g)
+                for graph in attribute.graphs:
+                    clean_graph(graph)
+
+    def clean_graph(graph) -> None:
+        del graph.metadata_props[:]
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            del info.metadata_props[:]
+        for initializer in graph.initializer:
+            del initializer.metadata_props[:]
+        clean(graph.node)
+
+    clean_graph(proto.graph)
+    for function in proto.functions:
+        del function.metadata_props[:]
+        clean(function.node)
 
 
 def onnx_session(path: str | Path, threads: int = 1):

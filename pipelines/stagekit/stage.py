@@ -73,7 +73,13 @@ def parser_for(function: Callable[..., Any], name: str) -> argparse.ArgumentPars
             "--params", default="params.yaml", help="the pipeline's params (default: %(default)s)"
         )
         parameters = parameters[1:]
+    hints = typing.get_type_hints(function)
     for parameter in parameters:
+        if hints.get(parameter.name) not in (str, str | None):
+            # Every option arrives as text: a number or flag would need its own conversion.
+            raise TypeError(
+                f"{function.__name__}({parameter.name}): stage options are paths/names (str)"
+            )
         flag = f"--{option_name(parameter.name)}"
         if parameter.default is inspect.Parameter.empty:
             parser.add_argument(flag, dest=parameter.name, metavar="VALUE", required=True)

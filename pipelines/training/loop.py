@@ -313,7 +313,7 @@ def fit(
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch}: train loss {train_loss:.4g}, val loss "
                 f"{val_loss:.4g} (first epoch's train loss {state.first_train_loss:.4g}) with "
-                f"learning rate {metrics['lr']:g}; lower {lr_key}"
+                f"learning rate {metrics['lr']:g} at that epoch; lower {lr_key}"
             )
         if state.early_stopping.update(metrics["val_loss"], epoch):
             state.best_model_state = copy.deepcopy(unwrap(state.model).state_dict())

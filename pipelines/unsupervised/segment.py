@@ -1,6 +1,6 @@
 """Stage `segment`: customer segments two ways, the number of segments chosen by a sweep.
 
-1. Features per customer (`customer_features.py`), log1p of skewed columns, standardized.
+1. Features per customer (`features.py`), log1p of skewed columns, standardized.
 2. K-means (torch, on Ray actors holding shards of the customers) for every k in
    [k_min, k_max]: inertia, silhouette, Davies-Bouldin, Calinski-Harabasz; k from params
    or the best silhouette.

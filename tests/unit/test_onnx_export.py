@@ -36,6 +36,28 @@ def test_export_matches_torch_and_accepts_any_batch_size(tmp_path, kind, activat
         assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)  # softmax is inside the graph
 
 
+def test_an_export_holds_no_source_paths_and_repeats_byte_for_byte(tmp_path):
+    """The exporter tags every node with the Python stack that made it (absolute paths,
+    line numbers): kept, the same model from another checkout would hash differently."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = inference_model(
+        build_model(ArchitectureConfig(channels=(4,)), MANIFEST), "classification"
+    )
+    example = torch.zeros(2, 1, 8, 8)
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(model, example, first, opset=18)
+    export_onnx(model, example, second, opset=18)
+    assert first.read_bytes() == second.read_bytes()
+    graph = onnx.load(str(first)).graph
+    assert not any(node.metadata_props for node in graph.node)
+    assert (
+        b"site-packages" not in first.read_bytes()
+        and str(tmp_path).encode() not in first.read_bytes()
+    )
+
+
 def test_parity_detects_a_different_model(tmp_path):
     torch.manual_seed(0)
     arch = ArchitectureConfig(kind="mlp", hidden_sizes=(16,))
