@@ -151,7 +151,10 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
         lr={"default": (0.00003, 0.01)},
         scheduler="pbt",
         perturbation_interval=1,
-        epochs=4,
+        # PBT compares only trials still running: epochs of ~1 s each must outlast the few
+        # seconds between the two trials' starts (with 4, one CI run saw no overlap at a
+        # perturbation point and no exploit).
+        epochs=12,
     )
     summary = run_search(search, trained, tmp_path)
     assert summary["trials"] == 2 and summary["scheduler"] == "pbt"
