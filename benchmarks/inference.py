@@ -145,14 +145,15 @@ def classifier_case(name: str, data_dir: str, model_dir: str, export_dir: str) -
 def mlm_cases(params: str, data_dir: str, model_dir: str, export_dir: str) -> Iterator[Case]:
     from models.transformer import SentenceEmbedder
     from pipelines.selfsupervised.bundle import load_mlm_bundle
-    from pipelines.selfsupervised.export import CARD_FILE, parity_inputs
+    from pipelines.selfsupervised.export import CARD_FILE, export_mlm, parity_inputs
     from pipelines.selfsupervised.pretrain import validation_arrays
-    from pipelines.stagekit.config import load_config
+    from pipelines.stagekit.config import load_params
     from pipelines.stagekit.dataset import load_prepared
 
     data = load_prepared(data_dir)
     model, _ = load_mlm_bundle(model_dir, data.manifest)
-    arrays = validation_arrays(load_config(params).mlm, data)
+    # The validation blocks masked as export_mlm masks them (its view of `mlm`).
+    arrays = validation_arrays(load_params(export_mlm, params)["mlm"], data)
     pad_id = data.manifest["special_ids"]["[PAD]"]
     _, (padded, _) = parity_inputs(arrays["x_val"], arrays["y_val"], pad_id)
     ids = padded.astype(np.int64)

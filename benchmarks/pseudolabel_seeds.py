@@ -14,16 +14,18 @@ Runs go to a throw-away MLflow store and checkpoint folder, not the project's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from pathlib import Path
 
+import yaml
+
 from benchmarks.scratch import machine, scratch_stores
+from pipelines.semisupervised.config import PseudoLabelConfig
 from pipelines.semisupervised.prepare import prepare_pseudolabel
 from pipelines.semisupervised.train import train_pseudolabel
 from pipelines.stagekit.atomic import write_json
-from pipelines.stagekit.config import load_config
+from pipelines.stagekit.config import config_to_dict, load_params, parse_section, read_params
 
 RESULTS = Path("benchmarks/results/pseudolabel_seeds.json")
 COLUMNS = (
@@ -38,23 +40,36 @@ COLUMNS = (
 )
 
 
+def seed_params(params: str, seed: int, workdir: Path) -> Path:
+    """A copy of the params file with `train.seed` and `pseudolabel.split_seed` set to `seed`."""
+    raw = read_params(params)
+    raw["train"] = {**(raw.get("train") or {}), "seed": seed}
+    raw["pseudolabel"] = {**(raw.get("pseudolabel") or {}), "split_seed": seed}
+    path = workdir / f"params-{seed}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def run_seed(seed: int, params: str, data: str, workdir: Path) -> dict:
-    config = load_config(params)
-    config = dataclasses.replace(
-        config,
-        train=dataclasses.replace(config.train, seed=seed),
-        pseudolabel=dataclasses.replace(config.pseudolabel, split_seed=seed),
-    )
+    path = seed_params(params, seed, workdir)
     started = time.perf_counter()
-    prepare_pseudolabel(config, data, str(workdir / f"pl-{seed}"))
+    prepare_pseudolabel(
+        **load_params(prepare_pseudolabel, path), data_dir=data, output=str(workdir / f"pl-{seed}")
+    )
     figures = train_pseudolabel(
-        config,
-        str(workdir / f"pl-{seed}"),
-        str(workdir / f"model-{seed}"),
-        str(workdir / f"m-{seed}.json"),
-        str(workdir / f"plots-{seed}"),
+        **load_params(train_pseudolabel, path),
+        data_dir=str(workdir / f"pl-{seed}"),
+        output=str(workdir / f"model-{seed}"),
+        metrics_path=str(workdir / f"m-{seed}.json"),
+        plots_dir=str(workdir / f"plots-{seed}"),
     )
     return {"seed": seed, **figures, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def pseudolabel_section(params: str) -> PseudoLabelConfig:
+    """The whole `pseudolabel` section of the params file (both stages' keys), for the record."""
+    raw = read_params(params).get("pseudolabel") or {}
+    return parse_section(PseudoLabelConfig, raw, params, "pseudolabel.")
 
 
 def main() -> None:
@@ -79,7 +94,7 @@ def main() -> None:
         "mean_baseline_test_accuracy": baseline,
         "mean_teacher_test_accuracy": statistics.mean(r["teacher_test_accuracy"] for r in rows),
         "student_beats_baseline": student > baseline,
-        "params": dataclasses.asdict(load_config(args.params).pseudolabel),
+        "params": config_to_dict(pseudolabel_section(args.params)),
         "machine": machine(),
     }
     write_json(args.output, summary)

@@ -48,10 +48,13 @@ import numpy as np
 import torch
 
 from benchmarks.scratch import machine, markdown_table, scratch_stores, write_results
-from pipelines.stagekit.config import PipelineConfig, PrepareConfig, load_config, with_tuned_params
+from models.architecture import ArchitectureConfig
+from pipelines.stagekit.config import TrainConfig, load_params, overlay_sections
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.readers import RawDataset
+from pipelines.supervised.config import PrepareConfig, TrackingConfig
 from pipelines.supervised.prepare import read_raw, write_prepared
+from pipelines.supervised.train import train_supervised
 from pipelines.training.driver import supervised_arrays, supervised_task
 from pipelines.training.fitting import fit_task, initial_state
 
@@ -62,6 +65,27 @@ RUNS = ("plain", "ray1", "ray2")
 PLAIN_THREADS = 1  # a Ray Train worker's share: it reserves 1 CPU by default
 TARGET_RAY_1W = 0.9  # of the plain loop's samples/s
 STEADY_SAMPLES = 30_000  # at least this many training examples after the warm-up epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """What `train_supervised` reads from params.yaml: `model` and `train` with the
+    `tuned_params` file laid over them (as the stage does), `tracking` and that file."""
+
+    model: ArchitectureConfig
+    train: TrainConfig
+    tracking: TrackingConfig
+    tuned_params: str
+
+
+def stage_settings(params: str) -> StageSettings:
+    arguments = load_params(train_supervised, params)
+    tuned = overlay_sections(
+        arguments["tuned_params"], {"model": arguments["model"], "train": arguments["train"]}
+    )
+    return StageSettings(
+        tuned["model"], tuned["train"], arguments["tracking_config"], arguments["tuned_params"]
+    )
 
 
 def dataset(
@@ -90,7 +114,7 @@ def steady_epochs(train_size: int) -> int:
     return 1 + max(2, math.ceil(STEADY_SAMPLES / train_size))
 
 
-def run_config(config: PipelineConfig, workers: int, device: str) -> PipelineConfig:
+def run_config(config: StageSettings, workers: int, device: str) -> StageSettings:
     """The stage's config for one run: on `workers` workers, every epoch (no early stop)."""
     train = dataclasses.replace(
         config.train, early_stopping_patience=0, num_workers=workers, device=device
@@ -120,7 +144,7 @@ def epoch_figures(
     }
 
 
-def plain_run(config: PipelineConfig, data_dir: Path, device: torch.device) -> dict:
+def plain_run(config: StageSettings, data_dir: Path, device: torch.device) -> dict:
     """The reference: the stage's per-process training in this process, without Ray."""
     started = time.time()
     data = load_prepared(data_dir)
@@ -167,21 +191,28 @@ def logged_epochs(run_id: str) -> tuple[list[dict[str, float]], list[float]]:
 
 
 def ray_run(
-    config: PipelineConfig, data_dir: Path, workdir: Path, name: str, train_size: int
+    config: StageSettings, data_dir: Path, workdir: Path, name: str, train_size: int
 ) -> dict:
     """The `train_supervised` stage as `dvc repro` runs it, on a Ray instance of its own."""
     import ray
 
     from pipelines.stagekit import tracking
     from pipelines.stagekit.model_bundle import MODEL_FILE
-    from pipelines.supervised.train import train_supervised
 
     out = workdir / name
     # Creating the scratch MLflow store is a one-off of this benchmark, not stage start-up.
     tracking.ensure_experiment(config.tracking.experiment)
     started = time.time()
+    # The stage lays `tuned_params` over model and train itself, as under `dvc repro`.
     train_supervised(
-        config, str(data_dir), str(out / "model"), str(out / "metrics.json"), str(out / "plots")
+        config.model,
+        config.train,
+        config.tracking,
+        config.tuned_params,
+        data_dir=str(data_dir),
+        output=str(out / "model"),
+        metrics_path=str(out / "metrics.json"),
+        plots_dir=str(out / "plots"),
     )
     stage_s = time.time() - started
     threads = ray_worker_threads()
@@ -203,7 +234,7 @@ LABELS = {
 
 def measure(
     selected: Sequence[str],
-    config: PipelineConfig,
+    config: StageSettings,
     data_dir: Path,
     workdir: Path,
     train_size: int,
@@ -244,7 +275,7 @@ def summary(runs: dict[str, dict]) -> dict:
     }
 
 
-def gpu_part(selected: Sequence[str], config: PipelineConfig, *where) -> dict:
+def gpu_part(selected: Sequence[str], config: StageSettings, *where) -> dict:
     """The runs on CUDA with bf16 autocast, or the note saying why there are none."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine: the GPU runs were skipped"}
@@ -322,7 +353,7 @@ def main() -> None:
         del raw
         train_size = manifest["splits"]["train"]["size"]
         epochs = args.epochs or steady_epochs(train_size)
-        config = with_tuned_params(load_config(args.params))
+        config = stage_settings(args.params)
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
         print(f"{name}: {train_size} training images {manifest['input_shape']}, {epochs} epochs")
         where = (data_dir, workdir, train_size)

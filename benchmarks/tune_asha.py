@@ -20,22 +20,22 @@ from pathlib import Path
 
 from benchmarks.scratch import machine, scratch_stores
 from pipelines.stagekit.atomic import write_json
-from pipelines.stagekit.config import load_config
+from pipelines.stagekit.config import load_params
 from pipelines.tuning.tune import tune_search
 
 RESULTS = Path("benchmarks/results/tune_asha.json")
 
 
 def search(scheduler: str, params: str, data: str, workdir: Path) -> dict:
-    config = load_config(params)
-    config = dataclasses.replace(config, tune=dataclasses.replace(config.tune, scheduler=scheduler))
+    arguments = load_params(tune_search, params)
+    arguments["tune"] = dataclasses.replace(arguments["tune"], scheduler=scheduler)
     started = time.perf_counter()
     figures = tune_search(
-        config,
-        data,
-        str(workdir / f"out-{scheduler}"),
-        str(workdir / f"tune-{scheduler}.json"),
-        str(workdir / f"plots-{scheduler}"),
+        **arguments,
+        data_dir=data,
+        output=str(workdir / f"out-{scheduler}"),
+        metrics_path=str(workdir / f"tune-{scheduler}.json"),
+        plots_dir=str(workdir / f"plots-{scheduler}"),
     )
     return {**figures, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -51,7 +51,7 @@ def main() -> None:
     with scratch_stores() as workdir:
         asha = search("asha", args.params, args.data, workdir)
         full = search("none", args.params, args.data, workdir)
-    tune = load_config(args.params).tune
+    tune = load_params(tune_search, args.params)["tune"]
     summary = {
         "asha_best_val_accuracy": asha["best_val_accuracy"],
         "full_best_val_accuracy": full["best_val_accuracy"],

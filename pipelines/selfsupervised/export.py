@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ import torch
 from models.losses import IGNORE_INDEX
 from models.transformer import MaskedLanguageModel, SentenceEmbedder
 from pipelines.selfsupervised.bundle import load_mlm_bundle
+from pipelines.selfsupervised.config import MlmConfig
 from pipelines.selfsupervised.masked_data import validation_arrays
 from pipelines.selfsupervised.tokenizer import TOKENIZER_FILE
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.config import ExportConfig, Param
 from pipelines.stagekit.dataset import load_prepared, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
@@ -50,6 +52,12 @@ CARD_FILE = "model_card.json"
 INPUT = "input_ids"
 LOGITS = "logits"
 EMBEDDING = "sentence_embedding"  # not "embedding": the exporter names an inner node so
+
+# What export reads of params: the registry name comes from `mlm`, not export.registered_model;
+# mask_probability masks the validation blocks of the parity check (and the parity sample) as
+# pretraining did. The encoder's shape comes from the trained bundle, not from mlm.model.
+EXPORT_KEYS = ("opset", "parity_atol", "alias")
+MLM_KEYS = ("mask_probability", "registered_model", "experiment")
 
 
 def parity_inputs(x_val: np.ndarray, y_val: np.ndarray, pad_id: int, seed: int = 0):
@@ -92,16 +100,17 @@ def check_mlm_parity(
 
 
 def export_mlm(
-    config: PipelineConfig,
+    export_config: Annotated[ExportConfig, Param("export", reads=EXPORT_KEYS)],
+    mlm: Annotated[MlmConfig, Param("mlm", reads=MLM_KEYS)],
     data_dir: str = "data/prepared/mlm",
     model_dir: str = "artifacts/mlm/model",
     figures_path: str = "metrics/mlm.json",
     output: str = "artifacts/mlm/export",
     metrics_path: str = "metrics/mlm_export.json",
 ) -> dict:
-    mlm = config.mlm
     data = load_prepared(data_dir)
     model, bundle = load_mlm_bundle(model_dir, data.manifest)
+    encoder = model.config  # the trained encoder (pretrain_mlm built it from mlm.model)
     if not Path(figures_path).is_file():
         raise UserError(f"{figures_path}: not found; run pretrain_mlm first")
     figures = json.loads(Path(figures_path).read_text())
@@ -114,7 +123,7 @@ def export_mlm(
             model,
             example,
             staging / FILL_MASK_FILE,
-            config.export.opset,
+            export_config.opset,
             input_name=INPUT,
             output_name=LOGITS,
             dynamic_axes=dynamic,
@@ -123,7 +132,7 @@ def export_mlm(
             SentenceEmbedder(model),
             example,
             staging / EMBED_FILE,
-            config.export.opset,
+            export_config.opset,
             input_name=INPUT,
             output_name=EMBEDDING,
             dynamic_axes=dynamic,
@@ -141,10 +150,10 @@ def export_mlm(
             parity["onnx_embedding_max_abs_diff"],
         )
         worst = max(parity["onnx_max_abs_diff"], parity["onnx_embedding_max_abs_diff"])
-        if worst > config.export.parity_atol or parity["onnx_argmax_agreement"] < 1.0:
+        if worst > export_config.parity_atol or parity["onnx_argmax_agreement"] < 1.0:
             raise UserError(
                 f"ONNX parity check failed: {parity} (export.parity_atol "
-                f"{config.export.parity_atol:g}); the previous export is kept"
+                f"{export_config.parity_atol:g}); the previous export is kept"
             )
         (staging / TOKENIZER_FILE).write_bytes((Path(model_dir) / TOKENIZER_FILE).read_bytes())
         sample_ids = torch.from_numpy(arrays["x_val"][:PARITY_SAMPLE_SIZE].astype(np.int64))
@@ -161,7 +170,7 @@ def export_mlm(
                         {EMBEDDING: model.embed(sample_ids).numpy()},
                     ),
                 },
-                config.export.parity_atol,
+                export_config.parity_atol,
             )
         card: ModelCard = {
             "name": mlm.registered_model,
@@ -170,7 +179,7 @@ def export_mlm(
             "encoder": bundle["encoder"],
             "vocab_size": data.manifest["vocab_size"],
             "special_ids": data.manifest["special_ids"],
-            "max_length": mlm.model.max_length,
+            "max_length": encoder.max_length,
             "lowercase": data.manifest["lowercase"],
             "graphs": {
                 "fill_mask": {
@@ -183,7 +192,7 @@ def export_mlm(
                     "file": EMBED_FILE,
                     "input": INPUT,
                     "output": EMBEDDING,
-                    "shape": ["batch", mlm.model.width],
+                    "shape": ["batch", encoder.width],
                 },
             },
             "tokenizer": TOKENIZER_FILE,
@@ -209,7 +218,7 @@ def export_mlm(
         out / FILL_MASK_FILE,
         out / CARD_FILE,
         mlm.registered_model,
-        config.export.alias,
+        export_config.alias,
         parity,
         extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
     )

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Annotated
 
+from pipelines.selfsupervised.config import MlmConfig
 from pipelines.selfsupervised.corpus import BUILTIN_SOURCE, DOCUMENTS_FILE, read_documents
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import MlmConfig
+from pipelines.stagekit.config import Param
 from pipelines.stagekit.stage import stage_command
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,13 @@ SOURCE_FILE = "source.json"
 
 
 def ingest_corpus(
-    config: MlmConfig,
+    mlm: Annotated[MlmConfig, Param("mlm", reads=("source", "text_column", "document_split"))],
     output: str = "data/raw/corpus",
 ) -> dict:
-    documents = read_documents(config.source, config.text_column, config.document_split)
+    documents = read_documents(mlm.source, mlm.text_column, mlm.document_split)
     words = sum(len(d.split()) for d in documents)
     summary = {
-        "source": config.source or BUILTIN_SOURCE,
+        "source": mlm.source or BUILTIN_SOURCE,
         "documents": len(documents),
         "words": words,
     }

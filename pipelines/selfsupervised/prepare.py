@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
 
+from pipelines.selfsupervised.config import MlmConfig
 from pipelines.selfsupervised.corpus import TASK, read_ingested
 from pipelines.selfsupervised.tokenizer import (
     TOKENIZER_FILE,
@@ -22,7 +24,7 @@ from pipelines.selfsupervised.tokenizer import (
     train_wordpiece,
 )
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import MlmConfig
+from pipelines.stagekit.config import Param
 from pipelines.stagekit.dataset import MANIFEST, array_file, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.stage import stage_command
@@ -56,28 +58,33 @@ def split_documents(
     return [i for i in range(len(documents)) if i not in val_set], sorted(val)
 
 
+# `model` is read whole: only its max_length (the block length) is used, but an EncoderConfig
+# is not a params Section, so it cannot be narrowed to that key.
+PREPARE_KEYS = ("val_fraction", "split_seed", "vocab_size", "lowercase", "model")
+
+
 def prepare_mlm(
-    config: MlmConfig,
+    mlm: Annotated[MlmConfig, Param("mlm", reads=PREPARE_KEYS)],
     corpus_dir: str = "data/raw/corpus",
     output: str = "data/prepared/mlm",
 ) -> dict:
     documents = read_ingested(corpus_dir)
-    train_idx, val_idx = split_documents(documents, config.val_fraction, config.split_seed)
+    train_idx, val_idx = split_documents(documents, mlm.val_fraction, mlm.split_seed)
     train_texts = [documents[i] for i in train_idx]
-    tokenizer = train_wordpiece(train_texts, config.vocab_size, config.lowercase)
+    tokenizer = train_wordpiece(train_texts, mlm.vocab_size, mlm.lowercase)
     special = special_ids(tokenizer)
-    block_length = config.model.max_length
+    block_length = mlm.model.max_length
     manifest: dict = {
         "format_version": 1,
         "task": TASK,
         "vocab_size": tokenizer.get_vocab_size(),
         "special_ids": special,
         "block_length": block_length,
-        "lowercase": config.lowercase,
+        "lowercase": mlm.lowercase,
         "source": {
             "path": corpus_dir,
-            "val_fraction": config.val_fraction,
-            "seed": config.split_seed,
+            "val_fraction": mlm.val_fraction,
+            "seed": mlm.split_seed,
         },
         "splits": {},
         "arrays": {},

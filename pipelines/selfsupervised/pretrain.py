@@ -1,22 +1,25 @@
 """Stage `pretrain_mlm`: masked-language-model pretraining of the transformer encoder on
 Ray Train, tracked in MLflow, with its held-out figures beside two baselines.
 
-Reads the packed token blocks and tokenizer from `prepare_mlm` and params `mlm`; writes the
-model folder (weights, config, tokenizer), `metrics/mlm.json` and the learning curves.
+Reads the packed token blocks and tokenizer from `prepare_mlm` and params `mlm` (its
+mask_probability, model, train and experiment); writes the model folder (weights, config,
+tokenizer), `metrics/mlm.json` and the learning curves.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 from pipelines.selfsupervised.bundle import build_mlm, save_mlm_bundle
+from pipelines.selfsupervised.config import MlmConfig
 from pipelines.selfsupervised.figures import baseline_figures, model_figures, token_counts
 from pipelines.selfsupervised.masked_data import check_prepared, masking_spec, validation_arrays
 from pipelines.selfsupervised.tokenizer import TOKENIZER_FILE
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import MlmConfig, config_to_dict
+from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
@@ -30,41 +33,40 @@ log = logging.getLogger(__name__)
 
 STAGE = "pretrain_mlm"
 CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+PRETRAIN_KEYS = ("mask_probability", "model", "train", "experiment")
 
 
 def pretrain_mlm(
-    config: MlmConfig,
+    mlm: Annotated[MlmConfig, Param("mlm", reads=PRETRAIN_KEYS)],
     data_dir: str = "data/prepared/mlm",
     output: str = "artifacts/mlm/model",
     metrics_path: str = "metrics/mlm.json",
     plots_dir: str = "plots/mlm",
 ) -> dict:
     data = load_prepared(data_dir)
-    check_prepared(config, data)
+    check_prepared(mlm, data)
     manifest = data.manifest
-    arrays = validation_arrays(config, data)
+    arrays = validation_arrays(mlm, data)
     special = sorted(manifest["special_ids"].values())
     baselines = baseline_figures(
         token_counts(data.x("train"), manifest["vocab_size"], special), arrays["y_val"], special
     )
-    task = MaskedLmTask(
-        config.model, masking_spec(config, manifest), manifest["special_ids"]["[PAD]"]
-    )
+    task = MaskedLmTask(mlm.model, masking_spec(mlm, manifest), manifest["special_ids"]["[PAD]"])
     name = run_name(
         STAGE,
-        config_to_dict(config.model),
-        config_to_dict(config.train),
-        config.mask_probability,
+        config_to_dict(mlm.model),
+        config_to_dict(mlm.train),
+        mlm.mask_probability,
         data.data_hash,
     )
     with tracking.stage_run(
-        config.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+        mlm.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
     ) as run:
         run.log_params(
             {
-                "model": config_to_dict(config.model),
-                "train": config_to_dict(config.train),
-                "mask_probability": config.mask_probability,
+                "model": config_to_dict(mlm.model),
+                "train": config_to_dict(mlm.train),
+                "mask_probability": mlm.mask_probability,
                 "vocab_size": manifest["vocab_size"],
                 "train_tokens": manifest["splits"]["train"]["tokens"],
                 "train_blocks": manifest["splits"]["train"]["blocks"],
@@ -74,19 +76,19 @@ def pretrain_mlm(
         log.info(
             "pretraining a %d-layer encoder (width %d) on %d blocks of %d tokens, %d worker(s): "
             "ray run %s, mlflow run %s",
-            config.model.layers,
-            config.model.width,
+            mlm.model.layers,
+            mlm.model.width,
             manifest["splits"]["train"]["blocks"],
-            config.model.max_length,
-            config.train.num_workers,
+            mlm.model.max_length,
+            mlm.train.num_workers,
             name,
             run.run_id,
         )
-        state = train_job(arrays, task, config.train, name, run, lr_key="mlm.train.lr").state
+        state = train_job(arrays, task, mlm.train, name, run, lr_key="mlm.train.lr").state
         history = state["history"]
         if state["best_model"] is None:
             raise UserError(
-                f"no usable epoch: validation loss never finite (mlm.train.lr {config.train.lr:g})"
+                f"no usable epoch: validation loss never finite (mlm.train.lr {mlm.train.lr:g})"
             )
         best = min(history, key=lambda h: h["val_loss"])
         figures = {
@@ -97,7 +99,7 @@ def pretrain_mlm(
             "train_tokens": manifest["splits"]["train"]["tokens"],
             "padding_fraction": manifest["splits"]["train"]["padding_fraction"],
         }
-        model = build_mlm(config.model, manifest)
+        model = build_mlm(mlm.model, manifest)
         model.load_state_dict(state["best_model"])
         with output_directory(output) as staging:
             save_mlm_bundle(

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Annotated
 
 import numpy as np
 
+from pipelines.semisupervised.config import PseudoLabelConfig
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.config import Param
 from pipelines.stagekit.dataset import MANIFEST, PreparedData, load_prepared, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.readers import read_unlabeled_csv, read_unlabeled_images
@@ -25,6 +27,8 @@ from pipelines.stagekit.stage import stage_command
 log = logging.getLogger(__name__)
 
 STAGE = "prepare_pseudolabel"
+# What this stage reads of the `pseudolabel` section (the rest is train_pseudolabel's).
+SPLIT_KEYS = ("labeled_fraction", "labeled_per_class", "unlabeled_source", "split_seed")
 
 
 def keep_labels(
@@ -50,8 +54,7 @@ def keep_labels(
     return np.sort(np.concatenate(kept))
 
 
-def read_user_unlabeled(config: PipelineConfig, manifest: dict) -> np.ndarray:
-    source = config.pseudolabel.unlabeled_source
+def read_user_unlabeled(source: str, manifest: dict) -> np.ndarray:
     if manifest["input_kind"] == "image":
         prep = manifest["preprocessing"]
         return read_unlabeled_images(source, tuple(prep["image_size"]), prep["grayscale"])
@@ -59,25 +62,27 @@ def read_user_unlabeled(config: PipelineConfig, manifest: dict) -> np.ndarray:
 
 
 def prepare_pseudolabel(
-    config: PipelineConfig,
+    pseudolabel: Annotated[PseudoLabelConfig, Param("pseudolabel", reads=SPLIT_KEYS)],
     data_dir: str = "data/prepared/supervised",
     output: str = "data/prepared/pseudolabel",
 ) -> dict:
     data = load_prepared(data_dir)
     if data.task != "classification":
         raise UserError("pseudo-labeling needs a classification task (prepare.task)")
-    pl = config.pseudolabel
     x_train, y_train = data.x("train"), data.y("train")
     arrays: dict[str, np.ndarray] = {}
-    if pl.unlabeled_source:
+    source = pseudolabel.unlabeled_source
+    if source:
         arrays["x_labeled"], arrays["y_labeled"] = x_train, y_train
-        arrays["x_unlabeled"] = read_user_unlabeled(config, data.manifest)
-        mode = (
-            f"labeled: all of {data.manifest['source']['path']}; unlabeled: {pl.unlabeled_source}"
-        )
+        arrays["x_unlabeled"] = read_user_unlabeled(source, data.manifest)
+        mode = f"labeled: all of {data.manifest['source']['path']}; unlabeled: {source}"
     else:
         kept = keep_labels(
-            y_train, data.class_names, pl.labeled_fraction, pl.labeled_per_class, pl.split_seed
+            y_train,
+            data.class_names,
+            pseudolabel.labeled_fraction,
+            pseudolabel.labeled_per_class,
+            pseudolabel.split_seed,
         )
         pool = np.setdiff1d(np.arange(len(y_train)), kept)
         arrays["x_labeled"], arrays["y_labeled"] = x_train[kept], y_train[kept]

@@ -17,15 +17,17 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from models.architecture import ArchitectureConfig
+from pipelines.semisupervised.config import PseudoLabelConfig
 from pipelines.semisupervised.pseudo_labels import select_pseudo_labels, selection_stats
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig, config_to_dict
+from pipelines.stagekit.config import Param, TrainConfig, config_to_dict
 from pipelines.stagekit.dataset import PreparedData, load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.metrics import classification_metrics
@@ -49,6 +51,20 @@ from pipelines.training.worker import EVAL_BATCH_SIZE
 log = logging.getLogger(__name__)
 
 STAGE = "train_pseudolabel"
+# Every round sets these itself (from `pseudolabel`): the stage reads the rest of `train`.
+ROUND_SETS = ("epochs", "batch_size", "early_stopping_patience")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ROUND_SETS)
+# What this stage reads of `pseudolabel` (the split keys are prepare_pseudolabel's).
+ROUND_KEYS = (
+    "rounds",
+    "epochs_per_round",
+    "batch_size",
+    "confidence_threshold",
+    "max_per_class",
+    "pseudo_weight",
+    "ramp_epochs",
+    "experiment",
+)
 ROUND_COLUMNS = (
     "round",
     "pseudo_labels",
@@ -68,7 +84,9 @@ class RoundResult:
 
 
 def train_round(
-    config: PipelineConfig,
+    model: ArchitectureConfig,
+    train: TrainConfig,
+    pseudolabel: PseudoLabelConfig,
     data: PreparedData,
     label: str,
     arrays: dict[str, np.ndarray],
@@ -76,10 +94,11 @@ def train_round(
     parent: tracking.RunLogger,
     extra_params: dict[str, Any],
 ) -> RoundResult:
-    """One Ray Train run (teacher, student or baseline), tracked as a child MLflow run."""
-    pl = config.pseudolabel
+    """One Ray Train run (teacher, student or baseline), tracked as a child MLflow run;
+    `train` needs every key but ROUND_SETS, which the round sets."""
+    pl = pseudolabel
     train = dataclasses.replace(
-        config.train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
+        train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
     )
     pseudo = (
         {"weight": pl.pseudo_weight, "ramp_epochs": pl.ramp_epochs}
@@ -88,7 +107,7 @@ def train_round(
     )
     name = run_name(
         f"{STAGE}-{label}",
-        config_to_dict(config.model),
+        config_to_dict(model),
         config_to_dict(train),
         config_to_dict(pl),
         data.data_hash,
@@ -103,7 +122,7 @@ def train_round(
         try:
             finished = train_job(
                 arrays,
-                supervised_task(config.model, data.manifest, train, pseudo),
+                supervised_task(model, data.manifest, train, pseudo),
                 train,
                 name,
                 run,
@@ -114,10 +133,12 @@ def train_round(
     return RoundResult(finished.state["model"], finished.state["history"], finished.predictions)
 
 
-def score_on_test(config: PipelineConfig, data: PreparedData, state_dict: dict) -> dict[str, float]:
-    model = build_model(config.model, data.manifest)
-    model.load_state_dict(state_dict)
-    classifier = inference_model(model, "classification")
+def score_on_test(
+    model: ArchitectureConfig, data: PreparedData, state_dict: dict
+) -> dict[str, float]:
+    network = build_model(model, data.manifest)
+    network.load_state_dict(state_dict)
+    classifier = inference_model(network, "classification")
     x_test = torch.from_numpy(data.x("test"))
     with torch.no_grad():  # in chunks: a large image test set need not fit in one batch
         probabilities = torch.cat(
@@ -142,19 +163,23 @@ class Rounds:
 
 
 def run_rounds(
-    config: PipelineConfig,
+    model: ArchitectureConfig,
+    train: TrainConfig,
+    pseudolabel: PseudoLabelConfig,
     data: PreparedData,
     parent: tracking.RunLogger,
     labeled_only: dict[str, np.ndarray],
     truth: np.ndarray | None,
 ) -> Rounds:
     """Round 0's teacher, then `pseudolabel.rounds` students, each taught by the previous model."""
-    pl = config.pseudolabel
+    pl = pseudolabel
     pool = data.x("unlabeled")
     # Only a model that will teach a next round needs to predict the pool.
     teach = {"x_predict": pool} if pl.rounds > 0 else {}
     teacher = train_round(
-        config,
+        model,
+        train,
+        pl,
         data,
         "round-0-teacher",
         {**labeled_only, **teach},
@@ -163,7 +188,7 @@ def run_rounds(
         {"round": 0},
     )
     outcome = Rounds(
-        teacher, teacher, [{"round": 0, **score_on_test(config, data, teacher.state_dict)}]
+        teacher, teacher, [{"round": 0, **score_on_test(model, data, teacher.state_dict)}]
     )
     for number in range(1, pl.rounds + 1):
         selection = select_pseudo_labels(
@@ -199,7 +224,9 @@ def run_rounds(
             **({"x_predict": pool} if number < pl.rounds else {}),
         }
         outcome.final = train_round(
-            config,
+            model,
+            train,
+            pl,
             data,
             f"round-{number}-student",
             arrays,
@@ -208,13 +235,13 @@ def run_rounds(
             {"round": number, **stats},
         )
         outcome.table.append(
-            {"round": number, **stats, **score_on_test(config, data, outcome.final.state_dict)}
+            {"round": number, **stats, **score_on_test(model, data, outcome.final.state_dict)}
         )
     return outcome
 
 
 def summary_figures(
-    config: PipelineConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
+    model: ArchitectureConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
 ) -> dict:
     """The stage's headline figures: the final student beside the round-0 teacher and the baseline."""
     # The pseudo-labels the final model was trained on (a fallback round's empty set is not).
@@ -222,12 +249,12 @@ def summary_figures(
     figures = {
         "labeled_count": len(data.y("labeled")),
         "unlabeled_count": len(data.x("unlabeled")),
-        **score_on_test(config, data, rounds.final.state_dict),
+        **score_on_test(model, data, rounds.final.state_dict),
         **{
             f"teacher_{k}": v
-            for k, v in score_on_test(config, data, rounds.first_teacher.state_dict).items()
+            for k, v in score_on_test(model, data, rounds.first_teacher.state_dict).items()
         },
-        **{f"baseline_{k}": v for k, v in score_on_test(config, data, baseline.state_dict).items()},
+        **{f"baseline_{k}": v for k, v in score_on_test(model, data, baseline.state_dict).items()},
         "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
         "fell_back_to_teacher": rounds.fallback_round > 0,
         "fallback_round": rounds.fallback_round,
@@ -238,7 +265,9 @@ def summary_figures(
 
 
 def train_pseudolabel(
-    config: PipelineConfig,
+    model: Annotated[ArchitectureConfig, Param("model")],
+    train: Annotated[TrainConfig, Param("train", reads=TRAIN_KEYS)],
+    pseudolabel: Annotated[PseudoLabelConfig, Param("pseudolabel", reads=ROUND_KEYS)],
     data_dir: str = "data/prepared/pseudolabel",
     output: str = "artifacts/pseudolabel/model",
     metrics_path: str = "metrics/pseudolabel.json",
@@ -247,8 +276,8 @@ def train_pseudolabel(
     data = load_prepared(data_dir)
     if "semi_supervised" not in data.manifest:
         raise UserError(f"{data_dir}: not a pseudo-label split; run prepare_pseudolabel first")
-    check_compatible(config.model, config.train, data.manifest)
-    pl = config.pseudolabel
+    check_compatible(model, train, data.manifest)
+    pl = pseudolabel
     truth = (
         data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
     )
@@ -264,16 +293,18 @@ def train_pseudolabel(
         parent.log_params(
             {
                 "pseudolabel": config_to_dict(pl),
-                "model": config_to_dict(config.model),
-                "train": config_to_dict(config.train),
+                "model": config_to_dict(model),
+                "train": config_to_dict(train),
                 "labeled": len(data.y("labeled")),
                 "unlabeled": len(data.x("unlabeled")),
             }
         )
-        rounds = run_rounds(config, data, parent, labeled_only, truth)
+        rounds = run_rounds(model, train, pl, data, parent, labeled_only, truth)
         # Same labeled examples, same number of epochs as the whole teacher/student schedule.
         baseline = train_round(
-            config,
+            model,
+            train,
+            pl,
             data,
             "baseline-supervised-only",
             labeled_only,
@@ -281,16 +312,16 @@ def train_pseudolabel(
             parent,
             {"round": "baseline"},
         )
-        figures = summary_figures(config, data, rounds, baseline)
+        figures = summary_figures(model, data, rounds, baseline)
         parent.log_metrics({k: float(v) for k, v in figures.items()})
 
-        model = build_model(config.model, data.manifest)
-        model.load_state_dict(rounds.final.state_dict)
+        network = build_model(model, data.manifest)
+        network.load_state_dict(rounds.final.state_dict)
         with output_directory(output) as staging:
             model_file = save_bundle(
                 staging,
+                network,
                 model,
-                config.model,
                 data.manifest,
                 extra={"history": without_timings(rounds.final.history), "rounds": rounds.table},
             )

@@ -1,69 +1,99 @@
-"""Typed view of params.yaml: one frozen dataclass per section, validated on load.
+"""params.yaml, typed: how a stage declares what it reads, the loader, and the sections that
+every paradigm shares (`train`, `export`).
 
-Every field has a docstring (the reference for params.yaml). `load_config` rejects unknown
-keys and wrong types with the offending key named, e.g. `params.yaml: train.lr: expected a
-number, got 'fast'`, so a typo never silently falls back to a default.
+A stage declares each params value it reads as an annotated parameter of its function:
+
+    def pretrain_mlm(
+        mlm: Annotated[MlmConfig, Param("mlm", reads=("model", "train", "experiment"))],
+        data_dir: str = "data/prepared/mlm",
+        ...
+
+`stage_command` then loads just those sections from `--params` (params.yaml), validated
+against their dataclasses (one per section, a docstring per field, beside the stages that
+read it: `pipelines/<paradigm>/config.py`). A section narrowed with `reads=` reaches the stage
+as a view holding only those keys; reading another one raises, so a stage cannot depend on
+a key its `dvc.yaml` `params:` list does not name (tests/unit/test_params.py compares the two).
+
+Errors name the file and key, e.g. `params.yaml: train.lr: expected a number, got 'fast'`,
+so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from models.architecture import ArchitectureConfig
-from models.autoencoder import AutoencoderConfig
 from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
-from models.transformer import EncoderConfig
 from pipelines.stagekit.errors import UserError
 
+SECTIONS = (
+    "prepare",
+    "model",
+    "train",
+    "export",
+    "tuned_params",
+    "tracking",
+    "pseudolabel",
+    "mlm",
+    "segment",
+    "segment_digits",
+    "tune",
+)
+"""The top-level keys of params.yaml (anything else is a typo). A new section is a name here
+plus its dataclass beside the stages that read it."""
 
-@dataclass(frozen=True)
-class PrepareConfig:
-    source: str = "data/raw/digits"
-    """Raw data: an image folder (`<root>/<class>/*.png|jpg`), a CSV file, or a folder of
-    MNIST-format IDX files (`train-images-idx3-ubyte[.gz]` beside `train-labels-idx1-ubyte[.gz]`,
-    any number of such pairs; their labels are the class names)."""
-    format: Literal["image_folder", "csv", "idx"] = "image_folder"
-    """How to read `source`: image_folder, csv or idx."""
-    task: Literal["classification", "regression"] = "classification"
-    """What the label is: a class (classification) or a number (regression, CSV only)."""
-    image_size: tuple[int, int] = (8, 8)
-    """Images are resized to (height, width) pixels."""
-    grayscale: bool = True
-    """Convert images to one channel; false keeps RGB (three channels)."""
-    label_column: str = "label"
-    """CSV column holding the label."""
-    feature_columns: tuple[str, ...] = ()
-    """CSV feature columns, in order; empty means every column except the label."""
-    val_fraction: float = 0.15
-    """Fraction of examples held out for validation (early stopping)."""
-    test_fraction: float = 0.15
-    """Fraction of examples held out for the final test metrics."""
-    seed: int = 0
-    """Seed of the (stratified, for classification) split."""
 
-    def __post_init__(self) -> None:
-        if min(self.image_size) < 1:
-            raise ValueError(f"image_size must be positive, got {list(self.image_size)}")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be between 0 and 0.5, got {getattr(self, name)}")
-        if self.format != "csv" and self.task != "classification":
-            raise ValueError(
-                f"task: {self.format} images are labeled with classes; use classification"
+class Section:
+    """Base of the params sections (declared `@dataclass(frozen=True, repr=False)`). A view of one (see `view`) holds only the keys its stage
+    declares; reading another raises AttributeError naming it, where a plain dataclass would
+    silently answer with the class-level default."""
+
+    def __getattribute__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "__dict__")
+        if name in values:  # every field of a full section: the common, fast path
+            return values[name]
+        if name in type(self).__dataclass_fields__:  # type: ignore[attr-defined]
+            raise AttributeError(
+                f"{type(self).__name__}.{name}: this stage does not declare that params key "
+                "(add it to the `reads` of its Param and to the stage's params in dvc.yaml)"
             )
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        # Sections are declared with repr=False: the generated repr would read every field,
+        # and raise on a view.
+        values = vars(self)
+        shown = [
+            f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(self) if f.name in values
+        ]  # type: ignore[arg-type]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Param:
+    """Marks a stage parameter as a params.yaml value: `section` is a top-level key; `reads`,
+    when given, narrows a section to those keys (dotted for nested ones, e.g. `model.max_length`)."""
+
+    section: str
+    reads: tuple[str, ...] = ()
+
+    def keys(self) -> list[str]:
+        """The dotted params keys this parameter reads (as dvc.yaml `params:` lists them)."""
+        return [f"{self.section}.{key}" for key in self.reads] or [self.section]
+
+
+@dataclass(frozen=True, repr=False)
+class TrainConfig(Section):
     epochs: int = 40
     """Maximum number of passes over the training set."""
     batch_size: int = 64
@@ -119,8 +149,8 @@ class TrainConfig:
             raise ValueError(f"loss {self.loss!r} unknown; choose one of {', '.join(LOSSES)}")
 
 
-@dataclass(frozen=True)
-class ExportConfig:
+@dataclass(frozen=True, repr=False)
+class ExportConfig(Section):
     opset: int = 18
     """ONNX opset version of the exported graph."""
     parity_atol: float = 0.0001
@@ -147,388 +177,28 @@ class ExportConfig:
             raise ValueError("registered_model must not be empty")
 
 
-@dataclass(frozen=True)
-class PseudoLabelConfig:
-    labeled_fraction: float = 0.05
-    """Share of each class's training examples that keep their label (the rest become the
-    unlabeled pool, their labels held aside for evaluation only). Ignored with `unlabeled_source`."""
-    labeled_per_class: int = 0
-    """When > 0, keep exactly this many labels per class instead of `labeled_fraction`."""
-    unlabeled_source: str = ""
-    """Your own unlabeled data: a folder of images (any layout) or a CSV with the feature
-    columns. Empty: split the prepared training data as above."""
-    split_seed: int = 0
-    """Seed choosing which training examples keep their labels."""
-    rounds: int = 3
-    """Teacher -> student rounds after the first teacher; each student teaches the next round."""
-    epochs_per_round: int = 30
-    """Epochs of every teacher and student (the baseline gets (rounds + 1) times this)."""
-    batch_size: int = 8
-    """Examples per step on each worker in every round (a few labeled examples need small
-    batches to get enough steps); the other optimisation settings come from `train`."""
-    confidence_threshold: float = 0.9
-    """A prediction becomes a pseudo-label only when its top class probability reaches this."""
-    max_per_class: int = 0
-    """Most pseudo-labels any class may receive per round, the most confident first
-    (0: the pool size divided by the number of classes, so no class can flood the set)."""
-    pseudo_weight: float = 1.0
-    """Loss weight of a pseudo-labeled example once ramped up (labeled examples weigh 1)."""
-    ramp_epochs: int = 10
-    """Epochs over which the pseudo-label weight rises linearly to `pseudo_weight`
-    (pseudo_weight / ramp_epochs in the first epoch); 0 or 1: full weight at once."""
-    registered_model: str = "dlpipe-pseudolabel-classifier"
-    """MLflow registry name of the final student (exported like the supervised model)."""
-    experiment: str = "dlpipe-pseudolabel"
-    """MLflow experiment: a parent run per stage execution, a child run per round."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.labeled_fraction < 1.0:
-            raise ValueError(
-                f"labeled_fraction must be between 0 and 1, got {self.labeled_fraction}"
-            )
-        if not 0.0 < self.confidence_threshold <= 1.0:
-            raise ValueError(
-                f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}"
-            )
-        for name in ("labeled_per_class", "rounds", "max_per_class", "ramp_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs_per_round", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pseudo_weight < 0:
-            raise ValueError(f"pseudo_weight must be >= 0, got {self.pseudo_weight}")
+def stage_params(function: Callable[..., Any]) -> dict[str, tuple[Param, Any, Any]]:
+    """The function's params parameters: name -> (Param, annotated type, default)."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    found = {}
+    for name, parameter in inspect.signature(function).parameters.items():
+        hint = hints.get(name)
+        if typing.get_origin(hint) is not typing.Annotated:
+            continue
+        base, *marks = typing.get_args(hint)
+        for mark in marks:
+            if isinstance(mark, Param):
+                found[name] = (mark, base, parameter.default)
+    return found
 
 
-def _mlm_train_defaults() -> TrainConfig:
-    # A transformer wants AdamW, warm-up then decay, a small decoupled weight decay and more
-    # epochs than the digits CNN; sized so `dvc repro pretrain_mlm` fits in about ten
-    # minutes on 2 CPU cores.
-    return TrainConfig(
-        epochs=40,
-        batch_size=16,
-        optimizer="adamw",
-        lr=0.002,
-        lr_schedule="cosine",
-        warmup_epochs=2,
-        weight_decay=0.01,
-        early_stopping_patience=5,
-    )
+def declared_keys(function: Callable[..., Any]) -> list[str]:
+    """Every params key `function` reads, dotted, as its dvc.yaml `params:` should list them."""
+    return [key for mark, _, _ in stage_params(function).values() for key in mark.keys()]
 
 
-@dataclass(frozen=True)
-class MlmConfig:
-    source: str = ""
-    """Your corpus: a .txt file, a folder of .txt files (one document each) or a .csv file;
-    empty: Python's bundled documentation topics (pydoc_data.topics). Keep it under
-    data/sources/ so that editing it re-runs `ingest_corpus`."""
-    text_column: str = "text"
-    """CSV column holding the text (one document per row)."""
-    document_split: Literal["auto", "line", "blank_line"] = "auto"
-    """How a .txt file is cut into documents: per line, per blank-line separated paragraph,
-    or auto (paragraphs when the file has blank lines)."""
-    val_fraction: float = 0.1
-    """Share of the words held out for validation, in whole documents."""
-    split_seed: int = 0
-    """Seed choosing which documents are held out."""
-    vocab_size: int = 4096
-    """WordPiece vocabulary size, special tokens included (trained on the training split)."""
-    lowercase: bool = True
-    """Lowercase (and strip accents) before tokenizing."""
-    mask_probability: float = 0.15
-    """Share of tokens chosen for prediction (80% [MASK], 10% random, 10% unchanged)."""
-    model: EncoderConfig = field(default_factory=EncoderConfig)
-    """The transformer encoder (max_length also sets the packed block length)."""
-    train: TrainConfig = field(default_factory=_mlm_train_defaults)
-    """Optimisation and Ray Train settings of the pretraining (`loss` is not used: the loss
-    is the cross-entropy at masked positions)."""
-    registered_model: str = "dlpipe-mlm"
-    """MLflow registry name of the exported encoder."""
-    experiment: str = "dlpipe-mlm"
-    """MLflow experiment of the pretraining and export runs."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be between 0 and 0.5, got {self.val_fraction}")
-        if not 0.0 < self.mask_probability < 1.0:
-            raise ValueError(
-                f"mask_probability must be between 0 and 1, got {self.mask_probability}"
-            )
-        if self.vocab_size < 16:
-            raise ValueError(f"vocab_size must be >= 16, got {self.vocab_size}")
-
-
-def _segment_train_defaults() -> TrainConfig:
-    # Reconstruction of a few standardized columns: a larger batch and Adam converge in
-    # seconds; the loss is the mean squared reconstruction error.
-    return TrainConfig(
-        epochs=30,
-        batch_size=256,
-        optimizer="adam",
-        lr=0.001,
-        weight_decay=0.0,
-        loss="mse",
-        early_stopping_patience=5,
-    )
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    source: str = ""
-    """Your data: a transaction log CSV (`format: transactions`) or a per-customer feature
-    table CSV (`format: features`); empty: the CDNOW purchase history bundled with the
-    `lifetimes` package. Keep it under data/sources/ so that editing it re-runs the ingest."""
-    format: Literal["transactions", "features"] = "transactions"
-    """What `source` holds: one row per purchase, or one row per customer."""
-    customer_column: str = "customer_id"
-    """Column with the customer id (both formats)."""
-    timestamp_column: str = "timestamp"
-    """Purchase date/time column: ISO 8601 (2024-03-01, 2024-03-01T10:00) or yyyymmdd."""
-    amount_column: str = "amount"
-    """Purchase amount column (>= 0)."""
-    quantity_column: str = ""
-    """Optional items-per-purchase column ("" when the log has none)."""
-    k: int = 0
-    """Number of segments; 0 picks the k in [k_min, k_max] with the best silhouette."""
-    k_min: int = 3
-    """Smallest k of the sweep (2 tends to win on silhouette by splitting active from
-    lapsed customers, which says little)."""
-    k_max: int = 8
-    """Largest k of the sweep."""
-    restarts: int = 5
-    """K-means runs from different k-means++ seeds per fit; the lowest inertia is kept."""
-    max_iterations: int = 300
-    """Lloyd iterations per run at most."""
-    num_shards: int = 2
-    """Ray actors holding a shard of the points each (K-means is computed on them)."""
-    stability_seeds: int = 3
-    """K-means fits with different seeds whose mean pairwise ARI is the stability figure."""
-    silhouette_sample: int = 5000
-    """Points (seeded sample) the silhouette is computed on: it costs O(n^2)."""
-    autoencoder: AutoencoderConfig = field(
-        default_factory=lambda: AutoencoderConfig(hidden_sizes=(32, 16), bottleneck=3)
-    )
-    """The autoencoder whose bottleneck codes are clustered (narrower than the features,
-    or it learns the identity)."""
-    train: TrainConfig = field(default_factory=_segment_train_defaults)
-    """Autoencoder training on Ray Train (`loss` is the reconstruction loss: mse, mae or huber)."""
-    refine_epochs: int = 0
-    """Epochs of IDEC refinement of the autoencoder + centroids (0: plain K-means on codes)."""
-    refine_weight: float = 0.1
-    """Weight of the clustering (KL) term against reconstruction during refinement."""
-    serve: Literal["kmeans", "autoencoder"] = "kmeans"
-    """Which model `export_segment` registers for /v1/segment: K-means on the features, or
-    the autoencoder's encoder + K-means on its codes (both graphs are exported)."""
-    seed: int = 0
-    """Seed of K-means initialisation and of the validation split for early stopping."""
-    registered_model: str = "dlpipe-segment"
-    """MLflow registry name of the exported segmentation graph."""
-    experiment: str = "dlpipe-segment"
-    """MLflow experiment of the segmentation runs."""
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.k_min <= self.k_max:
-            raise ValueError(f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
-        if self.k == 1 or self.k < 0:
-            raise ValueError(f"k must be 0 (choose by silhouette) or >= 2, got {self.k}")
-        for name in ("restarts", "max_iterations", "num_shards", "stability_seeds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.silhouette_sample < 100:
-            raise ValueError(f"silhouette_sample must be >= 100, got {self.silhouette_sample}")
-        if self.refine_epochs < 0 or self.refine_weight < 0:
-            raise ValueError("refine_epochs and refine_weight must be >= 0")
-        if self.autoencoder.kind != "dense":
-            raise ValueError(
-                "segment.autoencoder.kind must be dense: customer features are a table, "
-                "and the conv kind is for images (segment_digits)"
-            )
-
-
-@dataclass(frozen=True)
-class SegmentDigitsConfig:
-    autoencoder: AutoencoderConfig = field(
-        default_factory=lambda: AutoencoderConfig(
-            hidden_sizes=(32, 64, 128), bottleneck=10, kind="conv"
-        )
-    )
-    """The autoencoder on each digit's 8x8 image (conv: 0.86 accuracy over 8 seeds in a
-    single-process check, against about 0.84 for the dense kind)."""
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            epochs=100,
-            batch_size=16,
-            optimizer="adam",
-            lr=0.001,
-            weight_decay=0.0,
-            loss="mse",
-            early_stopping_patience=0,
-        )
-    )
-    """Its training on Ray Train."""
-    refine_epochs: int = 60
-    """IDEC refinement epochs after K-means on the codes."""
-    refine_weight: float = 0.5
-    """Weight of the clustering term during refinement."""
-
-    def __post_init__(self) -> None:
-        if self.refine_epochs < 0 or self.refine_weight < 0:
-            raise ValueError("refine_epochs and refine_weight must be >= 0")
-
-
-TUNABLE_SECTIONS = ("train", "model")
-"""Which params sections a search may set (`train.weight_decay`, `model.dropout`, ...)."""
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    optimizers: tuple[str, ...] = OPTIMIZERS
-    """Optimizers searched (default: the whole catalogue)."""
-    lr: dict[str, tuple[float, float]] = field(
-        default_factory=lambda: {
-            "default": (0.0003, 0.03),
-            "gd": (0.03, 3.0),
-            "sgd": (0.0001, 0.01),
-            "minibatch_sgd": (0.003, 0.3),
-            "momentum": (0.001, 0.1),
-            "nesterov": (0.001, 0.1),
-            "adagrad": (0.001, 0.1),
-            "adadelta": (0.1, 10.0),
-        }
-    )
-    """Learning-rate range [low, high] per optimizer, searched on a log scale; optimizers not
-    listed use `default` (their families differ by orders of magnitude: full-batch gd wants
-    ~1, per-example sgd ~1e-3, adadelta ~1)."""
-    space: dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: {
-            "train.batch_size": (32, 64, 128),
-            "train.weight_decay": (0.0, 0.0001, 0.001),
-            "model.dropout": (0.0, 0.1, 0.3),
-        }
-    )
-    """Other hyperparameters: dotted params key (`train.*` or `model.*`) -> the values to try."""
-    search: Literal["random", "grid", "optuna"] = "random"
-    """random: every optimizer, `samples` learning rates each (log-uniform in its range) with
-    random picks of `space`; grid: every optimizer x `samples` log-spaced learning rates x
-    every combination of `space`; optuna: TPE over all of it (needs `pip install optuna`)."""
-    samples: int = 2
-    """Trials per optimizer (random, grid: learning rates per optimizer; optuna: x optimizers)."""
-    scheduler: Literal["asha", "pbt", "none"] = "asha"
-    """asha: stop trials early that trail at a rung; pbt: population based training, every
-    `perturbation_interval` epochs a trailing trial takes a leading trial's weights and
-    settings, with its learning rate and `train.*` `space` values perturbed; none: every trial runs
-    `epochs`."""
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    """Validation metric the search optimizes (accuracy up, loss down)."""
-    epochs: int = 16
-    """Epochs per trial at most (ASHA's max_t)."""
-    grace_period: int = 1
-    """ASHA: epochs every trial gets before it can be stopped (one epoch already shows a
-    learning rate that is far off)."""
-    reduction_factor: int = 3
-    """ASHA: 1/reduction_factor of the trials go on at each rung (rungs at grace_period x
-    reduction_factor^n epochs: 1, 3, 9 by default; Ray's 4 leaves only 1 and 4 below 12
-    epochs, and used more epochs on the default search: benchmarks/README.md)."""
-    perturbation_interval: int = 4
-    """PBT: epochs between the times a trailing trial may take a leading trial's weights."""
-    max_concurrent_trials: int = 2
-    """Trials running at once (each takes `workers_per_trial` workers)."""
-    workers_per_trial: int = 1
-    """Ray Train workers per trial."""
-    device: Literal["auto", "cpu", "gpu"] = "cpu"
-    """Where trials train (auto: GPU when the cluster has one)."""
-    seed: int = 0
-    """Seed of the search (sampling) and of every trial's training."""
-    experiment: str = "dlpipe-tune"
-    """MLflow experiment: one parent run per search, one child run per trial."""
-
-    def __post_init__(self) -> None:
-        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if unknown or not self.optimizers:
-            raise ValueError(
-                f"optimizers: {unknown[0] if unknown else 'empty'!r} is not in the catalogue "
-                f"({', '.join(OPTIMIZERS)})"
-            )
-        for name, (low, high) in self.lr.items():
-            if name != "default" and name not in OPTIMIZERS:
-                raise ValueError(f"lr.{name}: not an optimizer ({', '.join(OPTIMIZERS)})")
-            if not 0 < low <= high:
-                raise ValueError(f"lr.{name}: need 0 < low <= high, got [{low}, {high}]")
-        if "default" not in self.lr and set(self.optimizers) - set(self.lr):
-            raise ValueError("lr: give a `default` range or one for every optimizer searched")
-        tunable = {
-            section: {f.name for f in dataclasses.fields(cls)}
-            for section, cls in (("train", TrainConfig), ("model", ArchitectureConfig))
-        }
-        for key, values in self.space.items():
-            section, _, name = key.partition(".")
-            if section not in TUNABLE_SECTIONS or name not in tunable[section]:
-                raise ValueError(
-                    f"space.{key}: not a train.* or model.* key (e.g. train.batch_size, "
-                    "model.dropout)"
-                )
-            if name in ("optimizer", "lr", "epochs", "num_workers", "device", "seed"):
-                raise ValueError(f"space.{key}: set by the search itself, not by `space`")
-            if not values:
-                raise ValueError(f"space.{key}: give at least one value")
-        for name in (
-            "samples",
-            "epochs",
-            "grace_period",
-            "perturbation_interval",
-            "max_concurrent_trials",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.scheduler == "pbt" and self.search == "optuna":
-            raise ValueError(
-                "scheduler: pbt picks the next settings itself and cannot follow a search "
-                "algorithm; use search: random or grid with it"
-            )
-        if self.reduction_factor < 2:
-            raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
-        if self.workers_per_trial < 1:
-            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
-
-    def lr_range(self, optimizer: str) -> tuple[float, float]:
-        return self.lr.get(optimizer, self.lr.get("default", (0.0, 0.0)))
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    experiment: str = "dlpipe-supervised"
-    """MLflow experiment of the supervised stages (the server comes from MLFLOW_TRACKING_URI)."""
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    """The `prepare` stage: reading and splitting the raw data."""
-    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
-    """The network trained by `train_supervised`."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation and Ray Train settings."""
-    export: ExportConfig = field(default_factory=ExportConfig)
-    """ONNX export, parity check and registry."""
-    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    """Semi-supervised training by pseudo-labeling (`prepare_pseudolabel`, `train_pseudolabel`)."""
-    mlm: MlmConfig = field(default_factory=MlmConfig)
-    """Masked-language-model pretraining (`ingest_corpus`, `prepare_mlm`, `pretrain_mlm`)."""
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-    """Customer segmentation (`ingest_transactions`, `segment`)."""
-    segment_digits: SegmentDigitsConfig = field(default_factory=SegmentDigitsConfig)
-    """Segmentation checked against labels: the same method on the digits (`segment_digits`)."""
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    """The Ray Tune search over optimizers and learning rates (`tune`)."""
-    tuned_params: str = "pipelines/tuning/untuned.yaml"
-    """Settings `train_supervised` lays over `train` and `model`: an empty file by default;
-    `artifacts/tune/best_params.yaml` trains with the best trial of the `tune` stage."""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    """MLflow experiment names."""
-
-
-def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
-    """Read and validate params.yaml; raises UserError naming the file and key on any problem."""
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """params.yaml as a mapping, its top-level keys checked against SECTIONS."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -536,13 +206,65 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
         raise UserError(f"{path}: file not found (run from the repository root)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
-    return parse_section(PipelineConfig, raw, where=str(path), prefix="")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {raw!r}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key {unknown[0]!s}; known sections: {', '.join(SECTIONS)}"
+        )
+    return raw
 
 
-def with_tuned_params(config: PipelineConfig) -> PipelineConfig:
-    """`config` with the `train` and `model` values of `config.tuned_params` laid over it
-    (validated like params.yaml itself, errors naming that file)."""
-    path = Path(config.tuned_params)
+def load_params(function: Callable[..., Any], path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The keyword arguments `function` takes from params.yaml: each declared section parsed
+    and validated whole, then narrowed to the keys the function reads."""
+    raw = read_params(path)
+    arguments = {}
+    for name, (mark, base, default) in stage_params(function).items():
+        if dataclasses.is_dataclass(base):
+            section = parse_section(base, raw.get(mark.section, {}), str(path), f"{mark.section}.")
+            arguments[name] = view(section, mark.reads) if mark.reads else section
+        elif mark.section in raw:
+            arguments[name] = _coerce(base, raw[mark.section], str(path), mark.section)
+        elif default is not inspect.Parameter.empty:
+            arguments[name] = default
+        else:
+            raise UserError(f"{path}: {mark.section}: missing")
+    return arguments
+
+
+def view(section: Any, keys: Iterable[str]) -> Any:
+    """A copy of `section` holding only `keys` (dotted keys narrow nested sections); reading
+    any other field raises AttributeError naming it."""
+    nested: dict[str, list[str]] = {}
+    whole = set()
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if head not in {f.name for f in dataclasses.fields(section)}:
+            raise TypeError(f"{type(section).__name__} has no field {head!r}")
+        if rest:
+            if not isinstance(getattr(section, head), Section):
+                # Only a Section guards its left-out fields; another dataclass would answer
+                # with its class-level defaults.
+                raise TypeError(f"{head}: only params sections can be narrowed, read it whole")
+            nested.setdefault(head, []).append(rest)
+        else:
+            whole.add(head)
+    narrowed = object.__new__(type(section))
+    for name in whole:
+        object.__setattr__(narrowed, name, getattr(section, name))
+    for name, rest in nested.items():
+        if name not in whole:
+            object.__setattr__(narrowed, name, view(getattr(section, name), rest))
+    return narrowed
+
+
+def overlay_sections(path: str | Path, sections: dict[str, Any]) -> dict[str, Any]:
+    """`sections` (name -> section) with the values of the YAML file `path` laid over them,
+    validated like params.yaml itself (errors name that file); the file may only hold those
+    sections."""
+    path = Path(path)
     if not path.is_file():
         hint = " (run `dvc repro tune` first)" if "tune" in path.parts else ""
         raise UserError(f"tuned_params: {path} not found{hint}")
@@ -551,16 +273,15 @@ def with_tuned_params(config: PipelineConfig) -> PipelineConfig:
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(overlay, dict):
-        raise UserError(f"{path}: expected a mapping with train and/or model keys")
-    unknown = sorted(set(overlay) - set(TUNABLE_SECTIONS))
+        raise UserError(f"{path}: expected a mapping with {' and/or '.join(sections)} keys")
+    unknown = sorted(set(overlay) - set(sections))
     if unknown:
-        raise UserError(f"{path}: {unknown[0]}: only {', '.join(TUNABLE_SECTIONS)} can be tuned")
-    changes = {}
-    for section, values in overlay.items():
-        merged = {**config_to_dict(getattr(config, section)), **(values or {})}
-        cls = type(getattr(config, section))
-        changes[section] = parse_section(cls, merged, where=str(path), prefix=f"{section}.")
-    return dataclasses.replace(config, **changes)
+        raise UserError(f"{path}: {unknown[0]}: only {', '.join(sections)} can be set here")
+    merged = dict(sections)
+    for name, values in overlay.items():
+        fields = {**config_to_dict(sections[name]), **(values or {})}
+        merged[name] = parse_section(type(sections[name]), fields, str(path), f"{name}.")
+    return merged
 
 
 def parse_section(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -643,4 +364,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    # A view (see `view`) holds only the keys its stage reads: those are what it logs.
+    return {
+        f.name: plain(config_to_dict(value) if dataclasses.is_dataclass(value) else value)
+        for f in dataclasses.fields(config)
+        if (value := vars(config).get(f.name, _MISSING)) is not _MISSING
+    }
+
+
+_MISSING = object()

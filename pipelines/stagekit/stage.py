@@ -7,8 +7,8 @@ A stage module ends with
 
 and `python -m pipelines.supervised.train --help` lists the options the function takes:
 
-- its first parameter, when annotated with `PipelineConfig` or one of its sections (e.g.
-  `MlmConfig`), comes from `--params` (params.yaml by default), validated on load;
+- a parameter annotated with a `Param` (e.g. `train: Annotated[TrainConfig, Param("train")]`)
+  comes from `--params` (params.yaml by default), validated on load (pipelines/stagekit/config.py);
 - every other parameter is an option named after it, less a `_dir` or `_path` suffix
   (`data_dir` -> `--data`, `metrics_path` -> `--metrics`), with the function's default
   (an option without a default is required).
@@ -20,7 +20,6 @@ traceback; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import logging
 import sys
@@ -28,6 +27,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+from pipelines.stagekit.config import declared_keys, load_params, stage_params
 from pipelines.stagekit.errors import UserError
 
 SUFFIXES = ("_dir", "_path")
@@ -40,25 +40,6 @@ def option_name(parameter: str) -> str:
     return parameter.replace("_", "-")
 
 
-def _config_source(function: Callable[..., Any]) -> Callable[[Any], Any] | None:
-    """How the function's first argument is taken from the loaded PipelineConfig: the whole
-    config, one of its sections (found by type), or None when it takes no params."""
-    from pipelines.stagekit.config import PipelineConfig
-
-    first = next(iter(inspect.signature(function).parameters), None)
-    if first is None:
-        return None
-    hint = typing.get_type_hints(function).get(first)
-    if hint is PipelineConfig:
-        return lambda config: config
-    if not dataclasses.is_dataclass(hint):
-        return None
-    sections = [f.name for f in dataclasses.fields(PipelineConfig) if f.type == hint.__name__]
-    if len(sections) == 1:
-        return lambda config: getattr(config, sections[0])
-    return None
-
-
 def parser_for(function: Callable[..., Any], name: str) -> argparse.ArgumentParser:
     """The stage's argparse parser, built from `function`'s signature."""
     module = sys.modules.get(function.__module__)
@@ -67,12 +48,17 @@ def parser_for(function: Callable[..., Any], name: str) -> argparse.ArgumentPars
         description=module.__doc__ if module else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parameters = list(inspect.signature(function).parameters.values())
-    if _config_source(function) is not None:
+    from_params = stage_params(function)
+    if from_params:
+        keys = ", ".join(declared_keys(function))
         parser.add_argument(
-            "--params", default="params.yaml", help="the pipeline's params (default: %(default)s)"
+            "--params",
+            default="params.yaml",
+            help=f"the pipeline's params (default: %(default)s); reads {keys}",
         )
-        parameters = parameters[1:]
+    parameters = [
+        p for p in inspect.signature(function).parameters.values() if p.name not in from_params
+    ]
     hints = typing.get_type_hints(function)
     for parameter in parameters:
         if hints.get(parameter.name) not in (str, str | None):
@@ -101,15 +87,11 @@ def stage_command(
     """Parse the command line for `function`, run it, and turn user mistakes into one line."""
     name = name or function.__name__
     args = vars(parser_for(function, name).parse_args(argv))
-    source = _config_source(function)
 
     def body() -> None:
-        if source is None:
-            function(**args)
-            return
-        from pipelines.stagekit.config import load_config
-
-        function(source(load_config(args.pop("params"))), **args)
+        if "params" in args:
+            args.update(load_params(function, args.pop("params")))
+        function(**args)
 
     run_stage(name, body)
 

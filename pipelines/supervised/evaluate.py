@@ -13,7 +13,6 @@ import torch
 
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import write_json
-from pipelines.stagekit.config import PipelineConfig
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.metrics import classification_metrics, regression_metrics
 from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
@@ -28,16 +27,15 @@ PREDICTIONS_PNG = "test_predictions.png"  # confusion matrix, or predicted vs ac
 
 
 def evaluate(
-    config: PipelineConfig,
+    experiment: str,
     data_dir: str = "data/prepared/supervised",
     model_dir: str = "artifacts/supervised/model",
     metrics_path: str = "metrics/evaluate.json",
     plots_dir: str = "plots/supervised",
-    experiment: str | None = None,
 ) -> dict:
-    """The trained model's test-split figures; `experiment` (default: tracking.experiment)
-    is the MLflow experiment of the training run, e.g. the pseudo-label one."""
-    experiment = experiment or config.tracking.experiment
+    """The trained model's test-split figures; `experiment` is the MLflow experiment of the
+    training run (dvc.yaml passes `tracking.experiment`, or the pseudo-label one). Reads no
+    params itself: the same code evaluates the supervised and the pseudo-label models."""
     data = load_prepared(data_dir)
     model, _ = load_trained(model_dir, data.manifest)
     with torch.no_grad():

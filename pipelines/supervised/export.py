@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.config import ExportConfig, Param
 from pipelines.stagekit.dataset import load_prepared, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
@@ -39,11 +39,13 @@ log = logging.getLogger(__name__)
 STAGE = "export"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
+# What export reads of the `export` section; the registered name comes from the command line.
+EXPORT_KEYS = ("opset", "parity_atol", "alias")
 HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
 
 
 def model_card(
-    config: PipelineConfig,
+    registered_model: str,
     architecture: str,
     manifest: dict,
     evaluation: dict,
@@ -55,7 +57,7 @@ def model_card(
     registered version in MLflow, not here (DVC hashes this file)."""
     classification = manifest["task"] == "classification"
     return {
-        "name": config.export.registered_model,
+        "name": registered_model,
         "task": manifest["task"],
         "architecture": architecture,
         "input": {
@@ -85,19 +87,18 @@ def model_card(
 
 
 def export(
-    config: PipelineConfig,
+    export_config: Annotated[ExportConfig, Param("export", reads=EXPORT_KEYS)],
+    registered_model: str,
+    experiment: str,
     data_dir: str = "data/prepared/supervised",
     model_dir: str = "artifacts/supervised/model",
     evaluation_path: str = "metrics/evaluate.json",
     output: str = "artifacts/supervised/export",
     metrics_path: str = "metrics/supervised.json",
-    registered_model: str | None = None,
-    experiment: str | None = None,
 ) -> dict:
-    """Export, check and register the trained model; `registered_model` and `experiment`
-    (default: export.registered_model, tracking.experiment) name another model's, e.g. the
-    pseudo-label student's."""
-    config = with_overrides(config, registered_model, experiment)
+    """Export, check and register the trained model as `registered_model`, logged to the
+    training run's `experiment` (dvc.yaml passes export.registered_model and
+    tracking.experiment, or the pseudo-label student's names: the same code serves both)."""
     data = load_prepared(data_dir)
     model, bundle = load_trained(model_dir, data.manifest)
     if not Path(evaluation_path).is_file():
@@ -107,7 +108,7 @@ def export(
     x_test = data.x("test")
     with output_directory(output) as staging:
         onnx_path = staging / ONNX_FILE
-        export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, config.export.opset)
+        export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, export_config.opset)
         parity = check_parity(servable, onnx_path, x_test)
         log.info(
             "parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
@@ -115,10 +116,10 @@ def export(
             parity.max_abs_diff,
             parity.argmax_agreement,
         )
-        if not parity.holds(config.export.parity_atol, data.task == "classification"):
+        if not parity.holds(export_config.parity_atol, data.task == "classification"):
             raise UserError(
                 f"ONNX parity check failed: max |onnxruntime - torch| = {parity.max_abs_diff:.3g} "
-                f"(export.parity_atol {config.export.parity_atol:g}), argmax agreement "
+                f"(export.parity_atol {export_config.parity_atol:g}), argmax agreement "
                 f"{parity.argmax_agreement:.4f}; the previous export is kept"
             )
         with torch.no_grad():
@@ -126,7 +127,7 @@ def export(
         sample = write_parity_sample(
             staging,
             {ONNX_FILE: ({INPUT_NAME: x_test[:PARITY_SAMPLE_SIZE]}, {OUTPUT_NAME: expected})},
-            config.export.parity_atol,
+            export_config.parity_atol,
         )
         hashes = {
             "onnx_sha256": sha256_file(onnx_path),
@@ -134,7 +135,7 @@ def export(
             "data_sha256": data.data_hash,
         }
         card = model_card(
-            config,
+            registered_model,
             bundle["architecture"]["kind"],
             data.manifest,
             evaluation,
@@ -153,28 +154,17 @@ def export(
     out = Path(output)
     tracking.register_export(
         STAGE,
-        config.tracking.experiment,
+        experiment,
         data.data_hash,
         Path(model_dir) / MODEL_FILE,
         out / ONNX_FILE,
         out / CARD_FILE,
-        config.export.registered_model,
-        config.export.alias,
+        registered_model,
+        export_config.alias,
         figures,
         extra_files=(out / PARITY_SAMPLE_FILE,),
     )
     return figures
-
-
-def with_overrides(
-    config: PipelineConfig, registered_model: str | None, experiment: str | None
-) -> PipelineConfig:
-    """The same export for another model (e.g. the pseudo-label student) under its own names."""
-    if registered_model:
-        config = replace(config, export=replace(config.export, registered_model=registered_model))
-    if experiment:
-        config = replace(config, tracking=replace(config.tracking, experiment=experiment))
-    return config
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ everything atomically.
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import numpy as np
 
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PrepareConfig
+from pipelines.stagekit.config import Param
 from pipelines.stagekit.dataset import MANIFEST, SPLITS, array_file, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.readers import (
@@ -22,6 +23,7 @@ from pipelines.stagekit.readers import (
     read_image_folder,
 )
 from pipelines.stagekit.stage import stage_command
+from pipelines.supervised.config import PrepareConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]
 
 
 def prepare(
-    config: PrepareConfig,
+    config: Annotated[PrepareConfig, Param("prepare")],
     source: str | None = None,
     output: str = "data/prepared/supervised",
 ) -> dict:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
+from models.architecture import ArchitectureConfig
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig, config_to_dict, with_tuned_params
+from pipelines.stagekit.config import Param, TrainConfig, config_to_dict, overlay_sections
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import build_model, check_compatible, save_bundle
 from pipelines.stagekit.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stagekit.stage import stage_command
+from pipelines.supervised.config import TrackingConfig
 from pipelines.training.driver import (
     run_name,
     supervised_arrays,
@@ -33,25 +36,28 @@ CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accur
 
 
 def train_supervised(
-    config: PipelineConfig,
+    model: Annotated[ArchitectureConfig, Param("model")],
+    train: Annotated[TrainConfig, Param("train")],
+    tracking_config: Annotated[TrackingConfig, Param("tracking")],
+    tuned_params: Annotated[str, Param("tuned_params")] = "pipelines/tuning/untuned.yaml",
     data_dir: str = "data/prepared/supervised",
     output: str = "artifacts/supervised/model",
     metrics_path: str = "metrics/train_supervised.json",
     plots_dir: str = "plots/supervised",
 ) -> dict:
-    """Train `config.model` with `config.train`, the `tuned_params` overlay laid over both."""
-    config = with_tuned_params(config)
+    """Train `model` with `train`, the `tuned_params` file's settings laid over both (an
+    empty file by default; the `tune` stage's best_params.yaml when opted in)."""
+    tuned = overlay_sections(tuned_params, {"model": model, "train": train})
+    model, train = tuned["model"], tuned["train"]
     data = load_prepared(data_dir)
-    check_compatible(config.model, config.train, data.manifest)
-    name = run_name(
-        STAGE, config_to_dict(config.model), config_to_dict(config.train), data.data_hash
-    )
+    check_compatible(model, train, data.manifest)
+    name = run_name(STAGE, config_to_dict(model), config_to_dict(train), data.data_hash)
     tags = tracking.stage_tags(STAGE, data.data_hash)
-    with tracking.stage_run(config.tracking.experiment, STAGE, tags) as run:
+    with tracking.stage_run(tracking_config.experiment, STAGE, tags) as run:
         run.log_params(
             {
-                "model": config_to_dict(config.model),
-                "train": config_to_dict(config.train),
+                "model": config_to_dict(model),
+                "train": config_to_dict(train),
                 "data.task": data.task,
                 "data.input_shape": data.input_shape,
                 "data.train_size": len(data.y("train")),
@@ -59,38 +65,38 @@ def train_supervised(
         )
         log.info(
             "training %s on %d worker(s): ray run %s, mlflow run %s",
-            config.model.kind,
-            config.train.num_workers,
+            model.kind,
+            train.num_workers,
             name,
             run.run_id,
         )
         state = train_job(
             supervised_arrays(data),
-            supervised_task(config.model, data.manifest, config.train),
-            config.train,
+            supervised_task(model, data.manifest, train),
+            train,
             name,
             run,
         ).state
         history = state["history"]
         if state["best_model"] is None:  # no epoch produced a finite validation loss
             raise UserError(
-                f"no usable epoch: validation loss never finite (train.lr {config.train.lr:g})"
+                f"no usable epoch: validation loss never finite (train.lr {train.lr:g})"
             )
-        model = build_model(config.model, data.manifest)
-        model.load_state_dict(state["best_model"])
+        network = build_model(model, data.manifest)
+        network.load_state_dict(state["best_model"])
         best = min(history, key=lambda h: h["val_loss"])
         summary = {
             "best_epoch": int(best["epoch"]),
             "epochs_run": len(history),
             "best_val_loss": best["val_loss"],
             **({"best_val_accuracy": best["val_accuracy"]} if "val_accuracy" in best else {}),
-            "stopped_early": len(history) < config.train.epochs,
+            "stopped_early": len(history) < train.epochs,
         }
         with output_directory(output) as staging:
             model_file = save_bundle(
                 staging,
+                network,
                 model,
-                config.model,
                 data.manifest,
                 extra={"history": without_timings(history)},
             )

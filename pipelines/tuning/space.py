@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from models.architecture import ArchitectureConfig
-from pipelines.stagekit.config import TrainConfig, TuneConfig
+from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.errors import UserError
+from pipelines.tuning.config import TuneConfig
 
 LR_SCALE = "lr_scale"
 SECTIONS: dict[str, type] = {"train": TrainConfig, "model": ArchitectureConfig}

@@ -21,7 +21,7 @@ from typing import Any
 from ray.train.v2.api.callback import UserCallback
 
 from models.architecture import ArchitectureConfig
-from pipelines.stagekit.config import TrainConfig, TuneConfig
+from pipelines.stagekit.config import TrainConfig
 from pipelines.training.driver import (
     loop_config,
     remove_local_run,
@@ -29,6 +29,7 @@ from pipelines.training.driver import (
     supervised_task,
 )
 from pipelines.training.worker import train_loop_per_worker
+from pipelines.tuning.config import TuneConfig
 from pipelines.tuning.space import trial_settings
 
 REPORT_WAIT_S = 1.0

@@ -14,8 +14,8 @@ from typing import Any
 from ray.tune import Callback
 
 from pipelines.stagekit import tracking
-from pipelines.stagekit.config import TuneConfig
 from pipelines.stagekit.tracking import RunLogger
+from pipelines.tuning.config import TuneConfig
 from pipelines.tuning.space import tuned_values
 
 log = logging.getLogger(__name__)

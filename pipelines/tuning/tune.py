@@ -22,13 +22,14 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
+from models.architecture import ArchitectureConfig
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json, write_text
-from pipelines.stagekit.config import PipelineConfig, TuneConfig, config_to_dict
+from pipelines.stagekit.config import Param, TrainConfig, config_to_dict
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import check_compatible
@@ -36,6 +37,7 @@ from pipelines.stagekit.plots import best_curves_png, lr_sweep_png, write_csv
 from pipelines.stagekit.stage import stage_command
 from pipelines.training.cluster import remove_orphaned_placement_groups
 from pipelines.training.driver import run_name, storage_path, supervised_arrays
+from pipelines.tuning.config import TuneConfig
 from pipelines.tuning.space import (
     LR_SCALE,
     check_space,
@@ -55,25 +57,26 @@ TRIAL_MEMORY = 2**20  # bytes, logical
 
 
 def tune_search(
-    config: PipelineConfig,
+    model: Annotated[ArchitectureConfig, Param("model")],
+    train: Annotated[TrainConfig, Param("train")],
+    tune: Annotated[TuneConfig, Param("tune")],
     data_dir: str = "data/prepared/supervised",
     output: str = "artifacts/tune",
     metrics_path: str = "metrics/tune.json",
     plots_dir: str = "plots/tune",
 ) -> dict[str, Any]:
-    tune = config.tune
     data = load_prepared(data_dir)
     if data.task != "classification" and tune.metric == "val_accuracy":
         raise UserError("tune.metric: val_accuracy needs a classification task; use val_loss")
-    check_compatible(config.model, config.train, data.manifest)
-    check_space(config.model, config.train, tune)
+    check_compatible(model, train, data.manifest)
+    check_space(model, train, tune)
     if tune.search == "optuna":
         _require_optuna()
     name = run_name(
         STAGE,
         config_to_dict(tune),
-        config_to_dict(config.model),
-        config_to_dict(config.train),
+        config_to_dict(model),
+        config_to_dict(train),
         data.data_hash,
     )
     experiment_dir = Path(storage_path()) / name
@@ -85,8 +88,8 @@ def tune_search(
         parent_file.parent.mkdir(parents=True, exist_ok=True)
         parent_file.write_text(parent.run_id)
         if resume_id is None:
-            parent.log_params({"tune": config_to_dict(tune), "model": config_to_dict(config.model)})
-        tuner = make_tuner(config, data, name, parent, total, experiment_dir)
+            parent.log_params({"tune": config_to_dict(tune), "model": config_to_dict(model)})
+        tuner = make_tuner(model, train, tune, data, name, parent, total, experiment_dir)
         grid = tuner.fit()
         remove_orphaned_placement_groups()  # else a stopped trial's CPUs may stay held
         if grid.num_terminated + grid.num_errors < total:
@@ -156,7 +159,16 @@ def total_trials(tune: TuneConfig) -> int:
     return num_samples(tune) * (len(tune.optimizers) if tune.search == "random" else 1)
 
 
-def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path):
+def make_tuner(
+    model: ArchitectureConfig,
+    train: TrainConfig,
+    tune: TuneConfig,
+    data,
+    name: str,
+    parent,
+    total: int,
+    experiment_dir: Path,
+):
     """A new Tuner, or the interrupted one restored from `experiment_dir`."""
     from ray import tune as ray_tune
 
@@ -164,7 +176,6 @@ def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path
     from pipelines.tuning.trial import run_trial
     from pipelines.tuning.trial_tracking import TrialTracking
 
-    tune = config.tune
     connect_ray()
     gpu = tune.device == "gpu"
     require_resources(
@@ -190,8 +201,8 @@ def make_tuner(config, data, name: str, parent, total: int, experiment_dir: Path
             run_trial,
             arrays=supervised_arrays(data),
             manifest=data.manifest,
-            model=config.model,
-            train=config.train,
+            model=model,
+            train=train,
             tune=tune,
         ),
         {"CPU": 0, "memory": TRIAL_MEMORY},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch
 from models.segmenter import Segmenter
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import PipelineConfig
+from pipelines.stagekit.config import ExportConfig, Param
 from pipelines.stagekit.dataset import sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.onnx_export import (
@@ -32,6 +33,7 @@ from pipelines.stagekit.onnx_export import (
     write_parity_sample,
 )
 from pipelines.stagekit.stage import stage_command
+from pipelines.unsupervised.config import SegmentConfig
 from pipelines.unsupervised.segment_model import MODEL_FILE, feature_table, segmenters, table_hash
 from serving.contracts import ModelCard
 
@@ -42,6 +44,10 @@ CARD_FILE = "model_card.json"
 INPUT = "features"
 OUTPUTS = ("segment", "distances")
 GRAPHS = ("kmeans", "autoencoder")
+# What export_segment reads of the `export` section (the registered name is the segment's own)
+# and of the `segment` section.
+EXPORT_KEYS = ("opset", "parity_atol", "alias")
+SEGMENT_KEYS = ("serve", "registered_model", "experiment")
 
 
 def check_segment_parity(model: Segmenter, path: Path, raw: np.ndarray) -> dict:
@@ -55,7 +61,8 @@ def check_segment_parity(model: Segmenter, path: Path, raw: np.ndarray) -> dict:
 
 
 def export_segment(
-    config: PipelineConfig,
+    export_config: Annotated[ExportConfig, Param("export", reads=EXPORT_KEYS)],
+    segment: Annotated[SegmentConfig, Param("segment", reads=SEGMENT_KEYS)],
     data_dir: str = "data/raw/customers",
     model_dir: str = "artifacts/segment/model",
     figures_path: str = "metrics/segment.json",
@@ -63,7 +70,7 @@ def export_segment(
     metrics_path: str = "metrics/segment_export.json",
     serve: str | None = None,
 ) -> dict:
-    serve = serve or config.segment.serve
+    serve = serve or segment.serve
     if serve not in GRAPHS:
         raise UserError(f"--serve must be one of {', '.join(GRAPHS)}, got {serve!r}")
     path = Path(model_dir) / MODEL_FILE
@@ -83,7 +90,7 @@ def export_segment(
                 model,
                 torch.from_numpy(raw[:2]),
                 graph,
-                config.export.opset,
+                export_config.opset,
                 input_name=INPUT,
                 output_name=OUTPUTS,
             )
@@ -96,7 +103,7 @@ def export_segment(
                 parity[name]["segment_agreement"],
             )
             if (
-                parity[name]["max_abs_diff"] > config.export.parity_atol
+                parity[name]["max_abs_diff"] > export_config.parity_atol
                 or parity[name]["segment_agreement"] < 1.0
             ):
                 raise UserError(
@@ -114,10 +121,10 @@ def export_segment(
                     dict(zip(OUTPUTS, (ids.numpy(), distances.numpy()))),
                 )
             },
-            config.export.parity_atol,
+            export_config.parity_atol,
         )
         card: ModelCard = {
-            "name": config.segment.registered_model,
+            "name": segment.registered_model,
             "task": "segmentation",
             "model": serve,
             "input": {
@@ -150,13 +157,13 @@ def export_segment(
     log.info("registering the %s graph", serve)
     tracking.register_export(
         STAGE,
-        config.segment.experiment,
+        segment.experiment,
         table_hash(table),
         path,
         out / "model.onnx",
         out / CARD_FILE,
-        config.segment.registered_model,
-        config.export.alias,
+        segment.registered_model,
+        export_config.alias,
         metrics,
         extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
     )

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
 from pipelines.stagekit.atomic import output_directory, write_json
-from pipelines.stagekit.config import SegmentConfig
+from pipelines.stagekit.config import Param
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.stage import stage_command
+from pipelines.unsupervised.config import SegmentConfig
 from pipelines.unsupervised.transactions import (
     FEATURES_FILE,
     TRANSACTIONS_FILE,
@@ -30,6 +32,15 @@ from pipelines.unsupervised.transactions import (
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "source.json"
+# What the ingest reads of the `segment` section: where the data is and how it is laid out.
+INGEST_KEYS = (
+    "source",
+    "format",
+    "customer_column",
+    "timestamp_column",
+    "amount_column",
+    "quantity_column",
+)
 
 
 def read_feature_table(path: str | Path, customer_column: str) -> pd.DataFrame:
@@ -61,22 +72,22 @@ def read_feature_table(path: str | Path, customer_column: str) -> pd.DataFrame:
 
 
 def ingest_transactions(
-    config: SegmentConfig,
+    segment: Annotated[SegmentConfig, Param("segment", reads=INGEST_KEYS)],
     output: str = "data/raw/customers",
 ) -> dict:
     with output_directory(output) as staging:
-        if config.format == "features":
-            table = read_feature_table(config.source, config.customer_column)
+        if segment.format == "features":
+            table = read_feature_table(segment.source, segment.customer_column)
             table.to_csv(staging / FEATURES_FILE)
-            summary = {"source": config.source, "format": "features", "customers": len(table)}
+            summary = {"source": segment.source, "format": "features", "customers": len(table)}
         else:
-            if config.source:
+            if segment.source:
                 log_table = read_transaction_csv(
-                    config.source,
-                    config.customer_column,
-                    config.timestamp_column,
-                    config.amount_column,
-                    config.quantity_column,
+                    segment.source,
+                    segment.customer_column,
+                    segment.timestamp_column,
+                    segment.amount_column,
+                    segment.quantity_column,
                 )
             else:
                 log_table = read_cdnow(cdnow_path())
@@ -84,7 +95,7 @@ def ingest_transactions(
                 staging / TRANSACTIONS_FILE, index=False, date_format="%Y-%m-%dT%H:%M:%S"
             )
             summary = {
-                "source": config.source or "lifetimes:CDNOW_master.txt",
+                "source": segment.source or "lifetimes:CDNOW_master.txt",
                 "format": "transactions",
                 "transactions": len(log_table),
                 "customers": int(log_table["customer_id"].nunique()),

@@ -20,16 +20,18 @@ import dataclasses
 import io
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_bytes, write_json
-from pipelines.stagekit.config import SegmentConfig, config_to_dict
+from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.plots import k_sweep_png, learning_curves_png, projection_png, write_csv
 from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.autoencoder import encode, refine, train_autoencoder
+from pipelines.unsupervised.config import SegmentConfig
 from pipelines.unsupervised.features import FeatureTransform
 from pipelines.unsupervised.figures import internal_figures, mean_pairwise_ari, profiles
 from pipelines.unsupervised.kmeans import ShardedPoints, kmeans_shards
@@ -39,6 +41,24 @@ log = logging.getLogger(__name__)
 
 STAGE = "segment"
 SWEEP_COLUMNS = ("k", "inertia", "silhouette", "davies_bouldin", "calinski_harabasz")
+# What segment reads of the `segment` section: the sweep, the autoencoder and its
+# refinement; not the ingest's columns nor the export's choices.
+SEGMENT_KEYS = (
+    "k",
+    "k_min",
+    "k_max",
+    "restarts",
+    "max_iterations",
+    "num_shards",
+    "stability_seeds",
+    "silhouette_sample",
+    "autoencoder",
+    "train",
+    "refine_epochs",
+    "refine_weight",
+    "seed",
+    "experiment",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +119,7 @@ def sklearn_agreement(x: np.ndarray, labels: np.ndarray, k: int, config: Segment
 
 
 def segment(
-    config: SegmentConfig,
+    config: Annotated[SegmentConfig, Param("segment", reads=SEGMENT_KEYS)],
     data_dir: str = "data/raw/customers",
     output: str = "artifacts/segment/model",
     metrics_path: str = "metrics/segment.json",

@@ -10,25 +10,30 @@ Each is scored against the labels (Hungarian-matched accuracy, NMI, ARI) in
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import numpy as np
 
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import write_json
-from pipelines.stagekit.config import PipelineConfig, config_to_dict
+from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.dataset import SPLITS, load_prepared
 from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.autoencoder import encode, refine, train_autoencoder
+from pipelines.unsupervised.config import SegmentConfig, SegmentDigitsConfig
 from pipelines.unsupervised.figures import label_agreement
 from pipelines.unsupervised.kmeans import kmeans_shards
 
 log = logging.getLogger(__name__)
 
 STAGE = "segment_digits"
+# What it shares with `segment`: the K-means settings, the seed and the MLflow experiment.
+SEGMENT_KEYS = ("restarts", "max_iterations", "num_shards", "seed", "experiment")
 
 
 def segment_digits(
-    config: PipelineConfig,
+    segment: Annotated[SegmentConfig, Param("segment", reads=SEGMENT_KEYS)],
+    digits: Annotated[SegmentDigitsConfig, Param("segment_digits")],
     data_dir: str = "data/prepared/supervised",
     metrics_path: str = "metrics/segment_digits.json",
 ) -> dict:
@@ -36,13 +41,12 @@ def segment_digits(
     x = np.concatenate([data.x(s) for s in SPLITS]).reshape(-1, int(np.prod(data.input_shape)))
     truth = np.concatenate([data.y(s) for s in SPLITS])
     k = len(data.class_names or ())
-    seg, digits = config.segment, config.segment_digits
     with tracking.stage_run(
-        seg.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+        segment.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
     ) as run:
         run.log_params({"segment_digits": config_to_dict(digits), "k": k, "examples": len(x)})
-        with kmeans_shards(x, seg.num_shards) as points:
-            raw = points.fit(k, seg.seed, max(seg.restarts, 10), seg.max_iterations)
+        with kmeans_shards(x, segment.num_shards) as points:
+            raw = points.fit(k, segment.seed, max(segment.restarts, 10), segment.max_iterations)
         raw_scores = label_agreement(raw.labels, truth)
         log.info(
             "K-means on pixels: accuracy %.4f, NMI %.4f", raw_scores["accuracy"], raw_scores["nmi"]
@@ -51,15 +55,15 @@ def segment_digits(
             x,
             digits.autoencoder,
             digits.train,
-            seg.seed,
+            segment.seed,
             run,
             f"{STAGE}_autoencoder",
             tuple(data.input_shape),
             lr_key="segment_digits.train.lr",
         )
         codes = encode(autoencoder, x)
-        with kmeans_shards(codes, seg.num_shards) as points:
-            coded = points.fit(k, seg.seed, max(seg.restarts, 10), seg.max_iterations)
+        with kmeans_shards(codes, segment.num_shards) as points:
+            coded = points.fit(k, segment.seed, max(segment.restarts, 10), segment.max_iterations)
         code_scores = label_agreement(coded.labels, truth)
         log.info(
             "K-means on codes: accuracy %.4f, NMI %.4f", code_scores["accuracy"], code_scores["nmi"]
@@ -73,7 +77,7 @@ def segment_digits(
                 digits.refine_epochs,
                 digits.refine_weight,
                 digits.train.lr,
-                seg.seed,
+                segment.seed,
             )
         scores = label_agreement(labels, truth)
         figures = {

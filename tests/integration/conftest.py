@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.stagekit.config import PipelineConfig, TrainConfig
+from models.architecture import ArchitectureConfig
+from pipelines.stagekit.config import ExportConfig, TrainConfig
+from pipelines.supervised.config import PrepareConfig, TrackingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainedPipeline:
     root: Path
-    config: PipelineConfig
+    tracking: TrackingConfig
     mlflow_uri: str
     prepared: Path
     model_dir: Path
@@ -37,27 +39,32 @@ def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
 
     root = tmp_path_factory.mktemp("pipeline")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    config = PipelineConfig(train=quick_train_config())
+    tracking = TrackingConfig()
+    export_config = ExportConfig()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("DLPIPE_STORAGE", str(root / "ray_results"))
-        prepare(config.prepare, str(digits_folder), str(root / "prepared"))
+        prepare(PrepareConfig(), str(digits_folder), str(root / "prepared"))
         summary = train_supervised(
-            config,
-            str(root / "prepared"),
-            str(root / "model"),
-            str(root / "metrics/train.json"),
-            str(root / "plots"),
+            ArchitectureConfig(),
+            quick_train_config(),
+            tracking,
+            data_dir=str(root / "prepared"),
+            output=str(root / "model"),
+            metrics_path=str(root / "metrics/train.json"),
+            plots_dir=str(root / "plots"),
         )
         evaluate(
-            config,
+            tracking.experiment,
             str(root / "prepared"),
             str(root / "model"),
             str(root / "metrics/evaluate.json"),
             str(root / "plots"),
         )
         export(
-            config,
+            export_config,
+            export_config.registered_model,
+            tracking.experiment,
             str(root / "prepared"),
             str(root / "model"),
             str(root / "metrics/evaluate.json"),
@@ -66,7 +73,7 @@ def trained(ray_cluster, digits_folder, tmp_path_factory) -> TrainedPipeline:
         )
     return TrainedPipeline(
         root,
-        config,
+        tracking,
         uri,
         root / "prepared",
         root / "model",

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.stagekit.config import EncoderConfig, MlmConfig, PipelineConfig, TrainConfig
+from models.transformer import EncoderConfig
+from pipelines.selfsupervised.config import MlmConfig
+from pipelines.stagekit.config import ExportConfig, TrainConfig
 from tests.helpers import served_app
 
 pytestmark = pytest.mark.integration
@@ -42,7 +44,8 @@ def run_mlm_stages(root: Path, mlm: MlmConfig) -> tuple[dict, Path]:
         str(root / "plots"),
     )
     export_mlm(
-        PipelineConfig(mlm=mlm),
+        ExportConfig(),
+        mlm,
         str(root / "prepared"),
         str(root / "model"),
         str(root / "mlm.json"),

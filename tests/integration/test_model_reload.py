@@ -85,9 +85,7 @@ def register_copy(trained, tmp_path, tamper: bool = False) -> str:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
         return tracking.register_onnx_model(
-            tracking.producing_run(
-                trained.model_dir / MODEL_FILE, trained.config.tracking.experiment
-            ),
+            tracking.producing_run(trained.model_dir / MODEL_FILE, trained.tracking.experiment),
             export / "model.onnx",
             export / "model_card.json",
             MODEL,

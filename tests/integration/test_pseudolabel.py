@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.semisupervised.prepare import prepare_pseudolabel
-from pipelines.semisupervised.train import train_pseudolabel
+from models.architecture import ArchitectureConfig
+from pipelines.semisupervised.config import PseudoLabelConfig
+from pipelines.semisupervised.prepare import SPLIT_KEYS, prepare_pseudolabel
+from pipelines.semisupervised.train import ROUND_KEYS, TRAIN_KEYS, train_pseudolabel
 from pipelines.stagekit import tracking
-from pipelines.stagekit.config import PipelineConfig, PrepareConfig, PseudoLabelConfig
+from pipelines.stagekit.config import ExportConfig, TrainConfig, view
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.supervised.config import PrepareConfig
 from pipelines.supervised.evaluate import evaluate
-from pipelines.supervised.export import export, with_overrides
+from pipelines.supervised.export import export
 from pipelines.supervised.prepare import prepare
 from serving.model_source import resolve_model
 from serving.predictor import ClassifierPredictor
@@ -24,19 +28,34 @@ from tests.integration.conftest import quick_train_config
 pytestmark = pytest.mark.integration
 
 
+def split(pseudolabel: PseudoLabelConfig, data_dir: Path, output: Path) -> dict:
+    """prepare_pseudolabel given only the keys it declares, as params.yaml would give them."""
+    return prepare_pseudolabel(view(pseudolabel, SPLIT_KEYS), str(data_dir), str(output))
+
+
+def train_rounds(
+    train: TrainConfig, pseudolabel: PseudoLabelConfig, root: Path, tag: str = ""
+) -> dict:
+    """train_pseudolabel (default model) on root/pl, given only the keys it declares."""
+    return train_pseudolabel(
+        ArchitectureConfig(),
+        view(train, TRAIN_KEYS),
+        view(pseudolabel, ROUND_KEYS),
+        str(root / "pl"),
+        str(root / f"model{tag}"),
+        str(root / f"m{tag}.json"),
+        str(root / f"plots{tag}"),
+    )
+
+
 def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     uri = stores()
-    config = PipelineConfig(
-        train=quick_train_config(),
-        pseudolabel=PseudoLabelConfig(rounds=1, epochs_per_round=6, labeled_fraction=0.1),
-    )
+    pseudolabel = PseudoLabelConfig(rounds=1, epochs_per_round=6, labeled_fraction=0.1)
     out = tmp_path
-    manifest = prepare_pseudolabel(config, str(trained.prepared), str(out / "pl"))
+    manifest = split(pseudolabel, trained.prepared, out / "pl")
     info = manifest["semi_supervised"]
     assert info["unlabeled_truth_known"] and info["labeled"] + info["unlabeled"] == 1257
-    figures = train_pseudolabel(
-        config, str(out / "pl"), str(out / "model"), str(out / "m.json"), str(out / "plots")
-    )
+    figures = train_rounds(quick_train_config(), pseudolabel, out)
     for key in (
         "labeled_count",
         "test_accuracy",
@@ -69,23 +88,21 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
 
     # The student takes the supervised evaluate/export path and the classify predictor unchanged.
     evaluate(
-        config,
-        str(out / "pl"),
-        str(out / "model"),
-        str(out / "e.json"),
-        str(out / "eplots"),
-        experiment=config.pseudolabel.experiment,
-    )
-    named = with_overrides(
-        config, config.pseudolabel.registered_model, config.pseudolabel.experiment
+        experiment=pseudolabel.experiment,
+        data_dir=str(out / "pl"),
+        model_dir=str(out / "model"),
+        metrics_path=str(out / "e.json"),
+        plots_dir=str(out / "eplots"),
     )
     export(
-        named,
-        str(out / "pl"),
-        str(out / "model"),
-        str(out / "e.json"),
-        str(out / "export"),
-        str(out / "x.json"),
+        export_config=ExportConfig(),
+        registered_model=pseudolabel.registered_model,
+        experiment=pseudolabel.experiment,
+        data_dir=str(out / "pl"),
+        model_dir=str(out / "model"),
+        evaluation_path=str(out / "e.json"),
+        output=str(out / "export"),
+        metrics_path=str(out / "x.json"),
     )
     version = client.get_model_version_by_alias("dlpipe-pseudolabel-classifier", "champion")
     assert version.run_id == parent_id
@@ -102,55 +119,30 @@ def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data
         tmp_path / "labeled", {"dark": [(12, 12)] * 12, "light": [(9, 14)] * 12}
     )
     pool = write_image_folder(tmp_path / "pool", {"a": [(10, 10)] * 8, "b": [(16, 8)] * 9})
-    config = PipelineConfig(
-        prepare=PrepareConfig(
-            source=str(labeled), image_size=(8, 8), val_fraction=0.2, test_fraction=0.2
-        ),
-        train=quick_train_config(num_workers=2),  # 17 pool images: uneven worker shards
-        pseudolabel=PseudoLabelConfig(
-            unlabeled_source=str(pool), rounds=1, epochs_per_round=3, confidence_threshold=0.5
-        ),
+    prepare_config = PrepareConfig(
+        source=str(labeled), image_size=(8, 8), val_fraction=0.2, test_fraction=0.2
     )
-    prepare(config.prepare, str(labeled), str(tmp_path / "prepared"))
-    manifest = prepare_pseudolabel(config, str(tmp_path / "prepared"), str(tmp_path / "pl"))
+    pseudolabel = PseudoLabelConfig(
+        unlabeled_source=str(pool), rounds=1, epochs_per_round=3, confidence_threshold=0.5
+    )
+    prepare(prepare_config, str(labeled), str(tmp_path / "prepared"))
+    manifest = split(pseudolabel, tmp_path / "prepared", tmp_path / "pl")
     assert manifest["semi_supervised"]["unlabeled"] == 17
     assert not manifest["semi_supervised"]["unlabeled_truth_known"]
-    figures = train_pseudolabel(
-        config,
-        str(tmp_path / "pl"),
-        str(tmp_path / "model"),
-        str(tmp_path / "m.json"),
-        str(tmp_path / "plots"),
-    )
+    # 17 pool images on 2 workers: uneven worker shards
+    figures = train_rounds(quick_train_config(num_workers=2), pseudolabel, tmp_path)
     assert figures["pseudo_labels"] > 0 and not figures["fell_back_to_teacher"]
     assert "pseudo_label_accuracy" not in figures  # no truth for the user's pool
 
     # Softmax never reaches exactly 1.0: nothing is kept, the teacher is the final model.
-    strict = dataclasses.replace(
-        config,
-        train=quick_train_config(num_workers=1),
-        pseudolabel=dataclasses.replace(
-            config.pseudolabel, confidence_threshold=1.0, epochs_per_round=2
-        ),
-    )
-    figures = train_pseudolabel(
-        strict,
-        str(tmp_path / "pl"),
-        str(tmp_path / "model2"),
-        str(tmp_path / "m2.json"),
-        str(tmp_path / "plots2"),
-    )
+    strict = dataclasses.replace(pseudolabel, confidence_threshold=1.0, epochs_per_round=2)
+    figures = train_rounds(quick_train_config(num_workers=1), strict, tmp_path, "2")
     assert figures["fell_back_to_teacher"] is True and figures["fallback_round"] == 1
     assert figures["pseudo_labels"] == 0
     assert figures["test_accuracy"] == figures["teacher_test_accuracy"]
     assert (tmp_path / "model2" / "model.pt").is_file()
 
     (tmp_path / "nothing").mkdir()
-    no_pool = dataclasses.replace(
-        config,
-        pseudolabel=dataclasses.replace(
-            config.pseudolabel, unlabeled_source=str(tmp_path / "nothing")
-        ),
-    )
+    no_pool = dataclasses.replace(pseudolabel, unlabeled_source=str(tmp_path / "nothing"))
     with pytest.raises(UserError, match="no .png/.jpg images in the unlabeled folder"):
-        prepare_pseudolabel(no_pool, str(tmp_path / "prepared"), str(tmp_path / "pl2"))
+        split(no_pool, tmp_path / "prepared", tmp_path / "pl2")

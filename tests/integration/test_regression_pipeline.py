@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from models.architecture import ArchitectureConfig
-from pipelines.stagekit.config import ExportConfig, PipelineConfig, PrepareConfig
+from pipelines.stagekit.config import ExportConfig
+from pipelines.supervised.config import PrepareConfig, TrackingConfig
 from pipelines.supervised.evaluate import evaluate
 from pipelines.supervised.export import export
 from pipelines.supervised.prepare import prepare
@@ -25,21 +26,25 @@ def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
     a, b = rng.normal(size=400), rng.normal(size=400)
     rows = [[x1, x2, 2 * x1 - x2 + rng.normal(0, 0.1)] for x1, x2 in zip(a, b)]
     source = write_csv(tmp_path / "houses.csv", ["size", "age", "price"], rows)
-    config = PipelineConfig(
-        prepare=PrepareConfig(
-            source=str(source), format="csv", task="regression", label_column="price"
-        ),
-        model=ArchitectureConfig(kind="mlp", hidden_sizes=(32,), dropout=0.0),
-        train=quick_train_config(epochs=8, num_workers=1, loss="mse", lr=0.01),
-        export=ExportConfig(registered_model="dlpipe-regressor"),
+    prepare_config = PrepareConfig(
+        source=str(source), format="csv", task="regression", label_column="price"
     )
+    model = ArchitectureConfig(kind="mlp", hidden_sizes=(32,), dropout=0.0)
+    train = quick_train_config(epochs=8, num_workers=1, loss="mse", lr=0.01)
+    experiment = TrackingConfig().experiment
     out = tmp_path
-    prepare(config.prepare, str(source), str(out / "prepared"))
+    prepare(prepare_config, str(source), str(out / "prepared"))
     train_supervised(
-        config, str(out / "prepared"), str(out / "model"), str(out / "t.json"), str(out / "plots")
+        model,
+        train,
+        TrackingConfig(),
+        data_dir=str(out / "prepared"),
+        output=str(out / "model"),
+        metrics_path=str(out / "t.json"),
+        plots_dir=str(out / "plots"),
     )
     metrics = evaluate(
-        config,
+        experiment,
         str(out / "prepared"),
         str(out / "model"),
         str(out / "evaluate.json"),
@@ -47,7 +52,9 @@ def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
     )
     assert metrics["test_r2"] > 0.8  # y = 2a - b is easy for an MLP
     figures = export(
-        config,
+        ExportConfig(),
+        "dlpipe-regressor",
+        experiment,
         str(out / "prepared"),
         str(out / "model"),
         str(out / "evaluate.json"),

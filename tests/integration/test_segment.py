@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from models.autoencoder import AutoencoderConfig
-from pipelines.stagekit.config import PipelineConfig, SegmentConfig, TrainConfig
+from pipelines.stagekit.config import ExportConfig, TrainConfig, view
+from pipelines.unsupervised.config import SegmentConfig
 from tests.helpers import generated_transaction_log, served_app
 
 pytestmark = pytest.mark.integration
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def segmented(ray_cluster, tmp_path_factory):
-    from pipelines.unsupervised.export import export_segment
-    from pipelines.unsupervised.ingest_transactions import ingest_transactions
-    from pipelines.unsupervised.segment import segment
+    from pipelines.unsupervised import export, ingest_transactions, segment
 
     root = tmp_path_factory.mktemp("segment")
     generated_transaction_log(root / "log.csv")
@@ -42,22 +41,26 @@ def segmented(ray_cluster, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("DLPIPE_STORAGE", str(root / "checkpoints"))
-        ingest_transactions(config, str(root / "raw"))
-        figures = segment(
-            config,
+        # Each stage gets the view of `segment` that its dvc.yaml params name, as from params.yaml.
+        ingest_transactions.ingest_transactions(
+            view(config, ingest_transactions.INGEST_KEYS), str(root / "raw")
+        )
+        figures = segment.segment(
+            view(config, segment.SEGMENT_KEYS),
             str(root / "raw"),
             str(root / "model"),
             str(root / "segment.json"),
             str(root / "plots"),
         )
-        export_segment(
-            PipelineConfig(segment=config),
+        export.export_segment(
+            view(ExportConfig(), export.EXPORT_KEYS),
+            view(config, export.SEGMENT_KEYS),
             str(root / "raw"),
             str(root / "model"),
             str(root / "segment.json"),
             str(root / "export"),
             str(root / "export.json"),
-            "kmeans",
+            serve="kmeans",
         )
     return root, uri, figures
 

@@ -7,10 +7,11 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+from models.architecture import ArchitectureConfig
 from pipelines.stagekit import tracking
-from pipelines.stagekit.config import PipelineConfig
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
+from pipelines.supervised.config import TrackingConfig
 from pipelines.supervised.train import train_supervised
 from tests.integration.conftest import quick_train_config
 
@@ -21,9 +22,7 @@ def training_run_id(trained) -> str:
     """The MLflow run that wrote the trained model file (found by the file's hash)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
-        run_id = tracking.producing_run(
-            trained.model_dir / MODEL_FILE, trained.config.tracking.experiment
-        )
+        run_id = tracking.producing_run(trained.model_dir / MODEL_FILE, trained.tracking.experiment)
     assert run_id is not None
     return run_id
 
@@ -67,31 +66,32 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
 
 def test_one_worker_run(trained, tmp_path, stores):
     stores(trained.mlflow_uri)
-    config = PipelineConfig(train=quick_train_config(epochs=2, num_workers=1))
     summary = train_supervised(
-        config,
-        str(trained.prepared),
-        str(tmp_path / "model"),
-        str(tmp_path / "m.json"),
-        str(tmp_path / "plots"),
+        ArchitectureConfig(),
+        quick_train_config(epochs=2, num_workers=1),
+        TrackingConfig(),
+        data_dir=str(trained.prepared),
+        output=str(tmp_path / "model"),
+        metrics_path=str(tmp_path / "m.json"),
+        plots_dir=str(tmp_path / "plots"),
     )
     assert summary["epochs_run"] == 2 and summary["best_val_accuracy"] > 0.5
 
 
 def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, stores):
     stores(trained.mlflow_uri)
-    config = PipelineConfig(
-        train=quick_train_config(
-            optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2
-        )
+    train = quick_train_config(
+        optimizer="minibatch_sgd", lr=1e5, epochs=5, divergence_factor=5.0, num_workers=2
     )
     with pytest.raises(UserError, match=r"diverged .* learning rate 100000"):
         train_supervised(
-            config,
-            str(trained.prepared),
-            str(tmp_path / "model"),
-            str(tmp_path / "m.json"),
-            str(tmp_path / "plots"),
+            ArchitectureConfig(),
+            train,
+            TrackingConfig(),
+            data_dir=str(trained.prepared),
+            output=str(tmp_path / "model"),
+            metrics_path=str(tmp_path / "m.json"),
+            plots_dir=str(tmp_path / "plots"),
         )
     assert not (tmp_path / "model").exists()  # nothing half-written
     client = MlflowClient(trained.mlflow_uri)

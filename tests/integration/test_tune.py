@@ -17,7 +17,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.stagekit.config import PipelineConfig, TuneConfig, load_config, with_tuned_params
+from models.architecture import ArchitectureConfig
+from pipelines.stagekit.config import TrainConfig, load_params, overlay_sections
+from pipelines.supervised.train import train_supervised
+from pipelines.tuning.config import TuneConfig
 from tests.helpers import REPO, run_command
 from tests.integration.conftest import quick_train_config
 
@@ -47,12 +50,13 @@ def searched(trained, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    config = PipelineConfig(train=quick_train_config(), tune=SMALL_SEARCH)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         env.setenv("DLPIPE_STORAGE", str(root / "ray_results"))
         summary = tune_search(
-            config,
+            ArchitectureConfig(),
+            quick_train_config(),
+            SMALL_SEARCH,
             str(trained.prepared),
             str(root / "out"),
             str(root / "tune.json"),
@@ -103,12 +107,16 @@ def test_training_opts_into_the_best_params(searched, tmp_path):
     root, _, summary = searched
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tuned_params": str(root / "out" / "best_params.yaml")}))
-    config = with_tuned_params(load_config(params))
-    assert config.train.optimizer == summary["best_optimizer"]
-    assert config.train.lr == pytest.approx(summary["best_lr"])
-    assert config.train.batch_size in (32, 64)
+    arguments = load_params(train_supervised, params)
+    tuned = overlay_sections(
+        arguments["tuned_params"], {"model": arguments["model"], "train": arguments["train"]}
+    )
+    assert tuned["train"].optimizer == summary["best_optimizer"]
+    assert tuned["train"].lr == pytest.approx(summary["best_lr"])
+    assert tuned["train"].batch_size in (32, 64)
     # The default overlay changes nothing.
-    assert with_tuned_params(PipelineConfig()) == PipelineConfig()
+    sections = {"model": ArchitectureConfig(), "train": TrainConfig()}
+    assert overlay_sections(REPO / "pipelines/tuning/untuned.yaml", sections) == sections
 
 
 def run_search(search: TuneConfig, trained, tmp_path) -> dict:
@@ -116,7 +124,9 @@ def run_search(search: TuneConfig, trained, tmp_path) -> dict:
     from pipelines.tuning.tune import tune_search
 
     return tune_search(
-        PipelineConfig(train=quick_train_config(), tune=search),
+        ArchitectureConfig(),
+        quick_train_config(),
+        search,
         str(trained.prepared),
         str(tmp_path / "out"),
         str(tmp_path / "tune.json"),
@@ -168,9 +178,17 @@ def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
     from pipelines.tuning.tune import tune_search
 
     stores()
-    config = PipelineConfig(tune=replace(SMALL_SEARCH, space={"train.batch_size": (0,)}))
+    search = replace(SMALL_SEARCH, space={"train.batch_size": (0,)})
     with pytest.raises(UserError, match=r"tune.space.train.batch_size: 0(\.0)? is not a valid"):
-        tune_search(config, str(trained.prepared), "out", "tune.json", "plots")
+        tune_search(
+            ArchitectureConfig(),
+            TrainConfig(),
+            search,
+            str(trained.prepared),
+            "out",
+            "tune.json",
+            "plots",
+        )
     with pytest.raises(ValueError, match="space.train.colour"):
         TuneConfig(space={"train.colour": (1,)})
 

@@ -6,10 +6,10 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.stagekit.config import PrepareConfig
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.readers import read_idx_file, read_idx_folder
+from pipelines.supervised.config import PrepareConfig
 from pipelines.supervised.prepare import prepare
 
 

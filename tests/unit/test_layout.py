@@ -1,7 +1,7 @@
 """The folder tree is the design: checked from the code's own imports and dvc.yaml.
 
-- every module a stage's command reaches is in that stage's `deps` (so `dvc repro` re-runs
-  a stage whenever code it runs changes, and only then);
+- every module a stage's command reaches is in that stage's `deps`, and no other code is
+  (so `dvc repro` re-runs a stage whenever code it runs changes, and only then);
 - no stage module imports another stage module (what two stages share lives below them);
 - no import cycle in models/, pipelines/, serving/.
 """
@@ -120,6 +120,10 @@ def test_every_module_a_stage_runs_is_in_its_deps(name):
     )
     missing = [str(f) for f in reached if not any(f == d or d in f.parents for d in deps)]
     assert not missing, f"{name}: its command runs these files, missing from deps: {missing}"
+    # And no more: a code dep the command never runs would re-run the stage for nothing.
+    code = [d for d in deps if d.parts[0] in PACKAGES]
+    unused = [str(d) for d in code if not any(f == d or d in f.parents for f in reached)]
+    assert not unused, f"{name}: deps list code its command never runs: {unused}"
 
 
 def test_no_stage_module_imports_another():

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.stagekit.config import PrepareConfig
 from pipelines.stagekit.dataset import load_prepared, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.readers import read_csv_table, read_image_folder
+from pipelines.supervised.config import PrepareConfig
 from pipelines.supervised.prepare import prepare
 from tests.helpers import write_csv, write_image_folder
 

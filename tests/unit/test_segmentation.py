@@ -10,8 +10,8 @@ import torch
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.dec import soft_assignment, target_distribution
 from models.kmeans import partial_sums
-from pipelines.stagekit.config import SegmentConfig
 from pipelines.stagekit.errors import UserError
+from pipelines.unsupervised.config import SegmentConfig
 from pipelines.unsupervised.features import FeatureTransform, customer_features
 from pipelines.unsupervised.figures import label_agreement, mean_pairwise_ari, profiles
 from pipelines.unsupervised.kmeans import KMeansShard

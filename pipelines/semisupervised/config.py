@@ -1,0 +1,60 @@
+"""params.yaml section of the semi-supervised stages: `pseudolabel`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.stagekit.config import Section
+
+
+@dataclass(frozen=True, repr=False)
+class PseudoLabelConfig(Section):
+    labeled_fraction: float = 0.05
+    """Share of each class's training examples that keep their label (the rest become the
+    unlabeled pool, their labels held aside for evaluation only). Ignored with `unlabeled_source`."""
+    labeled_per_class: int = 0
+    """When > 0, keep exactly this many labels per class instead of `labeled_fraction`."""
+    unlabeled_source: str = ""
+    """Your own unlabeled data: a folder of images (any layout) or a CSV with the feature
+    columns. Empty: split the prepared training data as above."""
+    split_seed: int = 0
+    """Seed choosing which training examples keep their labels."""
+    rounds: int = 3
+    """Teacher -> student rounds after the first teacher; each student teaches the next round."""
+    epochs_per_round: int = 30
+    """Epochs of every teacher and student (the baseline gets (rounds + 1) times this)."""
+    batch_size: int = 8
+    """Examples per step on each worker in every round (a few labeled examples need small
+    batches to get enough steps); the other optimisation settings come from `train`."""
+    confidence_threshold: float = 0.9
+    """A prediction becomes a pseudo-label only when its top class probability reaches this."""
+    max_per_class: int = 0
+    """Most pseudo-labels any class may receive per round, the most confident first
+    (0: the pool size divided by the number of classes, so no class can flood the set)."""
+    pseudo_weight: float = 1.0
+    """Loss weight of a pseudo-labeled example once ramped up (labeled examples weigh 1)."""
+    ramp_epochs: int = 10
+    """Epochs over which the pseudo-label weight rises linearly to `pseudo_weight`
+    (pseudo_weight / ramp_epochs in the first epoch); 0 or 1: full weight at once."""
+    registered_model: str = "dlpipe-pseudolabel-classifier"
+    """MLflow registry name of the final student (exported like the supervised model)."""
+    experiment: str = "dlpipe-pseudolabel"
+    """MLflow experiment: a parent run per stage execution, a child run per round."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.labeled_fraction < 1.0:
+            raise ValueError(
+                f"labeled_fraction must be between 0 and 1, got {self.labeled_fraction}"
+            )
+        if not 0.0 < self.confidence_threshold <= 1.0:
+            raise ValueError(
+                f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}"
+            )
+        for name in ("labeled_per_class", "rounds", "max_per_class", "ramp_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs_per_round", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pseudo_weight < 0:
+            raise ValueError(f"pseudo_weight must be >= 0, got {self.pseudo_weight}")

@@ -1,0 +1,128 @@
+"""params.yaml section of the `tune` stage."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.architecture import ArchitectureConfig
+from models.optimizers import OPTIMIZERS
+from pipelines.stagekit.config import Section, TrainConfig
+
+TUNABLE_SECTIONS = ("train", "model")
+"""Which params sections a search may set (`train.weight_decay`, `model.dropout`, ...)."""
+
+
+@dataclass(frozen=True, repr=False)
+class TuneConfig(Section):
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    """Optimizers searched (default: the whole catalogue)."""
+    lr: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {
+            "default": (0.0003, 0.03),
+            "gd": (0.03, 3.0),
+            "sgd": (0.0001, 0.01),
+            "minibatch_sgd": (0.003, 0.3),
+            "momentum": (0.001, 0.1),
+            "nesterov": (0.001, 0.1),
+            "adagrad": (0.001, 0.1),
+            "adadelta": (0.1, 10.0),
+        }
+    )
+    """Learning-rate range [low, high] per optimizer, searched on a log scale; optimizers not
+    listed use `default` (their families differ by orders of magnitude: full-batch gd wants
+    ~1, per-example sgd ~1e-3, adadelta ~1)."""
+    space: dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: {
+            "train.batch_size": (32, 64, 128),
+            "train.weight_decay": (0.0, 0.0001, 0.001),
+            "model.dropout": (0.0, 0.1, 0.3),
+        }
+    )
+    """Other hyperparameters: dotted params key (`train.*` or `model.*`) -> the values to try."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """random: every optimizer, `samples` learning rates each (log-uniform in its range) with
+    random picks of `space`; grid: every optimizer x `samples` log-spaced learning rates x
+    every combination of `space`; optuna: TPE over all of it (needs `pip install optuna`)."""
+    samples: int = 2
+    """Trials per optimizer (random, grid: learning rates per optimizer; optuna: x optimizers)."""
+    scheduler: Literal["asha", "pbt", "none"] = "asha"
+    """asha: stop trials early that trail at a rung; pbt: population based training, every
+    `perturbation_interval` epochs a trailing trial takes a leading trial's weights and
+    settings, with its learning rate and `train.*` `space` values perturbed; none: every trial runs
+    `epochs`."""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """Validation metric the search optimizes (accuracy up, loss down)."""
+    epochs: int = 16
+    """Epochs per trial at most (ASHA's max_t)."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it can be stopped (one epoch already shows a
+    learning rate that is far off)."""
+    reduction_factor: int = 3
+    """ASHA: 1/reduction_factor of the trials go on at each rung (rungs at grace_period x
+    reduction_factor^n epochs: 1, 3, 9 by default; Ray's 4 leaves only 1 and 4 below 12
+    epochs, and used more epochs on the default search: benchmarks/README.md)."""
+    perturbation_interval: int = 4
+    """PBT: epochs between the times a trailing trial may take a leading trial's weights."""
+    max_concurrent_trials: int = 2
+    """Trials running at once (each takes `workers_per_trial` workers)."""
+    workers_per_trial: int = 1
+    """Ray Train workers per trial."""
+    device: Literal["auto", "cpu", "gpu"] = "cpu"
+    """Where trials train (auto: GPU when the cluster has one)."""
+    seed: int = 0
+    """Seed of the search (sampling) and of every trial's training."""
+    experiment: str = "dlpipe-tune"
+    """MLflow experiment: one parent run per search, one child run per trial."""
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
+        if unknown or not self.optimizers:
+            raise ValueError(
+                f"optimizers: {unknown[0] if unknown else 'empty'!r} is not in the catalogue "
+                f"({', '.join(OPTIMIZERS)})"
+            )
+        for name, (low, high) in self.lr.items():
+            if name != "default" and name not in OPTIMIZERS:
+                raise ValueError(f"lr.{name}: not an optimizer ({', '.join(OPTIMIZERS)})")
+            if not 0 < low <= high:
+                raise ValueError(f"lr.{name}: need 0 < low <= high, got [{low}, {high}]")
+        if "default" not in self.lr and set(self.optimizers) - set(self.lr):
+            raise ValueError("lr: give a `default` range or one for every optimizer searched")
+        tunable = {
+            section: {f.name for f in dataclasses.fields(cls)}
+            for section, cls in (("train", TrainConfig), ("model", ArchitectureConfig))
+        }
+        for key, values in self.space.items():
+            section, _, name = key.partition(".")
+            if section not in TUNABLE_SECTIONS or name not in tunable[section]:
+                raise ValueError(
+                    f"space.{key}: not a train.* or model.* key (e.g. train.batch_size, "
+                    "model.dropout)"
+                )
+            if name in ("optimizer", "lr", "epochs", "num_workers", "device", "seed"):
+                raise ValueError(f"space.{key}: set by the search itself, not by `space`")
+            if not values:
+                raise ValueError(f"space.{key}: give at least one value")
+        for name in (
+            "samples",
+            "epochs",
+            "grace_period",
+            "perturbation_interval",
+            "max_concurrent_trials",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.scheduler == "pbt" and self.search == "optuna":
+            raise ValueError(
+                "scheduler: pbt picks the next settings itself and cannot follow a search "
+                "algorithm; use search: random or grid with it"
+            )
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.workers_per_trial < 1:
+            raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
+
+    def lr_range(self, optimizer: str) -> tuple[float, float]:
+        return self.lr.get(optimizer, self.lr.get("default", (0.0, 0.0)))
