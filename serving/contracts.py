@@ -3,6 +3,7 @@ beside its graph, and what every predictor offers the app."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol, TypedDict
 
 from serving.model_source import ModelFiles
@@ -39,3 +40,12 @@ class Predictor(Protocol):
 
     def info(self) -> dict[str, Any]:
         """What /v1/models shows of the model (name, input schema, metrics, hashes ...)."""
+
+
+def read_card(files: ModelFiles, task: str, kind: str) -> ModelCard:
+    """The model card beside `files`, checked to describe a `task` model (`kind` names it in
+    the error, e.g. "a classifier"), so a wrong source fails at load, not at the first call."""
+    card: ModelCard = json.loads(files.card.read_text())
+    if card.get("task") != task:
+        raise ValueError(f"{files.source}: not {kind} (task {card.get('task')!r})")
+    return card

@@ -8,13 +8,12 @@ the longest text of the batch, and run through the exported graphs. Client mista
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from serving.contracts import ModelCard
+from serving.contracts import read_card
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -34,11 +33,7 @@ class MaskedLmPredictor:
         from tokenizers import Tokenizer
 
         self.files = files
-        self.card: ModelCard = json.loads(files.card.read_text())
-        if self.card.get("task") != "masked_lm":
-            raise ValueError(
-                f"{files.source}: not a masked-language model (task {self.card.get('task')!r})"
-            )
+        self.card = read_card(files, "masked_lm", "a masked-language model")
         graphs = self.card["graphs"]
         self.tokenizer = Tokenizer.from_file(str(files.sibling(self.card["tokenizer"])))
         self.fill_mask_session = ort_session(files.onnx, threads, use_gpu)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 from typing import Any
 
 import numpy as np
 
-from serving.contracts import ModelCard
+from serving.contracts import read_card
 from serving.model_source import ModelFiles
 from serving.preprocess import image_to_array
 from serving.runtime import ort_session
@@ -35,9 +34,7 @@ class ClassifierPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
 
         self.files = files
-        self.card: ModelCard = json.loads(files.card.read_text())
-        if self.card.get("task") != "classification":
-            raise ValueError(f"{files.source}: not a classifier (task {self.card.get('task')!r})")
+        self.card = read_card(files, "classification", "a classifier")
         self.session = ort_session(files.onnx, threads, use_gpu)
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.card["input"]["shape"][1:])

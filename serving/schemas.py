@@ -54,15 +54,14 @@ MAX_TEXTS = 256
 MAX_TEXT_CHARS = 20_000
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
 
 
 class FillMaskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Text] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS,
-        description="Texts containing [MASK] one or more times, e.g. 'the [MASK] statement'.",
+    texts: Texts = Field(
+        description="Texts containing [MASK] one or more times, e.g. 'the [MASK] statement'."
     )
     top_k: int = Field(default=5, ge=1, le=100, description="Predictions per [MASK].")
 
@@ -92,10 +91,8 @@ class FillMaskResponse(BaseModel):
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Text] = Field(
-        min_length=1,
-        max_length=MAX_TEXTS,
-        description="Texts to embed; longer than the model's max_length tokens are truncated.",
+    texts: Texts = Field(
+        description="Texts to embed; longer than the model's max_length tokens are truncated."
     )
 
 

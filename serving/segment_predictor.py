@@ -7,13 +7,12 @@ count/amount is an `InputError` naming `customers[i].field`.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 
-from serving.contracts import ModelCard
+from serving.contracts import read_card
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -23,11 +22,7 @@ class SegmentPredictor:
     def __init__(self, files: ModelFiles, threads: int = 1, use_gpu: bool | None = None) -> None:
 
         self.files = files
-        self.card: ModelCard = json.loads(files.card.read_text())
-        if self.card.get("task") != "segmentation":
-            raise ValueError(
-                f"{files.source}: not a segmentation model (task {self.card.get('task')!r})"
-            )
+        self.card = read_card(files, "segmentation", "a segmentation model")
         self.session = ort_session(files.onnx, threads, use_gpu)
         self.features: list[str] = self.card["input"]["feature_names"]
         self.non_negative = set(self.card["input"].get("non_negative", []))

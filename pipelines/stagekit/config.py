@@ -200,19 +200,25 @@ def declared_keys(function: Callable[..., Any]) -> list[str]:
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """params.yaml as a mapping, its top-level keys checked against SECTIONS."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run from the repository root)")
+    return _yaml_sections(path, SECTIONS, "unknown key {key}; known sections: {known}")
+
+
+def _yaml_sections(path: Path, known: Iterable[str], unknown_message: str) -> dict[str, Any]:
+    """The YAML mapping in `path`, every top-level key one of `known` (else a UserError
+    from `unknown_message`, formatted with `key` and `known`)."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found (run from the repository root)") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
+    known = tuple(known)
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections, got {raw!r}")
-    unknown = sorted(set(raw) - set(SECTIONS))
+        raise UserError(f"{path}: expected a mapping with {', '.join(known)} keys, got {raw!r}")
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise UserError(
-            f"{path}: unknown key {unknown[0]!s}; known sections: {', '.join(SECTIONS)}"
-        )
+        message = unknown_message.format(key=unknown[0], known=", ".join(known))
+        raise UserError(f"{path}: {message}")
     return raw
 
 
@@ -268,15 +274,7 @@ def overlay_sections(path: str | Path, sections: dict[str, Any]) -> dict[str, An
     if not path.is_file():
         hint = " (run `dvc repro tune` first)" if "tune" in path.parts else ""
         raise UserError(f"tuned_params: {path} not found{hint}")
-    try:
-        overlay = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(overlay, dict):
-        raise UserError(f"{path}: expected a mapping with {' and/or '.join(sections)} keys")
-    unknown = sorted(set(overlay) - set(sections))
-    if unknown:
-        raise UserError(f"{path}: {unknown[0]}: only {', '.join(sections)} can be set here")
+    overlay = _yaml_sections(path, sections, "{key}: only {known} can be set here")
     merged = dict(sections)
     for name, values in overlay.items():
         fields = {**config_to_dict(sections[name]), **(values or {})}

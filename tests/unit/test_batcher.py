@@ -26,25 +26,28 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def test_concurrent_calls_share_a_batch_and_get_their_own_results() -> None:
-    model = Doubler()
-    batcher = DynamicBatcher(model, max_batch_size=32)
+def submit_all(batcher: DynamicBatcher, items) -> list:
+    """Submit every item at once, as concurrent clients would; their answers in order."""
 
     async def main():
-        return await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+        return await asyncio.gather(*(batcher.submit(i) for i in items))
 
-    assert run(main()) == [i * 2 for i in range(10)]
+    return run(main())
+
+
+def test_concurrent_calls_share_a_batch_and_get_their_own_results() -> None:
+    model = Doubler()
+    assert submit_all(DynamicBatcher(model, max_batch_size=32), range(10)) == [
+        i * 2 for i in range(10)
+    ]
     assert model.batches == [list(range(10))]
 
 
 def test_batches_never_exceed_max_batch_size() -> None:
     model = Doubler()
-    batcher = DynamicBatcher(model, max_batch_size=4)
-
-    async def main():
-        return await asyncio.gather(*(batcher.submit(i) for i in range(10)))
-
-    assert run(main()) == [i * 2 for i in range(10)]
+    assert submit_all(DynamicBatcher(model, max_batch_size=4), range(10)) == [
+        i * 2 for i in range(10)
+    ]
     assert [len(b) for b in model.batches] == [4, 4, 2]
 
 
