@@ -49,3 +49,16 @@ def read_card(files: ModelFiles, task: str, kind: str) -> ModelCard:
     if card.get("task") != task:
         raise ValueError(f"{files.source}: not {kind} (task {card.get('task')!r})")
     return card
+
+
+def card_info(files: ModelFiles, card: ModelCard, session: Any) -> dict[str, Any]:
+    """What /v1/models shows of every model, whatever its kind: its name, where it was loaded
+    from, its task, test figures, graph hash and the onnxruntime providers it runs on."""
+    return {
+        "name": card["name"],
+        "source": files.source,
+        "task": card["task"],
+        "metrics": card["metrics"],
+        "onnx_sha256": card["hashes"]["onnx_sha256"],
+        "providers": session.get_providers(),
+    }

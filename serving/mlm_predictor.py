@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.contracts import read_card
+from serving.contracts import card_info, read_card
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -46,15 +46,10 @@ class MaskedLmPredictor:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.card["name"],
-            "source": self.files.source,
-            "task": self.card["task"],
+            **card_info(self.files, self.card, self.fill_mask_session),
             "max_length": self.max_length,
             "vocab_size": self.card["vocab_size"],
             "embedding_size": self.card["graphs"]["embed"]["shape"][1],
-            "metrics": self.card["metrics"],
-            "onnx_sha256": self.card["hashes"]["onnx_sha256"],
-            "providers": self.fill_mask_session.get_providers(),
         }
 
     def encode(self, texts: list[str], field: str, truncate: bool) -> Encoded:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.contracts import read_card
+from serving.contracts import card_info, read_card
 from serving.model_source import ModelFiles
 from serving.preprocess import image_to_array
 from serving.runtime import ort_session
@@ -44,15 +44,10 @@ class ClassifierPredictor:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.card["name"],
-            "source": self.files.source,
-            "task": self.card["task"],
+            **card_info(self.files, self.card, self.session),
             "input": self.card["input"],
             "class_names": self.class_names,
             "preprocessing": self.card["preprocessing"],
-            "metrics": self.card["metrics"],
-            "onnx_sha256": self.card["hashes"]["onnx_sha256"],
-            "providers": self.session.get_providers(),
         }
 
     def features_to_array(self, instances: list[list[float]]) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.contracts import read_card
+from serving.contracts import card_info, read_card
 from serving.model_source import ModelFiles
 from serving.predictor import InputError
 from serving.runtime import ort_session
@@ -30,15 +30,10 @@ class SegmentPredictor:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.card["name"],
-            "source": self.files.source,
-            "task": self.card["task"],
+            **card_info(self.files, self.card, self.session),
             "model": self.card["model"],
             "input": {"feature_names": self.features},
             "segments": self.card["segments"],
-            "metrics": self.card["metrics"],
-            "onnx_sha256": self.card["hashes"]["onnx_sha256"],
-            "providers": self.session.get_providers(),
         }
 
     def records_to_array(self, records: list[dict[str, float]]) -> np.ndarray:

@@ -8,21 +8,19 @@ from typing import Literal
 from models.transformer import EncoderConfig
 from pipelines.stagekit.config import Section, TrainConfig
 
-
-def _mlm_train_defaults() -> TrainConfig:
-    # A transformer wants AdamW, warm-up then decay, a small decoupled weight decay and more
-    # epochs than the digits CNN; sized so `dvc repro pretrain_mlm` fits in about ten
-    # minutes on 2 CPU cores.
-    return TrainConfig(
-        epochs=40,
-        batch_size=16,
-        optimizer="adamw",
-        lr=0.002,
-        lr_schedule="cosine",
-        warmup_epochs=2,
-        weight_decay=0.01,
-        early_stopping_patience=5,
-    )
+# A transformer wants AdamW, warm-up then decay, a small decoupled weight decay and more
+# epochs than the digits CNN; sized so `dvc repro pretrain_mlm` fits in about ten minutes on
+# 2 CPU cores. (A frozen instance is a safe shared default.)
+MLM_TRAIN = TrainConfig(
+    epochs=40,
+    batch_size=16,
+    optimizer="adamw",
+    lr=0.002,
+    lr_schedule="cosine",
+    warmup_epochs=2,
+    weight_decay=0.01,
+    early_stopping_patience=5,
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -48,7 +46,7 @@ class MlmConfig(Section):
     """Share of tokens chosen for prediction (80% [MASK], 10% random, 10% unchanged)."""
     model: EncoderConfig = field(default_factory=EncoderConfig)
     """The transformer encoder (max_length also sets the packed block length)."""
-    train: TrainConfig = field(default_factory=_mlm_train_defaults)
+    train: TrainConfig = MLM_TRAIN
     """Optimisation and Ray Train settings of the pretraining (`loss` is not used: the loss
     is the cross-entropy at masked positions)."""
     registered_model: str = "dlpipe-mlm"

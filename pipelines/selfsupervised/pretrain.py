@@ -116,17 +116,14 @@ def pretrain_mlm(
         write_json(metrics_path, figures)
         run.log_metrics({k: float(v) for k, v in figures.items()})
         run.log_artifact(Path(output) / "learning_curves.png", "plots")
+    # A mapping as the one argument: the format names the figures it prints.
     log.info(
-        "held-out documents (%d masked tokens):\n"
+        "held-out documents (%(val_masked_tokens)d masked tokens):\n"
         "                      masked accuracy   perplexity\n"
-        "  encoder             %15.4f %12.1f\n"
-        "  most frequent token %15.4f            -\n"
-        "  unigram model                     - %12.1f",
-        figures["val_masked_tokens"],
-        figures["masked_accuracy"],
-        figures["perplexity"],
-        figures["baseline_masked_accuracy"],
-        figures["unigram_perplexity"],
+        "  encoder             %(masked_accuracy)15.4f %(perplexity)12.1f\n"
+        "  most frequent token %(baseline_masked_accuracy)15.4f            -\n"
+        "  unigram model                     - %(unigram_perplexity)12.1f",
+        figures,
     )
     return figures
 

@@ -331,10 +331,9 @@ def train_pseudolabel(
         write_json(metrics_path, figures)
         parent.log_artifact(Path(output) / "learning_curves.png", "plots")
     log.info(
-        "final student test accuracy %.4f (round-0 teacher %.4f, supervised-only baseline %.4f)",
-        figures["test_accuracy"],
-        figures["teacher_test_accuracy"],
-        figures["baseline_test_accuracy"],
+        "final student test accuracy %(test_accuracy).4f (round-0 teacher "
+        "%(teacher_test_accuracy).4f, supervised-only baseline %(baseline_test_accuracy).4f)",
+        figures,
     )
     return figures
 

@@ -93,14 +93,9 @@ def segment_digits(
         write_json(metrics_path, figures)
         run.log_metrics({key: float(v) for key, v in figures.items()})
     log.info(
-        "digits, labels hidden: autoencoder + K-means%s accuracy %.4f, NMI %.4f, ARI %.4f "
-        "(K-means on pixels: %.4f, %.4f)",
-        " + IDEC" if digits.refine_epochs else "",
-        figures["accuracy"],
-        figures["nmi"],
-        figures["ari"],
-        figures["kmeans_accuracy"],
-        figures["kmeans_nmi"],
+        "digits, labels hidden: autoencoder + K-means%(idec)s accuracy %(accuracy).4f, "
+        "NMI %(nmi).4f, ARI %(ari).4f (K-means on pixels: %(kmeans_accuracy).4f, %(kmeans_nmi).4f)",
+        {**figures, "idec": " + IDEC" if digits.refine_epochs else ""},
     )
     return figures
 

@@ -19,16 +19,7 @@ from tests.helpers import REPO, generated_transaction_log, run_command
 
 pytestmark = pytest.mark.integration
 
-SUPERVISED = ("ingest_digits", "prepare", "train_supervised", "evaluate", "export")
-PSEUDOLABEL = (
-    "prepare_pseudolabel",
-    "train_pseudolabel",
-    "evaluate_pseudolabel",
-    "export_pseudolabel",
-)
-MLM = ("ingest_corpus", "prepare_mlm", "pretrain_mlm", "export_mlm")
-SEGMENT = ("ingest_transactions", "segment", "export_segment", "segment_digits")
-STAGES = SUPERVISED + PSEUDOLABEL + MLM + SEGMENT + ("tune",)
+STAGES = tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # every stage
 
 
 def free_cpus() -> float:
