@@ -4,7 +4,7 @@ every paradigm shares (`train`, `export`).
 A stage declares each params value it reads as an annotated parameter of its function:
 
     def pretrain_mlm(
-        mlm: Annotated[MlmConfig, Param("mlm", reads=("model", "train", "experiment"))],
+        mlm: Annotated[MlmConfig, Param("mlm", reads=("mask_probability", "model", "train"))],
         data_dir: str = "data/prepared/mlm",
         ...
 
@@ -54,9 +54,10 @@ plus its dataclass beside the stages that read it."""
 
 
 class Section:
-    """Base of the params sections (declared `@dataclass(frozen=True, repr=False)`). A view of one (see `view`) holds only the keys its stage
-    declares; reading another raises AttributeError naming it, where a plain dataclass would
-    silently answer with the class-level default."""
+    """Base of the params sections (declared `@dataclass(frozen=True, repr=False)`). A view
+    of one (see `view`) holds only the keys its stage declares; reading another raises
+    AttributeError naming it, where a plain dataclass would silently answer with the
+    class-level default."""
 
     def __getattribute__(self, name: str) -> Any:
         values = object.__getattribute__(self, "__dict__")
@@ -73,16 +74,16 @@ class Section:
         # Sections are declared with repr=False: the generated repr would read every field,
         # and raise on a view.
         values = vars(self)
-        shown = [
-            f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(self) if f.name in values
-        ]  # type: ignore[arg-type]
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        shown = [f"{f.name}={values[f.name]!r}" for f in fields if f.name in values]
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
 @dataclass(frozen=True)
 class Param:
     """Marks a stage parameter as a params.yaml value: `section` is a top-level key; `reads`,
-    when given, narrows a section to those keys (dotted for nested ones, e.g. `model.max_length`)."""
+    when given, narrows a section to those keys (dotted for a nested section that is itself a
+    `Section`; a models/ config such as `mlm.model` is read whole)."""
 
     section: str
     reads: tuple[str, ...] = ()
