@@ -21,7 +21,15 @@ from pipelines.tuning.space import tuned_values
 log = logging.getLogger(__name__)
 
 TRIAL_TAG = "tune_trial_id"
+NUMBER_TAG = "tune_trial"  # the trial's number in the search, as the stage's files give it
 CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
+
+
+def trial_number(trial_id: str) -> int:
+    """The trial's number in its search: the counter after the search's random prefix
+    (`d9858_00003` -> 3). The files DVC hashes name trials by it, so the same search
+    writes the same bytes; MLflow keeps the full id beside it."""
+    return int(trial_id.rpartition("_")[2])
 
 
 def trial_status(last: dict[str, Any], max_epochs: int, scheduler: str = "asha") -> str:
@@ -70,7 +78,11 @@ class TrialTracking(Callback):
             self.parent,
             self.tune.experiment,
             f"trial-{trial.trial_id}",
-            {TRIAL_TAG: trial.trial_id, "optimizer": settings["train"]["optimizer"]},
+            {
+                TRIAL_TAG: trial.trial_id,
+                NUMBER_TAG: str(trial_number(trial.trial_id)),
+                "optimizer": settings["train"]["optimizer"],
+            },
         )
         run.log_params(settings)
         self.runs[trial.trial_id] = run

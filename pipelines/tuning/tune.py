@@ -117,7 +117,9 @@ def tune_search(
         write_json(metrics_path, summary)
         parent.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         parent.set_tags({"best_trial": best["trial_id"], "best_optimizer": best["optimizer"]})
-        for child_id, run in tracking.child_runs(parent, tune.experiment, "tune_trial_id").items():
+        from pipelines.tuning.trial_tracking import TRIAL_TAG  # Ray Tune: imported when used
+
+        for child_id, run in tracking.child_runs(parent, tune.experiment, TRIAL_TAG).items():
             if child_id == best["trial_id"]:
                 run.set_tags({"best_trial": "true"})
         parent.log_artifact(Path(output) / BEST_PARAMS_FILE)
@@ -300,7 +302,7 @@ def _require_optuna() -> None:
 
 def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
     """One row per trial (its settings, status, best figures) and each trial's curves."""
-    from pipelines.tuning.trial_tracking import trial_status
+    from pipelines.tuning.trial_tracking import trial_number, trial_status
 
     rows, curves = [], {}
     for result in grid:
@@ -321,6 +323,7 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
         rows.append(
             {
                 "trial_id": trial_id,
+                "trial": trial_number(trial_id),
                 "optimizer": result.config["optimizer"],
                 "lr": learning_rate(tune, result.config["optimizer"], result.config[LR_SCALE]),
                 **{key: _space_value(settings, key) for key in tune.space},
@@ -350,7 +353,7 @@ def summarize(rows: list[dict[str, Any]], tune: TuneConfig) -> dict[str, Any]:
         f"best_{tune.metric}": float(best[tune.metric]),
         "best_optimizer": best["optimizer"],
         "best_lr": float(best["lr"]),
-        "best_trial": best["trial_id"],
+        "best_trial": best["trial"],
         "trials": len(rows),
         "trials_stopped_early": sum(r["status"] == "stopped_early" for r in rows),
         "trials_diverged": sum(r["status"] == "diverged" for r in rows),
@@ -376,7 +379,7 @@ def best_per_optimizer(rows, curves, tune: TuneConfig) -> dict[str, list[dict]]:
 def best_params_yaml(best: dict[str, Any], summary: dict[str, Any], tune: TuneConfig) -> str:
     header = (
         "# Written by the `tune` stage: the best trial's settings "
-        f"({tune.metric} {best[tune.metric]:.4f}, trial {best['trial_id']} of "
+        f"({tune.metric} {best[tune.metric]:.4f}, trial {best['trial']} of "
         f"{summary['trials']}).\n"
         "# Train with them: set `tuned_params: artifacts/tune/best_params.yaml` in params.yaml\n"
         "# (train_supervised lays them over `train` and `model`), then `dvc repro`.\n"
@@ -386,7 +389,7 @@ def best_params_yaml(best: dict[str, Any], summary: dict[str, Any], tune: TuneCo
 
 def result_columns(tune: TuneConfig) -> list[str]:
     return [
-        "trial_id",
+        "trial",
         "optimizer",
         "lr",
         *tune.space,

@@ -77,6 +77,7 @@ def test_search_covers_every_optimizer_and_survives_a_diverging_trial(searched):
     with (root / "out" / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {r["optimizer"] for r in rows} == {"minibatch_sgd", "adam", "rmsprop"}
+    assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2]
     diverged = [r for r in rows if r["status"] == "diverged"]
     assert [r["optimizer"] for r in diverged] == ["minibatch_sgd"]
     assert {r["train.batch_size"] for r in rows} <= {"32", "64"}
@@ -94,7 +95,10 @@ def test_mlflow_has_a_parent_run_and_one_child_per_trial(searched):
     statuses = sorted(r.data.tags["status"] for r in children)
     assert statuses.count("diverged") == 1
     best = [r for r in children if r.data.tags.get("best_trial") == "true"]
-    assert len(best) == 1 and best[0].data.tags["tune_trial_id"] == summary["best_trial"]
+    # The stage's files number the trials (the same search, the same bytes); MLflow has
+    # both the number and Tune's id, whose prefix is random per search.
+    assert len(best) == 1 and best[0].data.tags["tune_trial"] == str(summary["best_trial"])
+    assert best[0].data.tags["tune_trial_id"].endswith(f"_{summary['best_trial']:05d}")
     client = MlflowClient(uri)
     curve = client.get_metric_history(best[0].info.run_id, "val_accuracy")
     assert len(curve) >= 1 and max(m.value for m in curve) == pytest.approx(
