@@ -25,11 +25,12 @@ NUMBER_TAG = "tune_trial"  # the trial's number in the search, as the stage's fi
 CURVE_KEYS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr")
 
 
-def trial_number(trial_id: str) -> int:
-    """The trial's number in its search: the counter after the search's random prefix
-    (`d9858_00003` -> 3). The files DVC hashes name trials by it, so the same search
-    writes the same bytes; MLflow keeps the full id beside it."""
-    return int(trial_id.rpartition("_")[2])
+def trial_number(experiment_tag: str) -> int:
+    """The trial's number in its search, which Tune's experiment tag starts with
+    (`3_lr=...`). The files DVC hashes name trials by it, so the same search writes the same
+    bytes: Tune's trial ids are random per search (`d9858_00003`, or a uuid under Optuna);
+    MLflow keeps them beside the number."""
+    return int(experiment_tag.partition("_")[0])
 
 
 def trial_status(last: dict[str, Any], max_epochs: int, scheduler: str = "asha") -> str:
@@ -80,7 +81,7 @@ class TrialTracking(Callback):
             f"trial-{trial.trial_id}",
             {
                 TRIAL_TAG: trial.trial_id,
-                NUMBER_TAG: str(trial_number(trial.trial_id)),
+                NUMBER_TAG: str(trial_number(trial.experiment_tag)),
                 "optimizer": settings["train"]["optimizer"],
             },
         )

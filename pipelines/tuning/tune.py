@@ -323,7 +323,7 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
         rows.append(
             {
                 "trial_id": trial_id,
-                "trial": trial_number(trial_id),
+                "trial": trial_number(_experiment_tag(result, trial_id)),
                 "optimizer": result.config["optimizer"],
                 "lr": learning_rate(tune, result.config["optimizer"], result.config[LR_SCALE]),
                 **{key: _space_value(settings, key) for key in tune.space},
@@ -406,6 +406,12 @@ def _trial_id(result) -> str:
     and it failed or ended before reporting."""
     found = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path).name)
     return found.group(1) if found else str(result.metrics.get("trial_id"))
+
+
+def _experiment_tag(result, trial_id: str) -> str:
+    """The trial's experiment tag (`<number>_<settings>`), from its folder name after the id."""
+    _, found, tag = Path(result.path).name.partition(f"_{trial_id}_")
+    return tag if found else str(result.metrics.get("experiment_tag", ""))
 
 
 def _space_value(settings: dict[str, dict[str, Any]], key: str) -> Any:
