@@ -155,12 +155,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     tracking_uri=... http_port=...` (`none` leaves a model out); serving/config.yaml sets
     the same arguments.
 
-    `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus`
-    (default 0) reserves GPUs per replica, and only then does onnxruntime use CUDA. `http`
-    (a mapping) sets host, port and the limits of serving/http_api.py `Limits`.
+    `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus` the
+    GPU per replica (see `replica_gpus`; onnxruntime uses CUDA only with one). `http` (a
+    mapping) sets host, port and the limits of serving/http_api.py `Limits`.
     """
     threads = int(args.get("threads", 1))
-    actor_options = {"num_cpus": threads, "num_gpus": float(args.get("num_gpus", 0))}
+    gpus = replica_gpus(args.get("num_gpus", "auto"), args.get("max_replicas"))
+    actor_options = {"num_cpus": threads, "num_gpus": gpus}
     http = dict(args.get("http") or {})
     for key in ("host", "port"):  # flat forms for `serve run ... http_port=8080`
         if f"http_{key}" in args:
@@ -172,3 +173,52 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         threads,
         http,
     )
+
+
+def replica_gpus(setting: Any, max_replicas: Any = None) -> float:
+    """The GPU each replica reserves for the app arg `num_gpus` = `setting`:
+
+    - "auto" (the default): none on a cluster without GPUs; otherwise a share sized so that
+      `max_replicas` replicas (default: serving/config.yaml's autoscaling maximum) fit on
+      the cluster's GPUs at once, e.g. 0.25 each for 4 replicas on one GPU;
+    - a number: that many (0: CPU only). More than 0 on a cluster without GPUs is an error
+      naming `num_gpus`, unless this process joined a cluster that may still add GPU nodes.
+
+    Connects to Ray unless `setting` is 0 (the cluster's GPUs decide): `serve run` then
+    uses that connection."""
+    from pipelines.stagekit.errors import UserError
+    from pipelines.training.cluster import (
+        cluster_gpus,
+        connect_ray,
+        joined_cluster,
+        place_workers,
+    )
+
+    if setting == "auto":
+        connect_ray()
+        replicas = int(max_replicas or _default_max_replicas())
+        return place_workers("auto", 1, "num_gpus", replicas).gpus_per_worker
+    try:
+        gpus = float(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"num_gpus: expected auto or a number, got {setting!r}") from None
+    if gpus < 0:
+        raise UserError(f"num_gpus: expected auto or a number >= 0, got {setting!r}")
+    if gpus > 0:
+        connect_ray()
+        if cluster_gpus() == 0 and not joined_cluster():
+            raise UserError(
+                f"num_gpus: {setting}, but the Ray cluster has no GPU; set num_gpus: auto (a "
+                "GPU share when the cluster has GPUs, else CPU) or 0"
+            )
+    return gpus
+
+
+def _default_max_replicas() -> int:
+    from serving.deploy import default_app
+
+    for deployment in default_app().get("deployments", []):
+        autoscaling = deployment.get("autoscaling_config") or {}
+        if "max_replicas" in autoscaling:
+            return int(autoscaling["max_replicas"])
+    return 1

@@ -102,6 +102,7 @@ def _app_config(args: argparse.Namespace, sources: dict[str, str]) -> dict:
                 fit = min(fit, args.max_replicas)
             autoscaling["max_replicas"] = min(autoscaling["max_replicas"], fit)
             autoscaling["min_replicas"] = min(autoscaling["min_replicas"], fit)
+            app["args"]["max_replicas"] = autoscaling["max_replicas"]  # sizes GPU shares
     return app
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from dataclasses import dataclass
+from typing import Literal
 
 from pipelines.stagekit.errors import UserError
 
@@ -34,10 +37,67 @@ def joined_cluster() -> bool:
     return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
 
 
-def cluster_has_gpus() -> bool:
+def cluster_gpus() -> float:
+    """GPUs the connected Ray cluster has (0 without any)."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return ray.cluster_resources().get("GPU", 0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the workers of a run (a training job, a Tune trial, the Serve replicas) go."""
+
+    gpus_per_worker: float
+    """0: CPU workers; 1: a GPU each; a fraction: workers share GPUs."""
+    summary: str
+    """One line for the log, e.g. "2 workers on 1 GPU(s): 0.5 GPU each"."""
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+def gpu_share(gpus: float, workers: int) -> float:
+    """The GPU each of `workers` gets so that all of them fit on `gpus` GPUs at once: a
+    whole one when there are enough, else 1/k for k workers per GPU. Not gpus/workers:
+    Ray fits a fraction of a GPU on one GPU, so 4 workers of 0.75 would not fit on 3."""
+    if workers <= gpus:
+        return 1.0
+    return 1.0 / math.ceil(workers / max(gpus, 1))
+
+
+def place_workers(
+    device: Literal["auto", "cpu", "gpu"], workers: int, key: str, workers_at_once: int = 0
+) -> Placement:
+    """Where `workers` workers run for a `device` setting (`key` names it in errors):
+
+    - cpu, or auto on a cluster without GPUs: one CPU each;
+    - auto or gpu with G GPUs: every worker gets a GPU share, sized so that
+      `workers_at_once` (default `workers`; a search's concurrent trials need more) fit;
+    - gpu without any GPU: a UserError naming `key`, unless this process joined a cluster
+      that may still add GPU nodes (it then waits for one GPU per worker)."""
+    at_once = max(workers_at_once, workers)
+    if device == "cpu":
+        return Placement(0.0, f"{workers} worker(s) on CPU ({key}: cpu)")
+    gpus = cluster_gpus()
+    if gpus < 1:
+        if device == "auto":
+            return Placement(0.0, f"{workers} worker(s) on CPU (the Ray cluster has no GPU)")
+        if not joined_cluster():
+            raise UserError(
+                f"{key}: gpu, but the Ray cluster has no GPU; set {key}: auto (a GPU when "
+                "the cluster has one, else CPU) or cpu"
+            )
+        log.warning("%s: gpu, but the Ray cluster has no GPU yet; waiting for one", key)
+        return Placement(1.0, f"{workers} worker(s), a GPU each (waiting for GPU nodes)")
+    share = gpu_share(gpus, at_once)
+    if share == 1.0:
+        return Placement(1.0, f"{workers} worker(s), a GPU each ({gpus:g} GPU(s) in the cluster)")
+    return Placement(
+        share,
+        f"{at_once} worker(s) at once on {gpus:g} GPU(s): {share:g} GPU each",
+    )
 
 
 def state_api_answers() -> bool:

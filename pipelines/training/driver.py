@@ -24,6 +24,7 @@ from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.dataset import PreparedData
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.tracking import RunLogger
+from pipelines.training.cluster import Placement
 from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
 
 if TYPE_CHECKING:
@@ -56,21 +57,17 @@ def run_name(stage: str, *parts: Any) -> str:
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def check_resources(train: TrainConfig, gpu: bool) -> None:
-    """Fail before starting workers that a local cluster could never place."""
-    from pipelines.training.cluster import require_resources
+def placement(train: TrainConfig, device_key: str, workers_at_once: int = 0) -> Placement:
+    """Where `train.num_workers` workers go (see `place_workers`); fails early, naming
+    `train.num_workers`, when a local cluster could never place that many CPU workers."""
+    from pipelines.training.cluster import place_workers, require_resources
 
-    kind = "GPU" if gpu else "CPU"
-    hint = "set train.device: cpu" if gpu else "lower train.num_workers"
-    require_resources(kind, train.num_workers, f"train.num_workers={train.num_workers}", hint)
-
-
-def use_gpu(train: TrainConfig) -> bool:
-    from pipelines.training.cluster import cluster_has_gpus
-
-    if train.device == "auto":
-        return cluster_has_gpus()
-    return train.device == "gpu"
+    placed = place_workers(train.device, train.num_workers, device_key, workers_at_once)
+    if not placed.use_gpu:
+        key = device_key.replace(".device", ".num_workers")
+        what = f"{key}={train.num_workers}"
+        require_resources("CPU", train.num_workers, what, f"lower {key}")
+    return placed
 
 
 def supervised_arrays(data: PreparedData) -> dict[str, np.ndarray]:
@@ -128,11 +125,14 @@ def run_training(
     train: TrainConfig,
     name: str,
     callbacks: list[Any] | None = None,
+    workers_at_once: int = 0,
 ) -> Result:
     """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result.
-    `callbacks` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a trial."""
+    `callbacks` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a trial;
+    `workers_at_once` the workers of every run that shares the GPUs with this one (a
+    search's concurrent trials), for sizing GPU shares."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.training.cluster import connect_ray
 
@@ -143,12 +143,20 @@ def run_training(
     # Without this, every print on a worker reaches the console twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     connect_ray()
-    gpu = use_gpu(train)
-    check_resources(train, gpu)
+    # The section of the run's settings (train, mlm.train, tune): its lr_key's.
+    device_key = config["lr_key"].rsplit(".", 1)[0] + ".device"
+    placed = placement(train, device_key, workers_at_once)
+    log.info("%s: %s", name, placed.summary)
+    # NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors too (more slowly).
+    shared_gpu = placed.use_gpu and placed.gpus_per_worker < 1 and train.num_workers > 1
+    resources = {"GPU": placed.gpus_per_worker} if placed.use_gpu else None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=gpu),
+        torch_config=TorchConfig(backend="gloo" if shared_gpu else None),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers, use_gpu=placed.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path(),

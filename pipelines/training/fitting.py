@@ -16,7 +16,13 @@ from torch import nn
 from models.optimizers import batch_size_for, make_optimizer
 from pipelines.stagekit.config import TrainConfig
 from pipelines.training.batches import shard_for_eval
-from pipelines.training.loop import EarlyStopping, TrainingState, fit, scheduled_lr
+from pipelines.training.loop import (
+    EarlyStopping,
+    TrainingState,
+    fit,
+    precision_for,
+    scheduled_lr,
+)
 
 if TYPE_CHECKING:
     from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
@@ -74,7 +80,7 @@ def fit_task(
         epochs=train.epochs,
         device=device,
         classification=task.classification,
-        amp=train.amp,
+        precision=precision_for(device, train.amp),
         divergence_factor=train.divergence_factor,
         reduce=reduce,
         on_epoch_end=on_epoch_end,

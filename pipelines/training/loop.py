@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -61,6 +61,10 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
     best_model_state: dict[str, torch.Tensor] | None = None
     first_train_loss: float | None = None
+    scaler: torch.amp.GradScaler | None = None
+    """fp16's loss scaler (see `gradient_scaler`); None until `fit` starts."""
+    saved_scaler: dict[str, Any] | None = None
+    """The loss scaler's state in the checkpoint this run resumed from."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +75,7 @@ class TrainingState:
             "history": list(self.history),
             "best_model": self.best_model_state,
             "first_train_loss": self.first_train_loss,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else self.saved_scaler,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -91,6 +96,7 @@ class TrainingState:
         self.history = list(state["history"])
         self.best_model_state = state["best_model"]
         self.first_train_loss = state["first_train_loss"]
+        self.saved_scaler = state.get("scaler")  # absent in checkpoints of older code
 
 
 TIMING_KEYS = ("epoch_seconds", "train_seconds", "data_wait_seconds")
@@ -109,11 +115,45 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def autocast_for(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked for; a no-op on CPU (where it would only slow down)."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def choose_precision(device_type: str, amp: bool, bf16_supported: bool) -> Precision:
+    """The arithmetic of a run: bf16 autocast on a GPU that has bf16 units (Ampere and
+    later), fp16 autocast (with a gradient scaler) on an older GPU, fp32 on CPU, where
+    autocast would only slow training down, or when `amp` is off."""
+    if not amp or device_type != "cuda":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def precision_for(device: torch.device, amp: bool) -> Precision:
+    """`choose_precision` for `device` as it is (asks CUDA whether bf16 is native)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_precision(device.type, amp, bf16)
+
+
+_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """Autocast to `precision`'s dtype on `device`; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPE[precision])
+
+
+def gradient_scaler(
+    state: TrainingState, device: torch.device, precision: Precision
+) -> torch.amp.GradScaler:
+    """The run's gradient scaler: live for fp16, whose small range lets gradients underflow
+    to zero unless the loss is scaled up first; a pass-through otherwise (bf16 has fp32's
+    range). Continues the loss scale of a resumed run."""
+    if state.scaler is None:
+        state.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if state.saved_scaler and state.scaler.is_enabled():
+            state.scaler.load_state_dict(state.saved_scaler)
+    return state.scaler
 
 
 def batch_totals(
@@ -142,16 +182,23 @@ def train_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     classification: bool,
     weight: torch.Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """One optimisation step; returns the batch totals [loss * n, correct, n].
 
-    `weight` scales each example's loss (pseudo-labels during their ramp-up)."""
+    `weight` scales each example's loss (pseudo-labels during their ramp-up); `scaler`
+    scales the loss for fp16 (see `gradient_scaler`)."""
     optimizer.zero_grad(set_to_none=True)
     with autocast():
         output = model(x)
         loss = loss_fn(output.float(), y, weight)
-    loss.backward()
-    optimizer.step()
+    if scaler is None or not scaler.is_enabled():
+        loss.backward()
+        optimizer.step()
+    else:  # skips the step when the scaled gradients overflowed, then adjusts the scale
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return batch_totals(output, y, loss, classification)
 
 
@@ -209,21 +256,24 @@ def run_epoch(
     batches: Batches,
     loss_fn: nn.Module,
     device: torch.device,
-    amp: bool,
+    precision: Precision,
     classification: bool,
     optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms."""
     model.train(optimizer is not None)
     totals = torch.zeros(3, device=device)
-    autocast = functools.partial(autocast_for, device, amp)  # a fresh context per step
+    autocast = functools.partial(autocast_for, device, precision)  # a fresh context per step
     for x, y, *weight in batches:  # (x, y) or (x, y, per-example weight)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if optimizer is None:
             totals += eval_step(model, x, y, loss_fn, autocast, classification)
         else:
             w = weight[0].to(device, non_blocking=True) if weight else None
-            totals += train_step(model, x, y, loss_fn, optimizer, autocast, classification, w)
+            totals += train_step(
+                model, x, y, loss_fn, optimizer, autocast, classification, w, scaler
+            )
     # Gradients of the epoch's last step: a cheap, representative sample.
     norms = gradient_norms(model) if optimizer is not None else {}
     return totals, norms
@@ -260,7 +310,7 @@ def fit(
     epochs: int,
     device: torch.device,
     classification: bool,
-    amp: bool = False,
+    precision: Precision = "fp32",
     divergence_factor: float = 100.0,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
@@ -279,6 +329,7 @@ def fit(
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
+    scaler = gradient_scaler(state, device, precision)
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
         if lr_at is not None:
@@ -286,13 +337,20 @@ def fit(
                 group["lr"] = lr_at(epoch)
         batches = TimedBatches(train_batches(epoch))
         train_totals, norms = run_epoch(
-            state.model, batches, loss_fn, device, amp, classification, state.optimizer
+            state.model,
+            batches,
+            loss_fn,
+            device,
+            precision,
+            classification,
+            state.optimizer,
+            scaler,
         )
         train_seconds = time.perf_counter() - started
         # Evaluate the bare module: DDP's forward may broadcast buffers, a collective that
         # would hang when workers hold different numbers of validation batches.
         val_totals, _ = run_epoch(
-            unwrap(state.model), val_batches(), loss_fn, device, amp, classification
+            unwrap(state.model), val_batches(), loss_fn, device, precision, classification
         )
         totals = reduce(torch.cat([train_totals, val_totals]))
         metrics = {

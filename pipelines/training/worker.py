@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.tracking import RunLogger
 from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
-from pipelines.training.loop import TrainingDiverged, TrainingState, unwrap
+from pipelines.training.loop import TrainingDiverged, TrainingState, precision_for, unwrap
 
 STATE_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npy"
@@ -56,6 +56,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = state.next_epoch
 
     logger = RunLogger(**config["mlflow"]) if rank == 0 and config.get("mlflow") else None
+    placement = _placement_tags(device, world_size, precision_for(device, train_cfg.amp))
+    if rank == 0:
+        print(f"workers: {placement['worker_devices']}; precision {placement['precision']}")
+        if logger is not None:  # tags, not params: a restart may land on other nodes
+            _tracked(lambda: logger.set_tags(placement))
     if logger is not None and state.history:
         # A resumed run: make sure the MLflow run has the curves of the epochs before it.
         already = _tracked(lambda: logger.logged_steps("train_loss"), default=set())
@@ -152,6 +157,25 @@ def interleave_shards(parts: list[np.ndarray], total: int) -> np.ndarray:
         if len(part):
             full[worker::world_size] = part
     return full
+
+
+def _placement_tags(device: torch.device, world_size: int, precision: str) -> dict[str, str]:
+    """Where every rank runs, gathered from all of them (on every rank): `worker_nodes`,
+    Ray node ids in rank order; `worker_devices`, "rank@node-ip:device" for people;
+    `precision`, the run's arithmetic (fp32 / bf16 / fp16)."""
+    context = ray.get_runtime_context()
+    mine = (context.get_node_id(), ray.util.get_node_ip_address(), str(device))
+    places: list = [mine]
+    if world_size > 1:
+        places = [None] * world_size
+        dist.all_gather_object(places, mine)
+    return {
+        "worker_nodes": ",".join(node for node, _, _ in places),
+        "worker_devices": ", ".join(
+            f"{rank}@{ip}:{where}" for rank, (_, ip, where) in enumerate(places)
+        ),
+        "precision": precision,
+    }
 
 
 def _tracked(call, default=None):

@@ -69,8 +69,9 @@ class TuneConfig(Section):
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1
     """Ray Train workers per trial."""
-    device: Literal["auto", "cpu", "gpu"] = "cpu"
-    """Where trials train (auto: GPU when the cluster has one)."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where trials train: auto takes GPU shares when the cluster has GPUs (sized so that
+    `max_concurrent_trials` x `workers_per_trial` workers fit at once), else CPU."""
     seed: int = 0
     """Seed of the search (sampling) and of every trial's training."""
     experiment: str = "dlpipe-tune"
@@ -126,3 +127,8 @@ class TuneConfig(Section):
 
     def lr_range(self, optimizer: str) -> tuple[float, float]:
         return self.lr.get(optimizer, self.lr.get("default", (0.0, 0.0)))
+
+
+def workers_at_once(tune: TuneConfig) -> int:
+    """Workers of every trial that runs at the same time: what the GPUs are shared among."""
+    return tune.max_concurrent_trials * tune.workers_per_trial

@@ -29,7 +29,7 @@ from pipelines.training.driver import (
     supervised_task,
 )
 from pipelines.training.worker import train_loop_per_worker
-from pipelines.tuning.config import TuneConfig
+from pipelines.tuning.config import TuneConfig, workers_at_once
 from pipelines.tuning.space import trial_settings
 
 REPORT_WAIT_S = 1.0
@@ -60,7 +60,14 @@ def run_trial(
         config["initial_checkpoint"] = start
 
     def train_run(callbacks: list[Any]) -> None:
-        run_training(train_loop_per_worker, config, train_cfg, name, callbacks=callbacks)
+        run_training(
+            train_loop_per_worker,
+            config,
+            train_cfg,
+            name,
+            callbacks=callbacks,
+            workers_at_once=workers_at_once(tune),
+        )
 
     if tune.scheduler != "pbt":
         train_run([TuneReportCallback()])

@@ -37,7 +37,7 @@ from pipelines.stagekit.plots import best_curves_png, lr_sweep_png, write_csv
 from pipelines.stagekit.stage import stage_command
 from pipelines.training.cluster import remove_orphaned_placement_groups
 from pipelines.training.driver import run_name, storage_path, supervised_arrays
-from pipelines.tuning.config import TuneConfig
+from pipelines.tuning.config import TuneConfig, workers_at_once
 from pipelines.tuning.space import (
     LR_SCALE,
     check_space,
@@ -174,18 +174,27 @@ def make_tuner(
     """A new Tuner, or the interrupted one restored from `experiment_dir`."""
     from ray import tune as ray_tune
 
-    from pipelines.training.cluster import connect_ray, require_resources, state_api_answers
+    from pipelines.training.cluster import (
+        connect_ray,
+        place_workers,
+        require_resources,
+        state_api_answers,
+    )
     from pipelines.tuning.trial import run_trial
     from pipelines.tuning.trial_tracking import TrialTracking
 
     connect_ray()
-    gpu = tune.device == "gpu"
-    require_resources(
-        "GPU" if gpu else "CPU",
-        tune.workers_per_trial,
-        f"tune.workers_per_trial={tune.workers_per_trial}",
-        "lower tune.workers_per_trial",
+    placed = place_workers(
+        tune.device, tune.workers_per_trial, "tune.device", workers_at_once(tune)
     )
+    log.info("trials: %s", placed.summary)
+    if not placed.use_gpu:
+        require_resources(
+            "CPU",
+            tune.workers_per_trial,
+            f"tune.workers_per_trial={tune.workers_per_trial}",
+            "lower tune.workers_per_trial",
+        )
     if tune.scheduler != "none" and not state_api_answers():
         # Ray Train frees the workers of a trial that Tune stops early only once its
         # PlacementGroupCleaner sees (through the State API) that the trial is gone.

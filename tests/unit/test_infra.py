@@ -36,7 +36,7 @@ def test_serve_configs_are_valid_and_build_the_serving_app(where):
     module, name = app["import_path"].split(":")
     assert getattr(importlib.import_module(module), name) is build_app
     assert app["args"]["model"].startswith("models:/")
-    built = build_app(app["args"])
+    built = build_app({**app["args"], "num_gpus": 0})  # auto would ask a Ray cluster
     # Settings in `deployments` apply only to a deployment of that name.
     assert [d["name"] for d in app["deployments"]] == [PredictionService.name]
     assert built._bound_deployment.name == PredictionService.name

@@ -39,7 +39,7 @@ def run(
     divergence_factor=100.0,
     on_epoch_end=None,
     device=CPU,
-    amp=False,
+    precision="fp32",
 ):
     x, y = blobs()
     train = ShardedBatches(x[:300], y[:300], batch_size=32, seed=1)
@@ -51,7 +51,7 @@ def run(
         lambda: val.epoch(0),
         epochs=epochs,
         device=device,
-        amp=amp,
+        precision=precision,
         classification=True,
         divergence_factor=divergence_factor,
         on_epoch_end=on_epoch_end,
