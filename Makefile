@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-unit lint ui bench bench-deps clean
+.PHONY: install demo serve test test-unit lint ui bench bench-deps gpu-check clean
 
 install: $(STAMP)
 
@@ -63,6 +63,13 @@ bench-deps:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y --no-install-recommends wrk dataset-fashion-mnist; \
 	fi
+
+# The GPU check (benchmarks/gpu.py, a few minutes on a GPU; skips the CUDA parts without
+# one): the default CNN and the MLM encoder on CUDA in fp32 and bf16 against CPU, the
+# encoder's MFU, ONNX parity. No `install` first: a lent GPU machine has torch and
+# onnxruntime but no network, so it runs on .venv's python where there is one, else $(PYTHON).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu.py
 
 # The MLflow dashboard on http://127.0.0.1:5000
 ui: install

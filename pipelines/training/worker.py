@@ -40,10 +40,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = config["task"]
     classification = task.classification
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Ray reserved a GPU (share) for this worker, but torch here cannot use one: a CPU
+        # build of torch on a GPU node, or a cluster that declares GPUs it lacks. Training
+        # on CPU beats failing; the line says what to fix.
+        print(
+            f"warning: rank {rank} was given GPU {ray.get_gpu_ids()} but torch "
+            f"{torch.__version__} here has no CUDA; training on CPU",
+            flush=True,
+        )
+        device = torch.device("cpu")
 
     arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
 
-    state = initial_state(task, train_cfg, ray.train.torch.prepare_model)
+    state = initial_state(
+        task,
+        train_cfg,
+        lambda model: ray.train.torch.prepare_model(model, move_to_device=device),
+    )
     # The run's own latest checkpoint (a restart after a failure), else the one the run was
     # started from (`initial_checkpoint`: e.g. a Tune trial restarted by PBT from a better
     # trial's weights).
@@ -164,7 +178,9 @@ def _placement_tags(device: torch.device, world_size: int, precision: str) -> di
     Ray node ids in rank order; `worker_devices`, "rank@node-ip:device" for people;
     `precision`, the run's arithmetic (fp32 / bf16 / fp16)."""
     context = ray.get_runtime_context()
-    mine = (context.get_node_id(), ray.util.get_node_ip_address(), str(device))
+    gpus = ray.get_gpu_ids()
+    where = f"{device} (GPU {','.join(map(str, gpus))} reserved)" if gpus else str(device)
+    mine = (context.get_node_id(), ray.util.get_node_ip_address(), where)
     places: list = [mine]
     if world_size > 1:
         places = [None] * world_size
