@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-unit lint ui bench bench-deps gpu-check clean
+.PHONY: install demo serve test test-deps test-unit lint ui bench bench-deps gpu-check clean
 
 install: $(STAMP)
 
@@ -29,12 +29,21 @@ demo: install
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe serve
 
-test: install lint
+test: install lint test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Debian packages the tests run: PostgreSQL under the team MLflow server
+# (tests/cluster/test_team_tracking.py). Installed when this runs as root with apt (CI).
+test-deps:
+	@if ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else echo "make test: PostgreSQL is missing (the team tracking test runs one): apt-get install postgresql" >&2; exit 1; fi
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
