@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.training.cluster import orphaned_placement_groups
-from tests.helpers import REPO, generated_transaction_log, run_command
+from tests.helpers import REPO, free_port, generated_transaction_log, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +134,46 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     # Both training stages and the search read `train`; no data stage does, nor the MLM or
     # segmentation (the stages downstream of these follow once they re-run).
     assert set(status) == {"tune", "train_supervised", "train_pseudolabel"}
+
+
+def test_a_teammate_pulls_every_output_runs_nothing_and_serves(repo_copy, tmp_path):
+    """The team workflow (README "A shared DVC remote"): one person runs the pipeline,
+    commits dvc.lock and pushes the outputs; everyone else clones, `dvc pull`s, and has
+    nothing to re-run. The remote is a real local-folder remote (an SSH or S3 one differs
+    only in its URL)."""
+    root, env = repo_copy
+    remote = tmp_path / "dvc-remote"
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(remote)], repo_copy)
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline outputs"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    run([sys.executable, "-m", "dvc", "push"], repo_copy)
+    assert any(remote.rglob("*")), "dvc push wrote nothing to the remote"
+
+    clone = tmp_path / "teammate"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], env=env, check=True)
+    teammate = (clone, {**env, "DLPIPE_STORAGE": str(clone / "ray_results")})
+    assert not (clone / "artifacts").exists()  # outputs are not in git
+    run([sys.executable, "-m", "dvc", "pull"], teammate)
+    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], teammate).stdout
+    assert ran(run([sys.executable, "-m", "dvc", "repro"], teammate).stdout) == set()
+
+    served = run(
+        [
+            str(Path(sys.executable).parent / "dlpipe"),
+            "serve",
+            "--demo",
+            "--model",
+            "artifacts/supervised/export",
+            "--mlm-model",
+            "artifacts/mlm/export",
+            "--segment-model",
+            "none",
+            "--port",
+            str(free_port()),
+        ],
+        teammate,
+    )
+    assert '"label"' in served.stdout and "/v1/fill-mask" in served.stdout, served.stdout
 
 
 def lock_outputs(root: Path) -> dict[str, dict[str, str]]:
