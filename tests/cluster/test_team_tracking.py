@@ -7,6 +7,7 @@ run. Every run, metric, version and alias must arrive, with no lock or retry err
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ def tracking_server():
         server.wait(timeout=30)
         subprocess.run([str(SERVER_SCRIPT), "--stop", str(root)], check=False)
         log.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
