@@ -38,6 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for kind in KINDS:
         named = getattr(args, kind.source_arg)
         source = named or kind.default_model
+        if Path(source).exists():
+            # Replicas do not run in this directory: a folder must reach them absolute.
+            source = str(Path(source).resolve())
         error = _check_model(source, kind.slot)
         if error and not named and not kind.required:  # an optional default: serve without it
             paths = ", ".join(route.path for route in kind.routes)
