@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from serving.auth import KeyCheck, configured_key_hashes, listen_host
 from serving.autoscaling import IN_FLIGHT
 from serving.batcher import Batching, DynamicBatcher
 from serving.http_api import HttpApi, Limits
@@ -33,6 +35,8 @@ from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor, InputError
 
 DEFAULT_HTTP_PORT = 8000
+
+log = logging.getLogger(__name__)
 
 
 def pinned_versions(config: Any) -> dict[str, str]:
@@ -64,7 +68,13 @@ class PredictionService:
     ) -> None:
         """`sources`: slot -> the model to serve (registry URI, folder, or none)."""
         http = dict(http or {})
-        self.host = http.pop("host", "127.0.0.1")
+        self.keys = KeyCheck(http.pop("api_keys", None) or {})
+        self.host, why = listen_host(
+            http.pop("host", "127.0.0.1"),
+            self.keys.enabled,
+            bool(http.pop("allow_unauthenticated", False)),
+        )
+        log.warning("%s", why)  # said once per replica, at start, in its log
         self.port = int(http.pop("port", DEFAULT_HTTP_PORT))
         self.limits = Limits(**http)
         self.sources = sources
@@ -101,6 +111,7 @@ class PredictionService:
                 openapi_document,
                 self.metrics,
                 replica=serve.get_replica_context().replica_id.unique_id,
+                keys=self.keys,
             )
             self.server = ReplicaHttpServer(self.api, self.host, self.port)
             self.server.start()
@@ -157,7 +168,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     `threads` sets onnxruntime's threads and the CPUs reserved per replica; `num_gpus` the
     GPU per replica (see `replica_gpus`; onnxruntime uses CUDA only with one). `http` (a
-    mapping) sets host, port and the limits of serving/http_api.py `Limits`.
+    mapping) sets host, port, the limits of serving/http_api.py `Limits`,
+    `allow_unauthenticated`, and `api_keys` (name -> sha256, serving/auth.py); without
+    `api_keys` the keys come from this process's environment (DLPIPE_API_KEYS,
+    DLPIPE_API_KEYS_FILE), e.g. a RayService's Secret.
     """
     threads = int(args.get("threads", 1))
     gpus = replica_gpus(args.get("num_gpus", "auto"), args.get("max_replicas"))
@@ -166,6 +180,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     for key in ("host", "port"):  # flat forms for `serve run ... http_port=8080`
         if f"http_{key}" in args:
             http[key] = args[f"http_{key}"]
+    if "api_keys" not in http:  # hashes only travel in the config (serving/auth.py)
+        http["api_keys"] = configured_key_hashes()
     sources = {kind.slot: str(args.get(kind.source_arg, kind.app_default)) for kind in KINDS}
     return PredictionService.options(ray_actor_options=actor_options).bind(
         sources,

@@ -3,7 +3,10 @@
 dlpipe serve              serve the registered models over HTTP (Ctrl-C stops)
 dlpipe serve --demo       start, send one real prediction, print it, stop
 dlpipe serve reload       serve what the registry aliases name now (every replica, no restart)
+dlpipe serve keygen NAME  make an API key, append its hash to the keys file, print it once
 dlpipe predict IMAGE ...  classify images through a running server
+
+With API keys configured (serving/auth.py), the client commands send DLPIPE_API_KEY.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -18,7 +22,18 @@ import urllib.request
 from pathlib import Path
 
 from pipelines.stagekit.tracking import tracking_uri
+from serving.auth import (
+    ENV_CLIENT_KEY,
+    ENV_KEYS_FILE,
+    KeyConfigError,
+    append_key,
+    client_headers,
+    configured_key_hashes,
+    listen_host,
+)
 from serving.kinds import KINDS
+
+DEFAULT_KEYS_FILE = "api_keys.txt"
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -26,6 +41,16 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.action == "reload":
         return cmd_reload(args)
+    if args.action == "keygen":
+        return cmd_keygen(args)
+    if args.name is not None:
+        print(f"serve: error: unexpected argument {args.name!r}", file=sys.stderr)
+        return 2
+    try:
+        key_hashes = configured_key_hashes()
+    except KeyConfigError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
 
     from ray import serve
 
@@ -54,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
         sources[kind.source_arg] = source
     dashboard = connect_ray() or dashboard_address()
-    app = _app_config(args, sources)
+    app = _app_config(args, sources, key_hashes)
+    host, why = listen_host(args.host, bool(key_hashes), args.allow_unauthenticated)
+    print(why)
     print(
         f"starting the Serve app with models {', '.join(sources.values())} "
         f"(through the Serve REST API at {dashboard}) ...",
@@ -68,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DeployError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}"
     try:
         if args.demo:
             return _demo_request(url, args.demo_image, with_mlm=sources["mlm_model"] != NO_MODEL)
@@ -83,9 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.delete("dlpipe")
 
 
-def _app_config(args: argparse.Namespace, sources: dict[str, str]) -> dict:
-    """serving/config.yaml's application with this command's models and address, and at
-    most as many replicas as the cluster has CPUs for (`threads` each) or `--max-replicas`."""
+def _app_config(
+    args: argparse.Namespace, sources: dict[str, str], key_hashes: dict[str, str]
+) -> dict:
+    """serving/config.yaml's application with this command's models, address and API key
+    hashes (from this shell's environment, not the cluster's), and at most as many replicas
+    as the cluster has CPUs for (`threads` each) or `--max-replicas`."""
     import ray
 
     from serving.deploy import default_app
@@ -95,7 +125,13 @@ def _app_config(args: argparse.Namespace, sources: dict[str, str]) -> dict:
         **sources,
         tracking_uri=tracking_uri(),
         threads=args.threads,
-        http={**app["args"]["http"], "host": args.host, "port": args.port},
+        http={
+            **app["args"]["http"],
+            "host": args.host,
+            "port": args.port,
+            "api_keys": key_hashes,
+            "allow_unauthenticated": args.allow_unauthenticated,
+        },
     )
     for deployment in app.get("deployments", []):
         autoscaling = deployment.get("autoscaling_config")
@@ -154,6 +190,27 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new key for `args.name`: its hash appended to the keys file, the key printed once."""
+    if not args.name:
+        print("keygen: error: name the key's holder: dlpipe serve keygen NAME", file=sys.stderr)
+        return 2
+    path = Path(args.keys_file or os.environ.get(ENV_KEYS_FILE) or DEFAULT_KEYS_FILE)
+    try:
+        key = append_key(path, args.name)
+    except KeyConfigError as exc:
+        print(f"keygen: error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(
+        f"(the key for {args.name!r}, shown this once; its sha256 is in {path}. Serve with "
+        f"{ENV_KEYS_FILE}={path}; clients send Authorization: Bearer KEY, dlpipe's "
+        f"commands {ENV_CLIENT_KEY}=KEY)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _print_endpoints(url: str) -> None:
     from serving.kinds import endpoints
 
@@ -177,9 +234,7 @@ def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
     try:
         response = _post_json(f"{url}/v1/classify", payload)
     except urllib.error.HTTPError as exc:
-        print(
-            f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr
-        )
+        print(f"serve: error: {_http_error(exc)}", file=sys.stderr)
         return 1
     prediction = response["predictions"][0]
     print(
@@ -198,7 +253,7 @@ def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
         try:
             filled = _post_json(f"{url}/v1/fill-mask", {"texts": [DEMO_SENTENCE], "top_k": 3})
         except urllib.error.HTTPError as exc:
-            print(f"serve: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}")
+            print(f"serve: error: {_http_error(exc)}")
             return 1
         top = filled["results"][0]["masks"][0]["predictions"]
         print(json.dumps({p["token"]: round(p["score"], 3) for p in top}))
@@ -207,9 +262,16 @@ def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
     return 0
 
 
+def _http_error(exc: urllib.error.HTTPError) -> str:
+    hint = f" (set {ENV_CLIENT_KEY} to one of the app's API keys)" if exc.code == 401 else ""
+    return f"HTTP {exc.code}: {exc.read().decode(errors='replace')}{hint}"
+
+
 def _post_json(url: str, payload: dict, timeout: float = 30.0) -> dict:
     request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", **client_headers()},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
@@ -225,7 +287,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         response = _post_json(f"{args.url.rstrip('/')}/v1/classify", payload)
     except urllib.error.HTTPError as exc:
         print(
-            f"predict: error: HTTP {exc.code}: {exc.read().decode(errors='replace')}",
+            f"predict: error: {_http_error(exc)}",
             file=sys.stderr,
         )
         return 2
@@ -253,11 +315,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "action",
         nargs="?",
-        choices=("start", "reload"),
+        choices=("start", "reload", "keygen"),
         default="start",
-        help="start (default) the app, or reload: serve the versions the registry aliases "
-        "name now, on every replica, without a restart",
+        help="start (default) the app; reload: serve the versions the registry aliases "
+        "name now, on every replica, without a restart; keygen NAME: make an API key",
     )
+    serve.add_argument("name", nargs="?", help="keygen: who the key is for, e.g. alice")
     for kind in KINDS:
         default = kind.default_model + ("" if kind.required else " when registered")
         serve.add_argument(
@@ -265,7 +328,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             help=f"{kind.title} for {', '.join(r.path for r in kind.routes)}: registry URI "
             f"(models:/NAME@ALIAS), an export folder, or none (default: {default})",
         )
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; another than 127.0.0.1 needs API keys "
+        f"({ENV_KEYS_FILE} or DLPIPE_API_KEYS) or --allow-unauthenticated",
+    )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="listen on --host without API keys: anyone who reaches the port is let in",
+    )
+    serve.add_argument(
+        "--keys-file",
+        help=f"keygen: the keys file (default ${ENV_KEYS_FILE} or {DEFAULT_KEYS_FILE})",
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime threads per replica")
     serve.add_argument(

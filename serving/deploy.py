@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from serving.auth import ENV_CLIENT_KEY, client_headers
 from serving.kinds import KINDS
 from serving.model_source import REGISTRY_URI
 
@@ -164,6 +166,20 @@ def reload_models(dashboard: str, name: str = "dlpipe", tracking_uri: str | None
     return versions
 
 
+def get_json(url: str, timeout_s: float = 10) -> Any:
+    """GET `url` from the app with this process's API key (DLPIPE_API_KEY), if any."""
+    request = urllib.request.Request(url, headers=client_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise DeployError(
+                f"{url} asks for an API key: set {ENV_CLIENT_KEY} to one of the app's keys"
+            ) from None
+        raise
+
+
 def wait_for_versions(
     url: str, versions: dict[str, str], timeout_s: float = 120, probes: int = 8
 ) -> dict[str, dict]:
@@ -175,8 +191,7 @@ def wait_for_versions(
     while time.monotonic() < deadline:
         settled = {}
         for _ in range(probes):
-            with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=10) as response:
-                models = {m["slot"]: m for m in json.loads(response.read())["models"]}
+            models = {m["slot"]: m for m in get_json(url.rstrip("/") + "/v1/models")["models"]}
             done = {
                 slot: models[slot]
                 for slot, version in versions.items()

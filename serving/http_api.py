@@ -10,8 +10,10 @@ still pydantic models (serving/schemas.py), validated straight from the JSON byt
 the OpenAPI document is generated from them (serving/openapi.py).
 
 Every client mistake is a 4xx with a message naming the problem; a 500 means a bug:
-- 400: not UTF-8 JSON at all;  404: that model is not loaded;  413: body too large;
+- 400: not UTF-8 JSON at all;  401: no valid API key (serving/auth.py), when keys are set;
+- 404: that model is not loaded;  413: body too large;
 - 422: a field is wrong (`detail` lists each, with its location, as FastAPI does);
+- 429: the key's request rate is used up (Retry-After says when to come back);
 - 503: the replica already has `max_in_flight` requests (retry after a moment);
 - 504: the request took longer than `request_timeout_s`.
 """
@@ -29,6 +31,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from serving.auth import OPEN_PATHS, KeyCheck, RateLimit, retry_after
 from serving.kinds import KINDS, ModelKind, Route
 from serving.predictor import InputError
 
@@ -45,6 +48,9 @@ class Limits:
     """Requests a replica works on at once; more get a quick 503, not an unbounded queue."""
     request_timeout_s: float = 10.0
     """A request not answered by then gets a 504."""
+    max_requests_per_s_per_key: float = 1000.0
+    """Per API key and replica (bursts of one second's worth); more get a 429 with
+    Retry-After. Only with keys configured; 0 turns it off."""
 
 
 class ClientError(Exception):
@@ -122,14 +128,24 @@ def parse_body(schema: type[BaseModel], body: bytes) -> BaseModel:
         raise ClientError(422, detail) from None
 
 
-# A 413 closes the connection: the rest of the refused body would otherwise be read (and
-# with `Expect: 100-continue`, a body never sent would be taken for the next request).
+# A refused body is still read, and thrown away, up to this many bytes before the 413 is
+# sent: a server that answers and closes while the client is still sending makes the
+# kernel reset the connection, and the client then reads a reset instead of the 413.
+# Beyond this bound the connection is closed at once (reading more would let anyone make
+# the replica receive unbounded data).
+DRAIN_LIMIT = 64 * 2**20
+
+# A 413 closes the connection: what was not read of the body would otherwise be taken for
+# the next request.
 CLOSE = {"Connection": "close"}
 
 
 async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> bytes:
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        # With `Expect: 100-continue` the client waits for this answer before sending.
+        if header(scope, b"expect") != "100-continue" and int(declared) <= DRAIN_LIMIT:
+            await discard_body(receive, DRAIN_LIMIT)
         raise ClientError(
             413, f"request body of {declared} bytes is over the {limit} byte limit", CLOSE
         )
@@ -140,11 +156,25 @@ async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> byt
             raise ClientDisconnected
         chunk = message.get("body", b"")
         size += len(chunk)
+        more = message.get("more_body", False)
         if size > limit:
+            if more:
+                await discard_body(receive, DRAIN_LIMIT - size)
             raise ClientError(413, f"request body is over the {limit} byte limit", CLOSE)
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             return b"".join(chunks)
+
+
+async def discard_body(receive: Callable, budget: int) -> None:
+    """Read the rest of the request body without keeping it, up to `budget` bytes."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 Predict = Callable[[Any], Awaitable[dict[str, Any]]]
@@ -156,7 +186,8 @@ class HttpApi:
     serving/model_slots.py `LoadedModels` (each slot's predictor, swapped in place on
     reload); `classify_batch(classifier, array)` may batch concurrent classifier calls
     (serving/app.py passes serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
-    names the replica answering in /v1/models (several share a port).
+    names the replica answering in /v1/models (several share a port); `keys`
+    (serving/auth.py) the API keys every route but the probes requires, none by default.
 
     The object is the ASGI app: give it to uvicorn (or any ASGI server or test client)."""
 
@@ -168,8 +199,11 @@ class HttpApi:
         openapi: Callable[[], dict[str, Any]] | None = None,
         metrics: Any = None,
         replica: str | None = None,
+        keys: KeyCheck | None = None,
     ) -> None:
         self.models = models
+        self.keys = keys if keys is not None else KeyCheck({})
+        self.rate = RateLimit(limits.max_requests_per_s_per_key)
         self.replica = replica
         self.metrics = metrics
         self.limits = limits
@@ -199,7 +233,12 @@ class HttpApi:
         if scope["type"] != "http":  # no lifespan events (uvicorn's lifespan is off), no websockets
             return
         methods = self._routes.get(scope["path"])
-        if methods is None:
+        refused = self._admit(scope) if self.keys.enabled else None
+        if refused is not None:  # before 404/405: without a key, not even the routes show
+            answer = refused
+            if methods is not None and scope["method"] == "POST":
+                self._record(scope["path"], None, answer.status, time.perf_counter())
+        elif methods is None:
             answer = json_response({"detail": "Not Found"}, 404)
         elif (endpoint := methods.get(scope["method"])) is None:
             answer = json_response(
@@ -213,6 +252,28 @@ class HttpApi:
         await send_answer(send, answer, with_body=scope["method"] != "HEAD")
 
     # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
+
+    def _admit(self, scope: dict[str, Any]) -> Answer | None:
+        """None when the request may go on; else its 401 (no valid key) or 429 (rate)."""
+        if scope["path"] in OPEN_PATHS:
+            return None
+        key = self.keys.identify(header(scope, b"authorization"))
+        if key is None:
+            # The same answer for a missing and a wrong key, and never the key itself.
+            return json_response(
+                {"detail": "missing or invalid API key: send Authorization: Bearer KEY"},
+                401,
+                {"WWW-Authenticate": 'Bearer realm="dlpipe"'},
+            )
+        wait = self.rate.wait_s(key)
+        if wait > 0:
+            limit = self.limits.max_requests_per_s_per_key
+            return json_response(
+                {"detail": f"rate limit: {limit:g} requests/s per key; retry shortly"},
+                429,
+                {"Retry-After": retry_after(wait)},
+            )
+        return None
 
     def _post(self, kind: ModelKind, route: Route) -> Endpoint:
         batch = self._classify_batch if kind.slot == "classifier" else None
@@ -273,9 +334,9 @@ class HttpApi:
         except ClientDisconnected:
             return Answer(499, b"")
 
-    def _record(self, route: str, slot: str, code: int, started: float) -> None:
+    def _record(self, route: str, slot: str | None, code: int, started: float) -> None:
         if self.metrics is not None:
-            predictor = self.models.get(slot)
+            predictor = self.models.get(slot) if slot is not None else None
             self.metrics.request(route, code, predictor, time.perf_counter() - started)
 
     @staticmethod

@@ -5,6 +5,12 @@ The export stages write `parity_sample.npz` (a few inputs and torch's outputs on
 put in the model card the sha256 of the sample and of every graph (`parity_sample` entry).
 A registry download, a copied folder or a half-written file that differs in one byte is
 refused with the file named, before anything runs it.
+
+The card travels with the files, so it catches corruption but not a swap: whoever can
+rewrite the artifact store can rewrite the card too. So a registry model is also checked
+against the hashes the registry itself records for its version (tags `sha256/<graph>`,
+written by the export stage): the tracking database, not the artifact store, says which
+graph a version is.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def verify_model(files: ModelFiles) -> None:
         raise ModelRejected(
             f"{files.source}: {sample['file']} does not match its sha256 in the card"
         )
+    if files.registered_model is not None:
+        _check_registry_hashes(files, sample["graphs"])
     for graph, expected in sample["graphs"].items():
         actual = sha256(_existing(files, graph))
         if actual != expected:
@@ -52,6 +60,25 @@ def verify_model(files: ModelFiles) -> None:
         stored = {key: arrays[key] for key in arrays.files}
     for graph in sample["graphs"]:
         _check_graph(files, graph, stored, float(sample["atol"]))
+
+
+def _check_registry_hashes(files: ModelFiles, card_graphs: dict[str, str]) -> None:
+    recorded = files.registry_hashes or {}
+    where = f"{files.registered_model} version {files.version}"
+    for graph in sorted(set(card_graphs) | set(recorded)):
+        if graph not in recorded:
+            raise ModelRejected(
+                f"{files.source}: the registry records no sha256 for {graph} of {where} "
+                "(registered by an older dlpipe, or not by an export stage): re-run its "
+                "export stage"
+            )
+        actual = sha256(_existing(files, graph))
+        if actual != recorded[graph]:
+            raise ModelRejected(
+                f"{files.source}: {graph} has sha256 {actual[:12]}..., the registry records "
+                f"{recorded[graph][:12]}... for {where}: the artifact store holds a file "
+                "the export stage did not register"
+            )
 
 
 def _check_graph(files: ModelFiles, graph: str, stored: dict[str, np.ndarray], atol: float) -> None:

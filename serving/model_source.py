@@ -26,6 +26,8 @@ class ModelFiles:
     version: str | None = None
     """The registry version the files are, whatever the alias points to later."""
     alias: str | None = None
+    registry_hashes: dict[str, str] | None = None
+    """graph file -> sha256 as the registry records it (None for a folder)."""
 
     def sibling(self, name: str) -> Path:
         """A file exported next to the card: beside it locally, under extra_files/ in a
@@ -54,6 +56,8 @@ def resolve_model(
     import mlflow
     from mlflow import MlflowClient
 
+    from pipelines.stagekit.tracking import GRAPH_HASH_TAG
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     name, alias = match["name"], match["alias"]
@@ -62,13 +66,19 @@ def resolve_model(
             version = (
                 match["version"] or MlflowClient().get_model_version_by_alias(name, alias).version
             )
+        tags = MlflowClient().get_model_version(name, str(version)).tags
         directory = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
         )
     except Exception as exc:
         raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
     files = _find_files(directory, source)
-    return ModelFiles(files.onnx, files.card, source, name, str(version), alias)
+    hashes = {
+        tag[len(GRAPH_HASH_TAG) :]: value
+        for tag, value in tags.items()
+        if tag.startswith(GRAPH_HASH_TAG)
+    }
+    return ModelFiles(files.onnx, files.card, source, name, str(version), alias, hashes)
 
 
 def _find_files(directory: Path, source: str) -> ModelFiles:

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_BATCH = 1024
 MAX_IMAGE_BASE64_CHARS = 8 * 1024 * 1024  # about 6 MB per encoded image
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Strict: JSON numbers only. Lax mode would read `true` as 1.0 and "0.5" as 0.5, and a
+# client's bug would be answered as if the input were meant.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 
 class ClassifyRequest(BaseModel):
@@ -63,7 +65,7 @@ class FillMaskRequest(BaseModel):
     texts: Texts = Field(
         description="Texts containing [MASK] one or more times, e.g. 'the [MASK] statement'."
     )
-    top_k: int = Field(default=5, ge=1, le=100, description="Predictions per [MASK].")
+    top_k: int = Field(default=5, ge=1, le=100, strict=True, description="Predictions per [MASK].")
 
 
 class TokenScore(BaseModel):

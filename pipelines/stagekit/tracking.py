@@ -20,6 +20,9 @@ from pipelines.stagekit.dataset import sha256_file
 log = logging.getLogger(__name__)
 
 LOCAL_STORE = Path("mlruns")
+GRAPH_HASH_TAG = "sha256/"
+"""Registry version tags `sha256/<graph file>`: each ONNX graph's hash, written at export
+and checked by every replica before it serves the version (serving/model_checks.py)."""
 
 
 def tracking_uri() -> str:
@@ -230,11 +233,20 @@ def register_onnx_model(
         )
     version = mlflow.register_model(info.model_uri, name)
     client = _client()
-    client.set_registered_model_alias(name, alias, version.version)
+    # Each graph's sha256, kept by the registry itself: a replica refuses files whose hash
+    # differs (serving/model_checks.py), so rewriting the artifact store, card included,
+    # cannot swap the model served. Tagged before the alias moves, so that the alias never
+    # names a version without them.
+    for graph in (onnx_path, *extra_files):
+        if graph.suffix == ".onnx":
+            client.set_model_version_tag(
+                name, version.version, f"{GRAPH_HASH_TAG}{graph.name}", sha256_file(graph)
+            )
     # What the exported files leave out so that a re-run gives the same bytes: which run
     # and which commit made this version (MLflow stamps the time itself).
     client.set_model_version_tag(name, version.version, "source_run", run_id)
     client.set_model_version_tag(name, version.version, "git_commit", git_commit())
+    client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 

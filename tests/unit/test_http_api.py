@@ -2,17 +2,22 @@
 app and a real onnxruntime predictor; the Serve app runs the same app in its replicas)."""
 
 import json
+import urllib.error
+import urllib.request
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
 from pipelines.cli import parser as serve_parser
 from serving.http_api import HttpApi, Limits
+from serving.http_server import ReplicaHttpServer
 from serving.kinds import KINDS
 from serving.model_slots import LoadedModels
 from serving.model_source import resolve_model
 from serving.openapi import openapi_document
 from serving.predictor import ClassifierPredictor
+from tests.helpers import free_port
 from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
 
 BRIGHT = [[0.9] * 16]
@@ -138,3 +143,29 @@ def test_a_bug_is_a_counted_500_and_the_app_keeps_serving(export_dir):  # noqa: 
     assert broken.status_code == 500 and broken.json() == {"detail": "internal server error"}
     assert http.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
     assert metrics.codes == [("/v1/classify", 500), ("/v1/classify", 200)]
+
+
+def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_dir):  # noqa: F811
+    # Over a real socket: a server that answers and closes while the client is still
+    # sending makes the kernel reset the connection, and the client never sees the 413.
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1/classify"
+        big = b'{"instances": [[' + b"0.5, " * (4 * 2**20) + b"0.5]]}"  # 20 MB
+        # urllib, as most clients (and `dlpipe predict`): it sends the whole body before it
+        # reads the answer. (httpx would read an early answer after a failed send.)
+        for chunked in (False, True):
+            body = iter([big[i : i + 2**20] for i in range(0, len(big), 2**20)]) if chunked else big
+            headers = {"Content-Type": "application/json"}
+            if chunked:
+                headers["Transfer-Encoding"] = "chunked"
+            request = urllib.request.Request(url, data=body, headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 413
+            assert "byte limit" in json.loads(refused.value.read())["detail"]
+        assert httpx.post(url, json={"instances": BRIGHT}).status_code == 200
+    finally:
+        server.stop()

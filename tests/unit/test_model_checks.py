@@ -2,11 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-from serving.model_checks import ModelRejected, verify_model
+from serving.model_checks import ModelRejected, sha256, verify_model
 from serving.model_slots import load_predictor
 from serving.model_source import resolve_model
 from tests.unit.test_predictor import export_dir  # noqa: F401  (the exported tiny model)
@@ -38,8 +40,6 @@ def test_a_graph_that_no_longer_matches_torch_is_refused(copy):
         stored = {k: arrays[k] for k in arrays.files}
     stored["model.onnx/output/output"] = stored["model.onnx/output/output"] + 0.5
     np.savez(copy / "parity_sample.npz", **stored)
-    from serving.model_checks import sha256
-
     card["parity_sample"]["sha256"] = sha256(copy / "parity_sample.npz")
     (copy / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelRejected, match=r"output output differs from torch's by 0\.5"):
@@ -55,3 +55,55 @@ def test_a_changed_sample_or_a_card_without_one_is_refused(copy):
     (copy / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelRejected, match="no parity_sample .* re-run its export stage"):
         load_predictor("classifier", str(copy))
+
+
+def test_a_registry_model_is_checked_against_the_hashes_the_registry_records(
+    export_dir,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    # A real MLflow store. The card travels with the files, so rewriting the store's copy of
+    # the graph *and* its card passes the card check; the registry's own record does not move.
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.stagekit import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_name="checks")
+    with mlflow.start_run() as run:
+        pass
+    version = tracking.register_onnx_model(
+        run.info.run_id,
+        export_dir / "model.onnx",
+        export_dir / "model_card.json",
+        "tiny-classifier",
+        "champion",
+        extra_files=(export_dir / "parity_sample.npz",),
+    )
+    client = MlflowClient(uri)
+    tags = client.get_model_version("tiny-classifier", version).tags
+    assert tags["sha256/model.onnx"] == sha256(export_dir / "model.onnx")
+    files = resolve_model("models:/tiny-classifier@champion", uri)
+    assert files.registry_hashes == {"model.onnx": tags["sha256/model.onnx"]}
+    verify_model(files)
+
+    stored = Path(
+        client.get_model_version_download_uri("tiny-classifier", version).removeprefix("file://")
+    )
+    graph = onnx.load(str(stored / "model.onnx"))
+    graph.doc_string = "not what was exported"  # same answers, different bytes
+    onnx.save(graph, str(stored / "model.onnx"))
+    card_path = next(stored.rglob("model_card.json"))
+    card = json.loads(card_path.read_text())
+    card["parity_sample"]["graphs"]["model.onnx"] = sha256(stored / "model.onnx")
+    card_path.write_text(json.dumps(card))
+
+    with pytest.raises(ModelRejected, match=r"model\.onnx has sha256 .* the registry records"):
+        load_predictor("classifier", "models:/tiny-classifier@champion", uri)
+
+    client.delete_model_version_tag("tiny-classifier", version, "sha256/model.onnx")
+    with pytest.raises(ModelRejected, match="registry records no sha256 for model.onnx"):
+        load_predictor("classifier", "models:/tiny-classifier@champion", uri)
