@@ -110,7 +110,7 @@ def declared_app(
         "name": name,
         "route_prefix": f"/{name}",
         "import_path": "serving.app:build_app",
-        "args": {**args, "http": {"port": port}},
+        "args": {**args, "http": {**args.get("http", {}), "port": port}},
     }
     if deployment:
         app["deployments"] = [{"name": "dlpipe", **deployment}]
@@ -128,3 +128,27 @@ def served_app(dashboard: str, name: str, args: dict) -> Iterator[httpx.Client]:
     with declared_app(dashboard, name, args) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
             yield client
+
+
+def swap_in_store(tracking_uri: str, name: str, version: str) -> Path:
+    """What someone with write access to the artifact store (not to the tracking database)
+    could do: rewrite registry version `version` of `name`'s graph (same answers, other
+    bytes) and its model card to match, so that the card's own hash check passes. Returns
+    the folder rewritten."""
+    import json
+
+    import onnx
+    from mlflow import MlflowClient
+
+    from serving.model_checks import sha256
+
+    uri = MlflowClient(tracking_uri).get_model_version_download_uri(name, version)
+    stored = Path(uri.removeprefix("file://"))
+    graph = onnx.load(str(stored / "model.onnx"))
+    graph.doc_string = "not what the export stage registered"
+    onnx.save(graph, str(stored / "model.onnx"))
+    card_path = next(stored.rglob("model_card.json"))
+    card = json.loads(card_path.read_text())
+    card["parity_sample"]["graphs"]["model.onnx"] = sha256(stored / "model.onnx")
+    card_path.write_text(json.dumps(card))
+    return stored

@@ -17,7 +17,7 @@ import pytest
 from pipelines.stagekit import tracking
 from pipelines.stagekit.model_bundle import MODEL_FILE
 from serving.deploy import reload_models, wait_for_versions
-from tests.helpers import declared_app
+from tests.helpers import declared_app, swap_in_store
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +151,23 @@ def test_a_version_failing_its_checks_leaves_the_old_one_serving(
     scrape_until(
         lambda text: series(text, "ray_dlpipe_failed_reloads_total", slot="classifier") >= 1
     )
+
+
+def test_a_version_whose_files_were_swapped_in_the_store_is_refused_by_its_registry_hash(
+    served, trained, ray_dashboard, tmp_path
+):
+    serving_version = models(served)["models"][0]["version"]
+    swapped = register_copy(trained, tmp_path)
+    swap_in_store(trained.mlflow_uri, MODEL, swapped)  # graph and card agree: only the
+    # registry's own record of the graph's hash tells
+
+    versions = reload_models(ray_dashboard, APP, trained.mlflow_uri)
+    settled = wait_for_versions(served, versions, timeout_s=60)
+
+    classifier = settled["classifier"]
+    assert classifier["version"] == serving_version
+    assert classifier["failed_reload"]["version"] == swapped
+    assert "the registry records" in classifier["failed_reload"]["error"]
 
 
 def scrape_until(predicate, timeout_s: float = 60) -> str:

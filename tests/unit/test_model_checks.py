@@ -2,15 +2,14 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from serving.model_checks import ModelRejected, sha256, verify_model
 from serving.model_slots import load_predictor
 from serving.model_source import resolve_model
+from tests.helpers import swap_in_store
 from tests.unit.test_predictor import export_dir  # noqa: F401  (the exported tiny model)
 
 
@@ -58,9 +57,9 @@ def test_a_changed_sample_or_a_card_without_one_is_refused(copy):
 
 
 def test_a_registry_model_is_checked_against_the_hashes_the_registry_records(
-    export_dir,
+    export_dir,  # noqa: F811
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     # A real MLflow store. The card travels with the files, so rewriting the store's copy of
     # the graph *and* its card passes the card check; the registry's own record does not move.
@@ -90,17 +89,7 @@ def test_a_registry_model_is_checked_against_the_hashes_the_registry_records(
     assert files.registry_hashes == {"model.onnx": tags["sha256/model.onnx"]}
     verify_model(files)
 
-    stored = Path(
-        client.get_model_version_download_uri("tiny-classifier", version).removeprefix("file://")
-    )
-    graph = onnx.load(str(stored / "model.onnx"))
-    graph.doc_string = "not what was exported"  # same answers, different bytes
-    onnx.save(graph, str(stored / "model.onnx"))
-    card_path = next(stored.rglob("model_card.json"))
-    card = json.loads(card_path.read_text())
-    card["parity_sample"]["graphs"]["model.onnx"] = sha256(stored / "model.onnx")
-    card_path.write_text(json.dumps(card))
-
+    swap_in_store(uri, "tiny-classifier", version)
     with pytest.raises(ModelRejected, match=r"model\.onnx has sha256 .* the registry records"):
         load_predictor("classifier", "models:/tiny-classifier@champion", uri)
 
