@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-deps test-unit lint ui bench bench-deps gpu-check clean
+.PHONY: install demo serve test test-deps test-unit lint ui bench bench-deps chaos gpu-check clean
 
 install: $(STAMP)
 
@@ -63,6 +63,13 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.tune_asha
 	$(BIN)/python -m benchmarks.batching_overhead
 	$(BIN)/python -m benchmarks.serving_throughput
+
+# Faults injected into the real components (benchmarks/chaos.py: killed stage drivers,
+# altered data, a stage killed mid-write, a full disk), each measured against its target,
+# written to benchmarks/results/chaos.json and chaos.md. Root mounts the small tmpfs of
+# the full-disk fault. tests/integration/test_chaos.py runs the quick ones in `make test`.
+chaos: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.chaos
 
 # The benchmarks' Debian packages: wrk (the serving load generator) and Fashion-MNIST (the
 # training benchmark's image set; without it, it trains on the bundled digits). Installed

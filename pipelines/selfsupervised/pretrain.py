@@ -25,7 +25,7 @@ from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
 from pipelines.stagekit.plots import learning_curves_png, write_csv
 from pipelines.stagekit.stage import stage_command
-from pipelines.training.driver import run_name, train_job
+from pipelines.training.driver import interrupted_run, remember_run, run_name, train_job
 from pipelines.training.loop import without_timings
 from pipelines.training.tasks import MaskedLmTask
 
@@ -59,9 +59,14 @@ def pretrain_mlm(
         mlm.mask_probability,
         data.data_hash,
     )
+    # A re-run after an interruption resumes its checkpoints and its MLflow run.
     with tracking.stage_run(
-        mlm.experiment, STAGE, tracking.stage_tags(STAGE, data.data_hash)
+        mlm.experiment,
+        STAGE,
+        tracking.stage_tags(STAGE, data.data_hash),
+        resume_run_id=interrupted_run(name),
     ) as run:
+        remember_run(name, run.run_id)
         run.log_params(
             {
                 "model": config_to_dict(mlm.model),

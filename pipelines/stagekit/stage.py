@@ -20,6 +20,7 @@ traceback; Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import logging
 import sys
@@ -29,6 +30,9 @@ from typing import Any
 
 from pipelines.stagekit.config import declared_keys, load_params, stage_params
 from pipelines.stagekit.errors import UserError
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+"""OSErrors about the disk or the permissions of a path: one line, not a traceback."""
 
 SUFFIXES = ("_dir", "_path")
 
@@ -111,3 +115,12 @@ def run_stage(name: str, body: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        # A full or read-only disk, or a path not ours to write, is the machine's state, not
+        # a bug: one line naming the path. The atomic writers (stagekit/atomic.py) left the
+        # earlier output in place.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{name}: error: {where}{exc.strerror}", file=sys.stderr)
+        sys.exit(1)

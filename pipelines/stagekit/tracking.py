@@ -164,10 +164,18 @@ def stage_run(
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = None
     if resume_run_id:
-        client.update_run(resume_run_id, status="RUNNING")
-        run_id = resume_run_id
-    else:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.update_run(resume_run_id, status="RUNNING")
+            run_id = resume_run_id
+        except MlflowException:  # deleted, or recorded against another tracking store
+            log.warning(
+                "MLflow run %s of the interrupted execution is gone: a new run", resume_run_id
+            )
+    if run_id is None:
         experiment_id = ensure_experiment(experiment, uri)
         run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
     logger = RunLogger(run_id, uri)

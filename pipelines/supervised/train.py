@@ -22,6 +22,8 @@ from pipelines.stagekit.plots import gradient_norms_png, learning_curves_png, wr
 from pipelines.stagekit.stage import stage_command
 from pipelines.supervised.config import TrackingConfig
 from pipelines.training.driver import (
+    interrupted_run,
+    remember_run,
     run_name,
     supervised_arrays,
     supervised_task,
@@ -53,7 +55,10 @@ def train_supervised(
     check_compatible(model, train, data.manifest)
     name = run_name(STAGE, config_to_dict(model), config_to_dict(train), data.data_hash)
     tags = tracking.stage_tags(STAGE, data.data_hash)
-    with tracking.stage_run(tracking_config.experiment, STAGE, tags) as run:
+    # A re-run after an interruption resumes its checkpoints and its MLflow run.
+    resume = interrupted_run(name)
+    with tracking.stage_run(tracking_config.experiment, STAGE, tags, resume_run_id=resume) as run:
+        remember_run(name, run.run_id)
         run.log_params(
             {
                 "model": config_to_dict(model),

@@ -128,7 +128,7 @@ def run_training(
     workers_at_once: int = 0,
 ) -> Result:
     """Run `train_loop` on `train.num_workers` Ray Train workers; returns the ray.train.Result.
-    `callbacks` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a trial;
+    `callbacks` are Ray Train callbacks, e.g. a trial's report forwarding (pipelines/tuning/trial.py);
     `workers_at_once` the workers of every run that shares the GPUs with this one (a
     search's concurrent trials), for sizing GPU shares."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -194,11 +194,13 @@ def finished_run(result: Result, name: str) -> FinishedRun:
         if (directory / DIVERGED_FILE).exists():
             message = (directory / DIVERGED_FILE).read_text()
             remove_local_run(name)
+            forget_run(name)
             raise RunDiverged(message)
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         predictions_file = directory / PREDICTIONS_FILE
         predictions = np.load(predictions_file) if predictions_file.exists() else None
     remove_local_run(name)
+    forget_run(name)
     return FinishedRun(state, predictions)
 
 
@@ -226,6 +228,45 @@ def train_job(
         if logger is not None:
             logger.set_tags({"diverged": "true"})
         raise
+
+
+def interrupted_run(name: str) -> str | None:
+    """The MLflow run of an earlier execution of Ray run `name` that did not finish (killed,
+    crashed, Ctrl-C), as `remember_run` recorded it beside the checkpoints: a re-run resumes
+    those checkpoints and logs on to that run, so the run keeps one continuous curve."""
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(_run_marker(name))
+    try:
+        with filesystem.open_input_stream(path) as marker:
+            return marker.read().decode().strip() or None
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def remember_run(name: str, run_id: str) -> None:
+    """Record that MLflow run `run_id` tracks Ray run `name` until it finishes."""
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(_run_marker(name))
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as marker:
+        marker.write(run_id.encode())
+
+
+def forget_run(name: str) -> None:
+    """The run finished: a later execution with the same inputs starts a new MLflow run."""
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(_run_marker(name))
+    try:
+        filesystem.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _run_marker(name: str) -> str:
+    return f"{storage_path().rstrip('/')}/{name}.mlflow_run"
 
 
 def remove_local_run(name: str) -> None:

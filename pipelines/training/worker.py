@@ -93,11 +93,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         print(_progress_line(metrics, train_cfg.epochs), flush=True)
-        if logger is not None:
-            _tracked(lambda: logger.log_metrics(metrics, step=int(metrics["epoch"])))
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state.state_dict(), Path(directory) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        # After the checkpoint, not before: killed in between, a resumed run logs this epoch
+        # from the checkpoint's history (above), instead of training it again and logging
+        # it twice.
+        if logger is not None:
+            _tracked(lambda: logger.log_metrics(metrics, step=int(metrics["epoch"])))
 
     try:
         fit_task(

@@ -4,11 +4,16 @@ Tune calls `run_trial` with a sample of the search space. It builds the trial's 
 and starts the same `run_training` the training stages use; every epoch's report reaches
 Tune, so the scheduler can stop the trial (ASHA) between epochs.
 
-Under PBT, Tune must also hold each trial's checkpoints: it restarts a trailing trial from
-a leading trial's. Ray's `TuneReportCallback` forwards only a checkpoint's path (as a
-metric), so the Train run goes on a thread and its reports, checkpoints included, are
-handed to Tune from the trial's own thread (`train_reports`). ASHA and no scheduler keep
-the cheaper callback: a restored search resumes a trial from its Train run's own folder.
+The Train run goes on a thread and its reports are handed to Tune from the trial's own
+thread (`train_reports`), for every scheduler. Not Ray's `TuneReportCallback`, for two
+reasons. Under PBT, Tune must hold each trial's checkpoints (it restarts a trailing trial
+from a leading trial's), and that callback forwards only a checkpoint's path. And in Ray
+2.60 it can deadlock a trial: its reports go through a queue that the trial actor's main
+thread drains by reporting to itself, and when the Train run ends while a report still
+waits there (a Tune driver slowed down, e.g. by a tracking server behind a password), that
+thread blocks on its own full result queue for good (seen as a hung search in
+tests/cluster/test_team_tracking.py). ASHA and no scheduler report metrics only: a
+restored search resumes a trial from its Train run's own folder.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ def run_trial(
     tune: TuneConfig,
 ) -> None:
     from ray import tune as ray_tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     model_cfg, train_cfg = trial_settings(model, train, tune, sample)
     task = supervised_task(model_cfg, manifest, train_cfg)
@@ -69,13 +73,12 @@ def run_trial(
             workers_at_once=workers_at_once(tune),
         )
 
-    if tune.scheduler != "pbt":
-        train_run([TuneReportCallback()])
-    else:
-        for metrics, checkpoint in train_reports(train_run):
-            if checkpoint is not None:
-                checkpoint = ray_tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
-            ray_tune.report(metrics, checkpoint=checkpoint)
+    hold_checkpoints = tune.scheduler == "pbt"
+    for metrics, checkpoint in train_reports(train_run):
+        held = None
+        if hold_checkpoints and checkpoint is not None:
+            held = ray_tune.Checkpoint(checkpoint.path, checkpoint.filesystem)
+        ray_tune.report(metrics, checkpoint=held)
     remove_local_run(name)
 
 

@@ -36,7 +36,14 @@ from pipelines.stagekit.model_bundle import check_compatible
 from pipelines.stagekit.plots import best_curves_png, lr_sweep_png, write_csv
 from pipelines.stagekit.stage import stage_command
 from pipelines.training.cluster import remove_orphaned_placement_groups
-from pipelines.training.driver import run_name, storage_path, supervised_arrays
+from pipelines.training.driver import (
+    forget_run,
+    interrupted_run,
+    remember_run,
+    run_name,
+    storage_path,
+    supervised_arrays,
+)
 from pipelines.tuning.config import TuneConfig, workers_at_once
 from pipelines.tuning.space import (
     LR_SCALE,
@@ -80,13 +87,11 @@ def tune_search(
         data.data_hash,
     )
     experiment_dir = Path(storage_path()) / name
-    parent_file = Path(storage_path()) / f"{name}.mlflow_run"
-    resume_id = parent_file.read_text().strip() if parent_file.is_file() else None
+    resume_id = interrupted_run(name)
     total = total_trials(tune)
     tags = tracking.stage_tags(STAGE, data.data_hash)
     with tracking.stage_run(tune.experiment, STAGE, tags, resume_run_id=resume_id) as parent:
-        parent_file.parent.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(parent.run_id)
+        remember_run(name, parent.run_id)
         if resume_id is None:
             parent.log_params({"tune": config_to_dict(tune), "model": config_to_dict(model)})
         tuner = make_tuner(model, train, tune, data, name, parent, total, experiment_dir)
@@ -128,7 +133,7 @@ def tune_search(
             parent.log_artifact(plots / image, "plots")
     # The search is over: a later run with these settings starts afresh.
     shutil.rmtree(experiment_dir, ignore_errors=True)
-    parent_file.unlink(missing_ok=True)
+    forget_run(name)
     for row in rows:  # each trial's Train runs: tune-<id>, and tune-<id>-<n> under PBT
         for run in Path(storage_path()).glob(f"tune-{row['trial_id']}*"):
             shutil.rmtree(run, ignore_errors=True)

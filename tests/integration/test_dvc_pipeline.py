@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from benchmarks.workspace import copy_repository
 from pipelines.training.cluster import orphaned_placement_groups
 from tests.helpers import REPO, free_port, generated_transaction_log, run_command
 
@@ -43,20 +42,7 @@ def ran(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
-@pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory, ray_cluster):
-    """The repository's tracked files (no outputs, no lock) in a fresh git repository."""
-    root = tmp_path_factory.mktemp("repo")
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in tracked:
-        if name == "dvc.lock" or name.startswith(("metrics/", "plots/")):
-            continue
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def small_params(params: dict) -> None:
     params["train"]["epochs"] = 3  # the pipeline's wiring is under test, not its accuracy
     # A teacher of 2 epochs is never 0.9 sure; with 10 classes the top probability always
     # reaches 0.1, so a student trains and the forced repro checks its bytes too.
@@ -71,21 +57,16 @@ def repo_copy(tmp_path_factory, ray_cluster):
     params["tune"].update(
         optimizers=["adam", "momentum"], samples=1, epochs=2, space={"train.batch_size": [64]}
     )
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "RAY_ADDRESS": ray_cluster,  # stages join the session's cluster instead of starting one
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
-        "DLPIPE_STORAGE": str(root / "ray_results"),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@example.com",
-    }
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=root, env=env, check=True)
-    return root, env
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory, ray_cluster):
+    """The repository's tracked files (no outputs, no lock) in a fresh git repository, with
+    small settings committed (a teammate's clone gets them too)."""
+    ws = copy_repository(tmp_path_factory.mktemp("repo"), ray_cluster)
+    ws.edit_params(small_params)
+    subprocess.run(["git", "commit", "-qam", "small params"], cwd=ws.root, env=ws.env, check=True)
+    return ws.root, ws.env
 
 
 def run(

@@ -14,3 +14,35 @@ def test_params_and_metrics_with_class_names_in_their_keys(stores):
     assert stored.info.status == "FINISHED"
     assert stored.data.params == {"round.pseudo_count/Crohn_s _left_": "3"}
     assert stored.data.metrics == {"test_f1/Crohn_s _left_": 0.5}
+
+
+def test_an_interrupted_execution_is_continued_in_its_own_run(stores):
+    from pipelines.training.driver import forget_run, interrupted_run, remember_run
+
+    stores()
+    assert interrupted_run("train-abc") is None
+    try:
+        with tracking.stage_run("exp", "stage", {}) as first:
+            remember_run("train-abc", first.run_id)
+            first.log_metrics({"val_loss": 1.0}, step=0)
+            raise KeyboardInterrupt  # Ctrl-C (a SIGKILL leaves it RUNNING instead)
+    except KeyboardInterrupt:
+        pass
+    assert interrupted_run("train-abc") == first.run_id
+    with tracking.stage_run(
+        "exp", "stage", {}, resume_run_id=interrupted_run("train-abc")
+    ) as again:
+        again.log_metrics({"val_loss": 0.5}, step=1)
+    forget_run("train-abc")
+    assert again.run_id == first.run_id and interrupted_run("train-abc") is None
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.run_id, "val_loss")] == [0, 1]
+
+
+def test_a_run_gone_from_the_store_is_replaced_by_a_new_one(stores):
+    stores()
+    with tracking.stage_run("exp", "stage", {}, resume_run_id="0" * 32) as run:
+        pass
+    assert run.run_id != "0" * 32
+    assert MlflowClient(tracking.tracking_uri()).get_run(run.run_id).info.status == "FINISHED"

@@ -1,0 +1,100 @@
+"""A throwaway copy of the repository to run real pipeline stages in (`dvc repro`, stage
+commands) without touching the checkout: its tracked files, no outputs, no `dvc.lock`, in a
+fresh git repository, with its own MLflow store and checkpoint storage, joining a Ray
+cluster that the caller started. The fault-injection runs (benchmarks/chaos.py) and the
+DVC pipeline test build on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "dlpipe",
+    "GIT_AUTHOR_EMAIL": "dlpipe@example.com",
+    "GIT_COMMITTER_NAME": "dlpipe",
+    "GIT_COMMITTER_EMAIL": "dlpipe@example.com",
+}
+
+
+@dataclass
+class Workspace:
+    root: Path
+    env: dict[str, str]
+
+    def edit_params(self, edit: Callable[[dict[str, Any]], None]) -> None:
+        """Change params.yaml in place (`edit` gets the parsed file)."""
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        edit(params)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def run(
+        self, command: list[str], timeout_s: float = 1200, check: bool = True, **env: str
+    ) -> subprocess.CompletedProcess:
+        """`command` in the workspace, output captured; its whole process group is killed
+        if it outlives `timeout_s` (a stage must not linger, holding the cluster's CPUs)."""
+        process = self.start(command, **env)
+        try:
+            stdout, _ = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, _ = process.communicate()
+            raise RuntimeError(
+                f"{' '.join(command)}: not done within {timeout_s:g} s\n{stdout}"
+            ) from None
+        if check and process.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stdout}")
+        return subprocess.CompletedProcess(command, process.returncode, stdout, "")
+
+    def start(self, command: list[str], **env: str) -> subprocess.Popen:
+        """`command` started in a process group of its own (kill it whole with os.killpg),
+        stdout and stderr together, as text."""
+        return subprocess.Popen(
+            command,
+            cwd=self.root,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def dvc(self, *args: str, timeout_s: float = 1200, **env: str) -> subprocess.CompletedProcess:
+        return self.run([sys.executable, "-m", "dvc", *args], timeout_s=timeout_s, **env)
+
+
+def copy_repository(root: Path, ray_address: str) -> Workspace:
+    """The checkout's tracked files, minus outputs and lock, as a new git repository at
+    `root`; its stages join the Ray cluster at `ray_address` and track to `root`'s own
+    MLflow store and checkpoint storage."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in tracked:
+        if name == "dvc.lock" or name.startswith(("metrics/", "plots/")):
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    env = {
+        **os.environ,
+        **GIT_IDENTITY,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_ADDRESS": ray_address,  # stages join the caller's cluster instead of starting one
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
+        "DLPIPE_STORAGE": str(root / "ray_results"),
+    }
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    return Workspace(root, env)
