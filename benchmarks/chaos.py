@@ -53,7 +53,7 @@ def run_faults(names: list[str], root: Path) -> dict[str, Any]:
 
     context = ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     try:
-        ws = copy_repository(root, context.address_info["gcs_address"])
+        ws = copy_repository(root / "repo", context.address_info["gcs_address"])
         ws.edit_params(small_pipeline)
         results: dict[str, Any] = {}
         for name in (n for n in FAULTS if n in names):
@@ -73,7 +73,8 @@ def run_faults(names: list[str], root: Path) -> dict[str, Any]:
 
 def _summary(outcome: dict[str, Any]) -> str:
     skip = {"met", "target"}
-    return ", ".join(f"{k}={v}" for k, v in outcome.items() if k not in skip)[:400]
+    text = ", ".join(f"{k}={v}" for k, v in outcome.items() if k not in skip)
+    return " ".join(text.split())[:400]  # one line: it is a table cell too
 
 
 def markdown(report: dict[str, Any]) -> str:

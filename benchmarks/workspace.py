@@ -70,6 +70,12 @@ class Workspace:
             start_new_session=True,
         )
 
+    def copy(self, root: Path) -> Workspace:
+        """A copy of this workspace at `root` (files, git, DVC cache, MLflow store), with
+        its own MLflow store and checkpoint storage from then on."""
+        shutil.copytree(self.root, root, symlinks=True)
+        return Workspace(root, {**self.env, **_stores(root)})
+
     def dvc(self, *args: str, timeout_s: float = 1200, **env: str) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-m", "dvc", *args], timeout_s=timeout_s, **env)
 
@@ -78,6 +84,7 @@ def copy_repository(root: Path, ray_address: str) -> Workspace:
     """The checkout's tracked files, minus outputs and lock, as a new git repository at
     `root`; its stages join the Ray cluster at `ray_address` and track to `root`'s own
     MLflow store and checkpoint storage."""
+    root.mkdir(parents=True, exist_ok=True)
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -92,9 +99,15 @@ def copy_repository(root: Path, ray_address: str) -> Workspace:
         **GIT_IDENTITY,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RAY_ADDRESS": ray_address,  # stages join the caller's cluster instead of starting one
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
-        "DLPIPE_STORAGE": str(root / "ray_results"),
+        **_stores(root),
     }
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=root, env=env, check=True)
     return Workspace(root, env)
+
+
+def _stores(root: Path) -> dict[str, str]:
+    return {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
+        "DLPIPE_STORAGE": str(root / "ray_results"),
+    }

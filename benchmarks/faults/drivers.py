@@ -11,6 +11,8 @@ not a second one).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -56,28 +58,36 @@ def driver_killed(
     import json
 
     ws.edit_params(lambda p: _section(p, spec.epochs_key).update(epochs=epochs))
-    undisturbed_storage = str(ws.root / "storage-undisturbed")
-    ws.dvc("repro", spec.judged_by, DLPIPE_STORAGE=undisturbed_storage)
-    undisturbed = json.loads((ws.root / spec.metrics_file).read_text())[spec.figure]
+    # The undisturbed run in a copy: in this workspace the disturbed run is the stage's
+    # first, as for a user (DVC would otherwise restore the undisturbed run's outputs
+    # from its lock entry instead of running the stage again).
+    baseline = ws.copy(ws.root.with_name(f"{ws.root.name}-{spec.stage}-undisturbed"))
+    baseline.dvc("repro", spec.judged_by)
+    undisturbed = json.loads((baseline.root / spec.metrics_file).read_text())[spec.figure]
+    shutil.rmtree(baseline.root)
     runs_before = {r.info.run_id for r in _stage_runs(ws, spec)}
 
     storage = str(ws.root / "storage-disturbed")
     started = time.monotonic()
-    process = ws.start(
-        [*_dvc(), "repro", "--force", "--single-item", spec.stage], DLPIPE_STORAGE=storage
-    )
+    process = ws.start([*_dvc(), "repro", spec.stage], DLPIPE_STORAGE=storage)
     run_id = _wait_for_epochs(ws, spec, runs_before, kill_after, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = time.monotonic()
-    logged_at_kill = len(_steps(ws, run_id, "val_loss"))
-
+    # The Train workers outlive their killed driver for a moment (until Ray reaps them):
+    # what they checkpointed meanwhile counts as done before the kill.
     _wait_for_free_cpus(ws)
+    logged_at_kill = len(_steps(ws, run_id, "val_loss"))
+    attempts_at_kill = len(_values(ws, run_id, "attempt_start_epoch"))
+
     rerun_started = time.monotonic()
     rerun = ws.start([*_dvc(), "repro", spec.judged_by], DLPIPE_STORAGE=storage)
-    recovery_s = None
+    recovery_s = None  # until the re-run's first epoch is logged
     while rerun.poll() is None:
-        if recovery_s is None and len(_steps(ws, run_id, "val_loss")) > logged_at_kill:
+        if (
+            recovery_s is None
+            and len(_values(ws, run_id, "attempt_start_epoch")) > attempts_at_kill
+        ):
             recovery_s = round(time.monotonic() - rerun_started, 1)
         time.sleep(POLL_S)
     output = rerun.stdout.read()
@@ -87,8 +97,8 @@ def driver_killed(
 
     new_runs = [r for r in _stage_runs(ws, spec) if r.info.run_id not in runs_before]
     steps = _steps(ws, run_id, "val_loss")
-    starts = [int(v) for v in _values(ws, run_id, "attempt_start_epoch")]
-    resumed_from = max(starts) if starts else 0
+    starts = [int(v) for v in _values(ws, run_id, "attempt_start_epoch")][attempts_at_kill:]
+    resumed_from = max(starts, default=0)  # the epoch the re-run's attempt started at
     epochs_lost = logged_at_kill - resumed_from
     delta = disturbed - undisturbed
     continuous = sorted(steps) == list(range(epochs)) and len(steps) == epochs
@@ -109,8 +119,10 @@ def driver_killed(
         "epochs_lost": epochs_lost,
         "recovery_s": recovery_s,
         "killed_after_s": round(killed_at - started, 1),
+        "rerun_ran": re.findall(r"Running stage '(\w+)'", output),
         "mlflow_runs": len(new_runs),
         "mlflow_curve_continuous": continuous,
+        **({} if resumed_from > 0 else {"rerun_output_tail": output[-800:]}),
     }
 
 

@@ -7,6 +7,7 @@ temporary sibling directory and swapped in only when the `with` block finishes c
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -46,6 +47,10 @@ def output_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed earlier run left (SIGKILL runs no cleanup); DVC runs one stage of a
+    # repository at a time, so no live writer owns these.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield staging

@@ -276,3 +276,16 @@ def test_a_broken_launcher_config_fails_validation(tmp_path, breakage, message):
     broken.write_text(yaml.safe_dump(config))
     with pytest.raises((jsonschema.ValidationError, ValueError), match=re.escape(message)):
         validate_launcher_config(broken)
+
+
+def test_both_tracking_server_recipes_run_the_basic_auth_app():
+    # local-server.sh is run by tests/cluster/test_team_tracking.py; the compose file, which
+    # needs Docker, is held to the same settings here.
+    script = (REPO / "infra/mlflow/local-server.sh").read_text()
+    compose = yaml.safe_load((REPO / "infra/mlflow/docker-compose.yaml").read_text())
+    mlflow = compose["services"]["mlflow"]
+    assert "--app-name basic-auth" in script and "--app-name basic-auth" in mlflow["command"]
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in mlflow["environment"]
+    ini = (REPO / "infra/mlflow/basic_auth.ini").read_text()
+    assert "postgresql+psycopg://" in ini and "auth_cache_ttl_seconds" in ini
+    assert "auth_cache_ttl_seconds" in script
