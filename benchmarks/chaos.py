@@ -40,6 +40,7 @@ FAULTS: dict[str, Callable[[Workspace], dict[str, Any]]] = {
         ws, drivers.SUPERVISED, epochs=8, kill_after=3
     ),
     "mlm_driver_killed": lambda ws: drivers.driver_killed(ws, drivers.MLM, epochs=6, kill_after=2),
+    "tune_driver_killed": drivers.tune_driver_killed,
     "prepared_array_altered": data.prepared_array_altered,
     "stage_killed_mid_write": data.stage_killed_mid_write,
     "output_dir_full": data.output_dir_full,

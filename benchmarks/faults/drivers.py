@@ -10,6 +10,7 @@ not a second one).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -55,8 +56,6 @@ def driver_killed(
 ) -> dict[str, Any]:
     """Train `spec.stage` undisturbed, then again with fresh checkpoint storage, SIGKILL its
     process group once `kill_after` epochs are checkpointed, re-run it; compare."""
-    import json
-
     ws.edit_params(lambda p: _section(p, spec.epochs_key).update(epochs=epochs))
     # The undisturbed run in a copy: in this workspace the disturbed run is the stage's
     # first, as for a user (DVC would otherwise restore the undisturbed run's outputs
@@ -189,3 +188,75 @@ def _wait_for_free_cpus(ws: Workspace, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(POLL_S)
+
+
+def tune_driver_killed(ws: Workspace, kill_after: int = 2) -> dict[str, Any]:
+    """`dvc repro tune` SIGKILLed once `kill_after` of its 4 trials (one at a time) have
+    finished, then run again: the search must be restored and no finished trial run again.
+    Each trial's MLflow run must end with its full curve, one run per trial."""
+
+    def small_search(params: dict[str, Any]) -> None:
+        params["tune"].update(
+            optimizers=["adam", "rmsprop", "adagrad", "momentum"],
+            samples=1,
+            epochs=3,
+            scheduler="none",
+            max_concurrent_trials=1,
+            space={"train.batch_size": [32]},
+        )
+
+    ws.edit_params(small_search)
+    started = time.monotonic()
+    process = ws.start([*_dvc(), "repro", "tune"])
+    finished: set[str] = set()
+    deadline = time.monotonic() + 900
+    while len(finished) < kill_after:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"tune ended or stalled early:\n{process.stdout.read()[-4000:]}")
+        finished = {r.data.tags["tune_trial_id"] for r in _trials(ws, status="completed")}
+        time.sleep(POLL_S)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_after = time.monotonic() - started
+    _wait_for_free_cpus(ws)
+    finished = {r.data.tags["tune_trial_id"] for r in _trials(ws, status="completed")}
+
+    rerun_started = time.monotonic()
+    rerun = ws.run([*_dvc(), "repro", "tune"])
+    rerun_s = time.monotonic() - rerun_started
+    log = rerun.stdout
+    restored = "resuming the interrupted search" in log
+    ran_again = sorted(t for t in finished if f"trial {t} started" in log)
+    summary = json.loads((ws.root / "metrics" / "tune.json").read_text())
+    trials = _trials(ws)
+    client = _client(ws)
+    full_curves = sum(
+        len(client.get_metric_history(r.info.run_id, "val_loss")) == 3 for r in trials
+    )
+    return {
+        "met": restored and not ran_again and summary["trials"] == 4 and full_curves == 4,
+        "target": "the search restored; no finished trial run again; one MLflow run per "
+        "trial, each with its full curve",
+        "trials": summary["trials"],
+        "finished_before_kill": len(finished),
+        "finished_trials_run_again": len(ran_again),
+        "search_restored": restored,
+        "mlflow_trial_runs": len(trials),
+        "trial_runs_with_full_curve": full_curves,
+        "killed_after_s": round(killed_after, 1),
+        "rerun_s": round(rerun_s, 1),
+    }
+
+
+def _trials(ws: Workspace, status: str | None = None) -> list[Any]:
+    client = _client(ws)
+    experiment = client.get_experiment_by_name("dlpipe-tune")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [
+        r
+        for r in runs
+        if "mlflow.parentRunId" in r.data.tags
+        and (status is None or r.data.tags.get("status") == status)
+    ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -223,6 +224,10 @@ def make_tuner(
         ),
         {"CPU": 0, "memory": TRIAL_MEMORY},
     )
+    # Tune saves the search's state at most every 10 s by default; a driver killed outright
+    # (SIGKILL: nothing saves on the way out) then loses the trials finished since, and the
+    # restored search runs them again. Saved after every event instead: a few KB a time.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     if ray_tune.Tuner.can_restore(experiment_dir):
         log.info("resuming the interrupted search in %s (finished trials are kept)", experiment_dir)
         return ray_tune.Tuner.restore(
