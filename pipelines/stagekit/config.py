@@ -212,7 +212,11 @@ def _yaml_sections(path: Path, known: Iterable[str], unknown_message: str) -> di
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
+        # One line, where PyYAML's own message spans several (with a caret drawing).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
     known = tuple(known)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with {', '.join(known)} keys, got {raw!r}")
