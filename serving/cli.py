@@ -104,10 +104,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping the app ...", flush=True)
         return 0
     finally:
         # Only our application: on a shared cluster other Serve apps keep running.
-        serve.delete("dlpipe")
+        try:
+            serve.delete("dlpipe")
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: no traceback
+            print("serve: interrupted while stopping; `serve shutdown` stops what is left")
 
 
 def _app_config(
