@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.faults import data, drivers
+from benchmarks.faults import data, drivers, serving
 from benchmarks.workspace import Workspace, copy_repository
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,6 +41,7 @@ FAULTS: dict[str, Callable[[Workspace], dict[str, Any]]] = {
     ),
     "mlm_driver_killed": lambda ws: drivers.driver_killed(ws, drivers.MLM, epochs=6, kill_after=2),
     "tune_driver_killed": drivers.tune_driver_killed,
+    "serve_replica_killed": lambda ws: serving.replica_killed(ws, train_epochs=8),
     "prepared_array_altered": data.prepared_array_altered,
     "stage_killed_mid_write": data.stage_killed_mid_write,
     "output_dir_full": data.output_dir_full,
@@ -55,6 +56,7 @@ def run_faults(names: list[str], root: Path) -> dict[str, Any]:
     context = ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     try:
         ws = copy_repository(root / "repo", context.address_info["gcs_address"])
+        ws.env["RAY_DASHBOARD_ADDRESS"] = f"http://{context.dashboard_url}"
         ws.edit_params(small_pipeline)
         results: dict[str, Any] = {}
         for name in (n for n in FAULTS if n in names):

@@ -28,13 +28,14 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.loadgen import ThreadedLoad
 
 RESULTS = Path(__file__).parent / "results" / "cluster.json"
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
@@ -278,7 +279,7 @@ def serve_through_node_loss(
     try:
         wait_until_running(dashboard, "dlpipe")
         outcome = ServeOutcome(_replica_nodes(), _replicas_answering(url))
-        load = Load(url, SERVE_LOAD_CLIENTS)
+        load = ThreadedLoad(url, SERVE_LOAD_CLIENTS)
         load.start()
         time.sleep(load_s)
         lost_at = time.time()
@@ -293,50 +294,6 @@ def serve_through_node_loss(
         return outcome
     finally:
         serve.shutdown()
-
-
-class Load:
-    """`clients` threads posting /v1/classify back to back, each on its own keep-alive
-    connection (re-opened after a failure, as a client library would)."""
-
-    def __init__(self, url: str, clients: int) -> None:
-        self.url, self.clients = url, clients
-        self.sent = 0
-        self.failures: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-
-    def _run(self) -> None:
-        import httpx
-
-        body = {"instances": [[0.5] * 64]}
-        client = httpx.Client(base_url=self.url, timeout=10)
-        while not self._stop.is_set():
-            failure = None
-            try:
-                response = client.post("/v1/classify", json=body)
-                if response.status_code != 200:
-                    failure = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                failure = type(exc).__name__
-                client.close()
-                client = httpx.Client(base_url=self.url, timeout=10)
-            with self._lock:
-                self.sent += 1
-                if failure:
-                    self.failures.append((time.time(), failure))
-            time.sleep(0.01)
-        client.close()
 
 
 def _serve_replicas() -> list[Any]:

@@ -4,6 +4,9 @@ as soon as the last one is answered, so N is the number of concurrent clients.
 wrk (C, event-driven) keeps the load generator from being what is measured: a Python client
 on the same two cores would saturate before the faster servers do. Debian/Ubuntu:
 `apt-get install wrk`; macOS: `brew install wrk`.
+
+`ThreadedLoad` is the other kind: a few Python clients that record when and how each
+failed request failed, for the fault runs (benchmarks/cluster.py, benchmarks/faults/).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # wrk's Lua hook: every request is a POST of the same JSON body, read from a file.
@@ -90,3 +95,49 @@ def run_load(
     if result.returncode != 0:
         raise RuntimeError(f"wrk failed against {url}: {result.stdout}{result.stderr}")
     return parse_wrk(result.stdout)
+
+
+class ThreadedLoad:
+    """`clients` threads posting /v1/classify back to back from Python, each on its own
+    keep-alive connection (re-opened after a failure, as a client library would), keeping
+    the time and kind of every failure: for fault runs, where what fails matters more than
+    the peak rate wrk measures."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url, self.clients = url, clients
+        self.sent = 0
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import httpx
+
+        body = {"instances": [[0.5] * 64]}
+        client = httpx.Client(base_url=self.url, timeout=10)
+        while not self._stop.is_set():
+            failure = None
+            try:
+                response = client.post("/v1/classify", json=body)
+                if response.status_code != 200:
+                    failure = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                failure = type(exc).__name__
+                client.close()
+                client = httpx.Client(base_url=self.url, timeout=10)
+            with self._lock:
+                self.sent += 1
+                if failure:
+                    self.failures.append((time.time(), failure))
+            time.sleep(0.01)
+        client.close()
