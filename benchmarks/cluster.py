@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.faults.serving import classifier_app, free_port, replicas_running
 from benchmarks.loadgen import ThreadedLoad
 
 RESULTS = Path(__file__).parent / "results" / "cluster.json"
@@ -247,12 +247,6 @@ def _add_recovery(outcome: TrainingOutcome, run_id: str, lost_at: float) -> None
     outcome.recovery_s = round(resumed_at / 1000 - lost_at, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_through_node_loss(
     nodes: TwoNodeCluster, dashboard: str, export_dir: Path, load_s: float = 4.0
 ) -> ServeOutcome:
@@ -262,20 +256,8 @@ def serve_through_node_loss(
     from serving.deploy import deploy_app, wait_until_running
 
     port = free_port()
-    app = {
-        "name": "dlpipe",
-        "route_prefix": "/dlpipe",
-        "import_path": "serving.app:build_app",
-        "args": {
-            "model": str(export_dir),
-            "mlm_model": "none",
-            "segment_model": "none",
-            "http": {"port": port},
-        },
-        "deployments": [{"name": "dlpipe", "num_replicas": 2}],
-    }
     url = f"http://127.0.0.1:{port}"
-    deploy_app(dashboard, app)
+    deploy_app(dashboard, classifier_app(export_dir, port, replicas=2))
     try:
         wait_until_running(dashboard, "dlpipe")
         outcome = ServeOutcome(_replica_nodes(), _replicas_answering(url))
@@ -284,7 +266,7 @@ def serve_through_node_loss(
         time.sleep(load_s)
         lost_at = time.time()
         nodes.replace_worker()
-        outcome.replicas_back_s = _wait_for_replicas(2, lost_at)
+        outcome.replicas_back_s = replicas_running("dlpipe", "dlpipe", 2, lost_at, timeout_s=180)
         time.sleep(load_s)
         load.stop()
         outcome.requests, outcome.failed = load.sent, len(load.failures)
@@ -319,20 +301,6 @@ def _replicas_answering(url: str, tries: int = 40) -> int:
         with httpx.Client(base_url=url, timeout=10) as client:
             seen.add(client.get("/v1/models").json()["replica"])
     return len(seen)
-
-
-def _wait_for_replicas(count: int, since: float, timeout_s: float = 180) -> float | None:
-    from ray import serve
-
-    gone = False
-    while time.time() - since < timeout_s:
-        replicas = serve.status().applications["dlpipe"].deployments["dlpipe"].replica_states
-        running = replicas.get("RUNNING", 0)
-        gone = gone or running < count
-        if gone and running >= count:
-            return round(time.time() - since, 1)
-        time.sleep(0.2)
-    return None
 
 
 def export_model(root: Path, prepared: Path, tag: str) -> Path:

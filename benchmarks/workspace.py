@@ -42,20 +42,15 @@ class Workspace:
     def run(
         self, command: list[str], timeout_s: float = 1200, check: bool = True, **env: str
     ) -> subprocess.CompletedProcess:
-        """`command` in the workspace, output captured; its whole process group is killed
-        if it outlives `timeout_s` (a stage must not linger, holding the cluster's CPUs)."""
-        process = self.start(command, **env)
-        try:
-            stdout, _ = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, _ = process.communicate()
+        """`command` in the workspace, stdout and stderr together (see `run_process_group`)."""
+        result = run_process_group(
+            command, self.root, {**self.env, **env}, timeout_s, merge_output=True
+        )
+        if check and result.returncode != 0:
             raise RuntimeError(
-                f"{' '.join(command)}: not done within {timeout_s:g} s\n{stdout}"
-            ) from None
-        if check and process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stdout}")
-        return subprocess.CompletedProcess(command, process.returncode, stdout, "")
+                f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}"
+            )
+        return result
 
     def start(self, command: list[str], **env: str) -> subprocess.Popen:
         """`command` started in a process group of its own (kill it whole with os.killpg),
@@ -78,6 +73,36 @@ class Workspace:
 
     def dvc(self, *args: str, timeout_s: float = 1200, **env: str) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-m", "dvc", *args], timeout_s=timeout_s, **env)
+
+
+def run_process_group(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout_s: float,
+    merge_output: bool = False,
+) -> subprocess.CompletedProcess:
+    """`subprocess.run` with output captured, in a process group of its own that is killed
+    whole on timeout: a timed-out `dvc repro` must not leave its stage running, holding the
+    cluster's CPUs while everything after it waits for them."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise TimeoutError(
+            f"{' '.join(command)} did not finish within {timeout_s:g} s:\n{stdout}\n{stderr or ''}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr or "")
 
 
 def copy_repository(root: Path, ray_address: str) -> Workspace:

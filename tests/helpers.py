@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import random
-import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -17,33 +13,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.faults.serving import free_port
+from benchmarks.workspace import run_process_group as run_command  # noqa: F401 (for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_command(
-    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float
-) -> subprocess.CompletedProcess:
-    """`subprocess.run` with output captured, in a process group of its own that is killed
-    whole on timeout: a timed-out `dvc repro` must not leave its stage running, holding the
-    session cluster's CPUs while every later test waits for them."""
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(
-            f"{' '.join(command)} did not finish within {timeout_s:g} s:\n{stdout}\n{stderr}"
-        ) from None
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def write_image_folder(
@@ -84,13 +57,6 @@ def generated_transaction_log(path: Path, customers: int = 240) -> Path:
             amount = rng.uniform(60, 120) if loyal else rng.uniform(5, 20)
             rows.append([f"c{n:04d}", day.isoformat(), f"{amount:.2f}", rng.randint(1, 3)])
     return write_csv(path, ["client", "bought_on", "value", "items"], rows)
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (for a test's own server)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
