@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo serve test test-deps test-unit lint ui bench bench-deps chaos gpu-check clean
+.PHONY: install demo serve test test-deps test-unit lint ui bench bench-deps chaos fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -70,6 +70,13 @@ bench: install bench-deps
 # the full-disk fault. tests/integration/test_chaos.py runs the quick ones in `make test`.
 chaos: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.chaos
+
+# Every endpoint of `dlpipe serve` (on the exported models: after `make demo`) fuzzed from
+# its own OpenAPI document (benchmarks/fuzz.py: schemathesis, 1,000 cases per endpoint and
+# phase, plus hostile images and texts), written to benchmarks/results/fuzz.json and
+# fuzz.md. tests/integration/test_serve_app.py runs a small subset in `make test`.
+fuzz: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.fuzz
 
 # The benchmarks' Debian packages: wrk (the serving load generator) and Fashion-MNIST (the
 # training benchmark's image set; without it, it trains on the bundled digits). Installed

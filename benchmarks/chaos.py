@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.faults import data, drivers, serving
+from benchmarks.faults import data, drivers, serving, soak, tracking
 from benchmarks.workspace import Workspace, copy_repository
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,7 +41,12 @@ FAULTS: dict[str, Callable[[Workspace], dict[str, Any]]] = {
     ),
     "mlm_driver_killed": lambda ws: drivers.driver_killed(ws, drivers.MLM, epochs=6, kill_after=2),
     "tune_driver_killed": drivers.tune_driver_killed,
+    "tracking_server_down": lambda ws: tracking.server_down(
+        ws, epochs=8, back_epochs=60, down_after=2
+    ),
     "serve_replica_killed": lambda ws: serving.replica_killed(ws, train_epochs=8),
+    "serve_graceful_operations": lambda ws: serving.graceful_operations(ws, train_epochs=8),
+    "serve_soak": lambda ws: soak.soak(ws, train_epochs=8),
     "prepared_array_altered": data.prepared_array_altered,
     "stage_killed_mid_write": data.stage_killed_mid_write,
     "output_dir_full": data.output_dir_full,

@@ -66,12 +66,19 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def run_load(
-    url: str, body: bytes, concurrency: int, seconds: float, threads: int = 1
+    url: str,
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+    threads: int = 1,
+    pause_ms: float = 0.0,
 ) -> dict[str, float]:
-    """`concurrency` clients POSTing `body` to `url` for `seconds`; wrk's figures."""
+    """`concurrency` clients POSTing `body` to `url` for `seconds`; wrk's figures. With
+    `pause_ms`, each client waits that long before each request (a lighter, paced load)."""
     with tempfile.TemporaryDirectory(prefix="dlpipe-load-") as scratch:
         script = Path(scratch) / "post.lua"
-        script.write_text(POST_SCRIPT)
+        pace = f"function delay()\n  return {pause_ms:g}\nend\n" if pause_ms > 0 else ""
+        script.write_text(POST_SCRIPT + pace)
         body_file = Path(scratch) / "body.json"
         body_file.write_bytes(body)
         result = subprocess.run(
@@ -95,6 +102,9 @@ def run_load(
     if result.returncode != 0:
         raise RuntimeError(f"wrk failed against {url}: {result.stdout}{result.stderr}")
     return parse_wrk(result.stdout)
+
+
+FAILURE_BACKOFF_S = 0.1
 
 
 class ThreadedLoad:
@@ -124,20 +134,22 @@ class ThreadedLoad:
         import httpx
 
         body = {"instances": [[0.5] * 64]}
-        client = httpx.Client(base_url=self.url, timeout=10)
-        while not self._stop.is_set():
-            failure = None
-            try:
-                response = client.post("/v1/classify", json=body)
-                if response.status_code != 200:
-                    failure = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                failure = type(exc).__name__
-                client.close()
-                client = httpx.Client(base_url=self.url, timeout=10)
-            with self._lock:
-                self.sent += 1
-                if failure:
-                    self.failures.append((time.time(), failure))
-            time.sleep(0.01)
-        client.close()
+        # One client for the whole run: its pool drops a broken connection and opens a new
+        # one. (A new httpx.Client per failure builds an SSL context each time: against a
+        # port nothing listens on, that loop took a whole core, and the Ray worker starting
+        # the replacement replica on this 2-CPU machine waited for it.)
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self._stop.is_set():
+                failure = None
+                try:
+                    response = client.post("/v1/classify", json=body)
+                    if response.status_code != 200:
+                        failure = f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    failure = type(exc).__name__
+                with self._lock:
+                    self.sent += 1
+                    if failure:
+                        self.failures.append((time.time(), failure))
+                # After a failure, back off as a client library's retry would.
+                time.sleep(FAILURE_BACKOFF_S if failure else 0.01)

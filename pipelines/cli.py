@@ -2,6 +2,7 @@
 
 dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
 dlpipe ui                 open the MLflow dashboard
+dlpipe tracking sync      send what stages kept while the MLflow server was down
 dlpipe serve ...          serve, reload and query the models (serving/cli.py)
 dlpipe predict IMAGE ...  classify images through a running server (serving/cli.py)
 """
@@ -15,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.stagekit.tracking import tracking_uri
+from pipelines.stagekit.spool import spool_dir
+from pipelines.stagekit.tracking import redacted_uri, sync_spool, tracking_uri
 from serving import cli as serving_cli
 
 
@@ -37,6 +39,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    """Replay the spool (pipelines/stagekit/spool.py); exit 1 while anything still waits."""
+    uri, spool = tracking_uri(), spool_dir()
+    counts = sync_spool(uri, spool)
+    if not counts:
+        print(f"nothing kept in {spool}: every record has reached its tracking server")
+        return 0
+    for run_id, (sent, waiting) in counts.items():
+        state = f"{waiting} still waiting" if waiting else "all sent"
+        print(f"run {run_id}: {sent} record(s) sent, {state}")
+    if any(waiting for _, waiting in counts.values()):
+        print(
+            f"the tracking server ({redacted_uri(uri)}) did not take everything: the rest stays in {spool}"
+        )
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serving_cli.add_commands(sub)
+
+    tracking = sub.add_parser("tracking", help="the MLflow tracking store")
+    tracking_sub = tracking.add_subparsers(dest="action", required=True)
+    sync = tracking_sub.add_parser(
+        "sync", help="send the records kept while the tracking server did not answer"
+    )
+    sync.set_defaults(func=cmd_tracking_sync)
 
     ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")
     ui.add_argument("--host", default="127.0.0.1")

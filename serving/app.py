@@ -17,6 +17,7 @@ import gc
 import itertools
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,7 @@ class PredictionService:
                 self.models,
                 self.limits,
                 self.classify_batched,
-                openapi_document,
+                lambda: openapi_document(self.models),
                 self.metrics,
                 replica=serve.get_replica_context().replica_id.unique_id,
                 keys=self.keys,
@@ -126,8 +127,13 @@ class PredictionService:
             self.server.check()
 
     def __del__(self) -> None:
+        """Serve's graceful stop (scale-down, redeploy, shutdown) ends here, before the
+        process is killed: drain, then close (see Limits.drain_s)."""
         server = getattr(self, "server", None)
         if server is not None:
+            if self.api is not None and self.limits.drain_s > 0:
+                self.api.draining = True
+                time.sleep(self.limits.drain_s)
             server.stop()
             # The counts of the last second: their timer went with the server's loop.
             self.metrics.flush()

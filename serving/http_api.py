@@ -51,6 +51,10 @@ class Limits:
     max_requests_per_s_per_key: float = 1000.0
     """Per API key and replica (bursts of one second's worth); more get a 429 with
     Retry-After. Only with keys configured; 0 turns it off."""
+    drain_s: float = 2.0
+    """When the replica stops (scale-down, redeploy, shutdown): for this long it still
+    answers, each answer telling its client to reconnect (`Connection: close`) and /readyz
+    saying 503, so clients move to the other replicas before its port closes."""
 
 
 class ClientError(Exception):
@@ -77,11 +81,17 @@ def json_response(content: Any, status: int = 200, headers: dict[str, str] | Non
     return Answer(status, orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), headers)
 
 
-async def send_answer(send: Callable, answer: Answer, with_body: bool = True) -> None:
+async def send_answer(
+    send: Callable, answer: Answer, with_body: bool = True, close: bool = False
+) -> None:
+    """`close`: ask the client to take its next request elsewhere (uvicorn closes the
+    connection after this answer)."""
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(answer.body)).encode()),
     ]
+    if close:
+        headers.append((b"connection", b"close"))
     for name, value in (answer.headers or {}).items():
         headers.append((name.lower().encode(), value.encode()))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
@@ -208,6 +218,8 @@ class HttpApi:
         self.metrics = metrics
         self.limits = limits
         self.in_flight = 0
+        self.draining = False
+        """Set when the replica stops: see Limits.drain_s."""
         self._classify_batch = classify_batch
         self._openapi = openapi
         self._routes = self._route_table()
@@ -249,7 +261,7 @@ class HttpApi:
                 answer = await endpoint(scope, receive)
             except Exception:
                 answer = internal_error(scope)
-        await send_answer(send, answer, with_body=scope["method"] != "HEAD")
+        await send_answer(send, answer, with_body=scope["method"] != "HEAD", close=self.draining)
 
     # --- plumbing: admission, body, validation, timeout, errors, metrics ----------------
 
@@ -353,6 +365,8 @@ class HttpApi:
         return 200, {"status": "ok"}
 
     async def readyz(self) -> tuple[int, Any]:
+        if self.draining:
+            return 503, {"status": "stopping"}
         infos = self.models.infos()
         if not infos:
             return 503, {"status": "no model loaded"}

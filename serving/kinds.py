@@ -16,9 +16,14 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from serving.mlm_predictor import MaskedLmPredictor
+from serving.mlm_predictor import NOT_EMPTY, MaskedLmPredictor
 from serving.predictor import ClassifierPredictor
 from serving.schemas import (
+    FLOAT32_MAX,
+    MAX_BATCH,
+    MAX_IMAGE_BASE64_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TEXTS,
     ClassifyRequest,
     ClassifyResponse,
     EmbedRequest,
@@ -34,6 +39,17 @@ Batch = Callable[[Any, np.ndarray], Awaitable[list[dict[str, Any]]]]
 """The app's batched call for a slot (serving/batcher.py), when it has one."""
 Answer = Callable[[Any, Any, Batch | None], Awaitable[dict[str, Any]]]
 """(predictor, validated request, the slot's batched call or None) -> the answer body."""
+Body = Callable[[Any], dict[str, Any]]
+"""predictor -> the JSON Schema of the request bodies it accepts: what the pydantic model
+checks, narrowed by what this loaded model checks (its input size, its feature names), so
+that the OpenAPI document states everything the server enforces that JSON Schema can say."""
+
+IMAGE_FORMAT = "dlpipe-image"
+"""String format of `images` items: base64 of a PNG or JPEG (JSON Schema cannot say
+"decodes to an image"; a fuzzer registers a generator under this name)."""
+MASKED_TEXT_FORMAT = "dlpipe-masked-text"
+"""String format of fill-mask texts: at most `x-max-tokens` tokens of the model's
+tokenizer, which JSON Schema cannot count."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class Route:
     response: type[BaseModel]
     summary: str
     answer: Answer
+    body: Body
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,64 @@ async def segment(
     return {"assignments": segmenter.segment(segmenter.records_to_array(request.customers))}
 
 
+def _number(low: float = -FLOAT32_MAX, high: float = FLOAT32_MAX) -> dict[str, Any]:
+    return {"type": "number", "minimum": low, "maximum": high}
+
+
+def _batch(items: dict[str, Any], most: int = MAX_BATCH) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": 1, "maxItems": most}
+
+
+def _closed(properties: dict[str, Any], required: list[str], **extra: Any) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    return {**schema, **({"required": required} if required else {}), **extra}
+
+
+def classify_body(classifier: ClassifierPredictor) -> dict[str, Any]:
+    value = _number(0.0, 1.0) if classifier.pixel_input else _number()
+    size = classifier.feature_count
+    row = {"type": "array", "items": value, "minItems": size, "maxItems": size}
+    properties = {"instances": _batch(row)}
+    if not classifier.pixel_input:  # a feature-vector model takes no images
+        return _closed(properties, ["instances"])
+    image = {
+        "type": "string",
+        "format": IMAGE_FORMAT,
+        "contentEncoding": "base64",
+        "contentMediaType": "image/png",
+        "maxLength": MAX_IMAGE_BASE64_CHARS,
+    }
+    # Exactly one of the two: the only properties allowed, and exactly one present.
+    return _closed({**properties, "images": _batch(image)}, [], minProperties=1, maxProperties=1)
+
+
+def fill_mask_body(mlm: MaskedLmPredictor) -> dict[str, Any]:
+    text = {
+        "type": "string",
+        "pattern": r"\[MASK\]",
+        "maxLength": MAX_TEXT_CHARS,
+        "format": MASKED_TEXT_FORMAT,
+        "x-max-tokens": mlm.max_length - 2,
+        "description": f"At most {mlm.max_length - 2} tokens (the model's max_length "
+        f"{mlm.max_length}, less [CLS] and [SEP]); longer texts are refused.",
+    }
+    top_k = {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}
+    return _closed({"texts": _batch(text, MAX_TEXTS), "top_k": top_k}, ["texts"])
+
+
+def embed_body(mlm: MaskedLmPredictor) -> dict[str, Any]:
+    text = {"type": "string", "pattern": NOT_EMPTY, "maxLength": MAX_TEXT_CHARS}
+    return _closed({"texts": _batch(text, MAX_TEXTS)}, ["texts"])
+
+
+def segment_body(segmenter: SegmentPredictor) -> dict[str, Any]:
+    fields = {
+        name: _number(0.0) if name in segmenter.non_negative else _number()
+        for name in segmenter.features
+    }
+    return _closed({"customers": _batch(_closed(fields, list(segmenter.features)))}, ["customers"])
+
+
 KINDS: tuple[ModelKind, ...] = (
     ModelKind(
         slot="classifier",
@@ -116,6 +191,7 @@ KINDS: tuple[ModelKind, ...] = (
                 ClassifyResponse,
                 "Classify images or feature vectors",
                 classify,
+                classify_body,
             ),
         ),
     ),
@@ -133,6 +209,7 @@ KINDS: tuple[ModelKind, ...] = (
                 FillMaskResponse,
                 "Rank the words for each [MASK]",
                 fill_mask,
+                fill_mask_body,
             ),
             Route(
                 "/v1/embed",
@@ -140,6 +217,7 @@ KINDS: tuple[ModelKind, ...] = (
                 EmbedResponse,
                 "Sentence embeddings (unit vectors)",
                 embed,
+                embed_body,
             ),
         ),
     ),
@@ -157,6 +235,7 @@ KINDS: tuple[ModelKind, ...] = (
                 SegmentResponse,
                 "Customer segments with distances",
                 segment,
+                segment_body,
             ),
         ),
     ),

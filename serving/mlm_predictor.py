@@ -8,6 +8,7 @@ the longest text of the batch, and run through the exported graphs. Client mista
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,12 @@ from serving.predictor import InputError
 from serving.runtime import ort_session
 
 MASK_TOKEN = "[MASK]"
+SPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+"""White space as JSON Schema's regular expressions (ECMA-262 `\\s`) know it: a text is
+empty when it has nothing else. Python's str.isspace() counts more (e.g. \\x1c), so the
+OpenAPI document's pattern and this check would disagree about such a text."""
+NOT_EMPTY = f"[^{SPACE}]"
+"""The pattern of a text that is not empty (serving/kinds.py puts it in the document)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class MaskedLmPredictor:
         """[CLS] tokens [SEP] per text, padded; over-long texts are cut (truncate) or refused."""
         rows, truncated = [], []
         for i, text in enumerate(texts):
-            if not text.strip():
+            if not re.search(NOT_EMPTY, text):
                 raise InputError(f"{field}[{i}]", "text is empty")
             ids = self.tokenizer.encode(text, add_special_tokens=False).ids
             limit = self.max_length - 2
@@ -77,7 +84,7 @@ class MaskedLmPredictor:
     def fill_mask(self, texts: list[str], top_k: int = 5) -> list[dict[str, Any]]:
         """For every [MASK] in every text, the `top_k` likeliest tokens with probabilities."""
         for i, text in enumerate(texts):
-            if text.strip() and MASK_TOKEN not in text:
+            if re.search(NOT_EMPTY, text) and MASK_TOKEN not in text:
                 raise InputError(f"texts[{i}]", f"text has no {MASK_TOKEN} token to fill")
         encoded = self.encode(texts, "texts", truncate=False)
         logits = self.fill_mask_session.run(None, {"input_ids": encoded.ids})[0]  # (B, T, V)

@@ -1,11 +1,15 @@
 """The OpenAPI document of the HTTP API, generated from the same pydantic models that
-validate the requests (serving/schemas.py).
+validate the requests (serving/schemas.py), then narrowed to the models a replica serves:
+only their routes, and each request body as that model checks it (input size, feature
+names, value ranges: `Route.body` in serving/kinds.py). A client generated from a replica's
+document sends only requests the replica accepts.
 
 FastAPI builds the document; it never serves a request (see serving/http_api.py for why).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -16,13 +20,32 @@ ERRORS = {
     404: "that model is not loaded in this app",
     413: "request body too large",
     422: "a field is invalid (`detail` lists each, with its location)",
-    503: "overloaded: retry after `Retry-After` seconds",
+    401: "no valid API key (when the app has keys)",
+    429: "over the rate limit per key: retry after `Retry-After` seconds",
+    503: "overloaded, or the replica is stopping: retry after `Retry-After` seconds",
     504: "no answer within the request timeout",
 }
 
 
+def openapi_document(models: Any = None) -> dict[str, Any]:
+    """The document for the predictors `models` serves (a serving.model_slots.LoadedModels);
+    None: every route, with the generic request schemas."""
+    document = copy.deepcopy(_generic_document())
+    if models is None:
+        return document
+    for kind in KINDS:
+        predictor = models.get(kind.slot)
+        for route in kind.routes:
+            if predictor is None:  # its routes answer 404: not part of this app's API
+                del document["paths"][route.path]
+                continue
+            body = document["paths"][route.path]["post"]["requestBody"]
+            body["content"]["application/json"]["schema"] = route.body(predictor)
+    return document
+
+
 @functools.cache
-def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
+def _generic_document(version: str = "0.1.0") -> dict[str, Any]:
     from fastapi import FastAPI
 
     spec = FastAPI(

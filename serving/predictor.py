@@ -20,6 +20,9 @@ from serving.model_source import ModelFiles
 from serving.preprocess import image_to_array
 from serving.runtime import ort_session
 
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Larger images are refused before they are decoded."""
+
 
 class InputError(ValueError):
     """A request the model cannot take; `field` names the offending part (e.g. `images[2]`)."""
@@ -93,10 +96,20 @@ class ClassifierPredictor:
                 raise InputError(f"images[{i}]", "not valid base64") from None
             try:
                 with Image.open(io.BytesIO(raw)) as image:
+                    # The header's size, before decoding: a few hundred bytes can claim a
+                    # picture that takes gigabytes to decode (a decompression bomb).
+                    if image.width * image.height > MAX_IMAGE_PIXELS:
+                        raise InputError(
+                            f"images[{i}]",
+                            f"image dimensions too large ({image.width}x{image.height}; at "
+                            f"most {MAX_IMAGE_PIXELS:,} pixels)",
+                        )
                     image.load()
                     arrays.append(
                         image_to_array(image, tuple(prep["image_size"]), prep["grayscale"])
                     )
+            except InputError:
+                raise
             except Image.DecompressionBombError:
                 raise InputError(f"images[{i}]", "image dimensions too large") from None
             except (UnidentifiedImageError, OSError, ValueError):

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_BATCH = 1024
+FLOAT32_MAX = 3.4028234663852886e38
+"""Inputs become float32: a larger number would turn into inf."""
 MAX_IMAGE_BASE64_CHARS = 8 * 1024 * 1024  # about 6 MB per encoded image
 
 # Strict: JSON numbers only. Lax mode would read `true` as 1.0 and "0.5" as 0.5, and a
 # client's bug would be answered as if the input were meant.
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+FiniteFloat = Annotated[
+    float, Field(allow_inf_nan=False, strict=True, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
+]
+
+
+def _whole(value: Any) -> Any:
+    # JSON Schema's "integer" includes 5.0; `true` and "5" stay refused (strict below).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole), Field(strict=True)]
 
 
 class ClassifyRequest(BaseModel):
@@ -29,6 +43,17 @@ class ClassifyRequest(BaseModel):
         max_length=MAX_BATCH,
         description="Base64-encoded PNG or JPEG images.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_nulls(cls, data: Any) -> Any:
+        # `"images": null` beside `instances` would pass as "not given"; the OpenAPI
+        # document says each field is an array, so the server says so too.
+        if isinstance(data, dict):
+            for name in ("instances", "images"):
+                if name in data and data[name] is None:
+                    raise ValueError(f"`{name}` is null: leave it out instead")
+        return data
 
     @model_validator(mode="after")
     def exactly_one_input(self) -> ClassifyRequest:
@@ -65,7 +90,7 @@ class FillMaskRequest(BaseModel):
     texts: Texts = Field(
         description="Texts containing [MASK] one or more times, e.g. 'the [MASK] statement'."
     )
-    top_k: int = Field(default=5, ge=1, le=100, strict=True, description="Predictions per [MASK].")
+    top_k: WholeNumber = Field(default=5, ge=1, le=100, description="Predictions per [MASK].")
 
 
 class TokenScore(BaseModel):

@@ -28,7 +28,7 @@ ONLY_REPLICA_TARGET_S = 15.0
 def replica_killed(ws: Workspace, train_epochs: int) -> dict[str, Any]:
     """One of two dlpipe replicas, then the only one, SIGKILLed under load; and one of two
     replicas of an app behind Serve's proxy, for comparison."""
-    export = _exported_model(ws, train_epochs)
+    export = exported_model(ws, train_epochs)
     dashboard = ws.env["RAY_DASHBOARD_ADDRESS"]
     one_of_two = _kill_dlpipe_replica(dashboard, export, replicas=2)
     only = _kill_dlpipe_replica(dashboard, export, replicas=1)
@@ -47,6 +47,90 @@ def replica_killed(ws: Workspace, train_epochs: int) -> dict[str, Any]:
         "only_replica": only,
         "serve_proxy_one_of_two": proxy,
     }
+
+
+def graceful_operations(ws: Workspace, train_epochs: int) -> dict[str, Any]:
+    """Under a steady load on the dlpipe app: a scale-down (2 -> 1 replicas), a redeploy with
+    new settings (Serve replaces every replica, one at a time), and a stop of the whole app.
+    Target: zero failed requests. After the stop, a new connection is refused (nothing
+    listens any more): that is counted apart; a request the server accepted and then
+    dropped is a failure."""
+    from ray import serve
+
+    from serving.deploy import deploy_app, wait_until_running
+
+    export = exported_model(ws, train_epochs)
+    dashboard = ws.env["RAY_DASHBOARD_ADDRESS"]
+    port = free_port()
+    app = classifier_app(export, port, replicas=2)
+    deploy_app(dashboard, app)
+    wait_until_running(dashboard, "dlpipe")
+    load = ThreadedLoad(f"http://127.0.0.1:{port}", CLIENTS)
+    load.start()
+    phases: dict[str, tuple[float, float]] = {}
+    try:
+        time.sleep(LOAD_BEFORE_S)
+
+        def phase(name: str, change: dict[str, Any], replicas: int) -> None:
+            started = time.time()
+            deploy_app(dashboard, change)
+            _wait_for_replicas(dashboard, replicas, since=started)
+            time.sleep(LOAD_AFTER_S)  # stragglers: connections closed late would fail now
+            phases[name] = (started, time.time())
+
+        app["deployments"][0]["num_replicas"] = 1
+        phase("scale_down", app, 1)
+        app["deployments"][0]["num_replicas"] = 2
+        phase("scale_up", app, 2)
+        app["args"]["http"]["drain_s"] = 2.5  # new settings: Serve replaces each replica
+        phase("redeploy", app, 2)
+        stopped_at = time.time()
+        serve.delete("dlpipe")
+        time.sleep(LOAD_AFTER_S)
+        phases["stop"] = (stopped_at, time.time())
+    finally:
+        load.stop()
+        serve.shutdown()
+    report: dict[str, Any] = {"requests": load.sent}
+    for name, (start, end) in phases.items():
+        kinds = [what for at, what in load.failures if start <= at <= end]
+        refused = sum(kind == "ConnectError" for kind in kinds) if name == "stop" else 0
+        report[name] = {
+            "seconds": round(end - start, 1),
+            "failed": len(kinds) - refused,
+            **({"refused_after_stop": refused} if name == "stop" else {}),
+            "failure_kinds": sorted(set(kinds) - ({"ConnectError"} if name == "stop" else set())),
+        }
+    failed = sum(report[name]["failed"] for name in phases)
+    return {
+        "met": failed == 0 and len(phases) == 4,
+        "target": "scale-down, redeploy and stop under load: zero failed requests (after "
+        "the stop, refused connections are not failures)",
+        "failed": failed,
+        "tcp_migrate_req": _sysctl("net/ipv4/tcp_migrate_req"),
+        **report,
+    }
+
+
+def _wait_for_replicas(dashboard: str, count: int, since: float, timeout_s: float = 180) -> None:
+    """Until the app runs `count` replicas of its latest version and no other."""
+    from serving.deploy import serve_details
+
+    while time.time() - since < timeout_s:
+        app = serve_details(dashboard).get("applications", {}).get("dlpipe", {})
+        deployment = app.get("deployments", {}).get("dlpipe", {})
+        states = [r["state"] for r in deployment.get("replicas", [])]
+        if app.get("status") == "RUNNING" and states == ["RUNNING"] * count:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"dlpipe did not settle on {count} replicas within {timeout_s} s")
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        return open(f"/proc/sys/{name}").read().strip()
+    except OSError:
+        return None
 
 
 def free_port() -> int:
@@ -90,7 +174,7 @@ def replicas_running(
     return None
 
 
-def _exported_model(ws: Workspace, train_epochs: int) -> str:
+def exported_model(ws: Workspace, train_epochs: int) -> str:
     ws.edit_params(lambda p: p["train"].update(epochs=train_epochs))
     ws.dvc("repro", "export")
     return str(ws.root / "artifacts" / "supervised" / "export")
@@ -142,7 +226,7 @@ def _kill_one_under_load(
     load = ThreadedLoad(url, CLIENTS)
     load.start()
     time.sleep(LOAD_BEFORE_S)
-    [victim, *_] = _replica_pids(f"ServeReplica:{app}")
+    [victim, *_] = replica_pids(f"ServeReplica:{app}")
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
     answering = _first_success_after(url, killed_at) if probe else None
@@ -161,7 +245,7 @@ def _kill_one_under_load(
     }
 
 
-def _replica_pids(prefix: str) -> list[int]:
+def replica_pids(prefix: str) -> list[int]:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)

@@ -100,10 +100,22 @@ def stage_command(
     run_stage(name, body)
 
 
+class _StageFormatter(logging.Formatter):
+    """Progress lines as they are; a warning or worse says so first (`warning: ...`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
 def run_stage(name: str, body: Callable[[], None]) -> None:
     """Run a stage body; user mistakes print `<name>: error: ...` and exit 2, without a traceback."""
     # Our progress at INFO; libraries (MLflow, onnxscript, Ray) only when something is wrong.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_StageFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # A stage runs as `python -m pipelines.<paradigm>.<stage>`: its own logger is `__main__`.
     for logger_name in ("pipelines", "__main__"):
         logging.getLogger(logger_name).setLevel(logging.INFO)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.stagekit.dataset import sha256_file
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.spool import Spool, spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def tracking_uri() -> str:
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    _bounded_retries()
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
@@ -114,39 +117,246 @@ def stage_tags(stage: str, data_hash: str) -> dict[str, str]:
     return {"git_commit": git_commit(), "dvc_stage": stage, "data_sha256": data_hash}
 
 
-class RunLogger:
-    """Logs to one existing run by id; safe to hand to a Ray worker (holds only strings)."""
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer and this logger keeps no spool (a Train worker's)."""
 
-    def __init__(self, run_id: str, uri: str) -> None:
+
+OFFLINE_S = 30.0
+"""After a call finds the server unreachable, for this long a logger's writes go straight to
+its spool: every try costs the HTTP client's retries, seconds a training epoch would wait."""
+_offline_until: dict[str, float] = {}  # tracking URI -> time.monotonic() to try again
+
+RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+"""MLflow's own defaults retry an unreachable server for about four minutes per call; with
+these a call gives up after about 7 s and its record waits in the spool. Set in the
+environment to override."""
+
+
+class RunLogger:
+    """Writes to one existing run by id; safe to hand to a Ray worker (holds only strings).
+
+    With a `spool` directory (the stage driver's loggers), a write the server cannot take
+    (down, unreachable, answering 5xx) is kept there in order and sent later: by the next
+    write that finds the server back, at the end of the stage, by the next stage, or by
+    `dlpipe tracking sync`. Without one (a Train worker, possibly on another node) such a
+    write raises TrackingUnavailable; the driver logs the epochs from the checkpoint's
+    history at the end (`log_history`), so nothing depends on the worker's writes.
+    """
+
+    def __init__(self, run_id: str, uri: str, spool: str | None = None) -> None:
         self.run_id = run_id
         self.uri = uri
+        self.spool = spool
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
+        self._write(
+            {
+                "op": "metrics",
+                "metrics": {_metric_key(k): float(v) for k, v in metrics.items()},
+                "step": step or 0,
+                "timestamp": int(time.time() * 1000),
+            }
+        )
 
-        now = int(time.time() * 1000)
-        batch = [Metric(_metric_key(k), float(v), now, step or 0) for k, v in metrics.items()]
-        _client(self.uri).log_batch(self.run_id, metrics=batch)
+    def log_history(self, rows: list[Mapping[str, float]]) -> None:
+        """One row of figures per epoch (its `epoch` the step), as a training state's history
+        holds them; only what the run lacks (per figure and epoch) is sent, so this can be
+        repeated safely."""
+        self._write(
+            {
+                "op": "history",
+                "rows": [
+                    {_metric_key(k): float(v) for k, v in row.items() if _is_number(v)}
+                    for row in rows
+                ],
+                "timestamp": int(time.time() * 1000),
+            }
+        )
 
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in _client(self.uri).get_metric_history(self.run_id, key)}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = _flatten(params)
-        client = _client(self.uri)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            client.log_batch(self.run_id, params=items[start : start + 100])
+        self._write({"op": "params", "params": {k: str(v)[:6000] for k, v in flat.items()}})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        client = _client(self.uri)
-        for key, value in tags.items():
-            client.set_tag(self.run_id, key, value)
+        self._write({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        _client(self.uri).log_artifact(self.run_id, str(path), artifact_path)
+        self._write({"op": "artifact", "artifact_path": artifact_path}, attach=path)
+
+    def end(self, status: str) -> None:
+        """status: FINISHED, FAILED or KILLED."""
+        self._write({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
+
+    def flush(self) -> int:
+        """Send this run's kept records, oldest first; returns how many still wait."""
+        if self.spool is None:
+            return 0
+        return _replay(Spool(self.spool), self.run_id, self.uri)
+
+    def _write(self, record: dict[str, Any], attach: str | Path | None = None) -> None:
+        record = {**record, "uri": self.uri}
+        spool = Spool(self.spool) if self.spool is not None else None
+        # Kept records go first, or the server would see this one out of order.
+        waiting = spool is not None and spool.has(self.run_id) and self.flush() > 0
+        if not waiting and time.monotonic() >= _offline_until.get(self.uri, 0.0):
+            try:
+                with _quiet_retries():
+                    _send(_client(self.uri), self.run_id, {**record, "file": str(attach or "")})
+                return
+            except Exception as exc:  # only an unreachable server is kept for later
+                if not _unreachable(exc):
+                    raise
+                _went_offline(self.uri, exc, self.spool)
+        if spool is None:
+            raise TrackingUnavailable(f"MLflow at {redacted_uri(self.uri)} is unreachable")
+        spool.append(self.run_id, record, attach)
+
+
+def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
+    """Apply one record (as RunLogger writes them) to the run."""
+    from mlflow.entities import Metric, Param
+
+    op = record["op"]
+    if op == "metrics":
+        stamp, step = record["timestamp"], record["step"]
+        batch = [Metric(k, v, stamp, step) for k, v in record["metrics"].items()]
+        client.log_batch(run_id, metrics=batch)
+    elif op == "history":
+        keys = sorted({k for row in record["rows"] for k in row})
+        have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+        batch = [
+            Metric(k, v, record["timestamp"], int(row["epoch"]))
+            for row in record["rows"]
+            for k, v in row.items()
+            if int(row["epoch"]) not in have[k]
+        ]
+        for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+            client.log_batch(run_id, metrics=batch[start : start + 1000])
+    elif op == "params":
+        items = [Param(k, v) for k, v in record["params"].items()]
+        for start in range(0, len(items), 100):  # and at 100 params
+            client.log_batch(run_id, params=items[start : start + 100])
+    elif op == "tags":
+        for key, value in record["tags"].items():
+            client.set_tag(run_id, key, value)
+    elif op == "artifact":
+        client.log_artifact(run_id, record["file"], record["artifact_path"])
+    elif op == "end":
+        client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
+    else:
+        raise ValueError(f"unknown tracking record {op!r}")
+
+
+def _replay(spool: Spool, run_id: str, uri: str) -> int:
+    """Send run `run_id`'s kept records to `uri`; returns how many still wait (the server
+    is still unreachable). A record the server refuses is set aside with a warning."""
+    records = spool.records(run_id)
+    if not records or time.monotonic() < _offline_until.get(uri, 0.0):
+        return len(records)
+    client = _client(uri)
+    for done, record in enumerate(records):
+        try:
+            with _quiet_retries():
+                _send(client, run_id, record)
+        except Exception as exc:
+            if _unreachable(exc):
+                _went_offline(uri, exc, str(spool.directory))
+                spool.keep_only(run_id, records[done:])
+                return len(records) - done
+            where = spool.set_aside(run_id, record, str(exc))
+            log.warning(
+                "MLflow refused a kept %s record of run %s (%s): moved to %s",
+                record["op"],
+                run_id,
+                exc,
+                where,
+            )
+    spool.keep_only(run_id, [])
+    log.info(
+        "MLflow at %s answers again: %d kept record(s) of run %s sent",
+        redacted_uri(uri),
+        len(records),
+        run_id,
+    )
+    return 0
+
+
+def sync_spool(uri: str | None = None, spool: str | None = None) -> dict[str, tuple[int, int]]:
+    """Send every kept record meant for `uri` (default: the configured store); returns
+    (sent, still waiting) per run. Records kept for another server stay where they are."""
+    uri = uri or tracking_uri()
+    kept = Spool(spool or spool_dir())
+    counts = {}
+    for run_id in kept.runs():
+        records = kept.records(run_id)
+        if records and records[0].get("uri") != uri:
+            log.warning(
+                "run %s: %d record(s) kept for MLflow at %s, not %s: set MLFLOW_TRACKING_URI "
+                "to that server to send them",
+                run_id,
+                len(records),
+                redacted_uri(records[0].get("uri", "?")),
+                redacted_uri(uri),
+            )
+            counts[run_id] = (0, len(records))
+            continue
+        waiting = _replay(kept, run_id, uri)
+        counts[run_id] = (len(records) - waiting, waiting)
+    return counts
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """Without urllib3's warning per retry: an outage is reported once, by this module."""
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool_log.setLevel(level)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A server that is down, unreachable or failing (5xx), as opposed to one refusing the
+    request itself (4xx: a bug to raise, not to retry)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, OSError)  # requests' ConnectionError and Timeout are OSErrors
+
+
+def _went_offline(uri: str, exc: BaseException, spool: str | None) -> None:
+    first = uri not in _offline_until
+    _offline_until[uri] = time.monotonic() + OFFLINE_S
+    if first and spool is not None:
+        log.info(
+            "MLflow at %s does not answer (%s): its records are kept in %s and sent once it "
+            "answers",
+            redacted_uri(uri),
+            str(exc).splitlines()[0][:200],
+            spool,
+        )
+
+
+def redacted_uri(uri: str) -> str:
+    """`uri` without a password, for messages."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager
@@ -158,51 +368,94 @@ def stage_run(
     resume_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
     """Open a run for one stage execution (or reopen `resume_run_id`, the run of an
-    interrupted execution); it ends FINISHED, or FAILED if the block raises."""
-    uri = tracking_uri()
-    client = _client(uri)
-    all_tags = dict(tags)
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = None
-    if resume_run_id:
-        from mlflow.exceptions import MlflowException
+    interrupted execution); it ends FINISHED, or FAILED if the block raises.
 
-        try:
-            client.update_run(resume_run_id, status="RUNNING")
-            run_id = resume_run_id
-        except MlflowException:  # deleted, or recorded against another tracking store
-            log.warning(
-                "MLflow run %s of the interrupted execution is gone: a new run", resume_run_id
-            )
-    if run_id is None:
-        experiment_id = ensure_experiment(experiment, uri)
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-    logger = RunLogger(run_id, uri)
+    What an earlier stage kept while the server was down is sent first. The server must
+    answer here, when the run is made; afterwards an outage only delays the writes (see
+    RunLogger), and one warning at the end says what is still waiting and where."""
+    uri = tracking_uri()
+    sync_spool(uri)
+    try:
+        run_id = _open_run(uri, experiment, run_name, tags, parent_run_id, resume_run_id)
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise UserError(
+            f"the MLflow tracking server {redacted_uri(uri)} does not answer "
+            f"({str(exc).splitlines()[0][:200]}): start it, or unset MLFLOW_TRACKING_URI to "
+            "track into mlruns/"
+        ) from exc
+    logger = RunLogger(run_id, uri, spool_dir())
     try:
         yield logger
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        logger.end("FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    logger.end("FINISHED")
+    waiting = logger.flush()
+    if waiting:
+        log.warning(
+            "the MLflow server %s did not answer: %d record(s) of run %s (figures, params, "
+            "artifacts, its end) are kept in %s; the next stage sends them once it answers, "
+            "or run `dlpipe tracking sync`. The stage's outputs are saved.",
+            redacted_uri(uri),
+            waiting,
+            run_id,
+            logger.spool,
+        )
+
+
+def _open_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None,
+    resume_run_id: str | None,
+) -> str:
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    if resume_run_id:
+        try:
+            client.update_run(resume_run_id, status="RUNNING")
+            return resume_run_id
+        except MlflowException as exc:
+            if _unreachable(exc):
+                raise
+            # deleted, or recorded against another tracking store
+            log.warning(
+                "MLflow run %s of the interrupted execution is gone: a new run", resume_run_id
+            )
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    experiment_id = ensure_experiment(experiment, uri)
+    return client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def _bounded_retries() -> None:
+    for name, value in RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def start_child_run(
     parent: RunLogger, experiment: str, name: str, tags: Mapping[str, str]
 ) -> RunLogger:
-    """A run nested under `parent` in the MLflow UI; end it with `end_run`."""
+    """A run nested under `parent` in the MLflow UI; end it with its `end`."""
     client = _client(parent.uri)
     run = client.create_run(
         ensure_experiment(experiment, parent.uri),
         run_name=name,
         tags={**tags, "mlflow.parentRunId": parent.run_id},
     )
-    return RunLogger(run.info.run_id, parent.uri)
+    return RunLogger(run.info.run_id, parent.uri, parent.spool)
 
 
-def end_run(run: RunLogger, status: str) -> None:
-    """status: FINISHED, FAILED or KILLED."""
-    _client(run.uri).set_terminated(run.run_id, status=status)
+def run_logger(run_id: str) -> RunLogger:
+    """A driver's logger for an existing run of the configured store (e.g. the training run
+    a later stage adds its figures to), keeping its writes through an outage."""
+    return RunLogger(run_id, tracking_uri(), spool_dir())
 
 
 def child_runs(parent: RunLogger, experiment: str, tag: str) -> dict[str, RunLogger]:
@@ -214,7 +467,9 @@ def child_runs(parent: RunLogger, experiment: str, tag: str) -> dict[str, RunLog
         max_results=10000,
     )
     return {
-        r.data.tags[tag]: RunLogger(r.info.run_id, parent.uri) for r in runs if tag in r.data.tags
+        r.data.tags[tag]: RunLogger(r.info.run_id, parent.uri, parent.spool)
+        for r in runs
+        if tag in r.data.tags
     }
 
 
@@ -284,7 +539,7 @@ def register_export(
         run.log_metrics(figures)
         run.set_tags({"registered_model": registered_model, "model_version": version})
     if train_run_id is not None:
-        RunLogger(train_run_id, tracking_uri()).log_metrics(figures)
+        run_logger(train_run_id).log_metrics(figures)
     log.info("registered %s version %s as @%s", registered_model, version, alias)
     return version
 

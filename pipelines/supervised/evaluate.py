@@ -68,7 +68,7 @@ def evaluate(
             run.log_artifact(image, "plots")
     if train_run_id is not None:
         # The training run is the model's record: it carries the test figures too.
-        training_run = tracking.RunLogger(train_run_id, tracking.tracking_uri())
+        training_run = tracking.run_logger(train_run_id)
         training_run.log_metrics(metrics)
         for image in images:
             training_run.log_artifact(image, "plots")

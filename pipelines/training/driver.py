@@ -223,11 +223,15 @@ def train_job(
         train_loop_per_worker, loop_config(arrays, task, train, logger, lr_key), train, name
     )
     try:
-        return finished_run(result, name)
+        finished = finished_run(result, name)
     except RunDiverged:
         if logger is not None:
             logger.set_tags({"diverged": "true"})
         raise
+    if logger is not None:
+        # Every epoch the run lacks: the worker's own writes may have met a tracking outage.
+        logger.log_history(finished.state["history"])
+    return finished
 
 
 def interrupted_run(name: str) -> str | None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from pipelines.stagekit.config import TrainConfig
-from pipelines.stagekit.tracking import RunLogger
+from pipelines.stagekit.tracking import RunLogger, TrackingUnavailable
 from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
 from pipelines.training.loop import TrainingDiverged, TrainingState, precision_for, unwrap
 
@@ -77,10 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _tracked(lambda: logger.set_tags(placement))
     if logger is not None and state.history:
         # A resumed run: make sure the MLflow run has the curves of the epochs before it.
-        already = _tracked(lambda: logger.logged_steps("train_loss"), default=set())
-        for metrics in state.history:
-            if int(metrics["epoch"]) not in already:
-                _tracked(lambda m=metrics: logger.log_metrics(m, step=int(m["epoch"])))
+        _tracked(lambda: logger.log_history(state.history))
 
     def all_reduce(totals: torch.Tensor) -> torch.Tensor:
         if world_size > 1:
@@ -197,13 +194,26 @@ def _placement_tags(device: torch.device, world_size: int, precision: str) -> di
     }
 
 
-def _tracked(call, default=None):
-    """Run an MLflow call; a tracking outage is reported, not allowed to kill the training."""
+_told_unreachable = False
+
+
+def _tracked(call) -> None:
+    """Run an MLflow call; a tracking outage is reported once, never allowed to stop the
+    training. Nothing is lost: the driver logs every epoch of the final checkpoint's
+    history that the run lacks (driver.train_job)."""
+    global _told_unreachable
     try:
-        return call()
-    except Exception as exc:  # any MLflow or network error is non-fatal here
+        call()
+    except TrackingUnavailable:
+        if not _told_unreachable:
+            _told_unreachable = True
+            print(
+                "MLflow does not answer: training goes on; the epochs missing from the run "
+                "are logged from the checkpoint's history at the end",
+                flush=True,
+            )
+    except Exception as exc:  # any other MLflow or network error is non-fatal here too
         print(f"warning: MLflow logging failed ({exc}); training continues", flush=True)
-        return default
 
 
 def _shared_tensor(array) -> torch.Tensor:

@@ -132,4 +132,4 @@ class TrialTracking(Callback):
             return
         run.set_tags({"status": status, "epochs": str(epochs)})
         mlflow_status = {"completed": "FINISHED", "stopped_early": "KILLED"}.get(status, "FAILED")
-        tracking.end_run(run, mlflow_status)
+        run.end(mlflow_status)

@@ -115,3 +115,20 @@ def test_concurrent_requests_batched_together_each_get_their_own_answer(server, 
     for alone, batched in zip(one_by_one, together):
         assert batched[0]["confidence"] == pytest.approx(alone[0]["confidence"], abs=1e-5)
     assert len({p[0]["label"] for p in one_by_one}) > 5
+
+
+def test_fuzzed_from_its_own_openapi_document_no_5xx_and_still_healthy(server):
+    """The fast subset of `make fuzz` (benchmarks/fuzz.py): schemathesis with every check
+    (a schema-valid request rejected, or an invalid one accepted, fails it) and the hostile
+    images and bodies, against the Serve app."""
+    from benchmarks.fuzz import fuzz
+
+    report = fuzz(str(server.base_url).rstrip("/"), examples=40, hostile_examples=25)
+    assert report["schemathesis"]["failures"] == [], report["schemathesis"]
+    assert all(c["5xx"] == 0 for c in report["endpoints"].values()), report["endpoints"]
+    assert report["endpoints"]["/v1/classify"]["cases"] >= 40
+    assert {k: v["broken"] for k, v in report["hostile"].items()} == {
+        "hostile images": [],
+        "JSON parser strain": [],
+    }
+    assert report["healthy_after"] and report["met"]

@@ -31,7 +31,7 @@ def keyed_client(export_dir, **limits) -> TestClient:  # noqa: F811
     api = HttpApi(
         models,
         Limits(**limits),
-        openapi=openapi_document,
+        openapi=lambda: openapi_document(models),
         keys=KeyCheck({"tests": hash_key(KEY)}),
     )
     return TestClient(api)

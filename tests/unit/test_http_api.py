@@ -25,7 +25,7 @@ BRIGHT = [[0.9] * 16]
 
 def client(export_dir, **limits) -> TestClient:  # noqa: F811
     models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
-    api = HttpApi(models, Limits(**limits), openapi=openapi_document)
+    api = HttpApi(models, Limits(**limits), openapi=lambda: openapi_document(models))
     return TestClient(api)
 
 
@@ -75,11 +75,20 @@ def test_too_large_bodies_are_413_and_overload_is_a_quick_503(export_dir):  # no
     assert full.get("/healthz").status_code == 200  # liveness is not admission-controlled
 
 
-def test_the_openapi_document_describes_every_endpoint(export_dir):  # noqa: F811
+def test_the_openapi_document_describes_the_loaded_models_as_they_check_requests(
+    export_dir,  # noqa: F811
+):
     document = client(export_dir).get("/openapi.json").json()
-    for path in ("/v1/classify", "/v1/fill-mask", "/v1/embed", "/v1/segment"):
-        post = document["paths"][path]["post"]
-        assert "requestBody" in post and {"200", "413", "422", "503"} <= set(post["responses"])
+    post = document["paths"]["/v1/classify"]["post"]
+    assert {"200", "401", "413", "422", "429", "503"} <= set(post["responses"])
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    # The tiny model reads 4x4 pixels in [0, 1]: rows of exactly 16 such numbers.
+    row = body["properties"]["instances"]["items"]
+    assert (row["minItems"], row["maxItems"]) == (16, 16)
+    assert (row["items"]["minimum"], row["items"]["maximum"]) == (0.0, 1.0)
+    assert body["additionalProperties"] is False and body["maxProperties"] == 1
+    # Only the loaded model's routes: the others answer 404 here.
+    assert "/v1/fill-mask" not in document["paths"] and "/v1/segment" not in document["paths"]
     assert "ClassifyRequest" in document["components"]["schemas"]
 
 
@@ -89,7 +98,7 @@ def test_every_route_of_the_kind_table_is_served_documented_and_has_a_serve_opti
     """serving/kinds.py is the one table: the app, the OpenAPI document and `dlpipe serve`
     all follow it."""
     http = client(export_dir)
-    document = http.get("/openapi.json").json()
+    generic = openapi_document()  # every kind's routes, as for an app serving them all
     options = {
         a.dest
         for a in next(iter(serve_parser()._subparsers._group_actions)).choices["serve"]._actions
@@ -97,7 +106,7 @@ def test_every_route_of_the_kind_table_is_served_documented_and_has_a_serve_opti
     for kind in KINDS:
         assert kind.source_arg in options
         for route in kind.routes:
-            assert route.path in document["paths"]
+            assert route.path in generic["paths"]
             answer = http.post(route.path, json={})
             # The route exists: its schema refuses the empty body (422), or, for a kind not
             # loaded here, the 404 names the kind, not an unknown path.
@@ -167,5 +176,25 @@ def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_
             assert refused.value.code == 413
             assert "byte limit" in json.loads(refused.value.read())["detail"]
         assert httpx.post(url, json={"instances": BRIGHT}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_draining_replica_answers_but_sends_its_clients_elsewhere(export_dir):  # noqa: F811
+    # Over a real socket: the keep-alive connection must be closed by the server after the
+    # answer, so the client's next request opens a new one (to a replica that stays).
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    api = HttpApi(models, Limits())
+    server = ReplicaHttpServer(api, "127.0.0.1", free_port())
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as http:
+            before = http.post("/v1/classify", json={"instances": BRIGHT})
+            assert before.status_code == 200 and "connection" not in before.headers
+            api.draining = True
+            during = http.post("/v1/classify", json={"instances": BRIGHT})
+            assert during.status_code == 200 and during.headers["connection"] == "close"
+            ready = http.get("/readyz")
+            assert ready.status_code == 503 and ready.json() == {"status": "stopping"}
     finally:
         server.stop()
