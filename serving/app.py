@@ -132,6 +132,7 @@ class PredictionService:
         server = getattr(self, "server", None)
         if server is not None:
             if self.api is not None and self.limits.drain_s > 0:
+                server.stop_listening()
                 self.api.draining = True
                 time.sleep(self.limits.drain_s)
             server.stop()

@@ -52,9 +52,10 @@ class Limits:
     """Per API key and replica (bursts of one second's worth); more get a 429 with
     Retry-After. Only with keys configured; 0 turns it off."""
     drain_s: float = 2.0
-    """When the replica stops (scale-down, redeploy, shutdown): for this long it still
-    answers, each answer telling its client to reconnect (`Connection: close`) and /readyz
-    saying 503, so clients move to the other replicas before its port closes."""
+    """When the replica stops (scale-down, redeploy, shutdown), it closes its port at once
+    (new connections go to the other replicas) and for this long still answers on the
+    connections already open, each answer telling its client to reconnect (`Connection:
+    close`; /readyz says 503); then it closes the rest, letting requests in flight finish."""
 
 
 class ClientError(Exception):

@@ -63,6 +63,7 @@ class ReplicaHttpServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="dlpipe-http", daemon=True)
         self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -75,6 +76,7 @@ class ReplicaHttpServer:
         except ImportError:  # pragma: no cover - uvloop comes with ray[serve]
             loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        self._loop = loop
         try:
             loop.run_until_complete(self._server.serve(sockets=[self._socket]))
         except BaseException as exc:  # reported by check_health, not lost in a thread
@@ -89,6 +91,25 @@ class ReplicaHttpServer:
             raise RuntimeError(
                 f"the HTTP server on {self.host}:{self.port} stopped: {self._failure}"
             )
+
+    def stop_listening(self, timeout_s: float = 5.0) -> None:
+        """Close the port, keep serving the connections already open: new connections go to
+        the other replicas listening on it (or are refused when none is left). Done first
+        when a replica stops, while its clients' connections are open and few new ones
+        arrive: a connection the kernel has queued but the server not yet taken is reset
+        when the port closes."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self._thread.is_alive():
+            return
+        closed = threading.Event()
+
+        def close() -> None:
+            for server in getattr(self._server, "servers", []):
+                server.close()  # the listening socket only; open connections stay
+            closed.set()
+
+        loop.call_soon_threadsafe(close)
+        closed.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to `timeout_s`), close."""

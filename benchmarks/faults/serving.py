@@ -230,7 +230,9 @@ def _kill_one_under_load(
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
     answering = _first_success_after(url, killed_at) if probe else None
-    back = replicas_running(app, deployment, replicas, killed_at)
+    # The only replica: answering again is full capacity (Serve may show the replacement
+    # RUNNING before a poll ever sees none running).
+    back = answering if probe else replicas_running(app, deployment, replicas, killed_at)
     time.sleep(LOAD_AFTER_S)
     load.stop()
     failures = [t for t, _ in load.failures if t >= killed_at]

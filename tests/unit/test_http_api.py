@@ -198,3 +198,21 @@ def test_a_draining_replica_answers_but_sends_its_clients_elsewhere(export_dir):
             assert ready.status_code == 503 and ready.json() == {"status": "stopping"}
     finally:
         server.stop()
+
+
+def test_a_replica_that_stops_listening_still_answers_its_open_connections(export_dir):  # noqa: F811
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        with httpx.Client(base_url=url) as open_connection:
+            assert open_connection.get("/healthz").status_code == 200
+            server.stop_listening()
+            with pytest.raises(httpx.ConnectError):  # the port is closed to new clients
+                httpx.get(f"{url}/healthz")
+            assert (
+                open_connection.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
+            )
+    finally:
+        server.stop()
