@@ -46,3 +46,25 @@ def test_a_run_gone_from_the_store_is_replaced_by_a_new_one(stores):
         pass
     assert run.run_id != "0" * 32
     assert MlflowClient(tracking.tracking_uri()).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_the_spool_keeps_records_in_order_and_skips_a_line_cut_short(tmp_path, caplog):
+    from pipelines.stagekit.spool import Spool
+
+    kept = Spool(tmp_path / "spool")
+    source = tmp_path / "curves.png"
+    source.write_bytes(b"png")
+    kept.append("run1", {"op": "metrics", "metrics": {"a": 1.0}})
+    kept.append("run1", {"op": "artifact", "artifact_path": "plots"}, attach=source)
+    source.write_bytes(b"changed later")
+    with (tmp_path / "spool" / "run1.jsonl").open("a") as handle:
+        handle.write('{"op": "metr')  # what a process killed mid-append leaves
+    records = kept.records("run1")
+    assert [r["op"] for r in records] == ["metrics", "artifact"]
+    assert "cut short" in caplog.text
+    copy = records[1]["file"]
+    assert copy.endswith("/curves.png") and open(copy, "rb").read() == b"png"
+    kept.keep_only("run1", records[1:])
+    assert [r["op"] for r in kept.records("run1")] == ["artifact"]
+    kept.keep_only("run1", [])
+    assert kept.runs() == [] and not (tmp_path / "spool" / "run1.files").exists()
