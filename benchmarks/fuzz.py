@@ -84,7 +84,7 @@ def fuzz(url: str, examples: int, hostile_examples: int, seed: int = 1) -> dict[
     report["met"] = bool(
         healthy
         and all(c["5xx"] == 0 for c in report["endpoints"].values())
-        and all(report["endpoints"][p]["cases"] >= examples for p in posts)
+        and all(report["endpoints"].get(p, {}).get("cases", 0) >= examples for p in posts)
         and not run["summary"]["failures"]
         and all(not h["broken"] for h in hostile.values())
     )
@@ -114,14 +114,18 @@ def _schemathesis(
         "--max-examples", str(examples), "--seed", str(seed), "--checks", "all",
         "--phases", "examples,coverage,fuzzing", "--report", "har,json",
         "--report-dir", str(scratch), "--no-color", "--request-timeout", "30",
+        # The key, if any, on the command line: fuzz a test key, not a client's.
         *[arg for name, value in _auth_headers().items() for arg in ("-H", f"{name}: {value}")],
     ]  # fmt: skip
     started = time.monotonic()
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, cwd=scratch, check=False
     )
-    har = json.loads(next(scratch.glob("har-*.json")).read_text())
-    report = json.loads(next(scratch.glob("json-*.json")).read_text())
+    reports = {kind: next(scratch.glob(f"{kind}-*.json"), None) for kind in ("har", "json")}
+    if None in reports.values():  # it stopped before testing: a bad flag, no connection
+        raise RuntimeError(f"schemathesis wrote no report:\n{result.stdout}{result.stderr}")
+    har = json.loads(reports["har"].read_text())
+    report = json.loads(reports["json"].read_text())
     exchanges = [
         (httpx.URL(entry["request"]["url"]).path, entry["response"]["status"])
         for entry in har["log"]["entries"]

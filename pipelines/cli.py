@@ -46,10 +46,11 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
     if not counts:
         print(f"nothing kept in {spool}: every record has reached its tracking server")
         return 0
-    for run_id, (sent, waiting) in counts.items():
-        state = f"{waiting} still waiting" if waiting else "all sent"
-        print(f"run {run_id}: {sent} record(s) sent, {state}")
-    if any(waiting for _, waiting in counts.values()):
+    for run_id, (sent, refused, waiting) in counts.items():
+        state = f"{waiting} still waiting" if waiting else "none left"
+        aside = f", {refused} refused (set aside in {spool}/rejected)" if refused else ""
+        print(f"run {run_id}: {sent} record(s) sent{aside}, {state}")
+    if any(waiting for _, _, waiting in counts.values()):
         print(
             f"the tracking server ({redacted_uri(uri)}) did not take everything: the rest stays in {spool}"
         )

@@ -91,10 +91,10 @@ async def send_answer(
         (b"content-type", b"application/json"),
         (b"content-length", str(len(answer.body)).encode()),
     ]
-    if close:
-        headers.append((b"connection", b"close"))
     for name, value in (answer.headers or {}).items():
         headers.append((name.lower().encode(), value.encode()))
+    if close and not any(name == b"connection" for name, _ in headers):
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body if with_body else b""})
 

@@ -108,7 +108,10 @@ class ReplicaHttpServer:
                 server.close()  # the listening socket only; open connections stay
             closed.set()
 
-        loop.call_soon_threadsafe(close)
+        try:
+            loop.call_soon_threadsafe(close)
+        except RuntimeError:  # the loop closed meanwhile: the server is gone already
+            return
         closed.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:

@@ -142,7 +142,7 @@ def classify_body(classifier: ClassifierPredictor) -> dict[str, Any]:
         "type": "string",
         "format": IMAGE_FORMAT,
         "contentEncoding": "base64",
-        "contentMediaType": "image/png",
+        "description": "A PNG or JPEG image, base64-encoded.",
         "maxLength": MAX_IMAGE_BASE64_CHARS,
     }
     # Exactly one of the two: the only properties allowed, and exactly one present.

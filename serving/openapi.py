@@ -1,8 +1,10 @@
 """The OpenAPI document of the HTTP API, generated from the same pydantic models that
 validate the requests (serving/schemas.py), then narrowed to the models a replica serves:
 only their routes, and each request body as that model checks it (input size, feature
-names, value ranges: `Route.body` in serving/kinds.py). A client generated from a replica's
-document sends only requests the replica accepts.
+names, value ranges: `Route.body` in serving/kinds.py). What JSON Schema cannot say is named
+in the document instead: a custom string `format` (an image that decodes, a text within the
+model's token limit) and `x-max-tokens`; the body-size limit is a 413 documented with the
+responses. benchmarks/fuzz.py checks the document against the server both ways.
 
 FastAPI builds the document; it never serves a request (see serving/http_api.py for why).
 """

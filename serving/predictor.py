@@ -62,7 +62,9 @@ class ClassifierPredictor:
                     f"expected {self.feature_count} values (input shape {list(self.input_shape)}), "
                     f"got {len(row)}",
                 )
-        array = np.asarray(instances, dtype=np.float32)
+        # Checked as sent (float64), then narrowed: 1.00000001 is out of range although it
+        # rounds to 1.0 in float32, and the OpenAPI document says so.
+        array = np.asarray(instances, dtype=np.float64)
         # One or two reductions on the happy path (this runs for every request): pixels in
         # [0, 1] are also finite, and a NaN fails both comparisons.
         if self.pixel_input:
@@ -70,7 +72,7 @@ class ClassifierPredictor:
                 self._refuse_values(array)
         elif not np.isfinite(array).all():
             self._refuse_values(array)
-        return array.reshape((len(instances), *self.input_shape))
+        return array.astype(np.float32).reshape((len(instances), *self.input_shape))
 
     def _refuse_values(self, array: np.ndarray) -> None:
         """Raise the InputError naming the first row with a value the model cannot take."""

@@ -113,13 +113,13 @@ CASES: tuple[Hostile, ...] = (
     Hostile("hostile images", "/v1/classify", _json_images(IMAGES), "images"),
     Hostile("hostile texts (fill-mask)", "/v1/fill-mask", _json_texts(TEXTS), "texts"),
     Hostile("hostile texts (embed)", "/v1/embed", _json_texts(TEXTS), "texts"),
-    Hostile("JSON parser strain", "/v1/classify", PARSER, ""),
+    Hostile("JSON parser strain", "/v1/classify", PARSER, "instances"),
 )
 
 
 def _names_the_problem(status: int, text: str, field: str) -> bool:
     """A 4xx names the field; a body that is not JSON at all (400) names where it breaks."""
-    return field in text or (status == 400 and "column" in text)
+    return field in text or (status == 400 and ("column" in text or "JSON" in text))
 
 
 def run_case(case: Hostile, post: Callable[[str, bytes], tuple[int, str]], examples: int) -> dict:

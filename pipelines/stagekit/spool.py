@@ -5,17 +5,22 @@ written; an artifact's file is copied beside them (`<run_id>.files/`) so a later
 the original cannot alter what is sent. `pipelines/stagekit/tracking.py` decides what goes
 here and sends it back (MLflow calls stay in that module); this one only stores.
 
-A stage writes its own runs' files, one process at a time per run (DVC runs one stage of a
-repository at a time), so appends need no lock. Lines are appended with one write each;
-a line cut short by a killed process is reported and skipped, never guessed at.
+A stage appends to its own runs' files while `dlpipe tracking sync` or the next stage may
+replay them: appends and replays take the spool's lock (`lock`), so a record appended
+during a replay is neither lost nor sent twice. A line cut short by a killed process is
+reported and skipped, never guessed at. Records the server refused go to `rejected/`,
+for a person to look at; nothing there is sent again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ class Spool:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self._held = False
 
     def _file(self, run_id: str) -> Path:
         return self.directory / f"{run_id}.jsonl"
@@ -65,12 +71,14 @@ class Spool:
             shutil.copyfile(attach, copy)
             record = {**record, "file": str(copy)}
         line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self._file(run_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self.lock():
+            fd = os.open(self._file(run_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as handle:
+                    handle.write(line)  # the whole line (os.write may write part of it)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def records(self, run_id: str) -> list[dict[str, Any]]:
         path = self._file(run_id)
@@ -96,9 +104,34 @@ class Spool:
         shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
 
     def set_aside(self, run_id: str, record: dict[str, Any], reason: str) -> Path:
-        """A record the server refused (e.g. its run was deleted): kept, with the reason, in
-        `rejected.jsonl` for a person to look at; never sent again."""
-        path = self.directory / "rejected.jsonl"
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"run_id": run_id, "reason": reason, **record}) + "\n")
+        """A record the server refused (e.g. its run was deleted): kept, with the reason and
+        its file, under `rejected/` for a person to look at; never sent again."""
+        rejected = self.directory / "rejected"
+        rejected.mkdir(mode=0o700, exist_ok=True)
+        if record.get("file") and Path(record["file"]).exists():
+            moved = rejected / f"{run_id}-{Path(record['file']).parent.name}"
+            shutil.move(Path(record["file"]).parent, moved)
+            record = {**record, "file": str(moved / Path(record["file"]).name)}
+        path = rejected / "records.jsonl"
+        line = json.dumps({"run_id": run_id, "reason": reason, **record}) + "\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
+            handle.write(line)
         return path
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """The spool's lock, across processes (re-entrant within one: held by a thread
+        that replays, then appends)."""
+        if self._held:
+            yield
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+                fcntl.flock(handle, fcntl.LOCK_UN)

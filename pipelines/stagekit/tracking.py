@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pipelines.stagekit.dataset import sha256_file
 from pipelines.stagekit.errors import UserError
@@ -124,16 +126,24 @@ class TrackingUnavailable(RuntimeError):
 OFFLINE_S = 30.0
 """After a call finds the server unreachable, for this long a logger's writes go straight to
 its spool: every try costs the HTTP client's retries, seconds a training epoch would wait."""
+
 _offline_until: dict[str, float] = {}  # tracking URI -> time.monotonic() to try again
 
+OFFLINE_MAX_S = 300.0
+"""The skip window doubles with each failed try, up to this: a server that stays away
+costs a training loop one try per five minutes."""
+_failed_tries: dict[str, int] = {}  # tracking URI -> tries failed in a row
+
 RETRY_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-"""MLflow's own defaults retry an unreachable server for about four minutes per call; with
-these a call gives up after about 7 s and its record waits in the spool. Set in the
-environment to override."""
+"""MLflow's own defaults retry an unreachable server for about four minutes per call (and
+a hung one for 8 x 120 s); with these a call gives up at once on a refused connection and
+after about 20 s on a server that does not answer, and its record waits in the spool. Set
+in the environment to override (e.g. a longer timeout for large artifacts on a slow
+link)."""
 
 
 class RunLogger:
@@ -198,7 +208,7 @@ class RunLogger:
         """Send this run's kept records, oldest first; returns how many still wait."""
         if self.spool is None:
             return 0
-        return _replay(Spool(self.spool), self.run_id, self.uri)
+        return _replay(Spool(self.spool), self.run_id, self.uri)[2]
 
     def _write(self, record: dict[str, Any], attach: str | Path | None = None) -> None:
         record = {**record, "uri": self.uri}
@@ -209,6 +219,7 @@ class RunLogger:
             try:
                 with _quiet_retries():
                     _send(_client(self.uri), self.run_id, {**record, "file": str(attach or "")})
+                _failed_tries.pop(self.uri, None)
                 return
             except Exception as exc:  # only an unreachable server is kept for later
                 if not _unreachable(exc):
@@ -254,43 +265,49 @@ def _send(client: Any, run_id: str, record: dict[str, Any]) -> None:
         raise ValueError(f"unknown tracking record {op!r}")
 
 
-def _replay(spool: Spool, run_id: str, uri: str) -> int:
-    """Send run `run_id`'s kept records to `uri`; returns how many still wait (the server
-    is still unreachable). A record the server refuses is set aside with a warning."""
-    records = spool.records(run_id)
-    if not records or time.monotonic() < _offline_until.get(uri, 0.0):
-        return len(records)
-    client = _client(uri)
-    for done, record in enumerate(records):
-        try:
-            with _quiet_retries():
-                _send(client, run_id, record)
-        except Exception as exc:
-            if _unreachable(exc):
-                _went_offline(uri, exc, str(spool.directory))
-                spool.keep_only(run_id, records[done:])
-                return len(records) - done
-            where = spool.set_aside(run_id, record, str(exc))
-            log.warning(
-                "MLflow refused a kept %s record of run %s (%s): moved to %s",
-                record["op"],
-                run_id,
-                exc,
-                where,
-            )
-    spool.keep_only(run_id, [])
+def _replay(spool: Spool, run_id: str, uri: str) -> tuple[int, int, int]:
+    """Send run `run_id`'s kept records to `uri`: (sent, refused, still waiting). A record
+    the server refuses is set aside with a warning; at the first sign of an outage the
+    rest stay, in order. Under the spool's lock: `dlpipe tracking sync` and a stage may
+    both replay, and a record appended meanwhile must not be lost or sent twice."""
+    with spool.lock():
+        records = spool.records(run_id)
+        if not records or time.monotonic() < _offline_until.get(uri, 0.0):
+            return 0, 0, len(records)
+        client = _client(uri)
+        refused = 0
+        for done, record in enumerate(records):
+            try:
+                with _quiet_retries():
+                    _send(client, run_id, record)
+            except Exception as exc:
+                if _unreachable(exc):
+                    _went_offline(uri, exc, str(spool.directory))
+                    spool.keep_only(run_id, records[done:])
+                    return done - refused, refused, len(records) - done
+                refused += 1
+                where = spool.set_aside(run_id, record, redacted(str(exc)))
+                log.warning(
+                    "MLflow refused a kept %s record of run %s (%s): set aside in %s",
+                    record["op"],
+                    run_id,
+                    redacted(str(exc).splitlines()[0])[:300],
+                    where,
+                )
+        spool.keep_only(run_id, [])
+    _failed_tries.pop(uri, None)
     log.info(
         "MLflow at %s answers again: %d kept record(s) of run %s sent",
         redacted_uri(uri),
-        len(records),
+        len(records) - refused,
         run_id,
     )
-    return 0
+    return len(records) - refused, refused, 0
 
 
-def sync_spool(uri: str | None = None, spool: str | None = None) -> dict[str, tuple[int, int]]:
+def sync_spool(uri: str | None = None, spool: str | None = None) -> dict[str, tuple[int, int, int]]:
     """Send every kept record meant for `uri` (default: the configured store); returns
-    (sent, still waiting) per run. Records kept for another server stay where they are."""
+    (sent, refused, still waiting) per run. Records kept for another server stay."""
     uri = uri or tracking_uri()
     kept = Spool(spool or spool_dir())
     counts = {}
@@ -305,10 +322,9 @@ def sync_spool(uri: str | None = None, spool: str | None = None) -> dict[str, tu
                 redacted_uri(records[0].get("uri", "?")),
                 redacted_uri(uri),
             )
-            counts[run_id] = (0, len(records))
+            counts[run_id] = (0, 0, len(records))
             continue
-        waiting = _replay(kept, run_id, uri)
-        counts[run_id] = (len(records) - waiting, waiting)
+        counts[run_id] = _replay(kept, run_id, uri)
     return counts
 
 
@@ -325,34 +341,50 @@ def _quiet_retries() -> Iterator[None]:
 
 
 def _unreachable(exc: BaseException) -> bool:
-    """A server that is down, unreachable or failing (5xx), as opposed to one refusing the
-    request itself (4xx: a bug to raise, not to retry)."""
+    """A server that is down, unreachable, hung or failing (5xx), as opposed to one refusing
+    the request itself (4xx: never retried) or a local error (a missing file: raised)."""
+    import requests
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
-    return isinstance(exc, OSError)  # requests' ConnectionError and Timeout are OSErrors
+    if isinstance(exc, requests.HTTPError):  # artifact uploads raise it for any status
+        return exc.response is not None and exc.response.status_code >= 500
+    from requests.exceptions import RetryError
+
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, RetryError))
 
 
 def _went_offline(uri: str, exc: BaseException, spool: str | None) -> None:
     first = uri not in _offline_until
-    _offline_until[uri] = time.monotonic() + OFFLINE_S
+    tries = _failed_tries.get(uri, 0)
+    _failed_tries[uri] = tries + 1
+    _offline_until[uri] = time.monotonic() + min(OFFLINE_S * 2**tries, OFFLINE_MAX_S)
     if first and spool is not None:
         log.info(
             "MLflow at %s does not answer (%s): its records are kept in %s and sent once it "
             "answers",
             redacted_uri(uri),
-            str(exc).splitlines()[0][:200],
+            redacted(str(exc).splitlines()[0])[:200],
             spool,
         )
 
 
 def redacted_uri(uri: str) -> str:
-    """`uri` without a password, for messages."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    """`uri` without its user and password, for messages."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+_CREDENTIALS = re.compile(r"(\w+://)[^/\s]*@")
+
+
+def redacted(text: str) -> str:
+    """`text` (an error message: MLflow's name the full URL) with every URL's user and
+    password replaced."""
+    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 def _is_number(value: Any) -> bool:
@@ -382,7 +414,7 @@ def stage_run(
             raise
         raise UserError(
             f"the MLflow tracking server {redacted_uri(uri)} does not answer "
-            f"({str(exc).splitlines()[0][:200]}): start it, or unset MLFLOW_TRACKING_URI to "
+            f"({redacted(str(exc).splitlines()[0])[:200]}): start it, or unset MLFLOW_TRACKING_URI to "
             "track into mlruns/"
         ) from exc
     logger = RunLogger(run_id, uri, spool_dir())

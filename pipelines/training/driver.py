@@ -23,7 +23,7 @@ from models.architecture import ArchitectureConfig
 from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.dataset import PreparedData
 from pipelines.stagekit.errors import UserError
-from pipelines.stagekit.tracking import RunLogger
+from pipelines.stagekit.tracking import RunLogger, redacted
 from pipelines.training.cluster import Placement
 from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
 
@@ -230,7 +230,12 @@ def train_job(
         raise
     if logger is not None:
         # Every epoch the run lacks: the worker's own writes may have met a tracking outage.
-        logger.log_history(finished.state["history"])
+        # (An outage is spooled; a refusal, e.g. the run deleted meanwhile, must not fail
+        # a stage whose training is done and whose checkpoints are already gone.)
+        try:
+            logger.log_history(finished.state["history"])
+        except Exception as exc:
+            log.warning("the MLflow run did not take the epochs' figures: %s", redacted(str(exc)))
     return finished
 
 

@@ -97,7 +97,7 @@ def test_server_down_to_the_end_one_warning_then_sync_sends_everything(
     server.start()
     tracking._offline_until.clear()
     assert dlpipe_exit("tracking", "sync") == 0
-    assert f"run {run_id}: 8 record(s) sent, all sent" in capsys.readouterr().out
+    assert f"run {run_id}: 8 record(s) sent, none left" in capsys.readouterr().out
     assert kept.runs() == []
     _assert_everything_arrived(server.uri, run_id)
 

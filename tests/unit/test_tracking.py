@@ -68,3 +68,35 @@ def test_the_spool_keeps_records_in_order_and_skips_a_line_cut_short(tmp_path, c
     assert [r["op"] for r in kept.records("run1")] == ["artifact"]
     kept.keep_only("run1", [])
     assert kept.runs() == [] and not (tmp_path / "spool" / "run1.files").exists()
+
+
+def test_messages_never_carry_tracking_credentials():
+    from pipelines.stagekit.tracking import redacted, redacted_uri
+
+    assert redacted_uri("http://alice:s3%40cr%2Ft@mlflow:5000/x") == "http://***@mlflow:5000/x"
+    assert redacted_uri("http://mlflow:5000") == "http://mlflow:5000"
+    message = "API request to http://alice:p@ss@10.0.0.1:5000/api failed (http://bob:x@h/)"
+    assert "alice" not in redacted(message) and "bob" not in redacted(message)
+    assert "10.0.0.1:5000/api" in redacted(message)
+
+
+def test_only_an_unreachable_or_failing_server_is_an_outage():
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from pipelines.stagekit.tracking import _unreachable
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(response=response)
+
+    assert _unreachable(requests.ConnectionError("refused"))
+    assert _unreachable(requests.Timeout("no answer"))
+    assert _unreachable(MlflowException("db down", error_code=TEMPORARILY_UNAVAILABLE))
+    assert _unreachable(http_error(502))
+    # A refusal is not an outage: retrying it forever would hold back the run's records.
+    assert not _unreachable(http_error(413))
+    assert not _unreachable(MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not _unreachable(FileNotFoundError("spooled copy gone"))
