@@ -1,9 +1,11 @@
 """The HTTP API's request checks, in-process (Starlette's test client over the real ASGI
 app and a real onnxruntime predictor; the Serve app runs the same app in its replicas)."""
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,6 +23,19 @@ from tests.helpers import free_port
 from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
 
 BRIGHT = [[0.9] * 16]
+
+
+@contextlib.contextmanager
+def real_server(export_dir) -> Iterator[tuple[ReplicaHttpServer, HttpApi]]:  # noqa: F811
+    """The tiny model behind the replica's own uvicorn server, on a real socket."""
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    api = HttpApi(models, Limits())
+    server = ReplicaHttpServer(api, "127.0.0.1", free_port())
+    server.start()
+    try:
+        yield server, api
+    finally:
+        server.stop()
 
 
 def client(export_dir, **limits) -> TestClient:  # noqa: F811
@@ -157,10 +172,7 @@ def test_a_bug_is_a_counted_500_and_the_app_keeps_serving(export_dir):  # noqa: 
 def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_dir):  # noqa: F811
     # Over a real socket: a server that answers and closes while the client is still
     # sending makes the kernel reset the connection, and the client never sees the 413.
-    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
-    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
-    server.start()
-    try:
+    with real_server(export_dir) as (server, _):
         url = f"http://127.0.0.1:{server.port}/v1/classify"
         big = b'{"instances": [[' + b"0.5, " * (4 * 2**20) + b"0.5]]}"  # 20 MB
         # urllib, as most clients (and `dlpipe predict`): it sends the whole body before it
@@ -176,18 +188,12 @@ def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_
             assert refused.value.code == 413
             assert "byte limit" in json.loads(refused.value.read())["detail"]
         assert httpx.post(url, json={"instances": BRIGHT}).status_code == 200
-    finally:
-        server.stop()
 
 
 def test_a_draining_replica_answers_but_sends_its_clients_elsewhere(export_dir):  # noqa: F811
     # Over a real socket: the keep-alive connection must be closed by the server after the
     # answer, so the client's next request opens a new one (to a replica that stays).
-    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
-    api = HttpApi(models, Limits())
-    server = ReplicaHttpServer(api, "127.0.0.1", free_port())
-    server.start()
-    try:
+    with real_server(export_dir) as (server, api):
         with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as http:
             before = http.post("/v1/classify", json={"instances": BRIGHT})
             assert before.status_code == 200 and "connection" not in before.headers
@@ -196,23 +202,15 @@ def test_a_draining_replica_answers_but_sends_its_clients_elsewhere(export_dir):
             assert during.status_code == 200 and during.headers["connection"] == "close"
             ready = http.get("/readyz")
             assert ready.status_code == 503 and ready.json() == {"status": "stopping"}
-    finally:
-        server.stop()
 
 
 def test_a_replica_that_stops_listening_still_answers_its_open_connections(export_dir):  # noqa: F811
-    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
-    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
-    server.start()
-    try:
+    with real_server(export_dir) as (server, _):
         url = f"http://127.0.0.1:{server.port}"
         with httpx.Client(base_url=url) as open_connection:
             assert open_connection.get("/healthz").status_code == 200
             server.stop_listening()
             with pytest.raises(httpx.ConnectError):  # the port is closed to new clients
                 httpx.get(f"{url}/healthz")
-            assert (
-                open_connection.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
-            )
-    finally:
-        server.stop()
+            answer = open_connection.post("/v1/classify", json={"instances": BRIGHT})
+            assert answer.status_code == 200
