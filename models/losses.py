@@ -86,3 +86,36 @@ class MaskedTokenLoss(nn.Module):
         if weight is not None:
             raise ValueError("masked-token loss takes no per-example weights")
         return F.cross_entropy(output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class FixMatchLoss(nn.Module):
+    """FixMatch's loss (Sohn et al., 2020) on one forward pass over a batch laid out as
+    [labeled | unlabeled, weak view | the same unlabeled, strong view].
+
+    target (B,) holds the labeled examples' classes and IGNORE_INDEX for every unlabeled
+    position; the unlabeled half splits in two equal parts, weak views first. The loss is
+    the labeled cross-entropy plus `unlabeled_weight` times the cross-entropy of each strong
+    view's prediction against the class its weak view predicts, counted only where that
+    prediction's probability reaches `threshold` (the weak view's side carries no gradient:
+    it is the target). The mean of the unlabeled term is over all unlabeled examples, so a
+    round with few confident ones pulls less."""
+
+    def __init__(self, threshold: float, unlabeled_weight: float = 1.0) -> None:
+        super().__init__()
+        self.threshold, self.unlabeled_weight = threshold, unlabeled_weight
+
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if weight is not None:
+            raise ValueError("the FixMatch loss takes no per-example weights")
+        labeled = target != IGNORE_INDEX
+        loss = F.cross_entropy(output[labeled], target[labeled])
+        unlabeled = output[~labeled]  # (2U, C); none in validation batches
+        if len(unlabeled) == 0:
+            return loss
+        weak, strong = unlabeled.chunk(2)
+        confidence, pseudo = F.softmax(weak.detach(), dim=1).max(dim=1)
+        kept = (confidence >= self.threshold).to(strong.dtype)
+        consistency = (F.cross_entropy(strong, pseudo, reduction="none") * kept).mean()
+        return loss + self.unlabeled_weight * consistency

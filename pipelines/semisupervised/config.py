@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipelines.stagekit.config import Section
 
@@ -19,15 +20,26 @@ class PseudoLabelConfig(Section):
     columns. Empty: split the prepared training data as above."""
     split_seed: int = 0
     """Seed choosing which training examples keep their labels."""
+    method: Literal["teacher_student", "fixmatch"] = "teacher_student"
+    """teacher_student: rounds of a teacher labeling the pool for a fresh student (below).
+    fixmatch: one run in which, at every step, the prediction on a weakly augmented view of
+    each unlabeled image (where confident) is the target of a strongly augmented view of
+    it, beside the labeled loss; images only, its augmentation from `train.augment`."""
+    unlabeled_ratio: int = 7
+    """fixmatch: unlabeled images per labeled one in each step (each seen in two views)."""
+    unlabeled_weight: float = 1.0
+    """fixmatch: weight of the unlabeled (consistency) loss beside the labeled one."""
     rounds: int = 3
     """Teacher -> student rounds after the first teacher; each student teaches the next round."""
     epochs_per_round: int = 30
-    """Epochs of every teacher and student (the baseline gets (rounds + 1) times this)."""
+    """Epochs of every teacher and student (the baseline gets (rounds + 1) times this, and
+    so does fixmatch, whose epoch is one pass over the unlabeled pool)."""
     batch_size: int = 8
     """Examples per step on each worker in every round (a few labeled examples need small
     batches to get enough steps); the other optimisation settings come from `train`."""
     confidence_threshold: float = 0.9
-    """A prediction becomes a pseudo-label only when its top class probability reaches this."""
+    """A prediction becomes a pseudo-label only when its top class probability reaches this
+    (fixmatch: the weak view's prediction, at every step)."""
     max_per_class: int = 0
     """Most pseudo-labels any class may receive per round, the most confident first
     (0: the pool size divided by the number of classes, so no class can flood the set)."""
@@ -53,8 +65,9 @@ class PseudoLabelConfig(Section):
         for name in ("labeled_per_class", "rounds", "max_per_class", "ramp_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs_per_round", "batch_size"):
+        for name in ("epochs_per_round", "batch_size", "unlabeled_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pseudo_weight < 0:
-            raise ValueError(f"pseudo_weight must be >= 0, got {self.pseudo_weight}")
+        for name in ("pseudo_weight", "unlabeled_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

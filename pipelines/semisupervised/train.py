@@ -46,6 +46,7 @@ from pipelines.training.driver import (
     train_job,
 )
 from pipelines.training.loop import without_timings
+from pipelines.training.tasks import FixMatchTask, Task
 from pipelines.training.worker import EVAL_BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ ROUND_SETS = ("epochs", "batch_size", "early_stopping_patience")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ROUND_SETS)
 # What this stage reads of `pseudolabel` (the split keys are prepare_pseudolabel's).
 ROUND_KEYS = (
+    "method",
+    "unlabeled_ratio",
+    "unlabeled_weight",
     "rounds",
     "epochs_per_round",
     "batch_size",
@@ -93,9 +97,11 @@ def train_round(
     epochs: int,
     parent: tracking.RunLogger,
     extra_params: dict[str, Any],
+    task: Task | None = None,
 ) -> RoundResult:
-    """One Ray Train run (teacher, student or baseline), tracked as a child MLflow run;
-    `train` needs every key but ROUND_SETS, which the round sets."""
+    """One Ray Train run (teacher, student, baseline or FixMatch), tracked as a child MLflow
+    run; `train` needs every key but ROUND_SETS, which the round sets. `task` defaults to
+    supervised training on `arrays` (pseudo-labeled examples weighted as `pseudolabel` says)."""
     pl = pseudolabel
     train = dataclasses.replace(
         train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
@@ -122,7 +128,7 @@ def train_round(
         try:
             finished = train_job(
                 arrays,
-                supervised_task(model, data.manifest, train, pseudo),
+                task or supervised_task(model, data.manifest, train, pseudo),
                 train,
                 name,
                 run,
@@ -153,7 +159,8 @@ def score_on_test(
 
 @dataclass
 class Rounds:
-    first_teacher: RoundResult
+    first_teacher: RoundResult | None
+    """Round 0's teacher (None for fixmatch, which has no teacher)."""
     final: RoundResult
     table: list[dict[str, float]]
     """One row per round: pseudo-label count, accuracy and balance, test figures."""
@@ -240,19 +247,68 @@ def run_rounds(
     return outcome
 
 
+def run_fixmatch(
+    model: ArchitectureConfig,
+    train: TrainConfig,
+    pseudolabel: PseudoLabelConfig,
+    data: PreparedData,
+    parent: tracking.RunLogger,
+    labeled_only: dict[str, np.ndarray],
+    truth: np.ndarray | None,
+) -> Rounds:
+    """One FixMatch run over the labeled examples and the whole pool, as long as the
+    teacher/student schedule; its final predictions on the pool show how many unlabeled
+    examples it now labels confidently (and, where the truth is known, how well)."""
+    pl = pseudolabel
+    if data.manifest["input_kind"] != "image":
+        raise UserError(
+            "pseudolabel.method fixmatch needs images (it trains on augmented views); "
+            f"the prepared data is {data.manifest['input_kind']}: use teacher_student"
+        )
+    weak = dataclasses.replace(train.augment, enabled=True)
+    task = FixMatchTask(
+        model,
+        data.manifest,
+        weak,
+        weak.strong(),
+        pl.confidence_threshold,
+        pl.unlabeled_ratio,
+        pl.unlabeled_weight,
+    )
+    pool = data.x("unlabeled")
+    result = train_round(
+        model,
+        train,
+        pl,
+        data,
+        "fixmatch",
+        {**labeled_only, "x_unlabeled": pool, "x_predict": pool},
+        pl.epochs_per_round * (pl.rounds + 1),
+        parent,
+        {"round": "fixmatch", "weak_augment": config_to_dict(weak)},
+        task,
+    )
+    selection = select_pseudo_labels(result.predictions, pl.confidence_threshold, pl.max_per_class)
+    stats = selection_stats(selection, data.class_names, truth)
+    parent.log_metrics({k: v for k, v in stats.items() if "/" not in k}, step=1)
+    row = {"round": 1, **stats, **score_on_test(model, data, result.state_dict)}
+    return Rounds(None, result, [row])
+
+
 def summary_figures(
     model: ArchitectureConfig, data: PreparedData, rounds: Rounds, baseline: RoundResult
 ) -> dict:
     """The stage's headline figures: the final student beside the round-0 teacher and the baseline."""
     # The pseudo-labels the final model was trained on (a fallback round's empty set is not).
     last_selection = next((r for r in reversed(rounds.table) if r.get("pseudo_labels")), {})
+    teacher = rounds.first_teacher
     figures = {
         "labeled_count": len(data.y("labeled")),
         "unlabeled_count": len(data.x("unlabeled")),
         **score_on_test(model, data, rounds.final.state_dict),
         **{
             f"teacher_{k}": v
-            for k, v in score_on_test(model, data, rounds.first_teacher.state_dict).items()
+            for k, v in (score_on_test(model, data, teacher.state_dict) if teacher else {}).items()
         },
         **{f"baseline_{k}": v for k, v in score_on_test(model, data, baseline.state_dict).items()},
         "pseudo_labels": last_selection.get("pseudo_labels", 0.0),
@@ -299,7 +355,8 @@ def train_pseudolabel(
                 "unlabeled": len(data.x("unlabeled")),
             }
         )
-        rounds = run_rounds(model, train, pl, data, parent, labeled_only, truth)
+        method = run_fixmatch if pl.method == "fixmatch" else run_rounds
+        rounds = method(model, train, pl, data, parent, labeled_only, truth)
         # Same labeled examples, same number of epochs as the whole teacher/student schedule.
         baseline = train_round(
             model,
@@ -314,6 +371,8 @@ def train_pseudolabel(
         )
         figures = summary_figures(model, data, rounds, baseline)
         parent.log_metrics({k: float(v) for k, v in figures.items()})
+        parent.set_tags({"method": pl.method})
+        figures["method"] = pl.method
 
         network = build_model(model, data.manifest)
         network.load_state_dict(rounds.final.state_dict)
@@ -330,10 +389,17 @@ def train_pseudolabel(
         write_csv(Path(plots_dir) / "rounds.csv", rounds.table, ROUND_COLUMNS)
         write_json(metrics_path, figures)
         parent.log_artifact(Path(output) / "learning_curves.png", "plots")
+    teacher = (
+        f"round-0 teacher {figures['teacher_test_accuracy']:.4f}, "
+        if "teacher_test_accuracy" in figures
+        else ""
+    )
     log.info(
-        "final student test accuracy %(test_accuracy).4f (round-0 teacher "
-        "%(teacher_test_accuracy).4f, supervised-only baseline %(baseline_test_accuracy).4f)",
-        figures,
+        "%s: final model test accuracy %.4f (%ssupervised-only baseline %.4f)",
+        pl.method,
+        figures["test_accuracy"],
+        teacher,
+        figures["baseline_test_accuracy"],
     )
     return figures
 

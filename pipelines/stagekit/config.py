@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
+from models.augmentation import AugmentConfig
 from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
 from pipelines.stagekit.errors import UserError
@@ -128,7 +129,10 @@ class TrainConfig(Section):
     max_failures: int = 2
     """Worker failures survived by restarting from the latest checkpoint."""
     seed: int = 0
-    """Seed for weight initialisation and shuffling."""
+    """Seed for weight initialisation, shuffling, dropout and augmentation."""
+    augment: AugmentConfig = AugmentConfig()
+    """Random changes to each training batch of images (crop, shift, rotation, mirror,
+    colour), drawn on the workers; validation and test images are never changed."""
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "num_workers", "lr", "huber_delta", "divergence_factor")

@@ -25,7 +25,7 @@ from pipelines.stagekit.dataset import PreparedData
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.tracking import RunLogger, redacted
 from pipelines.training.cluster import Placement
-from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
+from pipelines.training.tasks import SupervisedTask, Task
 
 if TYPE_CHECKING:
     from ray.train import Result
@@ -82,7 +82,7 @@ def supervised_arrays(data: PreparedData) -> dict[str, np.ndarray]:
 
 def loop_config(
     arrays: dict[str, np.ndarray],
-    task: SupervisedTask | MaskedLmTask | AutoencoderTask,
+    task: Task,
     train: TrainConfig,
     logger: RunLogger | None,
     lr_key: str = "train.lr",
@@ -115,8 +115,10 @@ def supervised_task(
     train: TrainConfig,
     pseudo: dict[str, float] | None = None,
 ) -> SupervisedTask:
-    """The supervised task of `arch` on data described by `manifest`, with `train`'s loss."""
-    return SupervisedTask(arch, manifest, train.loss, train.huber_delta, pseudo)
+    """The supervised task of `arch` on data described by `manifest`, with `train`'s loss
+    (and its augmentation, for images)."""
+    augment = train.augment if manifest["input_kind"] == "image" else None
+    return SupervisedTask(arch, manifest, train.loss, train.huber_delta, pseudo, augment)
 
 
 def run_training(
@@ -206,7 +208,7 @@ def finished_run(result: Result, name: str) -> FinishedRun:
 
 def train_job(
     arrays: dict[str, np.ndarray],
-    task: SupervisedTask | MaskedLmTask | AutoencoderTask,
+    task: Task,
     train: TrainConfig,
     name: str,
     logger: RunLogger | None = None,

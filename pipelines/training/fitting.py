@@ -25,9 +25,7 @@ from pipelines.training.loop import (
 )
 
 if TYPE_CHECKING:
-    from pipelines.training.tasks import AutoencoderTask, MaskedLmTask, SupervisedTask
-
-    Task = SupervisedTask | MaskedLmTask | AutoencoderTask
+    from pipelines.training.tasks import Task
 
 EVAL_BATCH_SIZE = 1024
 
@@ -86,6 +84,8 @@ def fit_task(
         on_epoch_end=on_epoch_end,
         lr_at=lambda epoch: learning_rate(train, epoch),
         lr_key=lr_key,
+        # Each worker its own dropout masks and augmentations, the same after a restart.
+        seed=train.seed * 1_009 + rank,
     )
 
 

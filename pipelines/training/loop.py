@@ -301,6 +301,12 @@ def scheduled_lr(
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random draws: a function of the run's seed and the epoch only
+    (not of how many epochs this process has run), so a restart cannot shift it."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
 def fit(
     state: TrainingState,
     loss_fn: nn.Module,
@@ -316,6 +322,7 @@ def fit(
     on_epoch_end: Callable[[dict[str, float], TrainingState], None] | None = None,
     lr_at: Callable[[int], float] | None = None,
     lr_key: str = "train.lr",
+    seed: int | None = None,
 ) -> TrainingState:
     """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
 
@@ -326,12 +333,17 @@ def fit(
     lowers). `lr_at(epoch)`, when given, sets the learning rate of each epoch (see
     `scheduled_lr`); otherwise the optimizer keeps its own. Each epoch's metrics include its
     `train_seconds` and, of those, the `data_wait_seconds` spent waiting for batches.
+    `seed`, when given, reseeds torch's generators (dropout, augmentation) at the start of
+    every epoch from (seed, epoch): a run resumed from a checkpoint then draws the same
+    numbers as one that was never stopped, and ends with the same weights.
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
     scaler = gradient_scaler(state, device, precision)
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
+        if seed is not None:
+            torch.manual_seed(epoch_seed(seed, epoch))
         if lr_at is not None:
             for group in state.optimizer.param_groups:
                 group["lr"] = lr_at(epoch)

@@ -7,7 +7,8 @@ Tasks are frozen dataclasses of plain values, so they pickle to any node of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,13 @@ import torch
 from torch import nn
 
 from models.architecture import ArchitectureConfig
+from models.augmentation import AugmentConfig, augment
 from models.autoencoder import Autoencoder, AutoencoderConfig
-from models.losses import MaskedTokenLoss, TaskLoss
+from models.losses import FixMatchLoss, MaskedTokenLoss, TaskLoss
 from models.transformer import EncoderConfig, MaskedLanguageModel
 from pipelines.stagekit.model_bundle import build_model
 from pipelines.training.batches import ShardedBatches
+from pipelines.training.fixmatch import FixMatchBatches
 from pipelines.training.loop import Batches
 from pipelines.training.masking import MaskedTokenBatches, MaskingSpec
 
@@ -34,6 +37,8 @@ class SupervisedTask:
     loss_name: str = "cross_entropy"
     huber_delta: float = 1.0
     pseudo: dict[str, float] | None = None
+    augment: AugmentConfig | None = None
+    """Applied to each training batch's inputs (images only)."""
 
     @property
     def classification(self) -> bool:
@@ -54,7 +59,7 @@ class SupervisedTask:
         seed: int,
     ) -> Callable[[int], Batches]:
         pseudo = self.pseudo
-        return ShardedBatches(
+        batches = ShardedBatches(
             arrays["x_train"],
             arrays["y_train"],
             batch_size,
@@ -63,6 +68,53 @@ class SupervisedTask:
             seed=seed,
             pseudo=arrays.get("pseudo_train"),
             pseudo_weight=(lambda epoch: ramp_weight(epoch, **pseudo)) if pseudo else None,
+        ).epoch
+        if self.augment is None or not self.augment.enabled:
+            return batches
+        return functools.partial(augmented_batches, batches, self.augment)
+
+
+@dataclass(frozen=True)
+class FixMatchTask:
+    """Semi-supervised classification (FixMatch): the labeled x_train/y_train and the
+    unlabeled x_unlabeled pool, each unlabeled image seen in a weak and a strong view (see
+    fixmatch.py); validated on x_val/y_val like a supervised run."""
+
+    architecture: ArchitectureConfig
+    manifest: dict[str, Any]
+    weak: AugmentConfig
+    strong: AugmentConfig
+    threshold: float
+    unlabeled_ratio: int
+    unlabeled_weight: float = 1.0
+
+    classification = True
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.architecture, self.manifest)
+
+    def loss(self) -> nn.Module:
+        return FixMatchLoss(self.threshold, self.unlabeled_weight)
+
+    def train_batches(
+        self,
+        arrays: dict[str, torch.Tensor],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> Callable[[int], Batches]:
+        return FixMatchBatches(
+            arrays["x_train"],
+            arrays["y_train"],
+            arrays["x_unlabeled"],
+            batch_size,
+            self.unlabeled_ratio,
+            self.weak,
+            self.strong,
+            rank,
+            world_size,
+            seed,
         ).epoch
 
 
@@ -125,6 +177,19 @@ class AutoencoderTask:
     ) -> Callable[[int], Batches]:
         x = arrays["x_train"]
         return ShardedBatches(x, x, batch_size, rank, world_size, seed=seed).epoch
+
+
+Task = SupervisedTask | FixMatchTask | MaskedLmTask | AutoencoderTask
+"""Every kind of training run the one driver runs."""
+
+
+def augmented_batches(
+    batches: Callable[[int], Batches], config: AugmentConfig, epoch: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`batches(epoch)` with each batch's inputs augmented; targets and weights unchanged.
+    The draws come from torch's generator, which `fit` reseeds every epoch."""
+    for x, *rest in batches(epoch):
+        yield augment(x, config), *rest
 
 
 def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:
