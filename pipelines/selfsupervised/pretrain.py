@@ -22,6 +22,7 @@ from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.metrics import accuracy_figures
 from pipelines.stagekit.model_bundle import MODEL_FILE
 from pipelines.stagekit.plots import learning_curves_png, write_csv
 from pipelines.stagekit.stage import stage_command
@@ -104,6 +105,9 @@ def pretrain_mlm(
             "train_tokens": manifest["splits"]["train"]["tokens"],
             "padding_fraction": manifest["splits"]["train"]["padding_fraction"],
         }
+        masked = baselines["val_masked_tokens"]  # both accuracies count these positions
+        for name in ("masked_accuracy", "baseline_masked_accuracy"):
+            figures.update(accuracy_figures(name, round(figures[name] * masked), masked))
         model = build_mlm(mlm.model, manifest)
         model.load_state_dict(state["best_model"])
         with output_directory(output) as staging:

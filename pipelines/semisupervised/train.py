@@ -30,7 +30,11 @@ from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param, TrainConfig, config_to_dict
 from pipelines.stagekit.dataset import PreparedData, load_prepared
 from pipelines.stagekit.errors import UserError
-from pipelines.stagekit.metrics import classification_metrics
+from pipelines.stagekit.metrics import (
+    accuracy_figures,
+    classification_metrics,
+    small_split_warnings,
+)
 from pipelines.stagekit.model_bundle import (
     build_model,
     check_compatible,
@@ -154,7 +158,8 @@ def score_on_test(
             ]
         )
     metrics, _ = classification_metrics(data.y("test"), probabilities.numpy(), data.class_names)
-    return {"test_accuracy": metrics["test_accuracy"], "test_macro_f1": metrics["test_macro_f1"]}
+    # The overall figures with their intervals; the per-class ones are evaluate's.
+    return {k: v for k, v in metrics.items() if "/" not in k}
 
 
 @dataclass
@@ -316,7 +321,13 @@ def summary_figures(
         "fallback_round": rounds.fallback_round,
     }
     if "pseudo_label_accuracy" in last_selection:
-        figures["pseudo_label_accuracy"] = last_selection["pseudo_label_accuracy"]
+        figures.update(
+            accuracy_figures(
+                "pseudo_label_accuracy",
+                round(last_selection["pseudo_label_accuracy"] * last_selection["pseudo_labels"]),
+                int(last_selection["pseudo_labels"]),
+            )
+        )
     return figures
 
 
@@ -372,7 +383,10 @@ def train_pseudolabel(
         figures = summary_figures(model, data, rounds, baseline)
         parent.log_metrics({k: float(v) for k, v in figures.items()})
         parent.set_tags({"method": pl.method})
-        figures["method"] = pl.method
+        warnings = small_split_warnings(data.manifest["splits"])
+        for warning in warnings:
+            log.warning(warning)
+        figures.update(method=pl.method, warnings=warnings)
 
         network = build_model(model, data.manifest)
         network.load_state_dict(rounds.final.state_dict)

@@ -14,7 +14,12 @@ import torch
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import write_json
 from pipelines.stagekit.dataset import load_prepared
-from pipelines.stagekit.metrics import classification_metrics, regression_metrics
+from pipelines.stagekit.metrics import (
+    classification_metrics,
+    headline,
+    regression_metrics,
+    small_split_warnings,
+)
 from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
 from pipelines.stagekit.plots import confusion_matrix_png, predicted_vs_actual_png, write_csv
 from pipelines.stagekit.stage import stage_command
@@ -57,7 +62,10 @@ def evaluate(
         rows = [{"actual": float(a), "predicted": float(p)} for a, p in zip(y_test, predicted)]
         predicted_vs_actual_png(y_test, predicted, image)
     write_csv(plots / PREDICTIONS_CSV, rows, ("actual", "predicted"))
-    write_json(metrics_path, metrics)
+    warnings = small_split_warnings(data.manifest["splits"])
+    for warning in warnings:
+        log.warning(warning)
+    write_json(metrics_path, {**metrics, "warnings": warnings})
     images = [image]
 
     tags = tracking.stage_tags(STAGE, data.data_hash)
@@ -72,8 +80,7 @@ def evaluate(
         training_run.log_metrics(metrics)
         for image in images:
             training_run.log_artifact(image, "plots")
-    headline = {k: round(v, 4) for k, v in metrics.items() if "/" not in k}
-    log.info("test split (%d examples): %s", len(y_test), headline)
+    log.info("test split (%d examples): %s", len(y_test), headline(metrics))
     return metrics
 
 

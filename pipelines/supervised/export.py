@@ -41,7 +41,17 @@ ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
 # What export reads of the `export` section; the registered name comes from the command line.
 EXPORT_KEYS = ("opset", "parity_atol", "alias")
-HEADLINE = ("test_accuracy", "test_macro_f1", "test_rmse", "test_mae", "test_r2")
+HEADLINE = (
+    *(
+        f"{name}{part}"
+        for name in ("test_accuracy", "test_macro_f1")
+        for part in ("", "_ci95_low", "_ci95_high")
+    ),
+    "test_accuracy_examples",
+    "test_rmse",
+    "test_mae",
+    "test_r2",
+)
 
 
 def model_card(

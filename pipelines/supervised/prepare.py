@@ -16,6 +16,7 @@ from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param
 from pipelines.stagekit.dataset import MANIFEST, SPLITS, array_file, sha256_file
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.metrics import small_split_warnings
 from pipelines.stagekit.readers import (
     RawDataset,
     read_csv_table,
@@ -128,6 +129,8 @@ def write_prepared(raw: RawDataset, config: PrepareConfig, source: str, output: 
         write_json(staging / MANIFEST, manifest)
     sizes = ", ".join(f"{s}={manifest['splits'][s]['size']}" for s in SPLITS)
     log.info("prepared %s -> %s (%s)", source, output, sizes)
+    for warning in small_split_warnings(manifest["splits"]):
+        log.warning(warning)
     return manifest
 
 

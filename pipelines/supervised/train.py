@@ -17,6 +17,7 @@ from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param, TrainConfig, config_to_dict, overlay_sections
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.metrics import accuracy_figures
 from pipelines.stagekit.model_bundle import build_model, check_compatible, save_bundle
 from pipelines.stagekit.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stagekit.stage import stage_command
@@ -94,7 +95,15 @@ def train_supervised(
             "best_epoch": int(best["epoch"]),
             "epochs_run": len(history),
             "best_val_loss": best["val_loss"],
-            **({"best_val_accuracy": best["val_accuracy"]} if "val_accuracy" in best else {}),
+            **(
+                accuracy_figures(
+                    "best_val_accuracy",
+                    round(best["val_accuracy"] * len(data.y("val"))),
+                    len(data.y("val")),
+                )
+                if "val_accuracy" in best
+                else {}
+            ),
             "stopped_early": len(history) < train.epochs,
         }
         with output_directory(output) as staging:

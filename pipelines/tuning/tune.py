@@ -33,6 +33,7 @@ from pipelines.stagekit.atomic import output_directory, write_json, write_text
 from pipelines.stagekit.config import Param, TrainConfig, config_to_dict
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.metrics import accuracy_figures
 from pipelines.stagekit.model_bundle import check_compatible
 from pipelines.stagekit.plots import best_curves_png, lr_sweep_png, write_csv
 from pipelines.stagekit.stage import stage_command
@@ -110,6 +111,12 @@ def tune_search(
         rows, curves = trial_rows(grid, tune)
         summary = summarize(rows, tune)
         best = summary.pop("_best")
+        if tune.metric == "val_accuracy":
+            # The interval of that one trial's figure; picked as the best of many on the
+            # same validation split, it flatters (the test split is the unbiased check).
+            n = len(data.y("val"))
+            accuracy = summary["best_val_accuracy"]
+            summary.update(accuracy_figures("best_val_accuracy", round(accuracy * n), n))
         if tune.scheduler == "pbt":
             summary["pbt_exploits"] = pbt_exploits(experiment_dir)
         with output_directory(output) as staging:

@@ -18,6 +18,7 @@ from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import write_json
 from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.dataset import SPLITS, load_prepared
+from pipelines.stagekit.metrics import accuracy_figures
 from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.autoencoder import encode, refine, train_autoencoder
 from pipelines.unsupervised.config import SegmentConfig, SegmentDigitsConfig
@@ -90,6 +91,8 @@ def segment_digits(
             "k": k,
             "examples": len(x),
         }
+        for name in ("accuracy", "kmeans_accuracy", "autoencoder_kmeans_accuracy"):
+            figures.update(accuracy_figures(name, round(figures[name] * len(x)), len(x)))
         write_json(metrics_path, figures)
         run.log_metrics({key: float(v) for key, v in figures.items()})
     log.info(

@@ -26,6 +26,7 @@ from tests.helpers import write_image_folder
 from tests.integration.conftest import quick_train_config
 
 pytestmark = pytest.mark.integration
+DEFAULT_MODEL = ArchitectureConfig()
 
 
 def split(pseudolabel: PseudoLabelConfig, data_dir: Path, output: Path) -> dict:
@@ -34,11 +35,15 @@ def split(pseudolabel: PseudoLabelConfig, data_dir: Path, output: Path) -> dict:
 
 
 def train_rounds(
-    train: TrainConfig, pseudolabel: PseudoLabelConfig, root: Path, tag: str = ""
+    train: TrainConfig,
+    pseudolabel: PseudoLabelConfig,
+    root: Path,
+    tag: str = "",
+    model: ArchitectureConfig = DEFAULT_MODEL,
 ) -> dict:
     """train_pseudolabel (default model) on root/pl, given only the keys it declares."""
     return train_pseudolabel(
-        ArchitectureConfig(),
+        model,
         view(train, TRAIN_KEYS),
         view(pseudolabel, ROUND_KEYS),
         str(root / "pl"),
@@ -111,6 +116,57 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     assert predictor.info()["name"] == "dlpipe-pseudolabel-classifier"
 
 
+def test_fixmatch_on_two_labels_per_digit_trains_one_tracked_run(trained, stores, tmp_path):
+    uri = stores()
+    pseudolabel = PseudoLabelConfig(
+        method="fixmatch", labeled_per_class=2, rounds=0, epochs_per_round=3, unlabeled_ratio=3
+    )
+    split(pseudolabel, trained.prepared, tmp_path / "pl")
+    figures = train_rounds(quick_train_config(), pseudolabel, tmp_path)
+    assert figures["method"] == "fixmatch" and figures["labeled_count"] == 20
+    assert "teacher_test_accuracy" not in figures  # no teacher in FixMatch
+    assert figures["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert figures["pseudo_labels"] > 0 and "pseudo_label_accuracy_ci95_low" in figures
+    assert figures["warnings"] == []  # the digits' splits are large enough
+
+    client = MlflowClient(uri)
+    parent_id = tracking.producing_run(tmp_path / "model" / MODEL_FILE, pseudolabel.experiment)
+    assert client.get_run(parent_id).data.tags["method"] == "fixmatch"
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    assert {c.info.run_name for c in children} == {"fixmatch", "baseline-supervised-only"}
+    fixmatch = next(c for c in children if c.info.run_name == "fixmatch")
+    losses = client.get_metric_history(fixmatch.info.run_id, "train_loss")
+    assert len(losses) == 3
+    # The saved model is the supervised format: the evaluate stage takes it unchanged.
+    scored = evaluate(
+        experiment=pseudolabel.experiment,
+        data_dir=str(tmp_path / "pl"),
+        model_dir=str(tmp_path / "model"),
+        metrics_path=str(tmp_path / "e.json"),
+        plots_dir=str(tmp_path / "eplots"),
+    )
+    assert scored["test_accuracy"] == pytest.approx(figures["test_accuracy"])
+
+
+def test_fixmatch_refuses_tables(stores, tmp_path):
+    stores()
+    table = tmp_path / "t.csv"
+    rows = [f"{i % 7},{(i * 3) % 5},{'a' if i % 2 else 'b'}" for i in range(80)]
+    table.write_text("x,y,label\n" + "\n".join(rows) + "\n")
+    prepare(
+        PrepareConfig(source=str(table), format="csv", feature_columns=("x", "y")),
+        str(table),
+        str(tmp_path / "prepared"),
+    )
+    pseudolabel = PseudoLabelConfig(method="fixmatch", labeled_per_class=3, epochs_per_round=1)
+    split(pseudolabel, tmp_path / "prepared", tmp_path / "pl")
+    with pytest.raises(UserError, match="fixmatch needs images.*use teacher_student"):
+        train_rounds(quick_train_config(), pseudolabel, tmp_path, model=ArchitectureConfig("mlp"))
+
+
 def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data(
     ray_cluster, stores, tmp_path
 ):
@@ -133,6 +189,10 @@ def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data
     figures = train_rounds(quick_train_config(num_workers=2), pseudolabel, tmp_path)
     assert figures["pseudo_labels"] > 0 and not figures["fell_back_to_teacher"]
     assert "pseudo_label_accuracy" not in figures  # no truth for the user's pool
+    # 24 labeled images: validation and test splits of 5, and the figures say so.
+    assert any("the test split has 5 examples" in w for w in figures["warnings"])
+    assert figures["test_accuracy_examples"] == 5
+    assert figures["test_accuracy_ci95_high"] - figures["test_accuracy_ci95_low"] > 0.4
 
     # Softmax never reaches exactly 1.0: nothing is kept, the teacher is the final model.
     strict = dataclasses.replace(pseudolabel, confidence_threshold=1.0, epochs_per_round=2)
