@@ -20,7 +20,7 @@ class PseudoLabelConfig(Section):
     columns. Empty: split the prepared training data as above."""
     split_seed: int = 0
     """Seed choosing which training examples keep their labels."""
-    method: Literal["teacher_student", "fixmatch"] = "teacher_student"
+    method: Literal["teacher_student", "fixmatch"] = "fixmatch"
     """teacher_student: rounds of a teacher labeling the pool for a fresh student (below).
     fixmatch: one run in which, at every step, the prediction on a weakly augmented view of
     each unlabeled image (where confident) is the target of a strongly augmented view of

@@ -55,7 +55,9 @@ def train_rounds(
 
 def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
     uri = stores()
-    pseudolabel = PseudoLabelConfig(rounds=1, epochs_per_round=6, labeled_fraction=0.1)
+    pseudolabel = PseudoLabelConfig(
+        method="teacher_student", rounds=1, epochs_per_round=6, labeled_fraction=0.1
+    )
     out = tmp_path
     manifest = split(pseudolabel, trained.prepared, out / "pl")
     info = manifest["semi_supervised"]
@@ -179,7 +181,11 @@ def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data
         source=str(labeled), image_size=(8, 8), val_fraction=0.2, test_fraction=0.2
     )
     pseudolabel = PseudoLabelConfig(
-        unlabeled_source=str(pool), rounds=1, epochs_per_round=3, confidence_threshold=0.5
+        method="teacher_student",
+        unlabeled_source=str(pool),
+        rounds=1,
+        epochs_per_round=3,
+        confidence_threshold=0.5,
     )
     prepare(prepare_config, str(labeled), str(tmp_path / "prepared"))
     manifest = split(pseudolabel, tmp_path / "prepared", tmp_path / "pl")
