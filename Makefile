@@ -59,6 +59,7 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.training_throughput
 	$(BIN)/python -m benchmarks.inference
 	$(BIN)/python -m benchmarks.pipeline_overhead $(BENCH_DEMO)
+	$(BIN)/python -m benchmarks.augmentation
 	$(BIN)/python -m benchmarks.pseudolabel_seeds
 	$(BIN)/python -m benchmarks.tune_asha
 	$(BIN)/python -m benchmarks.batching_overhead

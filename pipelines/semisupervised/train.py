@@ -128,7 +128,14 @@ def train_round(
         run.log_params(
             {"train": config_to_dict(train), "examples": len(arrays["y_train"]), **extra_params}
         )
-        log.info("%s: training on %d examples for %d epochs", label, len(arrays["y_train"]), epochs)
+        unlabeled = len(arrays.get("x_unlabeled", ()))
+        log.info(
+            "%s: training on %d labeled%s examples for %d epochs",
+            label,
+            len(arrays["y_train"]),
+            f" and {unlabeled} unlabeled" if unlabeled else "",
+            epochs,
+        )
         try:
             finished = train_job(
                 arrays,
@@ -265,11 +272,6 @@ def run_fixmatch(
     teacher/student schedule; its final predictions on the pool show how many unlabeled
     examples it now labels confidently (and, where the truth is known, how well)."""
     pl = pseudolabel
-    if data.manifest["input_kind"] != "image":
-        raise UserError(
-            "pseudolabel.method fixmatch needs images (it trains on augmented views); "
-            f"the prepared data is {data.manifest['input_kind']}: use teacher_student"
-        )
     weak = dataclasses.replace(train.augment, enabled=True)
     task = FixMatchTask(
         model,
@@ -290,7 +292,7 @@ def run_fixmatch(
         {**labeled_only, "x_unlabeled": pool, "x_predict": pool},
         pl.epochs_per_round * (pl.rounds + 1),
         parent,
-        {"round": "fixmatch", "weak_augment": config_to_dict(weak)},
+        {"round": "fixmatch", "unlabeled": len(pool), "weak_augment": config_to_dict(weak)},
         task,
     )
     selection = select_pseudo_labels(result.predictions, pl.confidence_threshold, pl.max_per_class)
@@ -345,6 +347,11 @@ def train_pseudolabel(
         raise UserError(f"{data_dir}: not a pseudo-label split; run prepare_pseudolabel first")
     check_compatible(model, train, data.manifest)
     pl = pseudolabel
+    if pl.method == "fixmatch" and data.manifest["input_kind"] != "image":
+        raise UserError(
+            "pseudolabel.method fixmatch needs images (it trains on augmented views); "
+            f"the prepared data is {data.manifest['input_kind']}: use teacher_student"
+        )
     truth = (
         data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
     )

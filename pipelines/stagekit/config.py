@@ -286,8 +286,20 @@ def overlay_sections(path: str | Path, sections: dict[str, Any]) -> dict[str, An
     overlay = _yaml_sections(path, sections, "{key}: only {known} can be set here")
     merged = dict(sections)
     for name, values in overlay.items():
-        fields = {**config_to_dict(sections[name]), **(values or {})}
+        fields = _laid_over(config_to_dict(sections[name]), values or {})
         merged[name] = parse_section(type(sections[name]), fields, str(path), f"{name}.")
+    return merged
+
+
+def _laid_over(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay`'s values, nested groups merged key by key: an overlay setting
+    `train.augment.rotation` keeps the rest of `train.augment`."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _laid_over(merged[key], value)
+        else:
+            merged[key] = value
     return merged
 
 

@@ -335,7 +335,8 @@ def fit(
     `train_seconds` and, of those, the `data_wait_seconds` spent waiting for batches.
     `seed`, when given, reseeds torch's generators (dropout, augmentation) at the start of
     every epoch from (seed, epoch): a run resumed from a checkpoint then draws the same
-    numbers as one that was never stopped, and ends with the same weights.
+    numbers as one that was never stopped, and ends with the same weights (bit for bit on
+    CPU; on a GPU, cuDNN's nondeterministic kernels may still differ in the last bits).
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,9 +92,15 @@ class TuneConfig(Section):
                 raise ValueError(f"lr.{name}: need 0 < low <= high, got [{low}, {high}]")
         if "default" not in self.lr and set(self.optimizers) - set(self.lr):
             raise ValueError("lr: give a `default` range or one for every optimizer searched")
-        tunable = {
-            section: {f.name for f in dataclasses.fields(cls)}
-            for section, cls in (("train", TrainConfig), ("model", ArchitectureConfig))
+        sections = (("train", TrainConfig), ("model", ArchitectureConfig))
+        tunable = {section: {f.name for f in dataclasses.fields(cls)} for section, cls in sections}
+        grouped = {  # nested settings such as train.augment
+            section: {
+                name
+                for name, hint in typing.get_type_hints(cls).items()
+                if dataclasses.is_dataclass(hint)
+            }
+            for section, cls in sections
         }
         for key, values in self.space.items():
             section, _, name = key.partition(".")
@@ -104,6 +111,11 @@ class TuneConfig(Section):
                 )
             if name in ("optimizer", "lr", "epochs", "num_workers", "device", "seed"):
                 raise ValueError(f"space.{key}: set by the search itself, not by `space`")
+            if name in grouped[section]:
+                raise ValueError(
+                    f"space.{key}: a group of settings, not one value to search; set it in "
+                    f"params.yaml ({key}: ...)"
+                )
             if not values:
                 raise ValueError(f"space.{key}: give at least one value")
         for name in (

@@ -4,6 +4,7 @@ from typing import Annotated
 import pytest
 
 from models.architecture import ArchitectureConfig
+from models.augmentation import AugmentConfig
 from pipelines.stagekit.config import (
     ExportConfig,
     Param,
@@ -15,6 +16,7 @@ from pipelines.stagekit.config import (
 )
 from pipelines.stagekit.errors import UserError
 from pipelines.supervised.config import PrepareConfig
+from pipelines.tuning.config import TuneConfig
 from tests.helpers import REPO
 
 
@@ -93,6 +95,20 @@ def test_tuned_settings_are_laid_over_and_validated(tmp_path):
         overlay_sections(tuned, sections)
     with pytest.raises(UserError, match="not found"):
         overlay_sections(tmp_path / "missing.yaml", sections)
+
+
+def test_a_tuned_nested_setting_keeps_the_rest_of_its_group(tmp_path):
+    augment = AugmentConfig(enabled=True, rotation=10.0, horizontal_flip=True)
+    sections = {"model": ArchitectureConfig(), "train": TrainConfig(augment=augment)}
+    tuned = tmp_path / "best.yaml"
+    tuned.write_text("train:\n  augment:\n    rotation: 5\n")
+    merged = overlay_sections(tuned, sections)["train"].augment
+    assert merged == AugmentConfig(enabled=True, rotation=5.0, horizontal_flip=True)
+
+
+def test_a_search_refuses_a_group_of_settings_as_one_key():
+    with pytest.raises(ValueError, match="space.train.augment: a group of settings"):
+        TuneConfig(space={"train.augment": [0, 1]})
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from sklearn.metrics import f1_score
 from pipelines.stagekit.metrics import (
     accuracy_figures,
     classification_metrics,
+    f1_intervals,
     headline,
     small_split_warnings,
     wilson_interval,
@@ -70,3 +71,15 @@ def test_a_five_example_test_split_is_called_out_with_the_setting_to_change():
     )
     assert not any("train" in w for w in warnings)  # the figures come from val and test
     assert small_split_warnings({"val": {"size": 300}, "test": {"size": 300}}) == []
+
+
+def test_the_bootstrap_interval_is_sklearns_f1_over_the_same_resamples():
+    y, probabilities = predictions(n=120, right=0.7, seed=3)
+    predicted = probabilities.argmax(1)
+    macro, per_class = f1_intervals(y, predicted, 3, seed=0)
+    draws = np.random.default_rng(0).integers(0, 120, size=(1000, 120))  # the same draws
+    reference = [
+        f1_score(y[d], predicted[d], average=None, labels=[0, 1, 2], zero_division=0) for d in draws
+    ]
+    assert macro == pytest.approx(np.percentile(np.mean(reference, axis=1), [2.5, 97.5]))
+    assert per_class == pytest.approx(np.percentile(reference, [2.5, 97.5], axis=0))
