@@ -119,7 +119,8 @@ class TrainConfig(Section):
     early_stopping_patience: int = 8
     """Stop after this many epochs without a better validation loss (0 disables it)."""
     divergence_factor: float = 100.0
-    """A training loss this many times the first epoch's (or NaN/inf) stops the run as diverged."""
+    """An epoch's training loss this many times the untrained model's (or NaN/inf) stops the
+    run as diverged."""
     num_workers: int = 2
     """Ray Train workers (data-parallel replicas)."""
     device: Literal["auto", "cpu", "gpu"] = "auto"

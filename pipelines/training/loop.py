@@ -61,6 +61,7 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)
     best_model_state: dict[str, torch.Tensor] | None = None
     first_train_loss: float | None = None
+    """The untrained model's loss (see `initial_loss`): what divergence is measured against."""
     scaler: torch.amp.GradScaler | None = None
     """fp16's loss scaler (see `gradient_scaler`); None until `fit` starts."""
     saved_scaler: dict[str, Any] | None = None
@@ -301,6 +302,31 @@ def scheduled_lr(
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def initial_loss(
+    model: nn.Module,
+    batches: Batches,
+    loss_fn: nn.Module,
+    device: torch.device,
+    classification: bool,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> float:
+    """The untrained model's mean loss on the first training batch (over every worker, so
+    all take the same decisions): the reference a diverging run is measured against. Not
+    the first epoch's mean: a learning rate that blows the weights up in the first steps
+    makes that mean enormous too (1e17 for SGD at lr 20 on the digits), and a batch-norm
+    network then settles at a finite loss no later epoch exceeds 100 times.
+
+    Its batch is drawn before the first epoch reseeds the generators: training is unchanged."""
+    x, y, *_ = next(iter(batches))
+    network = unwrap(model)  # no DDP collective for one worker's forward pass
+    network.eval()
+    totals = eval_step(
+        network, x.to(device), y.to(device), loss_fn, contextlib.nullcontext, classification
+    )
+    loss_sum, _, count = (float(v) for v in reduce(totals).cpu())
+    return loss_sum / max(count, 1.0)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's random draws: a function of the run's seed and the epoch only
     (not of how many epochs this process has run), so a restart cannot shift it."""
@@ -329,7 +355,7 @@ def fit(
     `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
     worker's totals into the global ones, so every worker takes the same decisions.
     Raises TrainingDiverged when a loss becomes NaN/inf or the training loss exceeds
-    `divergence_factor` times the first epoch's, naming `lr_key` (the params key the user
+    `divergence_factor` times the untrained model's (`initial_loss`), naming `lr_key` (the params key the user
     lowers). `lr_at(epoch)`, when given, sets the learning rate of each epoch (see
     `scheduled_lr`); otherwise the optimizer keeps its own. Each epoch's metrics include its
     `train_seconds` and, of those, the `data_wait_seconds` spent waiting for batches.
@@ -341,6 +367,10 @@ def fit(
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
     scaler = gradient_scaler(state, device, precision)
+    if state.first_train_loss is None:
+        state.first_train_loss = initial_loss(
+            state.model, train_batches(state.next_epoch), loss_fn, device, classification, reduce
+        )
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
         if seed is not None:
@@ -377,13 +407,11 @@ def fit(
             "data_wait_seconds": batches.seconds,  # the part of it spent waiting for batches
         }
         train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]
-        if state.first_train_loss is None:
-            state.first_train_loss = train_loss
         exploded = train_loss > divergence_factor * state.first_train_loss
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)) or exploded:
             raise TrainingDiverged(
                 f"training diverged at epoch {epoch}: train loss {train_loss:.4g}, val loss "
-                f"{val_loss:.4g} (first epoch's train loss {state.first_train_loss:.4g}) with "
+                f"{val_loss:.4g} (the untrained model's {state.first_train_loss:.4g}) with "
                 f"learning rate {metrics['lr']:g} at that epoch; lower {lr_key}"
             )
         if state.early_stopping.update(metrics["val_loss"], epoch):

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import time
 
+import pytest
 import torch
 
 from models.architecture import ArchitectureConfig
@@ -12,8 +13,10 @@ from models.losses import TaskLoss
 from pipelines.stagekit.config import TrainConfig
 from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.fitting import fit_task, initial_state
-from pipelines.training.loop import fit
+from pipelines.training.loop import TrainingDiverged, fit
 from pipelines.training.tasks import SupervisedTask
+from tests.unit.test_fixmatch import MANIFEST as DIGITS
+from tests.unit.test_fixmatch import SMALL_CNN, digits_split
 from tests.unit.test_training_loop import CPU, blobs, make_state
 
 MANIFEST = {
@@ -95,3 +98,13 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one():
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_learning_rate_that_blows_up_the_first_steps_is_called_divergence():
+    # SGD at lr 20: the first epoch's mean loss is ~1e17 and finite, and batch normalization
+    # lets later epochs settle; measured against the untrained model's loss, it diverged.
+    arrays = digits_split(per_class=20)
+    task = SupervisedTask(SMALL_CNN, DIGITS)
+    train = TrainConfig(epochs=2, batch_size=32, optimizer="minibatch_sgd", lr=20.0)
+    with pytest.raises(TrainingDiverged, match="epoch 0.*lower train.lr"):
+        fit_task(initial_state(task, train), task, arrays, train, CPU)
