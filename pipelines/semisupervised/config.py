@@ -32,9 +32,11 @@ class PseudoLabelConfig(Section):
     rounds: int = 3
     """Teacher -> student rounds after the first teacher; each student teaches the next round."""
     epochs_per_round: int = 30
-    """Epochs of every teacher and student (the baseline gets (rounds + 1) times this, and
-    so does fixmatch; its epoch is one pass over the unlabeled pool, so it takes more steps
-    than the baseline: with 60 labels and 1,197 unlabeled digits, about 3 times as many)."""
+    """Epochs of every teacher and student; fixmatch trains (rounds + 1) times this, an
+    epoch being one pass over the unlabeled pool. The supervised-only baseline trains as
+    long as the method: (rounds + 1) times this beside teacher_student, and as many labeled
+    batches as fixmatch took beside it (with 60 labels and 1,197 unlabeled digits, about 3
+    passes over the labels per fixmatch epoch)."""
     batch_size: int = 8
     """Examples per step on each worker in every round (a few labeled examples need small
     batches to get enough steps); the other optimisation settings come from `train`."""

@@ -39,6 +39,7 @@ from pipelines.stagekit.errors import UserError
 
 SECTIONS = (
     "prepare",
+    "evaluate",
     "model",
     "train",
     "export",

@@ -33,6 +33,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]]:
+    """Mean/std per channel (images) or per column (tables) of `train_x`: the training
+    examples only, so nothing of the held-out examples reaches the model."""
+    axes = (0, 2, 3) if input_kind == "image" else (0,)
+    mean = train_x.mean(axis=axes, dtype=np.float64)
+    std = train_x.std(axis=axes, dtype=np.float64)
+    return {"mean": mean.round(8).tolist(), "std": np.maximum(std, 1e-6).round(8).tolist()}
+
+
 @dataclass(frozen=True)
 class PreparedData:
     manifest: dict[str, Any]

@@ -1,4 +1,4 @@
-"""params.yaml sections of the supervised stages: `prepare` and `tracking` (the network is
+"""params.yaml sections of the supervised stages: `prepare`, `evaluate` and `tracking` (the network is
 `model`, models/architecture.py; training is the shared `train`, pipelines/stagekit/config.py)."""
 
 from __future__ import annotations
@@ -44,6 +44,22 @@ class PrepareConfig(Section):
             raise ValueError(
                 f"task: {self.format} images are labeled with classes; use classification"
             )
+
+
+@dataclass(frozen=True, repr=False)
+class EvaluateConfig(Section):
+    folds: int = 0
+    """k-fold cross-validation (stage `cross_validate`) for small labeled sets: k >= 2 trains
+    k more models, each tested on one k-th of every labeled example (train, val and test
+    pooled) and trained on the rest, and reports the mean and spread of their figures; 0
+    (the default) skips it. One test split of a few dozen examples gives a rough figure; k
+    folds test every example once."""
+    seed: int = 0
+    """Seed of the (stratified, for classification) fold assignment."""
+
+    def __post_init__(self) -> None:
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"folds must be 0 (off) or at least 2, got {self.folds}")
 
 
 @dataclass(frozen=True, repr=False)

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param
-from pipelines.stagekit.dataset import MANIFEST, SPLITS, array_file, sha256_file
+from pipelines.stagekit.dataset import MANIFEST, SPLITS, array_file, normalization, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.metrics import small_split_warnings
 from pipelines.stagekit.readers import (
@@ -68,14 +68,6 @@ def split_indices(raw: RawDataset, config: PrepareConfig) -> dict[str, np.ndarra
     except ValueError as exc:  # e.g. a split too small to hold every class
         raise UserError(f"cannot split {len(indices)} examples: {exc}") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]]:
-    """Mean/std per channel (images) or per column (tables), from the training split only."""
-    axes = (0, 2, 3) if input_kind == "image" else (0,)
-    mean = train_x.mean(axis=axes, dtype=np.float64)
-    std = train_x.std(axis=axes, dtype=np.float64)
-    return {"mean": mean.round(8).tolist(), "std": np.maximum(std, 1e-6).round(8).tolist()}
 
 
 def prepare(

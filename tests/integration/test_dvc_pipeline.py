@@ -44,9 +44,9 @@ def ran(output: str) -> set[str]:
 
 def small_params(params: dict) -> None:
     params["train"]["epochs"] = 3  # the pipeline's wiring is under test, not its accuracy
-    # A teacher of 2 epochs is never 0.9 sure; with 10 classes the top probability always
-    # reaches 0.1, so a student trains and the forced repro checks its bytes too.
-    params["pseudolabel"].update(rounds=1, epochs_per_round=2, confidence_threshold=0.1)
+    # FixMatch (the default method) for 3 epochs: a model of 3 epochs is never 0.9 sure;
+    # with 10 classes the top probability always reaches 0.1, so pseudo-labels are counted.
+    params["pseudolabel"].update(rounds=0, epochs_per_round=3, confidence_threshold=0.1)
     params["mlm"].update(vocab_size=500)
     params["mlm"]["model"].update(layers=1, width=32, heads=2, ffn_width=64)
     params["mlm"]["train"].update(epochs=1, warmup_epochs=0)
@@ -112,9 +112,9 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
     params_file.write_text(committed)
-    # Both training stages and the search read `train`; no data stage does, nor the MLM or
-    # segmentation (the stages downstream of these follow once they re-run).
-    assert set(status) == {"tune", "train_supervised", "train_pseudolabel"}
+    # The training stages, the search and the k-fold stage read `train`; no data stage does,
+    # nor the MLM or segmentation (the stages downstream of these follow once they re-run).
+    assert set(status) == {"tune", "train_supervised", "train_pseudolabel", "cross_validate"}
 
 
 def test_a_teammate_pulls_every_output_runs_nothing_and_serves(repo_copy, tmp_path):

@@ -62,7 +62,7 @@ def pretrained(ray_cluster, tmp_path_factory) -> PretrainedMlm:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlm = MlmConfig(
         train=dataclasses.replace(
-            MlmConfig().train, epochs=10, warmup_epochs=1, early_stopping_patience=0
+            MlmConfig().train, epochs=5, warmup_epochs=1, early_stopping_patience=0
         )
     )
     with pytest.MonkeyPatch.context() as env:
@@ -74,7 +74,7 @@ def pretrained(ray_cluster, tmp_path_factory) -> PretrainedMlm:
 
 def test_pretraining_beats_the_unigram_model(pretrained):
     figures = pretrained.figures
-    assert figures["epochs_run"] == 10
+    assert figures["epochs_run"] == 5
     assert figures["perplexity"] < figures["unigram_perplexity"]
     assert figures["masked_accuracy"] > figures["baseline_masked_accuracy"]
     parity = json.loads((pretrained.root / "mlm_export.json").read_text())

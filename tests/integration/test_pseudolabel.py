@@ -142,6 +142,11 @@ def test_fixmatch_on_two_labels_per_digit_trains_one_tracked_run(trained, stores
     fixmatch = next(c for c in children if c.info.run_name == "fixmatch")
     losses = client.get_metric_history(fixmatch.info.run_id, "train_loss")
     assert len(losses) == 3
+    # The baseline takes as many labeled batches as FixMatch did: ~26 steps per FixMatch
+    # epoch (1,237 pool images per 2 workers, 24 a step) against 2 on 20 labels alone.
+    baseline = next(c for c in children if c.info.run_name == "baseline-supervised-only")
+    baseline_losses = client.get_metric_history(baseline.info.run_id, "train_loss")
+    assert len(baseline_losses) == figures["baseline_epochs"] > 30
     # The saved model is the supervised format: the evaluate stage takes it unchanged.
     scored = evaluate(
         experiment=pseudolabel.experiment,

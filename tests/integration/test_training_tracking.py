@@ -11,7 +11,8 @@ from models.architecture import ArchitectureConfig
 from pipelines.stagekit import tracking
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE
-from pipelines.supervised.config import TrackingConfig
+from pipelines.supervised.config import EvaluateConfig, TrackingConfig
+from pipelines.supervised.cross_validate import cross_validate
 from pipelines.supervised.train import train_supervised
 from tests.integration.conftest import quick_train_config
 
@@ -100,3 +101,34 @@ def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, s
         "tags.diverged = 'true'",
     )
     assert failed and failed[0].info.status == "FAILED"
+
+
+def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_path, stores):
+    """`evaluate.folds: 3` on the digits: three models on the Ray Train workers, each tested
+    on the third of the examples it never saw; a child MLflow run per fold."""
+    stores(trained.mlflow_uri)
+    summary = cross_validate(
+        EvaluateConfig(folds=3),
+        ArchitectureConfig(),
+        quick_train_config(epochs=3),
+        TrackingConfig(),
+        data_dir=str(trained.prepared),
+        metrics_path=str(tmp_path / "cross_validation.json"),
+    )
+    assert json.loads((tmp_path / "cross_validation.json").read_text()) == summary
+    assert summary["folds"] == 3 and summary["examples"] == 1797  # train + val + test
+    fold_sizes = [f["test_accuracy_examples"] for f in summary["per_fold"].values()]
+    assert sum(fold_sizes) == summary["pooled_test_accuracy_examples"] == 1797
+    accuracies = [f["test_accuracy"] for f in summary["per_fold"].values()]
+    assert summary["test_accuracy_mean"] == pytest.approx(sum(accuracies) / 3)
+    assert summary["test_accuracy_min"] == min(accuracies) > 0.8
+    assert summary["test_accuracy_std"] >= 0.0
+    low, high = summary["pooled_test_accuracy_ci95_low"], summary["pooled_test_accuracy_ci95_high"]
+    assert low < summary["pooled_test_accuracy"] < high
+    client = MlflowClient(trained.mlflow_uri)
+    experiment = client.get_experiment_by_name("dlpipe-supervised").experiment_id
+    parent = client.search_runs([experiment], "tags.dvc_stage = 'cross_validate'")[0]
+    assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(summary["test_accuracy_mean"])
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["fold"] for c in children) == ["1", "2", "3"]
+    assert all(c.data.metrics["val_loss"] > 0 for c in children)  # each fold's curve logged

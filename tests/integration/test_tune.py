@@ -164,7 +164,9 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
         # Far apart on purpose: one trial of each pair trails and exploits the other.
         lr={"default": (0.00003, 0.01)},
         scheduler="pbt",
-        perturbation_interval=1,
+        # Every 4 epochs: each exploit restarts a trial's Train run (seconds each), and two
+        # perturbation points before the end are enough for one.
+        perturbation_interval=4,
         # PBT compares only trials still running: epochs of ~1 s each must outlast the few
         # seconds between the two trials' starts (with 4, one CI run saw no overlap at a
         # perturbation point and no exploit).
@@ -202,11 +204,11 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
 ):
     """Ctrl-C in the middle of a search, then the same command again."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(epochs=3, batch_size=32)
+    params["train"].update(epochs=2, batch_size=32)
     params["tune"].update(
         optimizers=["adam", "rmsprop", "adagrad", "momentum"],
         samples=1,
-        epochs=3,
+        epochs=2,
         scheduler="none",
         max_concurrent_trials=1,
         space={"train.batch_size": [32]},
@@ -271,4 +273,4 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     assert len(runs) == 4  # one per trial: the resumed ones kept theirs
     client = MlflowClient(uri)
     for run in runs:
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 3
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2

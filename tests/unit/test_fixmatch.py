@@ -131,3 +131,33 @@ def test_augmentation_never_reaches_validation_batches():
     trained = torch.cat(inputs["train"])
     originals = {tuple(x.flatten().tolist()) for x in arrays["x_train"]}
     assert not any(tuple(x.flatten().tolist()) in originals for x in trained)  # all changed
+
+
+@pytest.mark.parametrize(
+    ("labeled", "pool", "workers"), [(60, 1197, 2), (1000, 60000, 2), (30, 300, 1)]
+)
+def test_the_baseline_takes_about_as_many_labeled_batches_as_fixmatch(labeled, pool, workers):
+    """Counted on the batches themselves: FixMatch's labeled batches over its epochs, and
+    the labeled-only batches over the baseline's."""
+    from pipelines.semisupervised.config import PseudoLabelConfig
+    from pipelines.semisupervised.train import matched_epochs
+    from pipelines.training.batches import ShardedBatches
+
+    pl = PseudoLabelConfig()
+    x_labeled, y_labeled = torch.zeros(labeled, 1, 8, 8), torch.zeros(labeled, dtype=torch.int64)
+    fixmatch = FixMatchBatches(
+        x_labeled,
+        y_labeled,
+        torch.zeros(pool, 1, 8, 8),
+        pl.batch_size,
+        pl.unlabeled_ratio,
+        WEAK,
+        WEAK.strong(),
+        world_size=workers,
+    )
+    alone = ShardedBatches(x_labeled, y_labeled, pl.batch_size, world_size=workers)
+    epochs = 12
+    baseline = matched_epochs(labeled, pool, pl, workers, epochs)
+    assert baseline >= epochs
+    fixmatch_batches = epochs * fixmatch.steps_per_epoch()
+    assert baseline * alone.steps_per_epoch() == pytest.approx(fixmatch_batches, rel=0.1)
