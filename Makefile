@@ -61,6 +61,8 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.pipeline_overhead $(BENCH_DEMO)
 	$(BIN)/python -m benchmarks.augmentation
 	$(BIN)/python -m benchmarks.pseudolabel_seeds
+	$(BIN)/python -m benchmarks.shapes_folder
+	$(BIN)/python -m benchmarks.fixmatch_scale
 	$(BIN)/python -m benchmarks.tune_asha
 	$(BIN)/python -m benchmarks.batching_overhead
 	$(BIN)/python -m benchmarks.serving_throughput

@@ -172,7 +172,14 @@ def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
     trials), so dvc.lock and metrics/ stay as committed."""
     root, _ = repo_copy
     before = lock_outputs(root)
-    ends = ("export", "export_pseudolabel", "export_mlm", "export_segment", "segment_digits")
+    ends = (
+        "export",
+        "cross_validate",
+        "export_pseudolabel",
+        "export_mlm",
+        "export_segment",
+        "segment_digits",
+    )
     forced = run(
         [sys.executable, "-m", "dvc", "repro", "--force", *ends], repo_copy, timeout_s=1500
     )

@@ -206,7 +206,7 @@ def test_user_folders_then_a_threshold_that_keeps_nothing_then_no_unlabeled_data
     assert figures["test_accuracy_ci95_high"] - figures["test_accuracy_ci95_low"] > 0.4
 
     # Softmax never reaches exactly 1.0: nothing is kept, the teacher is the final model.
-    strict = dataclasses.replace(pseudolabel, confidence_threshold=1.0, epochs_per_round=2)
+    strict = dataclasses.replace(pseudolabel, confidence_threshold=1.0, epochs_per_round=1)
     figures = train_rounds(quick_train_config(num_workers=1), strict, tmp_path, "2")
     assert figures["fell_back_to_teacher"] is True and figures["fallback_round"] == 1
     assert figures["pseudo_labels"] == 0
