@@ -138,7 +138,10 @@ def small_split_warnings(splits: Mapping[str, Mapping]) -> list[str]:
         if not summary:
             continue
         size = summary["size"]
-        fix = f"raise {setting} (or label more data)"
+        fix = (
+            f"raise {setting}, label more data, or set evaluate.folds for k-fold figures "
+            "(stage cross_validate)"
+        )
         if size < SMALL_SPLIT:
             low, high = wilson_interval(size, size) if size else (0.0, 1.0)
             warnings.append(

@@ -66,6 +66,7 @@ def test_a_five_example_test_split_is_called_out_with_the_setting_to_change():
     }
     warnings = small_split_warnings(splits)
     assert any("test split has 5 examples" in w and "prepare.test_fraction" in w for w in warnings)
+    assert all("evaluate.folds" in w for w in warnings)  # k-fold figures, the other way out
     assert any(
         "val split" in w and "'dog' 4" in w and "prepare.val_fraction" in w for w in warnings
     )
