@@ -4,7 +4,8 @@ Round 0 trains a teacher on the labeled examples. Each later round predicts the 
 pool (on the Train workers), keeps the confident predictions (capped per class) as
 pseudo-labels, and trains a fresh student on labeled + pseudo-labeled data, the pseudo-labels'
 loss weight ramping up over the first epochs; the student teaches the next round. A
-supervised-only baseline gets the same labeled examples and the same number of epochs.
+supervised-only baseline gets the same labeled examples and trains as long as the method
+(the same epochs as the rounds; beside FixMatch, as many labeled batches: `matched_epochs`).
 Every round is a run of the same Ray Train driver as `train_supervised`, and a child MLflow
 run of this stage's run. The final student is saved in the supervised model format, so the
 `evaluate` and `export` stages (and the classify endpoint) take it unchanged.

@@ -103,6 +103,11 @@ def predict(network: torch.nn.Module, task: str, x: np.ndarray) -> np.ndarray:
         ).numpy()
 
 
+def predict_shape(data: PreparedData) -> tuple[int, ...]:
+    """One example's output: a probability per class, or one value."""
+    return (len(data.class_names),) if data.task == "classification" else (1,)
+
+
 def scores(data: PreparedData, y: np.ndarray, output: np.ndarray) -> dict[str, float]:
     """The overall test figures of `output` against `y` (per-class ones are evaluate's)."""
     if data.task == "classification":
@@ -237,11 +242,6 @@ def cross_validate(
         headline(pooled),
     )
     return summary
-
-
-def predict_shape(data: PreparedData) -> tuple[int, ...]:
-    """One example's output: a probability per class, or one value."""
-    return (len(data.class_names),) if data.task == "classification" else (1,)
 
 
 if __name__ == "__main__":
