@@ -16,6 +16,7 @@ from models.activations import ACTIVATIONS, make_activation, width_factor
 
 NetworkKind = Literal["mlp", "cnn", "resnet"]
 Pooling = Literal["max", "avg", "min"]
+GlobalPool = Literal["none", "avg", "max"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class ArchitectureConfig:
     """Square convolution kernel size (odd, so 'same' padding keeps the spatial size)."""
     pooling: Pooling = "max"
     """Down-sampling after each conv block: max, avg or min pooling (2x2)."""
+    global_pool: GlobalPool = "none"
+    """How the CNN's last feature map reaches its dense head: `none` flattens it (the head
+    learns where things are: right for small centred inputs such as the 8x8 digits), `avg`
+    or `max` pool each channel over the whole map (the head learns what is there, wherever
+    it is: objects at random places in a small set of larger images). The resnet always
+    averages."""
     activation: str = "relu"
     """Hidden activation, one of: sigmoid, tanh, relu, leaky_relu, prelu, elu, maxout."""
     dropout: float = 0.1

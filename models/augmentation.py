@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,13 @@ class AugmentConfig:
     color_jitter: float = 0.0
     """Largest relative change of brightness and contrast (and saturation for colour
     images), e.g. 0.2 for ±20%."""
+    fill: Literal["border", "zeros", "reflection"] = "border"
+    """What a shift or rotation brings in from outside the image: `border` repeats the edge
+    pixels (a photo's background goes on), `zeros` is black (right where the background is
+    black, as in the digits), `reflection` mirrors the image at its edge. Black edges on a
+    coloured background are straight lines and corners that are not in the data: on issue
+    19's folder of shapes (a 3-block CNN with global pooling, 200 epochs), `zeros` left it
+    at chance, 0.37 on 600 fresh images, against 0.71 with `border`."""
     cutout: float = 0.0
     """Side of a square blanked to grey at a random place, as a share of the image's side
     (0: none). Part of FixMatch's strong view."""
@@ -58,6 +66,8 @@ class AugmentConfig:
             raise ValueError(f"translate must be between 0 and 0.5, got {self.translate}")
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"rotation must be between 0 and 180 degrees, got {self.rotation}")
+        if self.fill not in ("border", "zeros", "reflection"):
+            raise ValueError(f"fill must be one of border, zeros, reflection, got {self.fill!r}")
         for name in ("color_jitter", "cutout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(
@@ -129,8 +139,9 @@ def augment(
     n, channels, height, width = images.shape
     theta = affine_matrices(n, height, width, config, generator).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
-    # Outside the image reads as 0 (black), as torchvision's default fill.
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode=config.fill, align_corners=False
+    )
     if config.color_jitter > 0:
         out = _jitter(out, config.color_jitter, generator)
     if config.cutout > 0:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from models import cnn
 from models.architecture import ArchitectureConfig
 from models.losses import TaskLoss
 from models.networks import build_network
@@ -59,6 +60,15 @@ def check_compatible(
         build_model(arch, manifest)
     except ValueError as exc:
         raise UserError(f"params.yaml: model: {exc}") from None
+
+
+def fit_warnings(
+    arch: ArchitectureConfig, manifest: dict[str, Any], train_examples: int
+) -> list[str]:
+    """What in `arch` is unlikely to learn this data (not an error: it may still work)."""
+    if arch.kind != "cnn" or manifest["input_kind"] != "image":
+        return []
+    return cnn.fit_warnings(arch, tuple(manifest["input_shape"]), train_examples)
 
 
 def inference_model(model: nn.Module, task: str) -> nn.Module:

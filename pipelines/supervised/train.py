@@ -18,7 +18,12 @@ from pipelines.stagekit.config import Param, TrainConfig, config_to_dict, overla
 from pipelines.stagekit.dataset import load_prepared
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.metrics import accuracy_figures
-from pipelines.stagekit.model_bundle import build_model, check_compatible, save_bundle
+from pipelines.stagekit.model_bundle import (
+    build_model,
+    check_compatible,
+    fit_warnings,
+    save_bundle,
+)
 from pipelines.stagekit.plots import gradient_norms_png, learning_curves_png, write_csv
 from pipelines.stagekit.stage import stage_command
 from pipelines.supervised.config import TrackingConfig
@@ -54,6 +59,8 @@ def train_supervised(
     model, train = tuned["model"], tuned["train"]
     data = load_prepared(data_dir)
     check_compatible(model, train, data.manifest)
+    for warning in fit_warnings(model, data.manifest, len(data.y("train"))):
+        log.warning(warning)
     name = run_name(STAGE, config_to_dict(model), config_to_dict(train), data.data_hash)
     tags = tracking.stage_tags(STAGE, data.data_hash)
     # A re-run after an interruption resumes its checkpoints and its MLflow run.

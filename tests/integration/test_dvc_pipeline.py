@@ -167,23 +167,22 @@ def lock_outputs(root: Path) -> dict[str, dict[str, str]]:
 
 
 def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
-    """Reproducible: every stage run again on the same params, data and code writes files
-    with the same hashes (tune aside: ASHA decides on the arrival order of concurrent
-    trials), so dvc.lock and metrics/ stay as committed."""
+    """Reproducible: every stage that trains, evaluates or exports, run again on the same
+    params, data and code, writes files with the same hashes (tune aside: ASHA decides on
+    the arrival order of concurrent trials), so dvc.lock and metrics/ stay as committed.
+    The ingest and prepare stages only copy and split with a seed (their outputs are
+    checked in tests/unit); leaving them out saves CI about a minute."""
     root, _ = repo_copy
     before = lock_outputs(root)
-    ends = (
-        "export",
-        "cross_validate",
-        "export_pseudolabel",
-        "export_mlm",
-        "export_segment",
-        "segment_digits",
+    forced_stages = sorted(
+        stage for stage in STAGES if stage != "tune" and not stage.startswith(("ingest", "prepare"))
     )
     forced = run(
-        [sys.executable, "-m", "dvc", "repro", "--force", *ends], repo_copy, timeout_s=1500
+        [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", *forced_stages],
+        repo_copy,
+        timeout_s=1500,
     )
-    assert ran(forced.stdout) == set(STAGES) - {"tune"}
+    assert ran(forced.stdout) == set(forced_stages)
     after = lock_outputs(root)
     changed = {
         stage: sorted(path for path, md5 in outs.items() if before[stage].get(path) != md5)

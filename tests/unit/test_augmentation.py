@@ -89,6 +89,16 @@ def test_colour_jitter_and_cutout_keep_pixels_in_range_and_blank_a_square():
     assert grey.flatten(1).sum(dim=1).tolist() == [9] * 8  # a 3x3 square in each 12x12 image
 
 
+def test_a_shift_of_a_coloured_image_repeats_its_edge_unless_told_to_fill_black():
+    # A uniformly coloured image (a photo's background): `border` brings in more of the
+    # same colour; `zeros` brings in black edges, lines and corners that are not in the data.
+    x = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1).expand(8, 3, 20, 20).contiguous()
+    shift = AugmentConfig(enabled=True, scale=(1.0, 1.0), translate=0.3, rotation=30.0)
+    assert torch.allclose(augment(x, shift, torch.Generator().manual_seed(0)), x, atol=1e-5)
+    black = augment(x, AugmentConfig(**{**vars(shift), "fill": "zeros"}), torch.Generator())
+    assert (black.amax(dim=1) < 0.01).any(dim=0).sum() > 20  # black pixels brought in
+
+
 def test_the_same_seed_gives_the_same_batch_and_another_seed_another():
     x = images()
     config = AugmentConfig(enabled=True, color_jitter=0.2, horizontal_flip=True)
@@ -113,6 +123,7 @@ def test_the_strong_view_is_heavier_and_keeps_the_flip_rule():
         ("translate", 0.7),
         ("rotation", -1.0),
         ("cutout", 1.0),
+        ("fill", "black"),
     ],
 )
 def test_out_of_range_settings_are_refused_by_name(field, value):

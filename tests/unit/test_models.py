@@ -57,3 +57,36 @@ def test_architecture_rejects_bad_values():
         ArchitectureConfig(activation="softmax")
     with pytest.raises(ValueError, match="kernel_size"):
         ArchitectureConfig(kernel_size=2)
+
+
+def test_global_pooling_feeds_the_head_one_value_per_channel_at_any_image_size():
+    from models.cnn import ConvNet
+
+    pooled = ArchitectureConfig(channels=(8, 16), hidden_sizes=(4,), global_pool="avg")
+    small, large = ConvNet(pooled, (3, 16, 16), 3), ConvNet(pooled, (3, 48, 40), 3)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(small) == count(large)
+    assert large(torch.rand(2, 3, 48, 40)).shape == (2, 3)
+    flat = ArchitectureConfig(channels=(8, 16), hidden_sizes=(4,))
+    assert ConvNet(flat, (3, 48, 40), 3).head[1].in_features == 16 * 12 * 10
+    # The default keeps the flattening network's parameters (saved models still load).
+    assert [k for k in ConvNet(flat, (1, 8, 8), 10).state_dict()] == [
+        k for k in ConvNet(flat, (1, 8, 8), 10).features.state_dict(prefix="features.")
+    ] + [k for k in ConvNet(flat, (1, 8, 8), 10).head.state_dict(prefix="head.")]
+
+
+def test_fit_warnings_name_the_setting_that_cannot_learn_objects_anywhere():
+    from models.cnn import fit_warnings, receptive_field
+
+    default = ArchitectureConfig()
+    assert fit_warnings(default, (1, 8, 8), 1257) == []  # the digits
+    [flat] = fit_warnings(default, (3, 40, 40), 126)  # issue 19's folder of shapes
+    assert "10x10 feature map" in flat and "model.global_pool: avg" in flat
+    two_blocks = ArchitectureConfig(global_pool="avg")
+    assert receptive_field(two_blocks, (3, 40, 40)) == 10
+    [small] = fit_warnings(two_blocks, (3, 40, 40), 126)
+    assert "sees 10x10 pixels of the 40x40 images" in small and "model.channels" in small
+    three_blocks = ArchitectureConfig(global_pool="avg", channels=(32, 64, 128))
+    assert receptive_field(three_blocks, (3, 40, 40)) == 22
+    assert fit_warnings(three_blocks, (3, 40, 40), 126) == []
+    assert fit_warnings(default, (1, 28, 28), 60_000) == []  # a large set may flatten
