@@ -29,6 +29,9 @@ class PseudoLabelConfig(Section):
     """fixmatch: unlabeled images per labeled one in each step (each seen in two views)."""
     unlabeled_weight: float = 1.0
     """fixmatch: weight of the unlabeled (consistency) loss beside the labeled one."""
+    ema_decay: float = 0.0
+    """fixmatch: decay of the moving average of the weights that is validated and kept
+    (`train.ema_decay`, 0: off), for the method and its supervised-only baseline alike."""
     rounds: int = 3
     """Teacher -> student rounds after the first teacher; each student teaches the next round."""
     epochs_per_round: int = 30
@@ -71,6 +74,8 @@ class PseudoLabelConfig(Section):
         for name in ("epochs_per_round", "batch_size", "unlabeled_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("pseudo_weight", "unlabeled_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -65,6 +65,7 @@ ROUND_KEYS = (
     "method",
     "unlabeled_ratio",
     "unlabeled_weight",
+    "ema_decay",
     "rounds",
     "epochs_per_round",
     "batch_size",
@@ -385,6 +386,8 @@ def train_pseudolabel(
             "pseudolabel.method fixmatch needs images (it trains on augmented views); "
             f"the prepared data is {data.manifest['input_kind']}: use teacher_student"
         )
+    if pl.method == "fixmatch":  # the weights' average, for FixMatch and its baseline alike
+        train = dataclasses.replace(train, ema_decay=pl.ema_decay)
     truth = (
         data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
     )

@@ -132,6 +132,10 @@ class TrainConfig(Section):
     """Worker failures survived by restarting from the latest checkpoint."""
     seed: int = 0
     """Seed for weight initialisation, shuffling, dropout and augmentation."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights, updated after every step with this
+    decay (0: off); validation, early stopping and the saved model then use the average. It
+    smooths the epoch-to-epoch noise of small-batch runs (FixMatch's 0.999)."""
     augment: AugmentConfig = AugmentConfig()
     """Random changes to each training batch of images (crop, shift, rotation, mirror,
     colour), drawn on the workers; validation and test images are never changed."""
@@ -146,6 +150,8 @@ class TrainConfig(Section):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.optimizer == "nesterov" and self.momentum == 0:
             raise ValueError("momentum must be > 0 for the nesterov optimizer")
         if self.optimizer not in OPTIMIZERS:

@@ -86,6 +86,7 @@ def fit_task(
         lr_key=lr_key,
         # Each worker its own dropout masks and augmentations, the same after a restart.
         seed=train.seed * 1_009 + rank,
+        ema_decay=train.ema_decay,
     )
 
 

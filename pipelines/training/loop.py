@@ -66,6 +66,10 @@ class TrainingState:
     """fp16's loss scaler (see `gradient_scaler`); None until `fit` starts."""
     saved_scaler: dict[str, Any] | None = None
     """The loss scaler's state in the checkpoint this run resumed from."""
+    average: nn.Module | None = None
+    """The moving average of the weights (`fit`'s `ema_decay`); None until `fit` starts."""
+    saved_average: dict[str, Any] | None = None
+    """The average's weights in the checkpoint this run resumed from."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,9 @@ class TrainingState:
             "best_model": self.best_model_state,
             "first_train_loss": self.first_train_loss,
             "scaler": self.scaler.state_dict() if self.scaler is not None else self.saved_scaler,
+            "average": (
+                self.average.state_dict() if self.average is not None else self.saved_average
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -98,6 +105,33 @@ class TrainingState:
         self.best_model_state = state["best_model"]
         self.first_train_loss = state["first_train_loss"]
         self.saved_scaler = state.get("scaler")  # absent in checkpoints of older code
+        self.saved_average = state.get("average")
+
+    def evaluated_model(self) -> nn.Module:
+        """What is validated and kept: the weights' moving average where there is one."""
+        return self.average if self.average is not None else unwrap(self.model)
+
+
+def moving_average(state: TrainingState, decay: float) -> nn.Module | None:
+    """`state`'s moving average of the weights (decay > 0): a copy of the model, or of the
+    checkpoint's average on a resumed run."""
+    if decay <= 0:
+        return None
+    average = copy.deepcopy(unwrap(state.model)).eval()
+    if state.saved_average is not None:
+        average.load_state_dict(state.saved_average)
+    average.requires_grad_(False)
+    return average
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * weights; buffers (batch-norm statistics)
+    are copied, as they are running averages already."""
+    for mean, weight in zip(average.parameters(), model.parameters(), strict=True):
+        mean.lerp_(weight.detach(), 1.0 - decay)
+    for mean, buffer in zip(average.buffers(), model.buffers(), strict=True):
+        mean.copy_(buffer)
 
 
 TIMING_KEYS = ("epoch_seconds", "train_seconds", "data_wait_seconds")
@@ -261,8 +295,10 @@ def run_epoch(
     classification: bool,
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms."""
+    """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms.
+    `after_step` runs after every optimisation step (the weights' moving average)."""
     model.train(optimizer is not None)
     totals = torch.zeros(3, device=device)
     autocast = functools.partial(autocast_for, device, precision)  # a fresh context per step
@@ -275,6 +311,8 @@ def run_epoch(
             totals += train_step(
                 model, x, y, loss_fn, optimizer, autocast, classification, w, scaler
             )
+            if after_step is not None:
+                after_step()
     # Gradients of the epoch's last step: a cheap, representative sample.
     norms = gradient_norms(model) if optimizer is not None else {}
     return totals, norms
@@ -349,6 +387,7 @@ def fit(
     lr_at: Callable[[int], float] | None = None,
     lr_key: str = "train.lr",
     seed: int | None = None,
+    ema_decay: float = 0.0,
 ) -> TrainingState:
     """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
 
@@ -363,10 +402,19 @@ def fit(
     every epoch from (seed, epoch): a run resumed from a checkpoint then draws the same
     numbers as one that was never stopped, and ends with the same weights (bit for bit on
     CPU; on a GPU, cuDNN's nondeterministic kernels may still differ in the last bits).
+    `ema_decay` > 0 keeps a moving average of the weights (`state.average`), updated after
+    every step: it is what is validated and kept as the best model.
     """
     if state.early_stopping.should_stop:  # resumed from the checkpoint that stopped the run
         return state
     scaler = gradient_scaler(state, device, precision)
+    state.average = moving_average(state, ema_decay)
+    average = state.average
+    after_step = (
+        (lambda: update_average(average, unwrap(state.model), ema_decay))
+        if average is not None
+        else None
+    )
     if state.first_train_loss is None:
         state.first_train_loss = initial_loss(
             state.model, train_batches(state.next_epoch), loss_fn, device, classification, reduce
@@ -388,12 +436,13 @@ def fit(
             classification,
             state.optimizer,
             scaler,
+            after_step,
         )
         train_seconds = time.perf_counter() - started
         # Evaluate the bare module: DDP's forward may broadcast buffers, a collective that
         # would hang when workers hold different numbers of validation batches.
         val_totals, _ = run_epoch(
-            unwrap(state.model), val_batches(), loss_fn, device, precision, classification
+            state.evaluated_model(), val_batches(), loss_fn, device, precision, classification
         )
         totals = reduce(torch.cat([train_totals, val_totals]))
         metrics = {
@@ -415,7 +464,7 @@ def fit(
                 f"learning rate {metrics['lr']:g} at that epoch; lower {lr_key}"
             )
         if state.early_stopping.update(metrics["val_loss"], epoch):
-            state.best_model_state = copy.deepcopy(unwrap(state.model).state_dict())
+            state.best_model_state = copy.deepcopy(state.evaluated_model().state_dict())
         state.history.append(metrics)
         state.next_epoch = epoch + 1
         if on_epoch_end is not None:

@@ -40,6 +40,7 @@ def run(
     on_epoch_end=None,
     device=CPU,
     precision="fp32",
+    ema_decay=0.0,
 ):
     x, y = blobs()
     train = ShardedBatches(x[:300], y[:300], batch_size=32, seed=1)
@@ -55,6 +56,7 @@ def run(
         classification=True,
         divergence_factor=divergence_factor,
         on_epoch_end=on_epoch_end,
+        ema_decay=ema_decay,
     )
 
 
@@ -146,3 +148,32 @@ def test_a_run_that_stopped_early_does_not_train_again_when_resumed():
     state.early_stopping.epochs_without_improvement = 2
     state.next_epoch = 4
     assert run(state, epochs=10).history == []
+
+
+def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed():
+    saved = {}
+
+    def save_at_epoch_2(metrics, state):
+        if metrics["epoch"] == 2:
+            saved.update(copy.deepcopy(state.state_dict()))
+
+    averaged = run(make_state(), epochs=6, on_epoch_end=save_at_epoch_2, ema_decay=0.9)
+    plain = run(make_state(), epochs=6)
+    # The same steps (the average never feeds back into training)...
+    assert averaged.history[-1]["train_loss"] == plain.history[-1]["train_loss"]
+    # ...but validation and the kept weights are the average's, not the last step's.
+    assert averaged.history[-1]["val_loss"] != plain.history[-1]["val_loss"]
+    assert averaged.history[-1]["val_accuracy"] > 0.95
+    best = averaged.best_model_state
+    weights = averaged.model.state_dict()
+    assert best.keys() == weights.keys()
+    assert not all(torch.equal(best[k], weights[k]) for k in best)
+    if averaged.early_stopping.best_epoch == 5:  # the last epoch's average is the average
+        assert all(torch.equal(best[k], averaged.average.state_dict()[k]) for k in best)
+    # A run resumed from epoch 2's checkpoint continues the same average.
+    resumed = make_state()
+    resumed.load_state_dict(saved)
+    resumed = run(resumed, epochs=6, ema_decay=0.9)
+    assert resumed.history[-1]["val_loss"] == pytest.approx(
+        averaged.history[-1]["val_loss"], rel=1e-5
+    )
