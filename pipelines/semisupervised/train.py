@@ -110,7 +110,12 @@ def train_round(
     supervised training on `arrays` (pseudo-labeled examples weighted as `pseudolabel` says)."""
     pl = pseudolabel
     train = dataclasses.replace(
-        train, epochs=epochs, batch_size=pl.batch_size, early_stopping_patience=0
+        train,
+        epochs=epochs,
+        batch_size=pl.batch_size,
+        early_stopping_patience=0,
+        # FixMatch's moving average of the weights, for the method and its baseline alike.
+        ema_decay=pl.ema_decay if pl.method == "fixmatch" else train.ema_decay,
     )
     pseudo = (
         {"weight": pl.pseudo_weight, "ramp_epochs": pl.ramp_epochs}
@@ -386,8 +391,6 @@ def train_pseudolabel(
             "pseudolabel.method fixmatch needs images (it trains on augmented views); "
             f"the prepared data is {data.manifest['input_kind']}: use teacher_student"
         )
-    if pl.method == "fixmatch":  # the weights' average, for FixMatch and its baseline alike
-        train = dataclasses.replace(train, ema_decay=pl.ema_decay)
     truth = (
         data.y("unlabeled") if data.manifest["semi_supervised"]["unlabeled_truth_known"] else None
     )

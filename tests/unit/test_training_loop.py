@@ -177,3 +177,23 @@ def test_a_moving_average_of_the_weights_is_validated_kept_and_resumed():
     assert resumed.history[-1]["val_loss"] == pytest.approx(
         averaged.history[-1]["val_loss"], rel=1e-5
     )
+
+
+def test_the_average_warms_up_so_a_short_run_is_not_held_at_its_untrained_weights():
+    from pipelines.training.loop import moving_average, update_average
+
+    state = make_state()
+    state.average = moving_average(state, 0.99)
+    start = [p.clone() for p in state.average.parameters()]
+    with torch.no_grad():
+        for p in state.model.parameters():
+            p.add_(1.0)
+    update_average(state, 0.99)  # the first step: decay min(0.99, 1/10)
+    for mean, before in zip(state.average.parameters(), start, strict=True):
+        assert torch.allclose(mean, before + 0.9)
+    assert state.average_steps == 1
+    state.average_steps = 10_000  # late in a run the configured decay holds
+    update_average(state, 0.99)
+    with torch.no_grad():
+        for mean, weight in zip(state.average.parameters(), state.model.parameters()):
+            assert torch.allclose(weight - mean, torch.full_like(mean, 0.1 * 0.99), atol=1e-6)
