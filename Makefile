@@ -29,8 +29,11 @@ demo: install
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe serve
 
+# The unit tests start no Ray, so they share the CPUs between two processes; everything
+# else shares one local Ray cluster and runs in one.
 test: install lint test-deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests/unit -n 2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest --ignore=tests/unit
 
 lint: install
 	$(BIN)/ruff check .
