@@ -160,7 +160,9 @@ SUPERVISED_RUNS = {
 """Run name -> sections laid over params.yaml: its own CNN first, then ANYWHERE."""
 
 
-def supervised(folder: Path, workdir: Path, fresh_test: Path) -> dict:
+def supervised(folder: Path, workdir: Path, fresh_test: Path | None) -> dict:
+    """The SUPERVISED_RUNS, the scikit-learn anchors and the cross-validation on `folder`;
+    `fresh_test`, when given, is a folder of fresh images of the same classes to score on."""
     results: dict = {}
     prepared = workdir / "prepared"
     for name, sections in SUPERVISED_RUNS.items():
@@ -184,8 +186,10 @@ def supervised(folder: Path, workdir: Path, fresh_test: Path) -> dict:
         warnings = json.loads((workdir / f"evaluate-{name}.json").read_text())["warnings"]
         results[name] = {
             **{k: v for k, v in figures.items() if k.startswith("test_accuracy")},
-            "fresh_test_accuracy": accuracy_on(
-                workdir / f"model-{name}", load_prepared(prepared).manifest, fresh_test
+            "fresh_test_accuracy": (
+                accuracy_on(workdir / f"model-{name}", load_prepared(prepared).manifest, fresh_test)
+                if fresh_test is not None
+                else None
             ),
             "warnings": warnings,
             "seconds": round(time.perf_counter() - started, 1),
@@ -262,7 +266,8 @@ def main() -> None:
     with scratch_stores() as workdir:
         folder = Path(args.folder) if args.folder else shapes_folder(workdir / "shapes", 60, 0)
         fresh = shapes_folder(workdir / "fresh-test", 200, seed=13)
-        figures: dict = {"supervised": supervised(folder, workdir, fresh)}
+        # Your own folder has other classes: no fresh shapes to score it on.
+        figures: dict = {"supervised": supervised(folder, workdir, None if args.folder else fresh)}
         if not args.skip_semi:
             figures["semi_supervised"] = semi_supervised(workdir, fresh)
     figures.update(machine=machine(), seconds=round(time.perf_counter() - started))
@@ -277,7 +282,12 @@ def main() -> None:
     rows = [
         (
             label,
-            f"{sup[name]['test_accuracy']:.3f}; {sup[name]['fresh_test_accuracy']:.3f} on 600 fresh",
+            f"{sup[name]['test_accuracy']:.3f}"
+            + (
+                f"; {sup[name]['fresh_test_accuracy']:.3f} on 600 fresh"
+                if sup[name]["fresh_test_accuracy"] is not None
+                else ""
+            ),
             f"{sup[name]['test_accuracy_ci95_low']:.3f}-{sup[name]['test_accuracy_ci95_high']:.3f}",
         )
         for name, label in labels.items()

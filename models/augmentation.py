@@ -50,8 +50,9 @@ class AugmentConfig:
     pixels (a photo's background goes on), `zeros` is black (right where the background is
     black, as in the digits), `reflection` mirrors the image at its edge. Black edges on a
     coloured background are straight lines and corners that are not in the data: on issue
-    19's folder of shapes (a 3-block CNN with global pooling, 200 epochs), `zeros` left it
-    at chance, 0.37 on 600 fresh images, against 0.71 with `border`."""
+    19's folder of shapes (a 3-block CNN with global pooling, 200 epochs, a one-process run
+    outside the benchmark), `zeros` left it at chance, 0.37 on 600 fresh images, against
+    0.71 with `border`."""
     cutout: float = 0.0
     """Side of a square blanked to grey at a random place, as a share of the image's side
     (0: none). Part of FixMatch's strong view."""

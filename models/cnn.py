@@ -96,7 +96,8 @@ def fit_warnings(
         )
     map_height, map_width = feature_map_size(arch, input_shape)
     cells = map_height * map_width
-    weights = cells * arch.channels[-1] * (arch.hidden_sizes[0] if arch.hidden_sizes else 1)
+    first_layer = (arch.hidden_sizes[0] if arch.hidden_sizes else 1) * width_factor(arch.activation)
+    weights = cells * arch.channels[-1] * first_layer  # the head's first Linear
     if arch.global_pool == "none" and cells > 16 and weights > 100 * train_examples:
         warnings.append(
             f"the dense head reads a flattened {map_height}x{map_width} feature map "

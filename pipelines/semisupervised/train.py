@@ -153,8 +153,10 @@ def train_round(
             )
         except RunDiverged as exc:
             raise RunDiverged(f"{label}: {exc}") from None
-    # No early stopping on the (small) labeled validation data: the last epoch is kept.
-    return RoundResult(finished.state["model"], finished.state["history"], finished.predictions)
+    # No early stopping on the (small) labeled validation data: the last epoch is kept, as
+    # its moving average where the run keeps one (pseudolabel.ema_decay).
+    weights = finished.state.get("average") or finished.state["model"]
+    return RoundResult(weights, finished.state["history"], finished.predictions)
 
 
 def score_on_test(

@@ -137,8 +137,7 @@ class TrainConfig(Section):
     decay (0: off; warmed up over the first steps); validation, early stopping and the saved
     model then use the average. It smooths the epoch-to-epoch noise of small-batch runs:
     on the digits' 60-label FixMatch, 0.99 held validation accuracy within 0.94-0.96 where
-    the raw weights swung 0.92-0.97, and left the test accuracy where it was (seeds 0 and 1:
-    0.974 and 0.959 either way)."""
+    the raw weights swung 0.92-0.97 (its effect on test accuracy is not yet measured)."""
     augment: AugmentConfig = AugmentConfig()
     """Random changes to each training batch of images (crop, shift, rotation, mirror,
     colour), drawn on the workers; validation and test images are never changed."""

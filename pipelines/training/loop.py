@@ -133,8 +133,9 @@ def update_average(state: TrainingState, decay: float) -> None:
     """average <- d * average + (1 - d) * weights, d = min(decay, (1 + n) / (10 + n)) after
     n steps: the average starts as the untrained weights, and a fixed 0.99 would still hold
     74% of them after 30 steps; the warm-up (TensorFlow's ExponentialMovingAverage) lets a
-    short run's average follow its training. Buffers (batch-norm statistics) are copied:
-    they are running averages already."""
+    short run's average follow its training. Floating-point buffers (batch norm's running
+    statistics) are averaged with the weights, so they describe the averaged network (as
+    timm's ModelEmaV2 does); integer counters are copied."""
     average = state.average
     if average is None:
         return
@@ -144,7 +145,10 @@ def update_average(state: TrainingState, decay: float) -> None:
     for mean, weight in zip(average.parameters(), model.parameters(), strict=True):
         mean.lerp_(weight.detach(), 1.0 - d)
     for mean, buffer in zip(average.buffers(), model.buffers(), strict=True):
-        mean.copy_(buffer)
+        if mean.is_floating_point():  # batch norm's running statistics, averaged alike
+            mean.lerp_(buffer, 1.0 - d)
+        else:  # counters (num_batches_tracked)
+            mean.copy_(buffer)
     state.average_steps = steps + 1
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.tracking import RunLogger, TrackingUnavailable
 from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
-from pipelines.training.loop import TrainingDiverged, TrainingState, precision_for, unwrap
+from pipelines.training.loop import TrainingDiverged, TrainingState, precision_for
 
 STATE_FILE = "state.pt"
 PREDICTIONS_FILE = "predictions.npy"
@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if "x_predict" in arrays:
             probabilities = predict_distributed(
-                unwrap(state.model), arrays["x_predict"], device, rank, world_size
+                state.evaluated_model(), arrays["x_predict"], device, rank, world_size
             )
             if rank == 0:
                 with tempfile.TemporaryDirectory() as directory:

