@@ -77,7 +77,7 @@ def scale_params(params: str, labeled: Path, pool: Path, epochs: int, workdir: P
         "unlabeled_source": str(pool),
         "method": "fixmatch",
         "rounds": 0,
-        "epochs_per_round": epochs,
+        "fixmatch_epochs": epochs,
     }
     path = workdir / "params-scale.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

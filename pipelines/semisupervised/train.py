@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "train_pseudolabel"
 # Every round sets these itself (from `pseudolabel`): the stage reads the rest of `train`.
-ROUND_SETS = ("epochs", "batch_size", "early_stopping_patience")
+ROUND_SETS = ("epochs", "batch_size", "early_stopping_patience", "lr_schedule")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ROUND_SETS)
 # What this stage reads of `pseudolabel` (the split keys are prepare_pseudolabel's).
 ROUND_KEYS = (
@@ -66,6 +66,8 @@ ROUND_KEYS = (
     "unlabeled_ratio",
     "unlabeled_weight",
     "ema_decay",
+    "fixmatch_epochs",
+    "lr_schedule",
     "rounds",
     "epochs_per_round",
     "batch_size",
@@ -114,6 +116,7 @@ def train_round(
         epochs=epochs,
         batch_size=pl.batch_size,
         early_stopping_patience=0,
+        lr_schedule=pl.lr_schedule,
         # FixMatch's moving average of the weights, for the method and its baseline alike.
         ema_decay=pl.ema_decay if pl.method == "fixmatch" else train.ema_decay,
     )
@@ -284,8 +287,8 @@ def run_fixmatch(
     labeled_only: dict[str, np.ndarray],
     truth: np.ndarray | None,
 ) -> Rounds:
-    """One FixMatch run over the labeled examples and the whole pool, as long as the
-    teacher/student schedule; its final predictions on the pool show how many unlabeled
+    """One FixMatch run over the labeled examples and the whole pool, for
+    `pseudolabel.fixmatch_epochs` (or as long as the teacher/student schedule); its final predictions on the pool show how many unlabeled
     examples it now labels confidently (and, where the truth is known, how well)."""
     pl = pseudolabel
     weak = dataclasses.replace(train.augment, enabled=True)
@@ -299,7 +302,7 @@ def run_fixmatch(
         pl.unlabeled_weight,
     )
     pool = data.x("unlabeled")
-    epochs = pl.epochs_per_round * (pl.rounds + 1)
+    epochs = pl.fixmatch_epochs or pl.epochs_per_round * (pl.rounds + 1)
     result = train_round(
         model,
         train,

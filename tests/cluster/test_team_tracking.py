@@ -97,7 +97,9 @@ def small_params(path: Path) -> Path:
         epochs=2,
         max_concurrent_trials=TUNE_TRIALS,
     )
-    params["pseudolabel"].update(rounds=0, epochs_per_round=2, labeled_fraction=0.1)
+    params["pseudolabel"].update(
+        rounds=0, epochs_per_round=2, fixmatch_epochs=2, labeled_fraction=0.1
+    )
     path.write_text(yaml.safe_dump(params))
     return path
 
