@@ -95,6 +95,29 @@ class RoundResult:
     predictions: np.ndarray | None
 
 
+def round_train_config(
+    train: TrainConfig, pseudolabel: PseudoLabelConfig, epochs: int
+) -> TrainConfig:
+    """`train` as a run of this stage uses it: the ROUND_SETS keys from `pseudolabel` (no
+    early stopping: the labeled validation split is small) and `epochs` long."""
+    pl = pseudolabel
+    return dataclasses.replace(
+        train,
+        epochs=epochs,
+        batch_size=pl.batch_size,
+        early_stopping_patience=0,
+        lr_schedule=pl.lr_schedule,
+        # FixMatch's moving average of the weights, for the method and its baseline alike.
+        ema_decay=pl.ema_decay if pl.method == "fixmatch" else train.ema_decay,
+    )
+
+
+def fixmatch_epochs(pseudolabel: PseudoLabelConfig) -> int:
+    """FixMatch's length: its own setting, or as long as the teacher/student schedule."""
+    pl = pseudolabel
+    return pl.fixmatch_epochs or pl.epochs_per_round * (pl.rounds + 1)
+
+
 def train_round(
     model: ArchitectureConfig,
     train: TrainConfig,
@@ -111,15 +134,7 @@ def train_round(
     run; `train` needs every key but ROUND_SETS, which the round sets. `task` defaults to
     supervised training on `arrays` (pseudo-labeled examples weighted as `pseudolabel` says)."""
     pl = pseudolabel
-    train = dataclasses.replace(
-        train,
-        epochs=epochs,
-        batch_size=pl.batch_size,
-        early_stopping_patience=0,
-        lr_schedule=pl.lr_schedule,
-        # FixMatch's moving average of the weights, for the method and its baseline alike.
-        ema_decay=pl.ema_decay if pl.method == "fixmatch" else train.ema_decay,
-    )
+    train = round_train_config(train, pl, epochs)
     pseudo = (
         {"weight": pl.pseudo_weight, "ramp_epochs": pl.ramp_epochs}
         if "pseudo_train" in arrays
@@ -302,7 +317,7 @@ def run_fixmatch(
         pl.unlabeled_weight,
     )
     pool = data.x("unlabeled")
-    epochs = pl.fixmatch_epochs or pl.epochs_per_round * (pl.rounds + 1)
+    epochs = fixmatch_epochs(pl)
     result = train_round(
         model,
         train,

@@ -1,6 +1,8 @@
 """FixMatch: its batches, its loss, and a short run on the real digits; and that
 augmentation only ever reaches training batches."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,21 @@ def test_the_baseline_takes_about_as_many_labeled_batches_as_fixmatch(labeled, p
     assert baseline >= epochs
     fixmatch_batches = epochs * fixmatch.steps_per_epoch()
     assert baseline * alone.steps_per_epoch() == pytest.approx(fixmatch_batches, rel=0.1)
+
+
+def test_every_run_of_the_stage_takes_the_sections_schedule_and_fixmatch_its_length():
+    from pipelines.semisupervised.config import PseudoLabelConfig
+    from pipelines.semisupervised.train import fixmatch_epochs, round_train_config
+    from pipelines.stagekit.config import TrainConfig
+
+    train = TrainConfig(lr_schedule="constant", ema_decay=0.5, early_stopping_patience=8)
+    pl = PseudoLabelConfig(lr_schedule="cosine", ema_decay=0.99, batch_size=4)
+    run = round_train_config(train, pl, 7)
+    assert (run.lr_schedule, run.ema_decay, run.batch_size, run.epochs) == ("cosine", 0.99, 4, 7)
+    assert run.early_stopping_patience == 0 and run.lr == train.lr
+    # teacher_student keeps train's moving average
+    assert round_train_config(train, replace(pl, method="teacher_student"), 7).ema_decay == 0.5
+    assert fixmatch_epochs(pl) == 30 * 4  # 0: the teacher/student schedule's length
+    assert fixmatch_epochs(replace(pl, fixmatch_epochs=360)) == 360
+    with pytest.raises(ValueError, match="fixmatch_epochs"):
+        PseudoLabelConfig(fixmatch_epochs=-1)
