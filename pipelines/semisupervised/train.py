@@ -302,9 +302,9 @@ def run_fixmatch(
     labeled_only: dict[str, np.ndarray],
     truth: np.ndarray | None,
 ) -> Rounds:
-    """One FixMatch run over the labeled examples and the whole pool, for
-    `pseudolabel.fixmatch_epochs` (or as long as the teacher/student schedule); its final predictions on the pool show how many unlabeled
-    examples it now labels confidently (and, where the truth is known, how well)."""
+    """One FixMatch run over the labeled examples and the whole pool, `fixmatch_epochs(pl)`
+    long; its final predictions on the pool show how many unlabeled examples it now labels
+    confidently (and, where the truth is known, how well)."""
     pl = pseudolabel
     weak = dataclasses.replace(train.augment, enabled=True)
     task = FixMatchTask(

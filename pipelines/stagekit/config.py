@@ -37,6 +37,9 @@ from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
 from pipelines.stagekit.errors import UserError
 
+LrSchedule = Literal["constant", "cosine"]
+"""How the learning rate moves over a run (`train.lr_schedule`, `pseudolabel.lr_schedule`)."""
+
 SECTIONS = (
     "prepare",
     "evaluate",
@@ -105,7 +108,7 @@ class TrainConfig(Section):
     """One of: gd, sgd, minibatch_sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam, adamw."""
     lr: float = 0.002
     """Learning rate (the peak, with a schedule)."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: LrSchedule = "constant"
     """After warm-up: keep `lr`, or decay it along a cosine to 0 at the last epoch."""
     warmup_epochs: int = 0
     """Epochs over which the learning rate rises linearly to `lr` (transformers need it)."""

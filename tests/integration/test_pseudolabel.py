@@ -120,8 +120,13 @@ def test_digits_rounds_baseline_tracking_and_export(trained, stores, tmp_path):
 
 def test_fixmatch_on_two_labels_per_digit_trains_one_tracked_run(trained, stores, tmp_path):
     uri = stores()
-    pseudolabel = PseudoLabelConfig(
-        method="fixmatch", labeled_per_class=2, rounds=0, epochs_per_round=3, unlabeled_ratio=3
+    pseudolabel = PseudoLabelConfig(  # fixmatch_epochs, not (rounds + 1) x epochs_per_round
+        method="fixmatch",
+        labeled_per_class=2,
+        rounds=1,
+        epochs_per_round=1,
+        fixmatch_epochs=3,
+        unlabeled_ratio=3,
     )
     split(pseudolabel, trained.prepared, tmp_path / "pl")
     figures = train_rounds(quick_train_config(), pseudolabel, tmp_path)
