@@ -14,7 +14,8 @@ from torch import nn
 
 from models.activations import ACTIVATIONS, make_activation, width_factor
 
-NetworkKind = Literal["mlp", "cnn", "resnet"]
+NetworkKind = Literal["mlp", "cnn", "resnet", "rnn", "lstm", "gru"]
+RECURRENT_KINDS = ("rnn", "lstm", "gru")
 Pooling = Literal["max", "avg", "min"]
 GlobalPool = Literal["none", "avg", "max"]
 
@@ -22,7 +23,8 @@ GlobalPool = Literal["none", "avg", "max"]
 @dataclass(frozen=True)
 class ArchitectureConfig:
     kind: NetworkKind = "cnn"
-    """Network family: `mlp` (flattened input), `cnn` (conv blocks) or `resnet` (small residual CNN)."""
+    """Network family: `mlp` (flattened input), `cnn` (conv blocks), `resnet` (small residual
+    CNN), or for sequences `rnn` (plain, tanh), `lstm` or `gru`."""
     hidden_sizes: tuple[int, ...] = (128,)
     """Widths of the fully connected hidden layers (the whole MLP, or the CNN's head)."""
     channels: tuple[int, ...] = (32, 64)
@@ -43,6 +45,12 @@ class ArchitectureConfig:
     """Dropout probability before every fully connected layer."""
     batch_norm: bool = True
     """Batch normalization after each convolution (cnn/resnet)."""
+    recurrent_size: int = 64
+    """Hidden state size of each recurrent layer and direction (rnn/lstm/gru)."""
+    recurrent_layers: int = 1
+    """Stacked recurrent layers (rnn/lstm/gru), each reading the one below at every step."""
+    bidirectional: bool = False
+    """Also read each sequence backwards (rnn/lstm/gru): the summary then sees both ends."""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS or self.activation == "softmax":
@@ -58,6 +66,8 @@ class ArchitectureConfig:
             raise ValueError("hidden_sizes and channels must be positive integers")
         if self.kind in ("cnn", "resnet") and not self.channels:
             raise ValueError(f"channels: a {self.kind} needs at least one entry")
+        if self.recurrent_size < 1 or self.recurrent_layers < 1:
+            raise ValueError("recurrent_size and recurrent_layers must be positive integers")
 
 
 def dense_head(arch: ArchitectureConfig, in_features: int, num_outputs: int) -> nn.Sequential:

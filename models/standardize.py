@@ -11,13 +11,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+STATISTICS_SHAPE = {"image": (1, -1, 1, 1), "tabular": (1, -1), "sequence": (1, 1, -1)}
+"""How per-channel statistics broadcast over a batch of each input kind: images (B, C, H, W),
+tables (B, F), sequences (B, T, C)."""
+
 
 class Standardize(nn.Module):
-    """(x - mean) / std with per-feature (tabular) or per-channel (image) statistics."""
+    """(x - mean) / std with per-feature (tabular) or per-channel (image, sequence)
+    statistics. A sequence's NaN padding stays NaN (models/recurrent.py reads it)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], image: bool) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], input_kind: str) -> None:
         super().__init__()
-        shape = (1, -1, 1, 1) if image else (1, -1)
+        shape = STATISTICS_SHAPE[input_kind]
         std_tensor = torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(shape))
         self.register_buffer("std", std_tensor.reshape(shape))

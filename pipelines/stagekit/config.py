@@ -48,6 +48,7 @@ SECTIONS = (
     "export",
     "tuned_params",
     "tracking",
+    "timeseries",
     "pseudolabel",
     "mlm",
     "segment",

@@ -42,6 +42,31 @@ def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]
     return {"mean": mean.round(8).tolist(), "std": np.maximum(std, 1e-6).round(8).tolist()}
 
 
+def write_splits(
+    staging: Path,
+    manifest: dict[str, Any],
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    class_names: list[str] | tuple[str, ...] | None,
+) -> None:
+    """Save each split's (x, y) arrays into `staging` and record their size, class counts,
+    sha256, shape and dtype in `manifest` ("splits", "arrays"); the caller writes it."""
+    manifest["splits"], manifest["arrays"] = {}, {}
+    for split, (x, y) in splits.items():
+        summary: dict[str, Any] = {"size": len(y)}
+        if class_names is not None:
+            counts = np.bincount(y, minlength=len(class_names))
+            summary["class_counts"] = dict(zip(class_names, counts.tolist()))
+        manifest["splits"][split] = summary
+        for kind, array in (("x", x), ("y", y)):
+            name = array_file(kind, split)
+            np.save(staging / name, array, allow_pickle=False)
+            manifest["arrays"][name] = {
+                "sha256": sha256_file(staging / name),
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+            }
+
+
 @dataclass(frozen=True)
 class PreparedData:
     manifest: dict[str, Any]

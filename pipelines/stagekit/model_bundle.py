@@ -38,9 +38,7 @@ def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequen
     # Named stages: parameter names (and the gradient-norm curves) read `network.features.0`.
     return nn.Sequential(
         OrderedDict(
-            standardize=Standardize(
-                norm["mean"], norm["std"], image=manifest["input_kind"] == "image"
-            ),
+            standardize=Standardize(norm["mean"], norm["std"], manifest["input_kind"]),
             network=build_network(arch, tuple(manifest["input_shape"]), num_outputs),
         )
     )

@@ -37,25 +37,70 @@ def export_onnx(
     """Export `model` (eval mode) with its leading input axes named in `dynamic_axes` left
     free (any batch size; for token ids also any sequence length); written atomically."""
     model = model.eval()
-    dims = {axis: torch.export.Dim(name, min=1) for axis, name in enumerate(dynamic_axes)}
+    outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     # The exporter narrates every pass on stdout and warns about torchvision ops this model
     # does not use; keep the stage log readable.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[input_name],
-            output_names=[output_name] if isinstance(output_name, str) else list(output_name),
-            dynamic_shapes=(dims,),
-            opset_version=opset,
-            dynamo=True,
-        )
-    proto = program.model_proto
+        if any(isinstance(module, nn.RNNBase) for module in model.modules()):
+            proto = _export_recurrent(model, example, input_name, outputs, dynamic_axes, opset)
+        else:
+            dims = {axis: torch.export.Dim(name, min=1) for axis, name in enumerate(dynamic_axes)}
+            proto = torch.onnx.export(
+                model,
+                (example,),
+                input_names=[input_name],
+                output_names=outputs,
+                dynamic_shapes=(dims,),
+                opset_version=opset,
+                dynamo=True,
+            ).model_proto
+    _check_dynamic(proto, dynamic_axes)
     strip_debug_info(proto)
     # Weights are small: one self-contained file, no external-data side files.
     write_bytes(path, proto.SerializeToString())
+
+
+def _export_recurrent(
+    model: nn.Module,
+    example: torch.Tensor,
+    input_name: str,
+    outputs: list[str],
+    dynamic_axes: tuple[str, ...],
+    opset: int,
+):
+    """torch's TorchScript exporter, for networks with RNN/LSTM/GRU layers: torch.export
+    (the dynamo exporter) unrolls them over the example's time steps, fixing the sequence
+    length (torch 2.13), while this exporter writes ONNX's own LSTM/GRU/RNN operators,
+    which take any length and run as one kernel in onnxruntime."""
+    import onnx
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # "LSTM can only be exported..."
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (example,),
+        buffer,
+        input_names=[input_name],
+        output_names=outputs,
+        dynamic_axes={
+            input_name: dict(enumerate(dynamic_axes)),
+            **{name: {0: dynamic_axes[0]} for name in outputs},
+        },
+        opset_version=opset,
+        dynamo=False,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _check_dynamic(proto, dynamic_axes: tuple[str, ...]) -> None:
+    """Fail if the exporter fixed an axis meant to be free (it may do so silently)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = [name for name, dim in zip(dynamic_axes, dims) if dim.HasField("dim_value")]
+    if fixed:
+        raise RuntimeError(f"ONNX export fixed the size of the {', '.join(fixed)} axis")
 
 
 def strip_debug_info(proto) -> None:
@@ -98,6 +143,14 @@ class Parity:
     max_abs_diff: float
     argmax_agreement: float
     examples: int
+
+    def merge(self, other: Parity) -> Parity:
+        """Both checks as one: the worst difference, the agreement over all examples."""
+        examples = self.examples + other.examples
+        agreement = (
+            self.argmax_agreement * self.examples + other.argmax_agreement * other.examples
+        ) / examples
+        return Parity(max(self.max_abs_diff, other.max_abs_diff), agreement, examples)
 
     def holds(self, atol: float, classification: bool) -> bool:
         return self.max_abs_diff <= atol and (not classification or self.argmax_agreement == 1.0)

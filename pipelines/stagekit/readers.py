@@ -194,7 +194,7 @@ def read_csv_table(
     for line_no, value in raw_labels:
         if value == "":
             raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
-    class_names = tuple(sorted({v for _, v in raw_labels}, key=_natural_key))
+    class_names = tuple(sorted({v for _, v in raw_labels}, key=natural_key))
     if len(class_names) < 2:
         raise UserError(f"{path}: column {label_column!r} has a single class; need at least 2")
     index = {name: i for i, name in enumerate(class_names)}
@@ -260,7 +260,7 @@ def _number(path: Path, line_no: int, column: str, text: str) -> float:
     return value
 
 
-def _natural_key(name: str) -> tuple[int, float | str]:
+def natural_key(name: str) -> tuple[int, float | str]:
     """Sort numeric class names numerically ("2" before "10"), the rest alphabetically."""
     try:
         return (0, float(name))

@@ -1,5 +1,6 @@
 """params.yaml sections of the supervised stages: `prepare`, `evaluate` and `tracking` (the network is
-`model`, models/architecture.py; training is the shared `train`, pipelines/stagekit/config.py)."""
+`model`, models/architecture.py; training is the shared `train`, pipelines/stagekit/config.py).
+The time-series chain's section is in timeseries_config.py."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import torch
 
 from pipelines.stagekit import tracking
@@ -31,6 +32,7 @@ from pipelines.stagekit.onnx_export import (
     export_onnx,
     write_parity_sample,
 )
+from pipelines.stagekit.sequences import sequence_lengths
 from pipelines.stagekit.stage import stage_command
 from serving.contracts import ModelCard
 
@@ -66,13 +68,16 @@ def model_card(
     same model gives the same bytes: the run, commit and time that made it are on its
     registered version in MLflow, not here (DVC hashes this file)."""
     classification = manifest["task"] == "classification"
+    shape = ["batch", *manifest["input_shape"]]
+    if manifest["input_kind"] == "sequence":  # any length up to max_length
+        shape[1] = "time"
     return {
         "name": registered_model,
         "task": manifest["task"],
         "architecture": architecture,
         "input": {
             "name": INPUT_NAME,
-            "shape": ["batch", *manifest["input_shape"]],
+            "shape": shape,
             "dtype": "float32",
             "kind": manifest["input_kind"],
             "feature_names": manifest["feature_names"],
@@ -96,6 +101,13 @@ def model_card(
     }
 
 
+def shorter_half(x: np.ndarray) -> np.ndarray:
+    """The shorter half of NaN-padded sequences (N, T, C), cut to their own longest length."""
+    lengths = sequence_lengths(x)
+    short = x[lengths <= np.median(lengths)]
+    return short[:, : sequence_lengths(short).max()]
+
+
 def export(
     export_config: Annotated[ExportConfig, Param("export", reads=EXPORT_KEYS)],
     registered_model: str,
@@ -116,10 +128,21 @@ def export(
     evaluation = json.loads(Path(evaluation_path).read_text())
     servable = inference_model(model, data.task)
     x_test = data.x("test")
+    sequences = data.manifest["input_kind"] == "sequence"
     with output_directory(output) as staging:
         onnx_path = staging / ONNX_FILE
-        export_onnx(servable, torch.from_numpy(x_test[:2]), onnx_path, export_config.opset)
+        export_onnx(
+            servable,
+            torch.from_numpy(x_test[:2]),
+            onnx_path,
+            export_config.opset,
+            dynamic_axes=("batch", "time") if sequences else ("batch",),
+        )
         parity = check_parity(servable, onnx_path, x_test)
+        if sequences:
+            # The test split is padded to its longest series; a batch of the shorter half,
+            # cut to their own longest, checks the graph at another length too.
+            parity = parity.merge(check_parity(servable, onnx_path, shorter_half(x_test)))
         log.info(
             "parity on %d test examples: max |onnx - torch| = %.2e, argmax agreement %.4f",
             parity.examples,

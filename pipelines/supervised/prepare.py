@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param
-from pipelines.stagekit.dataset import MANIFEST, SPLITS, array_file, normalization, sha256_file
+from pipelines.stagekit.dataset import MANIFEST, SPLITS, normalization, write_splits
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.metrics import small_split_warnings
 from pipelines.stagekit.readers import (
@@ -99,25 +99,14 @@ def write_prepared(raw: RawDataset, config: PrepareConfig, source: str, output: 
         else {"columns": list(raw.feature_names or ())},
         "normalization": normalization(raw.features[splits["train"]], raw.input_kind),
         "source": {"path": str(source), "format": config.format, "seed": config.seed},
-        "splits": {},
-        "arrays": {},
     }
     with output_directory(output) as staging:
-        for split, idx in splits.items():
-            x, y = raw.features[idx], raw.labels[idx]
-            summary: dict = {"size": len(idx)}
-            if raw.class_names is not None:
-                counts = np.bincount(y, minlength=len(raw.class_names))
-                summary["class_counts"] = dict(zip(raw.class_names, counts.tolist()))
-            manifest["splits"][split] = summary
-            for kind, array in (("x", x), ("y", y)):
-                name = array_file(kind, split)
-                np.save(staging / name, array, allow_pickle=False)
-                manifest["arrays"][name] = {
-                    "sha256": sha256_file(staging / name),
-                    "shape": list(array.shape),
-                    "dtype": str(array.dtype),
-                }
+        write_splits(
+            staging,
+            manifest,
+            {split: (raw.features[idx], raw.labels[idx]) for split, idx in splits.items()},
+            raw.class_names,
+        )
         write_json(staging / MANIFEST, manifest)
     sizes = ", ".join(f"{s}={manifest['splits'][s]['size']}" for s in SPLITS)
     log.info("prepared %s -> %s (%s)", source, output, sizes)
