@@ -115,7 +115,7 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def field_error(exc: InputError) -> ClientError:
     """A predictor's InputError as a 422 shaped like a validation error (field in `loc`)."""
-    loc = ["body", *exc.field.replace("[", ".").rstrip("]").split(".")]
+    loc = ["body", *exc.field.replace("]", "").replace("[", ".").split(".")]  # a[1][0] -> a,1,0
     return ClientError(422, [{"loc": loc, "msg": exc.message, "type": "value_error"}])
 
 

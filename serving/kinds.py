@@ -95,6 +95,8 @@ async def classify(
 ) -> dict[str, Any]:
     if request.instances is not None:
         array = classifier.features_to_array(request.instances)
+    elif request.sequences is not None:
+        array = classifier.sequences_to_array(request.sequences)
     else:
         array = classifier.images_to_array(request.images or [])
     predictions = await batch(classifier, array) if batch else classifier.classify(array)
@@ -132,6 +134,17 @@ def _closed(properties: dict[str, Any], required: list[str], **extra: Any) -> di
 
 
 def classify_body(classifier: ClassifierPredictor) -> dict[str, Any]:
+    if classifier.sequence_input:
+        channels = classifier.channels
+        step = {"type": "array", "items": _number(), "minItems": channels, "maxItems": channels}
+        sequence = {
+            "type": "array",
+            "items": step,
+            "minItems": 1,
+            "maxItems": classifier.max_length,
+            "description": f"Time steps of {channels} channel value(s) each.",
+        }
+        return _closed({"sequences": _batch(sequence)}, ["sequences"])
     value = _number(0.0, 1.0) if classifier.pixel_input else _number()
     size = classifier.feature_count
     row = {"type": "array", "items": value, "minItems": size, "maxItems": size}
@@ -189,7 +202,7 @@ KINDS: tuple[ModelKind, ...] = (
                 "/v1/classify",
                 ClassifyRequest,
                 ClassifyResponse,
-                "Classify images or feature vectors",
+                "Classify images, feature vectors or time series",
                 classify,
                 classify_body,
             ),

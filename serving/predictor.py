@@ -44,6 +44,11 @@ class ClassifierPredictor:
         self.class_names: list[str] = self.card["class_names"]
         self.feature_count = math.prod(self.input_shape)
         self.pixel_input = self.card["input"]["kind"] == "image"
+        self.sequence_input = self.card["input"]["kind"] == "sequence"
+        # A sequence model's input is (time, channels), any length up to max_length.
+        self.channels = self.input_shape[-1]
+        self.max_length = self.card["preprocessing"].get("max_length", 0)
+        self.input_field = "sequences" if self.sequence_input else "instances"
 
     def info(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class ClassifierPredictor:
 
     def features_to_array(self, instances: list[list[float]]) -> np.ndarray:
         """Feature vectors (flattened inputs, e.g. 64 pixels in [0, 1]) -> model input batch."""
+        if self.sequence_input:
+            raise InputError("instances", "this model takes time series (`sequences`)")
         for i, row in enumerate(instances):
             if len(row) != self.feature_count:
                 raise InputError(
@@ -88,7 +95,7 @@ class ClassifierPredictor:
         from PIL import Image, UnidentifiedImageError
 
         if self.card["input"]["kind"] != "image":
-            raise InputError("images", "this model takes feature vectors (`instances`), not images")
+            raise InputError("images", f"this model takes `{self.input_field}`, not images")
         prep = self.card["preprocessing"]
         arrays = []
         for i, encoded in enumerate(images):
@@ -118,6 +125,33 @@ class ClassifierPredictor:
                 raise InputError(f"images[{i}]", "not a readable PNG or JPEG image") from None
         return np.stack(arrays)
 
+    def sequences_to_array(self, sequences: list[list[list[float]]]) -> np.ndarray:
+        """Time series ([time][channel] values, any lengths up to max_length) -> one batch
+        (n, T, C), each padded with NaN after its end to the longest one's length T (the
+        graph reads each length from there; models/recurrent.py). The values are finite:
+        the request schema refused NaN and infinity."""
+        if not self.sequence_input:
+            raise InputError("sequences", f"this model takes `{self.input_field}` or `images`")
+        for i, sequence in enumerate(sequences):
+            if not sequence:
+                raise InputError(f"sequences[{i}]", "empty: send at least one time step")
+            if len(sequence) > self.max_length:
+                raise InputError(
+                    f"sequences[{i}]",
+                    f"{len(sequence)} time steps; the model takes at most {self.max_length}",
+                )
+            for t, step in enumerate(sequence):
+                if len(step) != self.channels:
+                    raise InputError(
+                        f"sequences[{i}][{t}]",
+                        f"expected {self.channels} channel values, got {len(step)}",
+                    )
+        steps = max(len(sequence) for sequence in sequences)
+        batch = np.full((len(sequences), steps, self.channels), np.nan, dtype=np.float32)
+        for i, sequence in enumerate(sequences):
+            batch[i, : len(sequence)] = sequence
+        return batch
+
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
@@ -127,6 +161,9 @@ class ClassifierPredictor:
     def classify_many(self, batches: list[np.ndarray]) -> list[list[dict[str, Any]] | InputError]:
         """Several requests' batches in one onnxruntime call (dynamic batching); each
         request gets its own predictions, or the InputError that only it caused."""
+        if self.sequence_input:  # one length for all: pad each to the longest with NaN
+            steps = max(batch.shape[1] for batch in batches)
+            batches = [pad_time(batch, steps) for batch in batches]
         probabilities = self.predict_proba(np.concatenate(batches))
         results: list[list[dict[str, Any]] | InputError] = []
         start = 0
@@ -142,7 +179,8 @@ class ClassifierPredictor:
         if not np.isfinite(probabilities).all():  # e.g. huge feature values overflowing
             row = int(np.argwhere(~np.isfinite(probabilities))[0][0])
             raise InputError(
-                f"instances[{row}]", "values out of range: the model's output is not finite"
+                f"{self.input_field}[{row}]",
+                "values out of range: the model's output is not finite",
             )
         results = []
         for row in probabilities:
@@ -156,3 +194,11 @@ class ClassifierPredictor:
                 }
             )
         return results
+
+
+def pad_time(batch: np.ndarray, steps: int) -> np.ndarray:
+    """A (n, T, C) batch of sequences padded with NaN to `steps` time steps."""
+    if batch.shape[1] == steps:
+        return batch
+    padding = np.full((len(batch), steps - batch.shape[1], batch.shape[2]), np.nan, batch.dtype)
+    return np.concatenate([batch, padding], axis=1)

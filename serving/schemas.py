@@ -28,8 +28,13 @@ def _whole(value: Any) -> Any:
 WholeNumber = Annotated[int, BeforeValidator(_whole), Field(strict=True)]
 
 
+INPUTS = ("instances", "images", "sequences")
+"""The ways to send a classifier its inputs; a request uses exactly one."""
+
+
 class ClassifyRequest(BaseModel):
-    """Exactly one of `instances` (feature vectors) or `images` (base64 PNG/JPEG)."""
+    """Exactly one of `instances` (feature vectors), `images` (base64 PNG/JPEG) or
+    `sequences` (time series, for a model trained on them)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -43,6 +48,13 @@ class ClassifyRequest(BaseModel):
         max_length=MAX_BATCH,
         description="Base64-encoded PNG or JPEG images.",
     )
+    sequences: list[list[list[FiniteFloat]]] | None = Field(
+        default=None,
+        max_length=MAX_BATCH,
+        description="Time series, each a list of time steps, each step a list of the "
+        "model's channel values (e.g. 12 numbers per step for JapaneseVowels); lengths may "
+        "differ, up to the model's max_length (GET /v1/models).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -50,16 +62,16 @@ class ClassifyRequest(BaseModel):
         # `"images": null` beside `instances` would pass as "not given"; the OpenAPI
         # document says each field is an array, so the server says so too.
         if isinstance(data, dict):
-            for name in ("instances", "images"):
+            for name in INPUTS:
                 if name in data and data[name] is None:
                     raise ValueError(f"`{name}` is null: leave it out instead")
         return data
 
     @model_validator(mode="after")
     def exactly_one_input(self) -> ClassifyRequest:
-        given = [name for name in ("instances", "images") if getattr(self, name) is not None]
+        given = [name for name in INPUTS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("send exactly one of `instances` or `images`")
+            raise ValueError("send exactly one of `instances`, `images` or `sequences`")
         if not getattr(self, given[0]):
             raise ValueError(f"`{given[0]}` is empty")
         return self
