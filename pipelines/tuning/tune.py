@@ -54,6 +54,7 @@ from pipelines.tuning.space import (
     learning_rate,
     num_samples,
     param_space,
+    trial_settings,
     tuned_values,
 )
 
@@ -79,6 +80,7 @@ def tune_search(
         raise UserError("tune.metric: val_accuracy needs a classification task; use val_loss")
     check_compatible(model, train, data.manifest)
     check_space(model, train, tune)
+    check_space_fits(model, train, tune, data.manifest)
     if tune.search == "optuna":
         _require_optuna()
     name = run_name(
@@ -157,6 +159,26 @@ def tune_search(
         summary["epochs_total"],
     )
     return summary
+
+
+def check_space_fits(
+    model: ArchitectureConfig, train: TrainConfig, tune: TuneConfig, manifest: dict[str, Any]
+) -> None:
+    """Fail before any trial starts when a `model.*` value of the space cannot take this
+    data (e.g. `model.kind: [cnn, lstm]` on time series: only the recurrent kinds read
+    sequences), naming the key and value."""
+    for key, values in tune.space.items():
+        if not key.startswith("model."):
+            continue
+        for value in values:
+            sample = {"optimizer": tune.optimizers[0], LR_SCALE: 0.0, key: value}
+            trial_model, trial_train = trial_settings(model, train, tune, sample)
+            try:
+                check_compatible(trial_model, trial_train, manifest)
+            except UserError as exc:
+                raise UserError(
+                    f"tune.space.{key}: {value!r} does not fit the data: {exc}"
+                ) from None
 
 
 def pbt_exploits(experiment_dir: Path) -> int:

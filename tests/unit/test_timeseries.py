@@ -266,3 +266,28 @@ def test_predictor_refuses_what_the_schema_cannot_see(sequence_export):
     predictor = ClassifierPredictor(resolve_model(str(directory)))
     with pytest.raises(InputError, match=r"sequences\[0\]\[2\]"):
         predictor.sequences_to_array([[[1.0, 2.0, 3.0]] * 2 + [[1.0]]])
+
+
+def test_tune_searches_recurrent_kinds_and_sizes_and_refuses_a_kind_that_cannot_read_sequences():
+    from pipelines.stagekit.config import TrainConfig
+    from pipelines.tuning.config import TuneConfig
+    from pipelines.tuning.space import LR_SCALE, trial_settings
+    from pipelines.tuning.tune import check_space_fits
+
+    base = ArchitectureConfig(kind="lstm", recurrent_size=16)
+    tune = TuneConfig(
+        optimizers=("adam", "rmsprop"),
+        space={"model.kind": ["lstm", "gru", "rnn"], "model.recurrent_size": [16, 64]},
+    )
+    check_space_fits(base, TrainConfig(), tune, MANIFEST)
+    sample = {
+        "optimizer": "rmsprop",
+        LR_SCALE: 0.5,
+        "model.kind": "gru",
+        "model.recurrent_size": 64,
+    }
+    model, train = trial_settings(base, TrainConfig(), tune, sample)
+    assert (model.kind, model.recurrent_size, train.optimizer) == ("gru", 64, "rmsprop")
+    wrong = TuneConfig(optimizers=("adam",), space={"model.kind": ["lstm", "cnn"]})
+    with pytest.raises(UserError, match="tune.space.model.kind: 'cnn' does not fit the data"):
+        check_space_fits(base, TrainConfig(), wrong, MANIFEST)

@@ -1,0 +1,97 @@
+"""A small DCGAN (Radford et al., 2016) for images with pixels in [0, 1].
+
+The generator turns a latent vector into an image: a linear layer to a (2w, H/4, W/4) map,
+then two stride-2 transposed convolutions, each doubling height and width, batch
+normalisation and ReLU between, a sigmoid at the end. The discriminator mirrors it with
+stride-2 convolutions and LeakyReLU, ending in one logit: real or generated. Both losses are
+binary cross-entropy; the usual stabilisers are in `GanConfig` and the training step:
+one-sided label smoothing (real targets 0.9, so the discriminator never grows certain and
+its gradient to the generator does not vanish) and Adam with beta1 = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    latent: int = 32
+    """Size of the generator's input noise."""
+    width: int = 64
+    """Channels of the generator's last hidden map and the discriminator's first (the
+    other hidden map has twice as many)."""
+    real_label: float = 0.9
+    """The discriminator's target for real images (one-sided label smoothing; 1.0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.latent < 1 or self.width < 1:
+            raise ValueError("latent and width must be >= 1")
+        if not 0.5 < self.real_label <= 1.0:
+            raise ValueError(f"real_label must be in (0.5, 1], got {self.real_label}")
+
+
+def _check_shape(image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    channels, height, width = image_shape
+    if height % 4 or width % 4:
+        raise ValueError(
+            f"the DCGAN halves images twice: height and width must divide by 4, got {height}x{width}"
+        )
+    return channels, height // 4, width // 4
+
+
+class Generator(nn.Module):
+    def __init__(self, config: GanConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        channels, h, w = _check_shape(image_shape)
+        wide = 2 * config.width
+        self.start = (wide, h, w)
+        self.project = nn.Sequential(
+            nn.Linear(config.latent, wide * h * w), nn.BatchNorm1d(wide * h * w), nn.ReLU()
+        )
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(wide, config.width, 4, stride=2, padding=1),  # (B, w, H/2, W/2)
+            nn.BatchNorm2d(config.width),
+            nn.ReLU(),
+            nn.ConvTranspose2d(config.width, channels, 4, stride=2, padding=1),  # (B, C, H, W)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        start = self.project(z).view(len(z), *self.start)  # (B, 2w, H/4, W/4)
+        return torch.sigmoid(self.upsample(start))  # images in [0, 1]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, config: GanConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        channels, h, w = _check_shape(image_shape)
+        wide = 2 * config.width
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, config.width, 4, stride=2, padding=1),  # (B, w, H/2, W/2)
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(config.width, wide, 4, stride=2, padding=1),  # (B, 2w, H/4, W/4)
+            nn.BatchNorm2d(wide),
+            nn.LeakyReLU(0.2),
+        )
+        self.decide = nn.Linear(wide * h * w, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decide(self.features(images).flatten(1)).squeeze(1)  # logits (B,)
+
+
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float
+) -> torch.Tensor:
+    """BCE: real images toward `real_label` (smoothed), generated ones toward 0."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_label))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return real + fake
+
+
+def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating loss: -log D(G(z)), strong gradients while D still wins."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
