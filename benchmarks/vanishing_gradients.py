@@ -26,8 +26,8 @@ import torch
 from benchmarks.scratch import markdown_table, write_results
 from models.architecture import ArchitectureConfig
 from models.networks import build_network
-from pipelines.stagekit.sequences import read_ts_folder, sequence_normalization
-from pipelines.supervised.ingest_timeseries import bundled_sets
+from pipelines.stagekit.dataset import normalization
+from pipelines.stagekit.sequences import bundled_sets, read_ts_folder
 
 KINDS = ("rnn", "lstm")
 DISTANCES = (0, 10, 25, 50, 100, 149)
@@ -37,7 +37,7 @@ DISTANCES = (0, 10, 25, 50, 100, 149)
 def load(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     train, test = read_ts_folder(bundled_sets()[name])
     names = sorted(set(train.labels))
-    norm = sequence_normalization(train.x)
+    norm = normalization(train.x, "sequence")
     mean, std = np.asarray(norm["mean"]), np.asarray(norm["std"])
 
     def tensors(part):

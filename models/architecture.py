@@ -66,8 +66,9 @@ class ArchitectureConfig:
             raise ValueError("hidden_sizes and channels must be positive integers")
         if self.kind in ("cnn", "resnet") and not self.channels:
             raise ValueError(f"channels: a {self.kind} needs at least one entry")
-        if self.recurrent_size < 1 or self.recurrent_layers < 1:
-            raise ValueError("recurrent_size and recurrent_layers must be positive integers")
+        for name in ("recurrent_size", "recurrent_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
 
 def dense_head(arch: ArchitectureConfig, in_features: int, num_outputs: int) -> nn.Sequential:

@@ -32,7 +32,9 @@ CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.
 
 
 class RecurrentNet(nn.Module):
-    def __init__(self, arch: ArchitectureConfig, input_shape: tuple[int, ...], num_outputs: int):
+    def __init__(
+        self, arch: ArchitectureConfig, input_shape: tuple[int, ...], num_outputs: int
+    ) -> None:
         super().__init__()
         _, channels = input_shape  # (time, channels); the time axis is free
         cell = CELLS[arch.kind]

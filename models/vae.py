@@ -77,7 +77,7 @@ class VAE(nn.Module):
 class VaeLoss(nn.Module):
     """Reconstruction BCE (summed over pixels) + beta * KL(q(z|x) || N(0, I)), per image."""
 
-    def __init__(self, beta: float = 1.0) -> None:
+    def __init__(self, beta: float) -> None:
         super().__init__()
         self.beta = beta
 

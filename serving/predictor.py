@@ -42,9 +42,10 @@ class ClassifierPredictor:
         self.input_name = self.session.get_inputs()[0].name
         self.input_shape = tuple(self.card["input"]["shape"][1:])
         self.class_names: list[str] = self.card["class_names"]
-        self.feature_count = math.prod(self.input_shape)
         self.pixel_input = self.card["input"]["kind"] == "image"
         self.sequence_input = self.card["input"]["kind"] == "sequence"
+        # Values per input: a sequence's depend on its length (`channels` per step).
+        self.feature_count = 0 if self.sequence_input else math.prod(self.input_shape)
         # A sequence model's input is (time, channels), any length up to max_length.
         self.channels = self.input_shape[-1]
         self.max_length = self.card["preprocessing"].get("max_length", 0)
@@ -131,7 +132,8 @@ class ClassifierPredictor:
         graph reads each length from there; models/recurrent.py). The values are finite:
         the request schema refused NaN and infinity."""
         if not self.sequence_input:
-            raise InputError("sequences", f"this model takes `{self.input_field}` or `images`")
+            takes = "`instances` or `images`" if self.pixel_input else "`instances`"
+            raise InputError("sequences", f"this model takes {takes}, not time series")
         for i, sequence in enumerate(sequences):
             if not sequence:
                 raise InputError(f"sequences[{i}]", "empty: send at least one time step")

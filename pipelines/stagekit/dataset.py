@@ -34,11 +34,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 def normalization(train_x: np.ndarray, input_kind: str) -> dict[str, list[float]]:
-    """Mean/std per channel (images) or per column (tables) of `train_x`: the training
-    examples only, so nothing of the held-out examples reaches the model."""
-    axes = (0, 2, 3) if input_kind == "image" else (0,)
-    mean = train_x.mean(axis=axes, dtype=np.float64)
-    std = train_x.std(axis=axes, dtype=np.float64)
+    """Mean/std per channel (images, sequences) or per column (tables) of `train_x`: the
+    training examples only, so nothing of the held-out examples reaches the model. A
+    sequence's statistics cover its real steps, not the NaN padding after them."""
+    if input_kind == "sequence":  # (N, T, C)
+        mean = np.nanmean(train_x, axis=(0, 1), dtype=np.float64)
+        std = np.nanstd(train_x, axis=(0, 1), dtype=np.float64)
+    else:
+        axes = (0, 2, 3) if input_kind == "image" else (0,)
+        mean = train_x.mean(axis=axes, dtype=np.float64)
+        std = train_x.std(axis=axes, dtype=np.float64)
     return {"mean": mean.round(8).tolist(), "std": np.maximum(std, 1e-6).round(8).tolist()}
 
 

@@ -45,19 +45,23 @@ def build_model(arch: ArchitectureConfig, manifest: dict[str, Any]) -> nn.Sequen
 
 
 def check_compatible(
-    arch: ArchitectureConfig, train: TrainConfig, manifest: dict[str, Any]
+    arch: ArchitectureConfig,
+    train: TrainConfig,
+    manifest: dict[str, Any],
+    model_key: str = "model",
+    train_key: str = "train",
 ) -> None:
     """Fail fast, before any worker starts, when the network or the loss cannot fit the
     prepared data described by `manifest` (e.g. a CNN on a table, cross-entropy on a
-    regression)."""
+    regression); the message names `model_key` / `train_key`.loss, where the stage read them."""
     try:
         TaskLoss(train.loss, manifest["task"], train.huber_delta)
     except ValueError as exc:
-        raise UserError(f"params.yaml: train.loss: {exc}") from None
+        raise UserError(f"params.yaml: {train_key}.loss: {exc}") from None
     try:
         build_model(arch, manifest)
     except ValueError as exc:
-        raise UserError(f"params.yaml: model: {exc}") from None
+        raise UserError(f"params.yaml: {model_key}: {exc}") from None
 
 
 def fit_warnings(

@@ -8,6 +8,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 from pipelines.stagekit.atomic import write_bytes
 from pipelines.stagekit.dataset import sha256_file
 from serving.runtime import ort_session
+
+if TYPE_CHECKING:
+    import onnx
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -69,7 +73,7 @@ def _export_recurrent(
     outputs: list[str],
     dynamic_axes: tuple[str, ...],
     opset: int,
-):
+) -> onnx.ModelProto:
     """torch's TorchScript exporter, for networks with RNN/LSTM/GRU layers: torch.export
     (the dynamo exporter) unrolls them over the example's time steps, fixing the sequence
     length (torch 2.13), while this exporter writes ONNX's own LSTM/GRU/RNN operators,
@@ -95,7 +99,7 @@ def _export_recurrent(
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _check_dynamic(proto, dynamic_axes: tuple[str, ...]) -> None:
+def _check_dynamic(proto: onnx.ModelProto, dynamic_axes: tuple[str, ...]) -> None:
     """Fail if the exporter fixed an axis meant to be free (it may do so silently)."""
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     fixed = [name for name, dim in zip(dynamic_axes, dims) if dim.HasField("dim_value")]

@@ -50,6 +50,19 @@ def unpadded(x: np.ndarray) -> list[np.ndarray]:
     return [row[:length].T.astype(np.float64) for row, length in zip(x, sequence_lengths(x))]
 
 
+def bundled_sets() -> dict[str, Path]:
+    """Name -> folder of every UCR/UEA set aeon bundles with a _TRAIN.ts and a _TEST.ts."""
+    import aeon.datasets
+
+    root = Path(aeon.datasets.__file__).parent / "data"
+    return {
+        folder.name: folder
+        for folder in sorted(root.iterdir())
+        if (folder / f"{folder.name}_TRAIN.ts").is_file()
+        and (folder / f"{folder.name}_TEST.ts").is_file()
+    }
+
+
 def read_ts_file(path: str | Path) -> SequenceSet:
     """One `.ts` file of the UCR/UEA archive (a header, then one series per line, channels
     separated by `:`, the class last), read by aeon's reader."""
@@ -182,10 +195,3 @@ def _finite(path: Path, line_no: int, column: str, text: str) -> float:
     if not math.isfinite(value):
         raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not finite")
     return value
-
-
-def sequence_normalization(train_x: np.ndarray) -> dict[str, list[float]]:
-    """Mean/std per channel over every real step of the training sequences (not the padding)."""
-    mean = np.nanmean(train_x, axis=(0, 1), dtype=np.float64)
-    std = np.nanstd(train_x, axis=(0, 1), dtype=np.float64)
-    return {"mean": mean.round(8).tolist(), "std": np.maximum(std, 1e-6).round(8).tolist()}

@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import Annotated
 
 from pipelines.stagekit.atomic import output_directory
 from pipelines.stagekit.config import Param
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.sequences import bundled_sets
 from pipelines.stagekit.stage import stage_command
 from pipelines.supervised.timeseries_config import TimeseriesConfig
 
 log = logging.getLogger(__name__)
-
-
-def bundled_sets() -> dict[str, Path]:
-    """Name -> folder of every set aeon bundles with both a _TRAIN.ts and a _TEST.ts file."""
-    import aeon.datasets
-
-    root = Path(aeon.datasets.__file__).parent / "data"
-    return {
-        folder.name: folder
-        for folder in sorted(root.iterdir())
-        if (folder / f"{folder.name}_TRAIN.ts").is_file()
-        and (folder / f"{folder.name}_TEST.ts").is_file()
-    }
 
 
 def ingest_timeseries(

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import Param
-from pipelines.stagekit.dataset import MANIFEST, SPLITS, write_splits
+from pipelines.stagekit.dataset import MANIFEST, SPLITS, normalization, write_splits
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.metrics import small_split_warnings
 from pipelines.stagekit.readers import natural_key
@@ -26,7 +26,6 @@ from pipelines.stagekit.sequences import (
     read_long_csv,
     read_ts_folder,
     sequence_lengths,
-    sequence_normalization,
 )
 from pipelines.stagekit.stage import stage_command
 from pipelines.supervised.timeseries_config import TimeseriesConfig
@@ -130,7 +129,7 @@ def prepare_timeseries(
             "max_length": config.max_length,
             "padding": "NaN after each series' last step, to the longest length",
         },
-        "normalization": sequence_normalization(splits["train"][0]),
+        "normalization": normalization(splits["train"][0], "sequence"),
         "source": {"path": str(config.source), "format": config.format, "seed": config.seed},
     }
     with output_directory(output) as staging:

@@ -4,7 +4,7 @@ beside the classic time-series baselines on the same split, in one table.
 Every network is its own MLflow run (experiment `timeseries.experiment`, tagged with its
 kind) with the usual per-epoch curves and per-layer gradient norms; its model bundle goes
 to `<output>/<kind>/`, where `evaluate_timeseries` and `export_timeseries` take the
-`timeseries.serve` one. Writes `metrics/timeseries.json`:
+`timeseries.model.kind` one. Writes `metrics/timeseries.json`:
 `{"lstm": {"test_accuracy": ..., "train_s": ...}, "gru": {...}, "dtw_1nn": {...}, ...}`,
 where a network's train_s is its epochs' time and `job_s` adds the Ray Train start-up.
 """
@@ -68,7 +68,7 @@ def train_network(
     plots_dir: Path,
 ) -> dict[str, Any]:
     """Train `arch` on Ray Train, save its bundle and curves in `directory`; its figures."""
-    check_compatible(arch, train, data.manifest)
+    check_compatible(arch, train, data.manifest, "timeseries.model", "timeseries.train")
     name = run_name(STAGE, config_to_dict(arch), config_to_dict(train), data.data_hash)
     tags = {**tracking.stage_tags(STAGE, data.data_hash), "model_kind": arch.kind}
     resume = interrupted_run(name)

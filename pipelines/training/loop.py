@@ -275,7 +275,8 @@ def gradient_norms(model: nn.Module) -> dict[str, float]:
     named = [
         (name.removesuffix(".weight"), p.grad)
         for name, p in unwrap(model).named_parameters()
-        if p.grad is not None and name.endswith("weight")
+        # `.weight`, and a recurrent layer's input and hidden weights (`weight_ih_l0`)
+        if p.grad is not None and (name.endswith("weight") or ".weight_" in name)
     ]
     if not named:
         return {}

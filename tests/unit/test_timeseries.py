@@ -289,5 +289,5 @@ def test_tune_searches_recurrent_kinds_and_sizes_and_refuses_a_kind_that_cannot_
     model, train = trial_settings(base, TrainConfig(), tune, sample)
     assert (model.kind, model.recurrent_size, train.optimizer) == ("gru", 64, "rmsprop")
     wrong = TuneConfig(optimizers=("adam",), space={"model.kind": ["lstm", "cnn"]})
-    with pytest.raises(UserError, match="tune.space.model.kind: 'cnn' does not fit the data"):
+    with pytest.raises(UserError, match="tune.space.model.kind: 'cnn': sequence inputs"):
         check_space_fits(base, TrainConfig(), wrong, MANIFEST)
