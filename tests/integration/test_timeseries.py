@@ -34,8 +34,12 @@ def vowels(ray_cluster, tmp_path_factory):
         source=str(root / "raw"),
         kinds=("lstm", "gru"),
         baselines=("dtw_1nn",),
-        model=ArchitectureConfig(kind="lstm", recurrent_size=32, hidden_sizes=(32,)),
-        train=TrainConfig(epochs=4, batch_size=16, num_workers=2, early_stopping_patience=0),
+        model=ArchitectureConfig(
+            kind="lstm", recurrent_size=32, hidden_sizes=(32,), bidirectional=True
+        ),
+        train=TrainConfig(
+            epochs=4, batch_size=8, lr=0.01, num_workers=2, early_stopping_patience=0
+        ),
     )
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as env:
