@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipelines.stagekit.cells import number_cell
 from pipelines.stagekit.errors import UserError
 from serving.preprocess import image_to_array
 
@@ -187,7 +188,7 @@ def read_csv_table(
     features = np.asarray(rows, dtype=np.float32)
     feature_names = tuple(name for name, _ in columns)
     if task == "regression":
-        values = [_number(path, line_no, label_column, v) for line_no, v in raw_labels]
+        values = [number_cell(path, line_no, label_column, v) for line_no, v in raw_labels]
         return RawDataset(
             features, np.asarray(values, dtype=np.float32), None, feature_names, "tabular"
         )
@@ -221,7 +222,7 @@ def _read_rows(
             raise UserError(
                 f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
             )
-        rows.append([_number(path, line_no, name, row[at]) for name, at in columns])
+        rows.append([number_cell(path, line_no, name, row[at]) for name, at in columns])
         labels.append((line_no, row[label_at].strip()))
     return rows, labels, columns
 
@@ -244,20 +245,6 @@ def _pick_columns(
     if not wanted:
         raise UserError(f"{path}: no feature columns besides the label {label_column!r}")
     return [(name, header.index(name)) for name in wanted]
-
-
-def _number(path: Path, line_no: int, column: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(
-            f"{path}: row {line_no}, column {column!r}: {text!r} is not a number"
-        ) from None
-    if not math.isfinite(value):
-        raise UserError(
-            f"{path}: row {line_no}, column {column!r}: {text!r} is not a finite number"
-        )
-    return value
 
 
 def natural_key(name: str) -> tuple[int, float | str]:
@@ -296,7 +283,7 @@ def read_unlabeled_csv(path: str | Path, feature_columns: tuple[str, ...]) -> np
                 )
             at = [header.index(c) for c in feature_columns]
             rows = [
-                [_number(path, line_no, header[i], row[i]) for i in at]
+                [number_cell(path, line_no, header[i], row[i]) for i in at]
                 for line_no, row in enumerate(reader, start=2)
                 if any(cell.strip() for cell in row)
             ]

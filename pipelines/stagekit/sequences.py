@@ -10,13 +10,13 @@ be a real value, since every reader and the HTTP API refuse non-finite ones.
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipelines.stagekit.cells import number_cell
 from pipelines.stagekit.errors import UserError
 
 
@@ -160,8 +160,8 @@ def read_long_csv(
                         f"{path}: row {line_no}: series {series!r} is labeled both "
                         f"{labels[series]!r} and {label!r}"
                     )
-                step = _finite(path, line_no, time_column, row[at[time_column]])
-                values = [_finite(path, line_no, c, row[at[c]]) for c in channels]
+                step = number_cell(path, line_no, time_column, row[at[time_column]])
+                values = [number_cell(path, line_no, c, row[at[c]]) for c in channels]
                 rows.setdefault(series, []).append((step, values))
     except UnicodeDecodeError as exc:
         raise UserError(
@@ -183,15 +183,3 @@ def _check_sequence(sequence: np.ndarray, where: str) -> None:
         raise UserError(f"{where}: empty series")
     if not np.isfinite(sequence).all():
         raise UserError(f"{where}: missing or non-finite values (NaN, inf)")
-
-
-def _finite(path: Path, line_no: int, column: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(
-            f"{path}: row {line_no}, column {column!r}: {text!r} is not a number"
-        ) from None
-    if not math.isfinite(value):
-        raise UserError(f"{path}: row {line_no}, column {column!r}: {text!r} is not finite")
-    return value

@@ -160,7 +160,7 @@ def test_a_long_csv_orders_steps_and_pads_ragged_series(tmp_path):
     [
         (["a,0,1,2,up", "a,1,1,2,down"], "labeled both"),
         (["a,0,1,2,up", "a,0,3,4,up"], "same 'step' twice"),
-        (["a,0,1,inf,up"], "not finite"),
+        (["a,0,1,inf,up"], "not a finite number"),
         (["a,0,1,,up"], "is not a number"),
         (["a,0,1,2"], "fields"),
     ],
