@@ -67,6 +67,7 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.shapes_folder
 	$(BIN)/python -m benchmarks.fixmatch_scale
 	$(BIN)/python -m benchmarks.tune_asha
+	$(BIN)/python -m benchmarks.vanishing_gradients
 	$(BIN)/python -m benchmarks.batching_overhead
 	$(BIN)/python -m benchmarks.serving_throughput
 
