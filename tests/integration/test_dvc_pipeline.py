@@ -93,7 +93,8 @@ def small_params(params: dict) -> None:
     params["segment"]["train"].update(epochs=1)
     params["segment_digits"]["train"].update(epochs=1)
     params["segment_digits"].update(refine_epochs=1)
-    params["timeseries"].update(kinds=["lstm"], baselines=["dtw_1nn"])
+    # one network, no baseline: tests/integration/test_timeseries.py trains them
+    params["timeseries"].update(kinds=["lstm"], baselines=[])
     params["timeseries"]["model"].update(recurrent_size=16, hidden_sizes=[16])
     params["timeseries"]["train"].update(epochs=2)
     params["tune"].update(
