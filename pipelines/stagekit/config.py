@@ -353,7 +353,14 @@ def _coerce(hint: Any, value: Any, where: str, key: str) -> Any:
             raise fail("one of " + ", ".join(repr(a) for a in args))
         return value
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unions are not supported in config: {key}")
+        # A choice of plain values (a `tune.space` list: numbers, names, flags): the
+        # first type that takes the value, in the order the hint lists them.
+        for option in args:
+            try:
+                return _coerce(option, value, where, key)
+            except UserError:
+                continue
+        raise fail(" or ".join(getattr(a, "__name__", str(a)) for a in args))
     if origin is dict:
         if not isinstance(value, dict):
             raise fail("a mapping")

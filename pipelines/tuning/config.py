@@ -34,14 +34,16 @@ class TuneConfig(Section):
     """Learning-rate range [low, high] per optimizer, searched on a log scale; optimizers not
     listed use `default` (their families differ by orders of magnitude: full-batch gd wants
     ~1, per-example sgd ~1e-3, adadelta ~1)."""
-    space: dict[str, tuple[float, ...]] = field(
+    space: dict[str, tuple[float | str | bool, ...]] = field(
         default_factory=lambda: {
             "train.batch_size": (32, 64, 128),
             "train.weight_decay": (0.0, 0.0001, 0.001),
             "model.dropout": (0.0, 0.1, 0.3),
         }
     )
-    """Other hyperparameters: dotted params key (`train.*` or `model.*`) -> the values to try."""
+    """Other hyperparameters: dotted params key (`train.*` or `model.*`) -> the values to try:
+    numbers, names (`model.kind: [lstm, gru, rnn]`, `model.activation: [relu, tanh]`) or
+    true/false."""
     search: Literal["random", "grid", "optuna"] = "random"
     """random: every optimizer, `samples` learning rates each (log-uniform in its range) with
     random picks of `space`; grid: every optimizer x `samples` log-spaced learning rates x

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -122,9 +122,22 @@ def tuned_values(sample: dict[str, Any], tune: TuneConfig) -> dict[str, dict[str
 
 
 def _typed(cls: type, name: str, value: Any) -> Any:
-    """Params lists are read as numbers; an int field (batch size) gets an int back."""
-    if typing.get_type_hints(cls).get(name) is int:
-        if float(value) != int(value):
-            raise UserError(f"tune.space: {name} must be a whole number, got {value!r}")
+    """A `space` value as its field takes it: numbers are read as floats, so an int field
+    (batch size) gets an int back; a name (model.kind) must be one the field allows."""
+    hint = typing.get_type_hints(cls).get(name)
+    key = f"tune.space: {cls.__name__}.{name}"
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        if not numeric or float(value) != int(value):
+            raise UserError(f"{key} must be a whole number, got {value!r}")
         return int(value)
+    if hint is float and not numeric:
+        raise UserError(f"{key} must be a number, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        choices = ", ".join(map(str, typing.get_args(hint)))
+        raise UserError(f"{key} must be one of {choices}, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise UserError(f"{key} must be a name, got {value!r}")
     return value

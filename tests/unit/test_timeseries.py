@@ -291,3 +291,37 @@ def test_tune_searches_recurrent_kinds_and_sizes_and_refuses_a_kind_that_cannot_
     wrong = TuneConfig(optimizers=("adam",), space={"model.kind": ["lstm", "cnn"]})
     with pytest.raises(UserError, match="tune.space.model.kind: 'cnn': sequence inputs"):
         check_space_fits(base, TrainConfig(), wrong, MANIFEST)
+
+
+def test_a_tune_space_takes_names_and_flags_and_names_a_wrong_one(tmp_path):
+    from pipelines.stagekit.config import TrainConfig
+    from pipelines.tuning.config import TuneConfig
+    from pipelines.tuning.space import LR_SCALE, check_space, trial_settings
+    from pipelines.tuning.tune import tune_search
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "tune:\n  space:\n    model.kind: [lstm, gru]\n    model.bidirectional: [true, false]\n"
+        "    model.recurrent_size: [32, 64]\n"
+    )
+    from pipelines.stagekit.config import load_params
+
+    tune = load_params(tune_search, str(params))["tune"]
+    assert tune.space["model.kind"] == ("lstm", "gru")
+    assert tune.space["model.bidirectional"] == (True, False)
+    base = ArchitectureConfig(kind="lstm")
+    check_space(base, TrainConfig(), tune)
+    sample = {"optimizer": "adam", LR_SCALE: 0.0, "model.bidirectional": False}
+    assert trial_settings(base, TrainConfig(), tune, sample)[0].bidirectional is False
+    for key, value, message in (
+        ("model.kind", "lsmt", "must be one of mlp, cnn, resnet, rnn, lstm, gru"),
+        ("model.recurrent_size", "big", "must be a whole number"),
+        ("train.weight_decay", "none", "must be a number"),
+    ):
+        wrong = TuneConfig(optimizers=("adam",), space={key: (value,)})
+        with pytest.raises(UserError, match=f"tune.space.{key}: {value!r} is not a valid value"):
+            check_space(base, TrainConfig(), wrong)
+        with pytest.raises(UserError, match=message):
+            trial_settings(
+                base, TrainConfig(), wrong, {"optimizer": "adam", LR_SCALE: 0.0, key: value}
+            )
