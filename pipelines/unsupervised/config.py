@@ -113,7 +113,18 @@ class SegmentDigitsConfig(Section):
     """IDEC refinement epochs after K-means on the codes."""
     refine_weight: float = 0.5
     """Weight of the clustering term during refinement."""
+    pca_components: int = 10
+    """Principal components the PCA rows of the table cluster in (the autoencoder's
+    bottleneck by default, so the two reductions compare at one size)."""
+    dbscan_min_samples: int = 10
+    """DBSCAN's density: points within `dbscan_eps` a core point needs, itself included."""
+    dbscan_eps: float = 0.0
+    """DBSCAN's radius; 0 reads it off each space's k-distance curve at its knee."""
 
     def __post_init__(self) -> None:
         if self.refine_epochs < 0 or self.refine_weight < 0:
             raise ValueError("refine_epochs and refine_weight must be >= 0")
+        if self.pca_components < 1 or self.dbscan_min_samples < 2 or self.dbscan_eps < 0:
+            raise ValueError(
+                "need pca_components >= 1, dbscan_min_samples >= 2 and dbscan_eps >= 0"
+            )

@@ -147,3 +147,19 @@ def test_conv_autoencoder_refuses_what_is_not_a_fitting_image(image_shape, messa
 def test_customer_segmentation_refuses_the_conv_kind():
     with pytest.raises(ValueError, match="segment.autoencoder.kind must be dense"):
         SegmentConfig(autoencoder=AutoencoderConfig(kind="conv"))
+
+
+def test_dbscan_at_the_k_distance_knee_finds_dense_blobs_and_calls_the_scatter_noise():
+    from pipelines.unsupervised.density import dbscan_labels, knee_eps, pca_codes
+
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(c, 0.3, size=(200, 2)) for c in ((0, 0), (6, 6))])
+    scatter = rng.uniform(-4, 10, size=(30, 2))
+    points = np.concatenate([blobs, scatter])
+    eps = knee_eps(points, min_samples=10)
+    labels = dbscan_labels(points, eps, min_samples=10)
+    assert labels.max() + 1 == 2  # the two blobs
+    assert len(set(labels[:200])) == 1 and len(set(labels[200:400])) == 1
+    assert np.mean(labels[400:] == -1) > 0.7  # most of the scatter is noise
+    codes, explained = pca_codes(np.column_stack([points, 2 * points[:, :1]]), 2, seed=0)
+    assert codes.shape == (430, 2) and explained > 0.999  # the third column adds nothing
