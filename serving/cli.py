@@ -231,10 +231,36 @@ def _demo_image() -> Path:
 DEMO_SENTENCE = "Raise an exception if the [MASK] is not found."
 
 
-def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
+DEMO_SEQUENCES = Path("data/prepared/timeseries/x_test.npy")
+"""Where the demo takes a series for a time-series classifier (prepare_timeseries' output)."""
+
+
+def _demo_payload(url: str, image: str | None) -> tuple[dict, str]:
+    """The demo's /v1/classify body and how to name it: an image, or for a classifier of
+    time series the first test series of the prepared data."""
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{url}/v1/models", headers=client_headers()), timeout=30
+    ) as response:
+        models = json.loads(response.read())["models"]
+    kinds = [m["input"]["kind"] for m in models if m.get("slot") == "classifier"]
+    if kinds == ["sequence"] and not image:
+        import numpy as np
+
+        series = np.load(DEMO_SEQUENCES)[0]  # (T, C), NaN after its last step
+        steps = series[~np.isnan(series[:, 0])]
+        shown = f"series 0 of {DEMO_SEQUENCES}, {len(steps)} steps x {steps.shape[1]} channels"
+        return {"sequences": [steps.tolist()]}, shown
     path = Path(image) if image else _demo_image()
-    payload = {"images": [base64.b64encode(path.read_bytes()).decode()]}
-    print(f"\nPOST {url}/v1/classify  (image {path})", flush=True)
+    return {"images": [base64.b64encode(path.read_bytes()).decode()]}, f"image {path}"
+
+
+def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
+    try:
+        payload, shown = _demo_payload(url, image)
+    except FileNotFoundError as exc:
+        print(f"serve: error: no demo input: {exc.filename} (dvc repro first)", file=sys.stderr)
+        return 1
+    print(f"\nPOST {url}/v1/classify  ({shown})", flush=True)
     try:
         response = _post_json(f"{url}/v1/classify", payload)
     except urllib.error.HTTPError as exc:

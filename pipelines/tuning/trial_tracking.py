@@ -67,11 +67,13 @@ class TrialTracking(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         settings = tuned_values(trial.config, self.tune)
+        searched = "".join(f", {key} {trial.config.get(key)}" for key in self.tune.space)
         log.info(
-            "trial %s started: %s lr %.3g",
+            "trial %s started: %s lr %.3g%s",
             trial.trial_id,
             settings["train"]["optimizer"],
             settings["train"]["lr"],
+            searched,
         )
         if trial.trial_id in self.runs:
             return
