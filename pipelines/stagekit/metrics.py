@@ -24,6 +24,9 @@ SMALL_SPLIT = 30
 SMALL_CLASS = 5
 """So does a class with fewer examples in such a split."""
 SPLIT_SETTINGS = {"val": "prepare.val_fraction", "test": "prepare.test_fraction"}
+SEQUENCE_SPLIT_SETTINGS = {"val": "timeseries.val_fraction", "test": "timeseries.test_fraction"}
+"""What sizes the splits of prepared time series (prepare_timeseries; a .ts set's test
+split is the archive's own)."""
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -129,17 +132,20 @@ def headline(metrics: Mapping[str, float]) -> str:
     return ", ".join(shown)
 
 
-def small_split_warnings(splits: Mapping[str, Mapping]) -> list[str]:
-    """One line per validation or test split (a prepared manifest's `splits`) too small to
-    judge a model by, naming the setting that enlarges it."""
+def small_split_warnings(splits: Mapping[str, Mapping], input_kind: str = "image") -> list[str]:
+    """One line per validation or test split (a prepared manifest's `splits`, of inputs of
+    `input_kind`) too small to judge a model by, naming the setting that enlarges it."""
     warnings = []
-    for split, setting in SPLIT_SETTINGS.items():
+    sequences = input_kind == "sequence"
+    for split, setting in (SEQUENCE_SPLIT_SETTINGS if sequences else SPLIT_SETTINGS).items():
         summary = splits.get(split)
         if not summary:
             continue
         size = summary["size"]
         fix = (
-            f"raise {setting}, label more data, or set evaluate.folds for k-fold figures "
+            f"raise {setting} or label more data"
+            if sequences  # k-fold (cross_validate) runs on the image/table data only
+            else f"raise {setting}, label more data, or set evaluate.folds for k-fold figures "
             "(stage cross_validate)"
         )
         if size < SMALL_SPLIT:

@@ -62,7 +62,7 @@ def evaluate(
         rows = [{"actual": float(a), "predicted": float(p)} for a, p in zip(y_test, predicted)]
         predicted_vs_actual_png(y_test, predicted, image)
     write_csv(plots / PREDICTIONS_CSV, rows, ("actual", "predicted"))
-    warnings = small_split_warnings(data.manifest["splits"])
+    warnings = small_split_warnings(data.manifest["splits"], data.manifest["input_kind"])
     for warning in warnings:
         log.warning(warning)
     write_json(metrics_path, {**metrics, "warnings": warnings})

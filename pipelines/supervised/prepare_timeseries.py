@@ -145,7 +145,7 @@ def prepare_timeseries(
         lengths.min(),
         lengths.max(),
     )
-    for warning in small_split_warnings(manifest["splits"]):
+    for warning in small_split_warnings(manifest["splits"], "sequence"):
         log.warning(warning)
     return manifest
 

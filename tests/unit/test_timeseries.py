@@ -325,3 +325,12 @@ def test_a_tune_space_takes_names_and_flags_and_names_a_wrong_one(tmp_path):
             trial_settings(
                 base, TrainConfig(), wrong, {"optimizer": "adam", LR_SCALE: 0.0, key: value}
             )
+
+
+def test_a_small_time_series_split_names_the_timeseries_key():
+    from pipelines.stagekit.metrics import small_split_warnings
+
+    splits = {"val": {"size": 12, "class_counts": {"a": 6, "b": 6}}, "test": {"size": 300}}
+    [warning] = small_split_warnings(splits, "sequence")
+    assert "raise timeseries.val_fraction or label more data" in warning
+    assert "prepare." not in warning and "evaluate.folds" not in warning
