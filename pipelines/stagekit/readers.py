@@ -6,7 +6,6 @@ that is wrong; nothing is written here, so a bad input never leaves partial outp
 
 from __future__ import annotations
 
-import csv
 import gzip
 import logging
 import math
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipelines.stagekit.cells import number_cell
+from pipelines.stagekit.cells import csv_rows, number_cell
 from pipelines.stagekit.errors import UserError
 from serving.preprocess import image_to_array
 
@@ -174,15 +173,8 @@ def read_csv_table(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: CSV file not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows, raw_labels, columns = _read_rows(
-                path, csv.reader(handle), label_column, feature_columns
-            )
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
-        ) from None
+    with csv_rows(path) as reader:
+        rows, raw_labels, columns = _read_rows(path, reader, label_column, feature_columns)
     if not rows:
         raise UserError(f"{path}: no data rows after the header")
     features = np.asarray(rows, dtype=np.float32)
@@ -273,8 +265,7 @@ def read_unlabeled_csv(path: str | Path, feature_columns: tuple[str, ...]) -> np
     if not path.is_file():
         raise UserError(f"{path}: unlabeled CSV file not found")
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+        with csv_rows(path) as reader:
             header = [h.strip() for h in next(reader, None) or []]
             missing = [c for c in feature_columns if c not in header]
             if missing:
@@ -287,10 +278,6 @@ def read_unlabeled_csv(path: str | Path, feature_columns: tuple[str, ...]) -> np
                 for line_no, row in enumerate(reader, start=2)
                 if any(cell.strip() for cell in row)
             ]
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
-        ) from None
     except IndexError:
         raise UserError(f"{path}: a row has fewer fields than the header") from None
     if not rows:

@@ -9,14 +9,13 @@ be a real value, since every reader and the HTTP API refuse non-finite ones.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.stagekit.cells import number_cell
+from pipelines.stagekit.cells import csv_rows, number_cell
 from pipelines.stagekit.errors import UserError
 
 
@@ -128,45 +127,39 @@ def read_long_csv(
         raise UserError(f"{path}: CSV file not found")
     rows: dict[str, list[tuple[float, list[float]]]] = {}
     labels: dict[str, str] = {}
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [h.strip() for h in next(reader, None) or []]
-            keys = (series_column, time_column, label_column)
-            for key in keys:
-                if key not in header:
-                    raise UserError(
-                        f"{path}: column {key!r} not found; columns are: {', '.join(header)}"
-                    )
-            channels = channel_columns or tuple(h for h in header if h not in keys)
-            missing = [c for c in channels if c not in header]
-            if missing or not channels:
-                what = f"channel column {missing[0]!r} not found" if missing else "no channels"
-                raise UserError(f"{path}: {what}; columns are: {', '.join(header)}")
-            at = {name: header.index(name) for name in (*keys, *channels)}
-            for line_no, row in enumerate(reader, start=2):
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise UserError(
-                        f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
-                    )
-                series = row[at[series_column]].strip()
-                label = row[at[label_column]].strip()
-                if not label:
-                    raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
-                if labels.setdefault(series, label) != label:
-                    raise UserError(
-                        f"{path}: row {line_no}: series {series!r} is labeled both "
-                        f"{labels[series]!r} and {label!r}"
-                    )
-                step = number_cell(path, line_no, time_column, row[at[time_column]])
-                values = [number_cell(path, line_no, c, row[at[c]]) for c in channels]
-                rows.setdefault(series, []).append((step, values))
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8"
-        ) from None
+    with csv_rows(path) as reader:
+        header = [h.strip() for h in next(reader, None) or []]
+        keys = (series_column, time_column, label_column)
+        for key in keys:
+            if key not in header:
+                raise UserError(
+                    f"{path}: column {key!r} not found; columns are: {', '.join(header)}"
+                )
+        channels = channel_columns or tuple(h for h in header if h not in keys)
+        missing = [c for c in channels if c not in header]
+        if missing or not channels:
+            what = f"channel column {missing[0]!r} not found" if missing else "no channels"
+            raise UserError(f"{path}: {what}; columns are: {', '.join(header)}")
+        at = {name: header.index(name) for name in (*keys, *channels)}
+        for line_no, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise UserError(
+                    f"{path}: row {line_no} has {len(row)} fields, the header has {len(header)}"
+                )
+            series = row[at[series_column]].strip()
+            label = row[at[label_column]].strip()
+            if not label:
+                raise UserError(f"{path}: row {line_no}, column {label_column!r}: empty label")
+            if labels.setdefault(series, label) != label:
+                raise UserError(
+                    f"{path}: row {line_no}: series {series!r} is labeled both "
+                    f"{labels[series]!r} and {label!r}"
+                )
+            step = number_cell(path, line_no, time_column, row[at[time_column]])
+            values = [number_cell(path, line_no, c, row[at[c]]) for c in channels]
+            rows.setdefault(series, []).append((step, values))
     if not rows:
         raise UserError(f"{path}: no data rows after the header")
     sequences = []

@@ -334,3 +334,10 @@ def test_a_small_time_series_split_names_the_timeseries_key():
     [warning] = small_split_warnings(splits, "sequence")
     assert "raise timeseries.val_fraction or label more data" in warning
     assert "prepare." not in warning and "evaluate.folds" not in warning
+
+
+def test_a_long_csv_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "series.csv"
+    path.write_bytes("series,step,x,label\nä,0,1,up\n".encode("latin-1"))
+    with pytest.raises(UserError, match="series.csv: not UTF-8 text"):
+        read_long_csv(path, "series", "step", "label", ())
