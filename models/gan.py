@@ -95,3 +95,37 @@ def discriminator_loss(
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """The non-saturating loss: -log D(G(z)), strong gradients while D still wins."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+class GanPair(nn.Module):
+    """The generator and the discriminator trained together, as one module so that one
+    DistributedDataParallel wrapper syncs both. They take turns, each with its own
+    optimizer (`players` names them): `forward(real, z, "discriminator")` scores real
+    images and generated ones, the generator's output detached so that its step leaves the
+    generator alone; `forward(real, z, "generator")` scores generated images for the
+    generator's step, the discriminator frozen meanwhile (see GanStep)."""
+
+    players = ("generator", "discriminator")
+
+    def __init__(self, config: GanConfig, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config, image_shape)
+        self.discriminator = Discriminator(config, image_shape)
+
+    def forward(
+        self, real: torch.Tensor, z: torch.Tensor, player: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real logits, generated logits) for the discriminator's step; (generated
+        logits, generated images) for the generator's."""
+        if player == "discriminator":
+            fake = self.generator(z).detach()
+            # Two passes, not one over both batches: batch normalisation then sees a batch
+            # of one kind at a time, as DCGAN trains it.
+            return self.discriminator(real), self.discriminator(fake)
+        fake = self.generator(z)
+        return self.discriminator(fake), fake
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, latent) drawn from N(0, I) -> images in [0, 1] (B, C, H, W)."""
+        return self.generator(z)

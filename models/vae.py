@@ -84,9 +84,18 @@ class VaeLoss(nn.Module):
     def forward(
         self, output: tuple[torch.Tensor, torch.Tensor, torch.Tensor], images: torch.Tensor
     ) -> torch.Tensor:
-        logits, mean, log_var = output
-        reconstruction = F.binary_cross_entropy_with_logits(logits, images, reduction="none")
-        reconstruction = reconstruction.flatten(1).sum(dim=1)  # (B,)
-        # KL of N(mean, exp(log_var)) from N(0, 1), closed form, summed over the latent.
-        kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(dim=1)  # (B,)
+        reconstruction, kl = vae_terms(output, images)
         return (reconstruction + self.beta * kl).mean()
+
+
+def vae_terms(
+    output: tuple[torch.Tensor, torch.Tensor, torch.Tensor], images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the VAE's loss, per image (B,) each: the reconstruction's binary
+    cross-entropy, summed over pixels, and KL(q(z|x) || N(0, I)), summed over the latent."""
+    logits, mean, log_var = output
+    reconstruction = F.binary_cross_entropy_with_logits(logits, images, reduction="none")
+    reconstruction = reconstruction.flatten(1).sum(dim=1)  # (B,)
+    # KL of N(mean, exp(log_var)) from N(0, 1), closed form.
+    kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(dim=1)  # (B,)
+    return reconstruction, kl

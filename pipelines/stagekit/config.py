@@ -53,6 +53,7 @@ SECTIONS = (
     "mlm",
     "segment",
     "segment_digits",
+    "generate",
     "tune",
 )
 """The top-level keys of params.yaml (anything else is a typo). A new section is a name here
@@ -117,6 +118,10 @@ class TrainConfig(Section):
     """L2 penalty (decoupled for adamw)."""
     momentum: float = 0.9
     """Momentum of the momentum and nesterov optimizers."""
+    beta1: float = 0.9
+    """Decay of adam's and adamw's gradient average (its first moment). GANs use 0.5
+    (DCGAN): each player's target moves as the other learns, and a long average follows it
+    too slowly."""
     loss: str = "cross_entropy"
     """One of: mse, mae, huber, bce, cross_entropy, kl_divergence."""
     huber_delta: float = 1.0
@@ -156,6 +161,8 @@ class TrainConfig(Section):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.beta1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1), got {self.beta1}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.optimizer == "nesterov" and self.momentum == 0:

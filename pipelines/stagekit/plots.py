@@ -170,3 +170,28 @@ def best_curves_png(
     ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     plt.close(fig)
+
+
+def image_grid(images: np.ndarray, columns: int = 10, scale: int = 4) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] tiled `columns` to a row with a 1-pixel gap, each
+    pixel drawn as a `scale` x `scale` block (8x8 digits are too small to see otherwise):
+    (rows*H', columns*W') for one channel, (..., 3) for colour."""
+    n, channels, height, width = images.shape
+    rows = -(-n // columns)
+    grid = np.ones((channels, rows * (height + 1) + 1, columns * (width + 1) + 1), np.float32)
+    for i, image in enumerate(images):
+        top, left = 1 + (i // columns) * (height + 1), 1 + (i % columns) * (width + 1)
+        grid[:, top : top + height, left : left + width] = image
+    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+    return grid[0] if channels == 1 else grid.transpose(1, 2, 0)
+
+
+def sample_grid_png(images: np.ndarray, path: str | Path, columns: int = 10) -> None:
+    """`image_grid` of `images` as a PNG (grey for one channel)."""
+    plt = _figure()
+    buffer = io.BytesIO()
+    grid = np.clip(image_grid(images, columns), 0.0, 1.0)
+    plt.imsave(
+        buffer, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0, format="png"
+    )
+    write_bytes(path, buffer.getvalue())

@@ -7,8 +7,8 @@ this process's shard into batches and runs `fit` with the run's learning-rate sc
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from pipelines.training.loop import (
     fit,
     precision_for,
     scheduled_lr,
+    unwrap,
 )
 
 if TYPE_CHECKING:
@@ -40,14 +41,36 @@ def initial_state(
     plain `.to(device)`), with the optimizer and early stopping `train` asks for."""
     torch.manual_seed(train.seed)
     model = prepare_model(task.build_model())
-    optimizer = make_optimizer(
-        train.optimizer,
-        model.parameters(),
-        learning_rate(train, 0),
-        weight_decay=train.weight_decay,
-        momentum=train.momentum,
-    )
-    return TrainingState(model, optimizer, EarlyStopping(train.early_stopping_patience))
+    optimizers = {
+        name: make_optimizer(
+            train.optimizer,
+            parameters,
+            learning_rate(train, 0),
+            weight_decay=train.weight_decay,
+            momentum=train.momentum,
+            betas=(train.beta1, 0.999),
+        )
+        for name, parameters in optimized_parts(model).items()
+    }
+    return TrainingState(model, optimizers, EarlyStopping(train.early_stopping_patience))
+
+
+def optimized_parts(model: nn.Module) -> dict[str, Iterable[nn.Parameter]]:
+    """The parameter sets that step on their own, one optimizer each: a model's `players`
+    (a GAN's generator and discriminator, which take turns), else the whole model."""
+    network = unwrap(model)
+    players = getattr(network, "players", ())
+    if players:
+        return {name: getattr(network, name).parameters() for name in players}
+    return {"model": model.parameters()}
+
+
+def ddp_options(model: nn.Module) -> dict[str, Any]:
+    """DistributedDataParallel's settings for `model`. A model with `players` runs one
+    forward pass per player's step, and each leaves the other player without gradients (the
+    discriminator's step detaches the generator's images; the generator's step freezes the
+    discriminator): DDP must look for unused parameters, or it waits for them forever."""
+    return {"find_unused_parameters": True} if getattr(model, "players", ()) else {}
 
 
 def fit_task(
@@ -72,12 +95,11 @@ def fit_task(
     )
     return fit(
         state,
-        task.loss(),
+        task.step(),
         train_batches,
         lambda: val_batches.epoch(0),
         epochs=train.epochs,
         device=device,
-        classification=task.classification,
         precision=precision_for(device, train.amp),
         divergence_factor=train.divergence_factor,
         reduce=reduce,

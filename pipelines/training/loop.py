@@ -1,7 +1,8 @@
 """The training loop in plain PyTorch: no Ray, no MLflow, testable in a second.
 
-`fit` runs epochs of `train_epoch` and `evaluate`, with early stopping on validation loss
-and divergence detection. Distributed training plugs in through two hooks: `reduce` sums
+`fit` runs epochs of `run_epoch` over a `Step` (what one batch does: `SupervisedStep`'s
+model(x) -> loss(output, y) for most tasks, a task's own for the generative models), with
+early stopping on validation loss and divergence detection. Distributed training plugs in through two hooks: `reduce` sums
 per-worker totals (an all-reduce under Ray Train) and `on_epoch_end` reports and
 checkpoints. Everything a run needs to resume lives in `TrainingState`.
 """
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -55,7 +56,9 @@ class TrainingState:
     """Everything needed to continue a run after a restart."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: dict[str, torch.optim.Optimizer]
+    """One per part of the model that steps on its own: {"model": ...} for most tasks,
+    {"generator": ..., "discriminator": ...} for a GAN (see `optimized_parts`)."""
     early_stopping: EarlyStopping
     next_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -76,7 +79,7 @@ class TrainingState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizers": {name: o.state_dict() for name, o in self.optimizers.items()},
             "early_stopping": vars(self.early_stopping).copy(),
             "next_epoch": self.next_epoch,
             "history": list(self.history),
@@ -95,13 +98,14 @@ class TrainingState:
         population-based-training trial takes a better trial's weights with its own
         mutated settings (a restart after a failure has the same settings anyway)."""
         unwrap(self.model).load_state_dict(state["model"])
-        settings = [
-            {key: value for key, value in group.items() if key != "params"}
-            for group in self.optimizer.param_groups
-        ]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
-            group.update(own)
+        for name, optimizer in self.optimizers.items():
+            settings = [
+                {key: value for key, value in group.items() if key != "params"}
+                for group in optimizer.param_groups
+            ]
+            optimizer.load_state_dict(state["optimizers"][name])
+            for group, own in zip(optimizer.param_groups, settings, strict=True):
+                group.update(own)
         vars(self.early_stopping).update(state["early_stopping"])
         self.next_epoch = state["next_epoch"]
         self.history = list(state["history"])
@@ -110,6 +114,12 @@ class TrainingState:
         self.saved_scaler = state.get("scaler")  # absent in checkpoints of older code
         self.saved_average = state.get("average")
         self.average_steps = state.get("average_steps", 0)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of a run with one (every task but the GAN)."""
+        (only,) = self.optimizers.values()
+        return only
 
     def evaluated_model(self) -> nn.Module:
         """What is validated and kept: the weights' moving average where there is one."""
@@ -226,6 +236,37 @@ def batch_totals(
     return torch.stack([loss.detach().float() * n, correct, n])
 
 
+class Step(Protocol):
+    """What one batch does, in training and in evaluation.
+
+    Both return the batch's totals: `size` sums kept on the device (no host sync per
+    step), added up over the epoch and over the workers (`fit`'s `reduce`) before `metrics`
+    turns them into the epoch's figures. Those include `loss`, which early stopping and
+    divergence detection read. `SupervisedStep` (model(x) -> loss(output, y)) serves every
+    task but the generative models, which bring their own (pipelines/training/generative.py).
+    A batch arrives on the device; `autocast()` opens a fresh autocast context."""
+
+    size: int
+
+    def train(
+        self,
+        model: nn.Module,
+        batch: tuple[torch.Tensor, ...],
+        optimizers: dict[str, torch.optim.Optimizer],
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        scaler: torch.amp.GradScaler | None,
+    ) -> torch.Tensor: ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batch: tuple[torch.Tensor, ...],
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> torch.Tensor: ...
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]: ...
+
+
 def train_step(
     model: nn.Module,
     x: torch.Tensor,
@@ -245,14 +286,23 @@ def train_step(
     with autocast():
         output = model(x)
         loss = loss_fn(output.float(), y, weight)
+    backward_and_step(loss, optimizer, scaler)
+    if scaler is not None and scaler.is_enabled():
+        scaler.update()  # adjusts the scale after an overflow (or a run of clean steps)
+    return batch_totals(output, y, loss, classification)
+
+
+def backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backpropagate `loss` and step `optimizer`: through `scaler` for fp16, which skips the
+    step when the scaled gradients overflowed (the caller then runs `scaler.update()`)."""
     if scaler is None or not scaler.is_enabled():
         loss.backward()
         optimizer.step()
-    else:  # skips the step when the scaled gradients overflowed, then adjusts the scale
+    else:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-        scaler.update()
-    return batch_totals(output, y, loss, classification)
 
 
 @torch.no_grad()
@@ -268,6 +318,42 @@ def eval_step(
         output = model(x)
         loss = loss_fn(output.float(), y)
     return batch_totals(output, y, loss, classification)
+
+
+@dataclass(frozen=True)
+class SupervisedStep:
+    """model(x) -> `loss_fn`(output, y), per-example weighted where a batch carries weights
+    (x, y, weight); totals [loss * n, correct, n], figures `loss` (and `accuracy`)."""
+
+    loss_fn: nn.Module
+    classification: bool
+    size = 3
+
+    def train(self, model, batch, optimizers, autocast, scaler) -> torch.Tensor:
+        x, y, *weight = batch
+        (optimizer,) = optimizers.values()
+        return train_step(
+            model,
+            x,
+            y,
+            self.loss_fn,
+            optimizer,
+            autocast,
+            self.classification,
+            weight[0] if weight else None,
+            scaler,
+        )
+
+    def evaluate(self, model, batch, autocast) -> torch.Tensor:
+        x, y, *_ = batch
+        return eval_step(model, x, y, self.loss_fn, autocast, self.classification)
+
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        loss_sum, correct, count = (float(v) for v in totals.cpu())
+        metrics = {"loss": loss_sum / max(count, 1.0)}
+        if self.classification:
+            metrics["accuracy"] = correct / max(count, 1.0)
+        return metrics
 
 
 def gradient_norms(model: nn.Module) -> dict[str, float]:
@@ -308,41 +394,34 @@ class TimedBatches:
 def run_epoch(
     model: nn.Module,
     batches: Batches,
-    loss_fn: nn.Module,
+    step: Step,
     device: torch.device,
     precision: Precision,
-    classification: bool,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Train (with an optimizer) or evaluate over `batches`; returns totals and gradient norms.
+    """Train (with optimizers) or evaluate over `batches`; returns totals and gradient norms.
     `after_step` runs after every optimisation step (the weights' moving average)."""
-    model.train(optimizer is not None)
-    totals = torch.zeros(3, device=device)
+    model.train(optimizers is not None)
+    totals = torch.zeros(step.size, device=device)
     autocast = functools.partial(autocast_for, device, precision)  # a fresh context per step
-    for x, y, *weight in batches:  # (x, y) or (x, y, per-example weight)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if optimizer is None:
-            totals += eval_step(model, x, y, loss_fn, autocast, classification)
+    for batch in batches:  # (x, y) or (x, y, per-example weight)
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        if optimizers is None:
+            totals += step.evaluate(model, batch, autocast)
         else:
-            w = weight[0].to(device, non_blocking=True) if weight else None
-            totals += train_step(
-                model, x, y, loss_fn, optimizer, autocast, classification, w, scaler
-            )
+            totals += step.train(model, batch, optimizers, autocast, scaler)
             if after_step is not None:
                 after_step()
     # Gradients of the epoch's last step: a cheap, representative sample.
-    norms = gradient_norms(model) if optimizer is not None else {}
+    norms = gradient_norms(model) if optimizers is not None else {}
     return totals, norms
 
 
-def epoch_metrics(prefix: str, totals: torch.Tensor, classification: bool) -> dict[str, float]:
-    loss_sum, correct, count = (float(v) for v in totals.cpu())
-    metrics = {f"{prefix}_loss": loss_sum / max(count, 1.0)}
-    if classification:
-        metrics[f"{prefix}_accuracy"] = correct / max(count, 1.0)
-    return metrics
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """{"loss": 0.3} -> {"train_loss": 0.3}."""
+    return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
 def scheduled_lr(
@@ -362,9 +441,8 @@ def scheduled_lr(
 def initial_loss(
     model: nn.Module,
     batches: Batches,
-    loss_fn: nn.Module,
+    step: Step,
     device: torch.device,
-    classification: bool,
     reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> float:
     """The untrained model's mean loss on the first training batch (over every worker, so
@@ -374,14 +452,12 @@ def initial_loss(
     network then settles at a finite loss no later epoch exceeds 100 times.
 
     Its batch is drawn before the first epoch reseeds the generators: training is unchanged."""
-    x, y, *_ = next(iter(batches))
+    batch = tuple(t.to(device) for t in next(iter(batches)))
     network = unwrap(model)  # no DDP collective for one worker's forward pass
     network.eval()
-    totals = eval_step(
-        network, x.to(device), y.to(device), loss_fn, contextlib.nullcontext, classification
-    )
-    loss_sum, _, count = (float(v) for v in reduce(totals).cpu())
-    return loss_sum / max(count, 1.0)
+    with torch.no_grad():
+        totals = step.evaluate(network, batch, contextlib.nullcontext)
+    return step.metrics(reduce(totals))["loss"]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -392,13 +468,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def fit(
     state: TrainingState,
-    loss_fn: nn.Module,
+    step: Step,
     train_batches: Callable[[int], Batches],
     val_batches: Callable[[], Batches],
     *,
     epochs: int,
     device: torch.device,
-    classification: bool,
     precision: Precision = "fp32",
     divergence_factor: float = 100.0,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
@@ -408,7 +483,7 @@ def fit(
     seed: int | None = None,
     ema_decay: float = 0.0,
 ) -> TrainingState:
-    """Train from `state.next_epoch` to `epochs`, stopping early or on divergence.
+    """Train from `state.next_epoch` to `epochs` with `step`, stopping early or on divergence.
 
     `train_batches(epoch)` yields the epoch's (shuffled) batches; `reduce` turns this
     worker's totals into the global ones, so every worker takes the same decisions.
@@ -433,40 +508,31 @@ def fit(
     )
     if state.first_train_loss is None:
         state.first_train_loss = initial_loss(
-            state.model, train_batches(state.next_epoch), loss_fn, device, classification, reduce
+            state.model, train_batches(state.next_epoch), step, device, reduce
         )
     for epoch in range(state.next_epoch, epochs):
         started = time.perf_counter()
         if seed is not None:
             torch.manual_seed(epoch_seed(seed, epoch))
         if lr_at is not None:
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr_at(epoch)
+            for optimizer in state.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch)
         batches = TimedBatches(train_batches(epoch))
         train_totals, norms = run_epoch(
-            state.model,
-            batches,
-            loss_fn,
-            device,
-            precision,
-            classification,
-            state.optimizer,
-            scaler,
-            after_step,
+            state.model, batches, step, device, precision, state.optimizers, scaler, after_step
         )
         train_seconds = time.perf_counter() - started
         # Evaluate the bare module: DDP's forward may broadcast buffers, a collective that
         # would hang when workers hold different numbers of validation batches.
-        val_totals, _ = run_epoch(
-            state.evaluated_model(), val_batches(), loss_fn, device, precision, classification
-        )
+        val_totals, _ = run_epoch(state.evaluated_model(), val_batches(), step, device, precision)
         totals = reduce(torch.cat([train_totals, val_totals]))
         metrics = {
             "epoch": float(epoch),
-            **epoch_metrics("train", totals[:3], classification),
-            **epoch_metrics("val", totals[3:], classification),
+            **prefixed("train", step.metrics(totals[: step.size])),
+            **prefixed("val", step.metrics(totals[step.size :])),
             **{f"grad_norm/{name}": value for name, value in norms.items()},
-            "lr": state.optimizer.param_groups[0]["lr"],
+            "lr": next(iter(state.optimizers.values())).param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - started,
             "train_seconds": train_seconds,  # the training part of the epoch
             "data_wait_seconds": batches.seconds,  # the part of it spent waiting for batches

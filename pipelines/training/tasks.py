@@ -1,4 +1,4 @@
-"""What a training run learns: the network, its loss and its training batches.
+"""What a training run learns: the network, its step (loss and update) and its batches.
 
 The worker adapter (`worker.py`) is the same for every stage; a task object, built by the
 driver and shipped to the workers in the loop config, supplies the parts that differ.
@@ -18,12 +18,15 @@ from torch import nn
 from models.architecture import ArchitectureConfig
 from models.augmentation import AugmentConfig, augment
 from models.autoencoder import Autoencoder, AutoencoderConfig
+from models.gan import GanConfig, GanPair
 from models.losses import FixMatchLoss, MaskedTokenLoss, TaskLoss
 from models.transformer import EncoderConfig, MaskedLanguageModel
+from models.vae import VAE, VaeConfig
 from pipelines.stagekit.model_bundle import build_model
 from pipelines.training.batches import ShardedBatches
 from pipelines.training.fixmatch import FixMatchBatches
-from pipelines.training.loop import Batches
+from pipelines.training.generative import GanStep, VaeStep
+from pipelines.training.loop import Batches, Step, SupervisedStep
 from pipelines.training.masking import MaskedTokenBatches, MaskingSpec
 
 
@@ -47,8 +50,10 @@ class SupervisedTask:
     def build_model(self) -> nn.Module:
         return build_model(self.architecture, self.manifest)
 
-    def loss(self) -> nn.Module:
-        return TaskLoss(self.loss_name, self.manifest["task"], self.huber_delta)
+    def step(self) -> Step:
+        return SupervisedStep(
+            TaskLoss(self.loss_name, self.manifest["task"], self.huber_delta), self.classification
+        )
 
     def train_batches(
         self,
@@ -93,8 +98,8 @@ class FixMatchTask:
     def build_model(self) -> nn.Module:
         return build_model(self.architecture, self.manifest)
 
-    def loss(self) -> nn.Module:
-        return FixMatchLoss(self.threshold, self.unlabeled_weight)
+    def step(self) -> Step:
+        return SupervisedStep(FixMatchLoss(self.threshold, self.unlabeled_weight), True)
 
     def train_batches(
         self,
@@ -132,8 +137,8 @@ class MaskedLmTask:
     def build_model(self) -> nn.Module:
         return MaskedLanguageModel(self.encoder, self.masking.vocab_size, self.pad_id)
 
-    def loss(self) -> nn.Module:
-        return MaskedTokenLoss()
+    def step(self) -> Step:
+        return SupervisedStep(MaskedTokenLoss(), True)
 
     def train_batches(
         self,
@@ -164,8 +169,8 @@ class AutoencoderTask:
     def build_model(self) -> nn.Module:
         return Autoencoder(self.config, self.num_features, self.image_shape)
 
-    def loss(self) -> nn.Module:
-        return TaskLoss(self.loss_name, "regression", self.huber_delta)
+    def step(self) -> Step:
+        return SupervisedStep(TaskLoss(self.loss_name, "regression", self.huber_delta), False)
 
     def train_batches(
         self,
@@ -179,7 +184,70 @@ class AutoencoderTask:
         return ShardedBatches(x, x, batch_size, rank, world_size, seed=seed).epoch
 
 
-Task = SupervisedTask | FixMatchTask | MaskedLmTask | AutoencoderTask
+@dataclass(frozen=True)
+class VaeTask:
+    """A variational autoencoder on x_train images (pixels in [0, 1]); validated on x_val."""
+
+    config: VaeConfig
+    image_shape: tuple[int, int, int]
+    sample_every: int = 0
+    """Epochs between the grids of samples the run logs (0: none)."""
+
+    classification = False
+
+    def build_model(self) -> nn.Module:
+        return VAE(self.config, self.image_shape)
+
+    def step(self) -> Step:
+        return VaeStep(self.config.beta)
+
+    def samples(self, model: nn.Module) -> torch.Tensor:
+        return latent_samples(model, self.config.latent)
+
+    def train_batches(
+        self,
+        arrays: dict[str, torch.Tensor],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> Callable[[int], Batches]:
+        return image_batches(arrays, batch_size, rank, world_size, seed)
+
+
+@dataclass(frozen=True)
+class GanTask:
+    """A DCGAN on x_train images (pixels in [0, 1]): generator and discriminator, each with
+    its own optimizer (see GanPair); its validation losses are on x_val."""
+
+    config: GanConfig
+    image_shape: tuple[int, int, int]
+    sample_every: int = 0
+    """Epochs between the grids of samples the run logs (0: none)."""
+
+    classification = False
+
+    def build_model(self) -> nn.Module:
+        return GanPair(self.config, self.image_shape)
+
+    def step(self) -> Step:
+        return GanStep(self.config.latent, self.config.real_label)
+
+    def samples(self, model: nn.Module) -> torch.Tensor:
+        return latent_samples(model, self.config.latent)
+
+    def train_batches(
+        self,
+        arrays: dict[str, torch.Tensor],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> Callable[[int], Batches]:
+        return image_batches(arrays, batch_size, rank, world_size, seed)
+
+
+Task = SupervisedTask | FixMatchTask | MaskedLmTask | AutoencoderTask | VaeTask | GanTask
 """Every kind of training run the one driver runs."""
 
 
@@ -190,6 +258,28 @@ def augmented_batches(
     The draws come from torch's generator, which `fit` reseeds every epoch."""
     for x, *rest in batches(epoch):
         yield augment(x, config), *rest
+
+
+def image_batches(
+    arrays: dict[str, torch.Tensor], batch_size: int, rank: int, world_size: int, seed: int
+) -> Callable[[int], Batches]:
+    """This worker's shuffled (image, label) batches of x_train/y_train: a generative model
+    reads the images only."""
+    return ShardedBatches(
+        arrays["x_train"], arrays["y_train"], batch_size, rank, world_size, seed=seed
+    ).epoch
+
+
+def latent_samples(model: nn.Module, latent: int, count: int = 100, seed: int = 0) -> torch.Tensor:
+    """`count` images a generative model (its `generate(z)`) draws from the same seeded
+    latents every time: grids from epoch to epoch show the same draws taking shape."""
+    z = torch.randn(count, latent, generator=torch.Generator().manual_seed(seed))
+    training = model.training
+    model.eval()  # batch norm's running statistics, as the exported graph uses them
+    with torch.no_grad():
+        images = model.generate(z.to(next(model.parameters()).device)).float().cpu()
+    model.train(training)
+    return images
 
 
 def ramp_weight(epoch: int, weight: float, ramp_epochs: int) -> float:

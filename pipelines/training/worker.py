@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from pipelines.stagekit.config import TrainConfig
+from pipelines.stagekit.plots import sample_grid_png
 from pipelines.stagekit.tracking import RunLogger, TrackingUnavailable
-from pipelines.training.fitting import EVAL_BATCH_SIZE, fit_task, initial_state
+from pipelines.training.fitting import EVAL_BATCH_SIZE, ddp_options, fit_task, initial_state
 from pipelines.training.loop import TrainingDiverged, TrainingState, precision_for
 
 STATE_FILE = "state.pt"
@@ -56,7 +57,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = initial_state(
         task,
         train_cfg,
-        lambda model: ray.train.torch.prepare_model(model, move_to_device=device),
+        lambda model: ray.train.torch.prepare_model(
+            model, move_to_device=device, parallel_strategy_kwargs=ddp_options(model)
+        ),
     )
     # The run's own latest checkpoint (a restart after a failure), else the one the run was
     # started from (`initial_checkpoint`: e.g. a Tune trial restarted by PBT from a better
@@ -98,6 +101,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # it twice.
         if logger is not None:
             _tracked(lambda: logger.log_metrics(metrics, step=int(metrics["epoch"])))
+            epoch = int(metrics["epoch"]) + 1
+            every = getattr(task, "sample_every", 0)  # generative tasks: a grid of samples
+            if every and (epoch % every == 0 or epoch == train_cfg.epochs):
+                images = task.samples(state.evaluated_model()).numpy()
+                _tracked(lambda: _log_sample_grid(logger, images, epoch))
 
     try:
         fit_task(
@@ -214,6 +222,13 @@ def _tracked(call) -> None:
             )
     except Exception as exc:  # any other MLflow or network error is non-fatal here too
         print(f"warning: MLflow logging failed ({exc}); training continues", flush=True)
+
+
+def _log_sample_grid(logger: RunLogger, images: np.ndarray, epoch: int) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"epoch_{epoch:03d}.png"
+        sample_grid_png(images, path)
+        logger.log_artifact(path, "samples")
 
 
 def _shared_tensor(array) -> torch.Tensor:

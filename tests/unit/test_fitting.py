@@ -13,7 +13,7 @@ from models.losses import TaskLoss
 from pipelines.stagekit.config import TrainConfig
 from pipelines.training.batches import ShardedBatches, shard_for_eval
 from pipelines.training.fitting import fit_task, initial_state
-from pipelines.training.loop import TrainingDiverged, fit
+from pipelines.training.loop import SupervisedStep, TrainingDiverged, fit
 from pipelines.training.tasks import SupervisedTask
 from tests.unit.test_fixmatch import MANIFEST as DIGITS
 from tests.unit.test_fixmatch import SMALL_CNN, digits_split
@@ -65,12 +65,11 @@ def test_each_epoch_reports_the_time_it_waited_for_batches():
 
     state = fit(
         make_state(),
-        TaskLoss("cross_entropy", "classification"),
+        SupervisedStep(TaskLoss("cross_entropy", "classification"), classification=True),
         slow_batches,
         lambda: val.epoch(0),
         epochs=2,
         device=CPU,
-        classification=True,
     )
     for metrics in state.history:
         assert 0.06 <= metrics["data_wait_seconds"] < metrics["train_seconds"]

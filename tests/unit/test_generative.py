@@ -1,19 +1,19 @@
-"""The generative networks, plain torch on the real digits: a VAE whose loss falls and
-whose decoder samples images, and a DCGAN whose generator moves toward the digits."""
+"""The generative networks on the real digits, trained by the one training loop (no Ray):
+a VAE whose loss falls and whose decoder samples images, and a DCGAN whose two players
+take turns, each with its own optimizer, and whose generator moves toward the digits."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from models.gan import (
-    Discriminator,
-    GanConfig,
-    Generator,
-    discriminator_loss,
-    generator_loss,
-)
+from models.gan import GanConfig, Generator
 from models.vae import VAE, VaeConfig, VaeLoss
+from pipelines.stagekit.config import TrainConfig
+from pipelines.training.fitting import fit_task, initial_state
+from pipelines.training.tasks import GanTask, VaeTask
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -21,25 +21,30 @@ def digits() -> torch.Tensor:
     return torch.from_numpy((load_digits().images / 16.0).astype(np.float32)).unsqueeze(1)
 
 
-def test_vae_shapes_and_its_loss_falls_on_the_digits(digits):
-    torch.manual_seed(0)
+def digits_arrays(digits):
+    labels = torch.from_numpy(load_digits().target.astype(np.int64))
+    return {
+        "x_train": digits[:1400],
+        "y_train": labels[:1400],
+        "x_val": digits[1400:],
+        "y_val": labels[1400:],
+    }
+
+
+def test_the_vae_trains_through_fit_task_and_its_decoder_samples_images(digits):
     vae = VAE(VaeConfig(hidden_sizes=(64,), latent=4), (1, 8, 8))
-    loss_fn = VaeLoss(beta=1.0)
     logits, mean, log_var = vae(digits[:5])
     assert logits.shape == (5, 1, 8, 8) and mean.shape == log_var.shape == (5, 4)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=0.003)
-    epoch_losses = []
-    for _ in range(5):
-        total = 0.0
-        for batch in torch.randperm(len(digits)).split(64):
-            optimizer.zero_grad()
-            loss = loss_fn(vae(digits[batch]), digits[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        epoch_losses.append(total / len(digits))
-    assert epoch_losses[-1] < 0.8 * epoch_losses[0], epoch_losses
-    samples = vae.eval().generate(torch.randn(7, 4))
+
+    task = VaeTask(VaeConfig(hidden_sizes=(64,), latent=4), (1, 8, 8))
+    train = TrainConfig(epochs=5, lr=0.003, early_stopping_patience=0)
+    state = fit_task(initial_state(task, train), task, digits_arrays(digits), train, CPU)
+    first, last = state.history[0], state.history[-1]
+    assert last["val_loss"] < 0.8 * first["val_loss"], state.history
+    # The two terms are logged apart, and add up to the loss (beta 1).
+    assert last["train_loss"] == pytest.approx(last["train_reconstruction"] + last["train_kl"])
+    assert last["train_kl"] > 0
+    samples = state.model.eval().generate(torch.randn(7, 4))
     assert samples.shape == (7, 1, 8, 8) and 0.0 <= samples.min() and samples.max() <= 1.0
 
 
@@ -52,12 +57,18 @@ def test_the_kl_term_is_zero_exactly_at_the_prior():
     assert torch.isclose(at_prior, torch.tensor(64 * np.log(2.0), dtype=torch.float32))
 
 
-def test_gan_generator_moves_toward_the_digits(digits):
-    torch.manual_seed(0)
+def test_the_gan_takes_turns_with_two_optimizers_and_moves_toward_the_digits(digits):
     config = GanConfig(latent=16, width=16)
-    generator, discriminator = Generator(config, (1, 8, 8)), Discriminator(config, (1, 8, 8))
-    g_opt = torch.optim.Adam(generator.parameters(), lr=0.002, betas=(0.5, 0.999))
-    d_opt = torch.optim.Adam(discriminator.parameters(), lr=0.002, betas=(0.5, 0.999))
+    task = GanTask(config, (1, 8, 8))
+    train = TrainConfig(epochs=4, lr=0.002, beta1=0.5, early_stopping_patience=0)
+    state = initial_state(task, train)
+    assert set(state.optimizers) == {"generator", "discriminator"}
+    assert state.optimizers["generator"].param_groups[0]["betas"] == (0.5, 0.999)
+    generator = state.model.generator
+    # Each optimizer holds its own player's weights, and only those.
+    assert {id(p) for p in state.optimizers["generator"].param_groups[0]["params"]} == {
+        id(p) for p in generator.parameters()
+    }
     mean_digit = digits.mean(dim=0)
 
     def distance_to_digits() -> float:
@@ -67,22 +78,18 @@ def test_gan_generator_moves_toward_the_digits(digits):
         generator.train()
         return float((fake.mean(dim=0) - mean_digit).pow(2).mean())
 
+    torch.manual_seed(1)
     before = distance_to_digits()
-    for _ in range(4):
-        for batch in torch.randperm(len(digits)).split(64):
-            real = digits[batch]
-            fake = generator(torch.randn(len(real), config.latent))
-            d_opt.zero_grad()
-            d_loss = discriminator_loss(
-                discriminator(real), discriminator(fake.detach()), config.real_label
-            )
-            d_loss.backward()
-            d_opt.step()
-            g_opt.zero_grad()
-            g_loss = generator_loss(discriminator(fake))
-            g_loss.backward()
-            g_opt.step()
-            assert torch.isfinite(d_loss) and torch.isfinite(g_loss)
+    state = fit_task(state, task, digits_arrays(digits), train, CPU)
     assert distance_to_digits() < 0.5 * before
+    for epoch in state.history:
+        assert np.isfinite(epoch["train_generator_loss"]) and np.isfinite(
+            epoch["train_discriminator_loss"]
+        )
+        assert 0.0 <= epoch["val_discriminator_accuracy"] <= 1.0
+    # Gradient norms of both players, the discriminator's from its own step.
+    assert any(k.startswith("grad_norm/generator.") for k in state.history[-1])
+    assert any(k.startswith("grad_norm/discriminator.") for k in state.history[-1])
+    assert all(p.requires_grad for p in state.model.discriminator.parameters())
     with pytest.raises(ValueError, match="divide by 4"):
         Generator(config, (1, 10, 10))

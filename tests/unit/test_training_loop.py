@@ -11,7 +11,13 @@ from models.losses import TaskLoss
 from models.networks import build_network
 from models.optimizers import make_optimizer
 from pipelines.training.batches import ShardedBatches, shard_for_eval
-from pipelines.training.loop import EarlyStopping, TrainingDiverged, TrainingState, fit
+from pipelines.training.loop import (
+    EarlyStopping,
+    SupervisedStep,
+    TrainingDiverged,
+    TrainingState,
+    fit,
+)
 
 CPU = torch.device("cpu")
 
@@ -28,7 +34,7 @@ def make_state(lr=0.05, optimizer="adam", patience=0):
     torch.manual_seed(0)
     model = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(16,), dropout=0.0), (2,), 2)
     return TrainingState(
-        model, make_optimizer(optimizer, model.parameters(), lr), EarlyStopping(patience)
+        model, {"model": make_optimizer(optimizer, model.parameters(), lr)}, EarlyStopping(patience)
     )
 
 
@@ -47,13 +53,12 @@ def run(
     val = shard_for_eval(x[300:], y[300:], 256, 0, 1)
     return fit(
         state,
-        TaskLoss("cross_entropy", "classification"),
+        SupervisedStep(TaskLoss("cross_entropy", "classification"), classification=True),
         train.epoch,
         lambda: val.epoch(0),
         epochs=epochs,
         device=device,
         precision=precision,
-        classification=True,
         divergence_factor=divergence_factor,
         on_epoch_end=on_epoch_end,
         ema_decay=ema_decay,
@@ -109,7 +114,7 @@ def test_a_state_loaded_into_other_settings_keeps_their_hyperparameters():
     model = build_network(ArchitectureConfig(kind="mlp", hidden_sizes=(16,), dropout=0.0), (2,), 2)
     taker = TrainingState(
         model,
-        make_optimizer("adamw", model.parameters(), 0.01, weight_decay=0.003),
+        {"model": make_optimizer("adamw", model.parameters(), 0.01, weight_decay=0.003)},
         EarlyStopping(0),
     )
     taker.load_state_dict(copy.deepcopy(donor.state_dict()))
