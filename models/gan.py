@@ -61,7 +61,7 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        start = self.project(z).view(len(z), *self.start)  # (B, 2w, H/4, W/4)
+        start = self.project(z).view(-1, *self.start)  # (B, 2w, H/4, W/4)
         return torch.sigmoid(self.upsample(start))  # images in [0, 1]
 
 
@@ -110,6 +110,7 @@ class GanPair(nn.Module):
     def __init__(self, config: GanConfig, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.config = config
+        self.image_shape = tuple(image_shape)
         self.generator = Generator(config, image_shape)
         self.discriminator = Discriminator(config, image_shape)
 

@@ -59,7 +59,7 @@ class VAE(nn.Module):
         return self.mean(h), self.log_var(h)  # (B, latent) each
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z).view(len(z), *self.image_shape)  # pixel logits (B, C, H, W)
+        return self.decoder(z).view(-1, *self.image_shape)  # pixel logits (B, C, H, W)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, log_var = self.encode(x)

@@ -98,7 +98,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}"
     try:
         if args.demo:
-            return _demo_request(url, args.demo_image, with_mlm=sources["mlm_model"] != NO_MODEL)
+            return _demo_request(
+                url,
+                args.demo_image,
+                with_mlm=sources["mlm_model"] != NO_MODEL,
+                with_generator=sources["generator_model"] != NO_MODEL,
+            )
         _print_endpoints(url)
         print("serving; press Ctrl-C to stop", flush=True)
         while True:
@@ -254,7 +259,9 @@ def _demo_payload(url: str, image: str | None) -> tuple[dict, str]:
     return {"images": [base64.b64encode(path.read_bytes()).decode()]}, f"image {path}"
 
 
-def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
+def _demo_request(
+    url: str, image: str | None, with_mlm: bool = False, with_generator: bool = False
+) -> int:
     try:
         payload, shown = _demo_payload(url, image)
     except FileNotFoundError as exc:
@@ -287,6 +294,18 @@ def _demo_request(url: str, image: str | None, with_mlm: bool = False) -> int:
             return 1
         top = filled["results"][0]["masks"][0]["predictions"]
         print(json.dumps({p["token"]: round(p["score"], 3) for p in top}))
+    if with_generator:
+        print(f"\nPOST {url}/v1/generate  (count 4, seed 0)", flush=True)
+        try:
+            drawn = _post_json(f"{url}/v1/generate", {"count": 4, "seed": 0})
+        except urllib.error.HTTPError as exc:
+            print(f"serve: error: {_http_error(exc)}")
+            return 1
+        sizes = [len(base64.b64decode(image)) for image in drawn["images"]]
+        print(
+            f"{len(sizes)} PNG images ({', '.join(map(str, sizes))} bytes) from "
+            f"{drawn['model']} version {drawn['version']}"
+        )
     _print_endpoints(url)
     print("(demo: stopping the app; `make serve` keeps it running)")
     return 0

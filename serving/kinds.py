@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
+from serving.generate_predictor import GeneratorPredictor
 from serving.mlm_predictor import NOT_EMPTY, MaskedLmPredictor
 from serving.predictor import ClassifierPredictor
 from serving.schemas import (
@@ -30,6 +31,8 @@ from serving.schemas import (
     EmbedResponse,
     FillMaskRequest,
     FillMaskResponse,
+    GenerateRequest,
+    GenerateResponse,
     SegmentRequest,
     SegmentResponse,
 )
@@ -120,6 +123,13 @@ async def segment(
     return {"assignments": segmenter.segment(segmenter.records_to_array(request.customers))}
 
 
+async def generate(
+    generator: GeneratorPredictor, request: GenerateRequest, _: Batch | None
+) -> dict[str, Any]:
+    images = generator.generate(request.count, request.seed, request.label)
+    return {"images": images, "seed": request.seed}
+
+
 def _number(low: float = -FLOAT32_MAX, high: float = FLOAT32_MAX) -> dict[str, Any]:
     return {"type": "number", "minimum": low, "maximum": high}
 
@@ -189,6 +199,13 @@ def segment_body(segmenter: SegmentPredictor) -> dict[str, Any]:
     return _closed({"customers": _batch(_closed(fields, list(segmenter.features)))}, ["customers"])
 
 
+def generate_body(generator: GeneratorPredictor) -> dict[str, Any]:
+    properties = GenerateRequest.model_json_schema()["properties"]
+    if not generator.conditional:  # an unconditional model refuses a label
+        properties = {k: v for k, v in properties.items() if k != "label"}
+    return _closed(properties, [])
+
+
 KINDS: tuple[ModelKind, ...] = (
     ModelKind(
         slot="classifier",
@@ -249,6 +266,24 @@ KINDS: tuple[ModelKind, ...] = (
                 "Customer segments with distances",
                 segment,
                 segment_body,
+            ),
+        ),
+    ),
+    ModelKind(
+        slot="generator",
+        title="generative model",
+        predictor=GeneratorPredictor,
+        source_arg="generator_model",
+        default_model="models:/dlpipe-generator@champion",
+        required=False,
+        routes=(
+            Route(
+                "/v1/generate",
+                GenerateRequest,
+                GenerateResponse,
+                "Draw new images (base64 PNG), the same for the same seed",
+                generate,
+                generate_body,
             ),
         ),
     ),

@@ -164,3 +164,26 @@ class SegmentAssignment(BaseModel):
 class SegmentResponse(BaseModel):
     model: str
     assignments: list[SegmentAssignment]
+
+
+MAX_GENERATE = 64
+"""Images one /v1/generate request may ask for."""
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(1, ge=1, le=MAX_GENERATE, description="How many images to draw.")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="The same seed and count give the same images."
+    )
+    label: int | None = Field(
+        None, ge=0, description="The class to draw, for a conditional generator only."
+    )
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    images: list[str]
+    """Base64 PNG images, in the order of the seed's latents."""
+    seed: int

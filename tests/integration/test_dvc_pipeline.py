@@ -35,6 +35,7 @@ FORCED = frozenset(
         "export",
         "export_mlm",
         "export_segment",
+        "export_generate",
     }
 )
 NOT_FORCED = {
@@ -55,6 +56,7 @@ NOT_FORCED = {
     "train_timeseries": "its metrics file holds train times",
     "evaluate_timeseries": "scores a fixed model on fixed data",
     "export_timeseries": "export's code on another model",
+    "generate": "its metrics file holds train times",
 }
 
 
@@ -97,6 +99,11 @@ def small_params(params: dict) -> None:
     params["timeseries"].update(kinds=["lstm"], baselines=[])
     params["timeseries"]["model"].update(recurrent_size=16, hidden_sizes=[16])
     params["timeseries"]["train"].update(epochs=2)
+    # tests/integration/test_generate.py trains them longer
+    params["generate"]["vae"].update(hidden_sizes=[32])
+    params["generate"]["gan"].update(width=8)
+    params["generate"]["vae_train"].update(epochs=2)
+    params["generate"]["gan_train"].update(epochs=2)
     params["tune"].update(
         optimizers=["adam", "momentum"], samples=1, epochs=2, space={"train.batch_size": [64]}
     )

@@ -123,9 +123,11 @@ def test_every_route_of_the_kind_table_is_served_documented_and_has_a_serve_opti
         for route in kind.routes:
             assert route.path in generic["paths"]
             answer = http.post(route.path, json={})
-            # The route exists: its schema refuses the empty body (422), or, for a kind not
-            # loaded here, the 404 names the kind, not an unknown path.
-            assert answer.status_code == 422, answer.json()
+            # The route exists: its schema refuses the empty body (422), or, where an empty
+            # body is a valid request (/v1/generate's defaults) for a kind not loaded here,
+            # the 404 names the kind, not an unknown path.
+            named = answer.status_code == 404 and kind.title in answer.json()["detail"]
+            assert answer.status_code == 422 or named, answer.json()
     mlm = next(kind for kind in KINDS if kind.slot == "mlm")
     answer = http.post(mlm.routes[0].path, json={"texts": ["a [MASK] b"]})
     assert answer.status_code == 404 and mlm.title in answer.json()["detail"]
