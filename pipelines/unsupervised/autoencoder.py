@@ -1,4 +1,5 @@
-"""The autoencoder side of segmentation: train it on Ray Train, encode, optionally refine.
+"""The autoencoder side of segmentation: train it (or a VAE) on Ray Train, encode,
+optionally refine.
 
 Training goes through the same driver and worker adapter as every other stage (task
 `AutoencoderTask`), with a seeded 10% of the rows held out for early stopping. IDEC
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.dec import soft_assignment, target_distribution
+from models.vae import VAE, VaeConfig
 from pipelines.stagekit.config import TrainConfig, config_to_dict
 from pipelines.stagekit.tracking import RunLogger
 from pipelines.training.driver import run_name, train_job
-from pipelines.training.tasks import AutoencoderTask
+from pipelines.training.tasks import AutoencoderTask, VaeTask
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,7 @@ def train_autoencoder(
     """(trained autoencoder with its best-validation weights, per-epoch history).
     `image_shape` (channels, height, width) of the rows of `x` when they are images;
     `lr_key` the params key a diverged run names."""
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = max(1, int(len(x) * VALIDATION_SHARE))
-    x_val, x_train = x[order[:cut]], x[order[cut:]]
+    x_train, x_val = held_out_split(x, seed)
     arrays = {"x_train": x_train, "x_val": x_val, "y_val": x_val}
     task = AutoencoderTask(config, x.shape[1], train.loss, train.huber_delta, image_shape)
     data_hash = data_fingerprint(x)
@@ -51,6 +51,43 @@ def train_autoencoder(
     model = Autoencoder(config, x.shape[1], image_shape)
     model.load_state_dict(state["best_model"] or state["model"])
     return model.eval(), state["history"]
+
+
+def held_out_split(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, a seeded VALIDATION_SHARE of the rows for early stopping)."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    cut = max(1, int(len(x) * VALIDATION_SHARE))
+    return x[order[cut:]], x[order[:cut]]
+
+
+def train_vae(
+    images: np.ndarray,
+    config: VaeConfig,
+    train: TrainConfig,
+    seed: int,
+    logger: RunLogger | None,
+    stage: str,
+    lr_key: str,
+) -> VAE:
+    """A VAE trained on `images` (N, C, H, W) in [0, 1], with its best-validation weights:
+    its codes (the encoder's means) are a space to cluster in, smoothed by the KL term."""
+    x_train, x_val = held_out_split(images, seed)
+    no_labels = np.zeros(len(x_train), dtype=np.int64)  # the VAE reads the images only
+    arrays = {"x_train": x_train, "y_train": no_labels, "x_val": x_val, "y_val": x_val}
+    shape = tuple(images.shape[1:])
+    name = run_name(
+        stage, config_to_dict(config), config_to_dict(train), seed, data_fingerprint(images)
+    )
+    state = train_job(arrays, VaeTask(config, shape), train, name, logger, lr_key=lr_key).state
+    model = VAE(config, shape)
+    model.load_state_dict(state["best_model"] or state["model"])
+    return model.eval()
+
+
+def vae_codes(model: VAE, images: np.ndarray) -> np.ndarray:
+    """Each image's code: the mean of its posterior (the draw would add noise)."""
+    with torch.no_grad():
+        return model.eval().encode(torch.from_numpy(images))[0].numpy()
 
 
 def encode(model: Autoencoder, x: np.ndarray) -> np.ndarray:

@@ -118,6 +118,13 @@ class SegmentDigitsConfig(Section):
     pca_components: int = 10
     """Principal components the PCA rows of the table cluster in (the autoencoder's
     bottleneck by default, so the two reductions compare at one size)."""
+    vae: VaeConfig = VaeConfig(hidden_sizes=(256, 128), latent=10)
+    """The VAE whose codes (posterior means) the VAE rows of the table cluster in: the
+    `generate` stage's network, with a 10-d latent like the other two reductions."""
+    vae_train: TrainConfig = TrainConfig(
+        epochs=100, batch_size=64, lr=0.002, weight_decay=0.0, early_stopping_patience=0
+    )
+    """Its training on Ray Train (the lowest validation loss's weights are kept)."""
     dbscan_min_samples: int = 10
     """DBSCAN's density: points within `dbscan_eps` a core point needs, itself included."""
     dbscan_eps: float = 0.0

@@ -3,7 +3,7 @@
 The digits images (labels hidden from every fit) are clustered into 10 groups: K-means on
 the raw pixels, and K-means on autoencoder codes followed by IDEC refinement (the headline
 figures); and a table of every method in every space: K-means and DBSCAN on the raw pixels,
-their first principal components and the autoencoder's codes. Each is scored against the
+their first principal components, the autoencoder's codes and a VAE's codes. Each is scored against the
 labels (Hungarian-matched accuracy, NMI, ARI; DBSCAN's noise counted as one more cluster,
 its share reported) in `metrics/segment_digits.json`. The K-means, autoencoder and
 refinement code is the one `segment` uses on customers.
@@ -22,7 +22,13 @@ from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.dataset import SPLITS, load_prepared
 from pipelines.stagekit.metrics import accuracy_figures
 from pipelines.stagekit.stage import stage_command
-from pipelines.unsupervised.autoencoder import encode, refine, train_autoencoder
+from pipelines.unsupervised.autoencoder import (
+    encode,
+    refine,
+    train_autoencoder,
+    train_vae,
+    vae_codes,
+)
 from pipelines.unsupervised.config import SegmentConfig, SegmentDigitsConfig
 from pipelines.unsupervised.density import dbscan_labels, knee_eps, pca_codes
 from pipelines.unsupervised.figures import label_agreement
@@ -87,8 +93,26 @@ def segment_digits(
         pca, explained = pca_codes(x, digits.pca_components, segment.seed)
         with kmeans_shards(pca, segment.num_shards) as points:
             on_pca = points.fit(k, segment.seed, max(segment.restarts, 10), segment.max_iterations)
-        spaces = {"raw": x, "pca": pca, "autoencoder": codes}
-        kmeans_labels = {"raw": raw.labels, "pca": on_pca.labels, "autoencoder": coded.labels}
+        images = x.reshape(-1, *data.input_shape)
+        vae = train_vae(
+            images,
+            digits.vae,
+            digits.vae_train,
+            segment.seed,
+            run,
+            f"{STAGE}_vae",
+            lr_key="segment_digits.vae_train.lr",
+        )
+        vae_points = vae_codes(vae, images)
+        with kmeans_shards(vae_points, segment.num_shards) as points:
+            on_vae = points.fit(k, segment.seed, max(segment.restarts, 10), segment.max_iterations)
+        spaces = {"raw": x, "pca": pca, "autoencoder": codes, "vae": vae_points}
+        kmeans_labels = {
+            "raw": raw.labels,
+            "pca": on_pca.labels,
+            "autoencoder": coded.labels,
+            "vae": on_vae.labels,
+        }
         table = {}
         for space, points in spaces.items():
             table[f"kmeans/{space}"] = {**label_agreement(kmeans_labels[space], truth)}

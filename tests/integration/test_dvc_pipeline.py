@@ -95,6 +95,7 @@ def small_params(params: dict) -> None:
     params["segment"]["train"].update(epochs=1)
     params["segment_digits"]["train"].update(epochs=1)
     params["segment_digits"].update(refine_epochs=1)
+    params["segment_digits"]["vae_train"].update(epochs=1)
     # one network, no baseline: tests/integration/test_timeseries.py trains them
     params["timeseries"].update(kinds=["lstm"], baselines=[])
     params["timeseries"]["model"].update(recurrent_size=16, hidden_sizes=[16])
