@@ -28,12 +28,13 @@ class VaeStep:
     `loss`, `reconstruction` and `kl` (per image)."""
 
     beta: float
+    likelihood: str = "bernoulli"
     size = 3
 
     def _totals(self, model, images, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast():
             output = model(images)
-        reconstruction, kl = vae_terms(tuple(o.float() for o in output), images)
+        reconstruction, kl = vae_terms(tuple(o.float() for o in output), images, self.likelihood)
         loss = (reconstruction + self.beta * kl).mean()
         n = torch.tensor(float(len(images)), device=images.device)
         return loss, torch.stack([reconstruction.sum().detach(), kl.sum().detach(), n])

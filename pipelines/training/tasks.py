@@ -186,7 +186,8 @@ class AutoencoderTask:
 
 @dataclass(frozen=True)
 class VaeTask:
-    """A variational autoencoder on x_train images (pixels in [0, 1]); validated on x_val."""
+    """A variational autoencoder on x_train (images with pixels in [0, 1], or standardized
+    feature rows with the gaussian likelihood); validated on x_val."""
 
     config: VaeConfig
     image_shape: tuple[int, int, int]
@@ -199,7 +200,7 @@ class VaeTask:
         return VAE(self.config, self.image_shape)
 
     def step(self) -> Step:
-        return VaeStep(self.config.beta)
+        return VaeStep(self.config.beta, self.config.likelihood)
 
     def samples(self, model: nn.Module) -> torch.Tensor:
         return latent_samples(model, self.config.latent)

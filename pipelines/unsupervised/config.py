@@ -68,9 +68,28 @@ class SegmentConfig(Section):
     """Epochs of IDEC refinement of the autoencoder + centroids (0: plain K-means on codes)."""
     refine_weight: float = 0.1
     """Weight of the clustering (KL) term against reconstruction during refinement."""
-    serve: Literal["kmeans", "autoencoder"] = "kmeans"
-    """Which model `export_segment` registers for /v1/segment: K-means on the features, or
-    the autoencoder's encoder + K-means on its codes (both graphs are exported)."""
+    method: Literal["kmeans", "dbscan"] = "kmeans"
+    """How the served segmentation clusters: K-means at the sweep's k, or DBSCAN
+    (scikit-learn's), whose noise customers form a segment of their own (-1, "noise")."""
+    reduce: Literal["none", "pca", "autoencoder", "vae"] = "none"
+    """The space it clusters in: the standardized features, their first `pca_components`
+    principal components, the autoencoder's codes (after refinement, if any) or a VAE's
+    codes (its posterior means). K-means on the features and on the autoencoder's codes
+    are computed either way, as the figures to compare with."""
+    pca_components: int = 3
+    """Principal components of the `pca` space (the autoencoder's bottleneck size)."""
+    vae: VaeConfig = VaeConfig(hidden_sizes=(32, 16), latent=3, likelihood="gaussian")
+    """The VAE of the `vae` space (gaussian: the features are standardized, not pixels);
+    trained with `train`."""
+    dbscan_min_samples: int = 20
+    """DBSCAN's density: customers within `dbscan_eps` a core customer needs, itself
+    included."""
+    dbscan_eps: float = 0.0
+    """DBSCAN's radius in the clustered space; 0 reads it off the k-distance curve's knee."""
+    dbscan_max_core_points: int = 2000
+    """Core points the exported graph keeps (a seeded sample when DBSCAN finds more): a new
+    customer joins the segment of its nearest kept core point within eps, else is noise.
+    More points, closer agreement with DBSCAN's own labels, a larger graph."""
     seed: int = 0
     """Seed of K-means initialisation and of the validation split for early stopping."""
     registered_model: str = "dlpipe-segment"
@@ -90,6 +109,17 @@ class SegmentConfig(Section):
             raise ValueError(f"silhouette_sample must be >= 100, got {self.silhouette_sample}")
         if self.refine_epochs < 0 or self.refine_weight < 0:
             raise ValueError("refine_epochs and refine_weight must be >= 0")
+        if self.pca_components < 1 or self.dbscan_min_samples < 2 or self.dbscan_eps < 0:
+            raise ValueError(
+                "need pca_components >= 1, dbscan_min_samples >= 2 and dbscan_eps >= 0"
+            )
+        if self.dbscan_max_core_points < 1:
+            raise ValueError("dbscan_max_core_points must be >= 1")
+        if self.vae.likelihood != "gaussian":
+            raise ValueError(
+                "segment.vae.likelihood must be gaussian: customer features are standardized "
+                "values, not pixels in [0, 1]"
+            )
         if self.autoencoder.kind != "dense":
             raise ValueError(
                 "segment.autoencoder.kind must be dense: customer features are a table, "

@@ -34,15 +34,28 @@ def knee_eps(points: np.ndarray, min_samples: int) -> float:
 
 def dbscan_labels(points: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
     """Cluster ids 0..k-1, -1 for noise."""
+    return dbscan(points, eps, min_samples)[0]
+
+
+def dbscan(points: np.ndarray, eps: float, min_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster ids 0..k-1 with -1 for noise, the indices of the core points)."""
     from sklearn.cluster import DBSCAN
 
-    return DBSCAN(eps=eps, min_samples=min_samples).fit_predict(points)
+    fitted = DBSCAN(eps=eps, min_samples=min_samples).fit(points)
+    return fitted.labels_, fitted.core_sample_indices_
+
+
+def pca(points: np.ndarray, components: int, seed: int):
+    """scikit-learn's PCA of `points`, fitted."""
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=components, random_state=seed).fit(points)
 
 
 def pca_codes(points: np.ndarray, components: int, seed: int) -> tuple[np.ndarray, float]:
     """The first `components` principal components of `points` and the share of the
     variance they explain."""
-    from sklearn.decomposition import PCA
-
-    pca = PCA(n_components=components, random_state=seed).fit(points)
-    return pca.transform(points).astype(np.float32), float(pca.explained_variance_ratio_.sum())
+    fitted = pca(points, components, seed)
+    return fitted.transform(points).astype(np.float32), float(
+        fitted.explained_variance_ratio_.sum()
+    )

@@ -1,12 +1,13 @@
 """Stage `export_segment`: each segmentation model as one ONNX graph, parity-checked.
 
-`kmeans.onnx` (transform -> nearest centroid) and `autoencoder.onnx` (transform ->
-encoder -> nearest centroid) take the raw feature values (batch, features) and return
-`segment` (int64) and `distances` to every centroid. Parity: on every customer, the
-graph's segment ids equal the torch path's and its distances match within
-`export.parity_atol`. The graph named by `segment.serve` (or `--serve`) is registered as
-`segment.registered_model`, with the model card (feature names, segment names and
-profiles) and the other graph beside it.
+`kmeans.onnx` (transform -> nearest centroid), `autoencoder.onnx` (transform -> encoder
+-> nearest centroid) and `model.onnx`, the served segmentation (`segment.method` in the
+`segment.reduce` space: for DBSCAN, the nearest kept core point within eps, else noise,
+segment -1), take the raw feature values (batch, features) and return `segment` (int64)
+and `distances` to every segment. Parity: on every customer, the graph's segment ids
+equal the torch path's and its distances match within `export.parity_atol`. `model.onnx`
+is registered as `segment.registered_model`, with the model card (feature names, segment
+names and profiles) and the other graphs beside it.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ CARD_FILE = "model_card.json"
 INPUT = "features"
 OUTPUTS = ("segment", "distances")
 GRAPHS = ("kmeans", "autoencoder")
+"""The graphs beside the served one, for comparison."""
+SERVED = "model"
 # What export_segment reads of the `export` section (the registered name is the segment's own)
 # and of the `segment` section.
 EXPORT_KEYS = ("opset", "parity_atol", "alias")
-SEGMENT_KEYS = ("serve", "registered_model", "experiment")
+SEGMENT_KEYS = ("registered_model", "experiment")
 
 
 def check_segment_parity(model: Segmenter, path: Path, raw: np.ndarray) -> dict:
@@ -68,11 +71,7 @@ def export_segment(
     figures_path: str = "metrics/segment.json",
     output: str = "artifacts/segment/export",
     metrics_path: str = "metrics/segment_export.json",
-    serve: str | None = None,
 ) -> dict:
-    serve = serve or segment.serve
-    if serve not in GRAPHS:
-        raise UserError(f"--serve must be one of {', '.join(GRAPHS)}, got {serve!r}")
     path = Path(model_dir) / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found; run the segment stage first")
@@ -109,10 +108,10 @@ def export_segment(
                 raise UserError(
                     f"ONNX parity check failed for {name}: {parity[name]}; previous export kept"
                 )
-        (staging / "model.onnx").write_bytes((staging / f"{serve}.onnx").read_bytes())
         sample_rows = raw[:PARITY_SAMPLE_SIZE]
+        served = bundle["model"]
         with torch.no_grad():
-            ids, distances = segmenters(bundle)[serve].eval()(torch.from_numpy(sample_rows))
+            ids, distances = segmenters(bundle)[SERVED].eval()(torch.from_numpy(sample_rows))
         sample = write_parity_sample(
             staging,
             {
@@ -126,7 +125,7 @@ def export_segment(
         card: ModelCard = {
             "name": segment.registered_model,
             "task": "segmentation",
-            "model": serve,
+            "model": f"{served['method']} on {served['reduce']}",
             "input": {
                 "name": INPUT,
                 "shape": ["batch", len(columns)],
@@ -137,15 +136,20 @@ def export_segment(
             },
             "output": {
                 "names": list(OUTPUTS),
-                "segment": "int64 (batch,)",
-                "distances": f"float32 (batch, {bundle['k']})",
+                "segment": "int64 (batch,), -1: noise",
+                "distances": f"float32 (batch, {distances.shape[1]})",
             },
-            "k": int(bundle["k"]),
-            "segments": profiles[serve],
+            "k": int(distances.shape[1]),
+            "segments": profiles[SERVED],
             "transform": bundle["transform"],
             "parity_sample": sample,
             "metrics": {
                 **{k: v for k, v in figures.items() if isinstance(v, (int, float))},
+                **{
+                    f"model_{k}": v
+                    for k, v in figures["model"].items()
+                    if isinstance(v, (int, float))
+                },
                 **{f"onnx_{g}_max_abs_diff": p["max_abs_diff"] for g, p in parity.items()},
             },
             "hashes": {"onnx_sha256": sha256_file(staging / "model.onnx")},
@@ -154,7 +158,7 @@ def export_segment(
     metrics = {f"{g}_{k}": v for g, p in parity.items() for k, v in p.items()}
     write_json(metrics_path, metrics)
     out = Path(output)
-    log.info("registering the %s graph", serve)
+    log.info("registering the served graph (%s on %s)", served["method"], served["reduce"])
     tracking.register_export(
         STAGE,
         segment.experiment,

@@ -15,6 +15,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
+from models.segmenter import NOISE
+
 
 def internal_figures(x: np.ndarray, labels: np.ndarray, sample: int, seed: int) -> dict:
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
@@ -75,7 +77,7 @@ _NOTABLE = 0.25  # standard deviations away from the overall mean
 def profiles(raw: pd.DataFrame, labels: np.ndarray) -> list[dict]:
     """Per segment: id, size, share, mean of every raw feature and a descriptive name
     (up to three words for the features that stand out most, e.g. "recent high-value
-    frequent"; "average" when none does)."""
+    frequent"; "average" when none does; "noise" for DBSCAN's segment -1)."""
     overall_mean, overall_std = raw.mean(), raw.std(ddof=0).replace(0, 1.0)
     result = []
     for segment in sorted(np.unique(labels)):
@@ -91,7 +93,7 @@ def profiles(raw: pd.DataFrame, labels: np.ndarray) -> list[dict]:
         result.append(
             {
                 "segment": int(segment),
-                "name": " ".join(words) or "average",
+                "name": "noise" if segment == NOISE else " ".join(words) or "average",
                 "size": len(members),
                 "share": round(len(members) / len(raw), 4),
                 "means": {c: round(float(v), 3) for c, v in means.items()},

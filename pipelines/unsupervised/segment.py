@@ -8,10 +8,14 @@
    agreement with scikit-learn's KMeans on the same data (ARI).
 4. An autoencoder trained on Ray Train, K-means on its bottleneck codes (optionally IDEC
    refinement), the same figures.
-5. Profiles (size, raw feature means, a descriptive name) and 2-D projections of both.
+5. The served segmentation, `segment.method` (K-means or DBSCAN) in the space
+   `segment.reduce` names (features, PCA, autoencoder codes, VAE codes): one of the two
+   above when it is K-means on the features or on the autoencoder's codes, else fitted here
+   (segmentation.py); its figures under `model` in the metrics.
+6. Profiles (size, raw feature means, a descriptive name) and 2-D projections.
 
-Writes `artifacts/segment/model/` (transform, centroids, autoencoder weights, profiles),
-`metrics/segment.json` and `plots/segment/`.
+Writes `artifacts/segment/model/` (transform, centroids, autoencoder weights, the served
+segmentation, profiles), `metrics/segment.json` and `plots/segment/`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +41,14 @@ from pipelines.unsupervised.features import FeatureTransform
 from pipelines.unsupervised.figures import internal_figures, mean_pairwise_ari, profiles
 from pipelines.unsupervised.kmeans import ShardedPoints, kmeans_shards
 from pipelines.unsupervised.segment_model import MODEL_FILE, feature_table, table_hash
+from pipelines.unsupervised.segmentation import (
+    Clustering,
+    Space,
+    cluster,
+    model_entry,
+    reduced_space,
+    served_segmenter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,13 @@ SEGMENT_KEYS = (
     "train",
     "refine_epochs",
     "refine_weight",
+    "method",
+    "reduce",
+    "pca_components",
+    "vae",
+    "dbscan_min_samples",
+    "dbscan_eps",
+    "dbscan_max_core_points",
     "seed",
     "experiment",
 )
@@ -118,6 +138,44 @@ def sklearn_agreement(x: np.ndarray, labels: np.ndarray, k: int, config: Segment
     return float(adjusted_rand_score(labels, reference.labels_))
 
 
+def served_figures(
+    config: SegmentConfig,
+    transform: FeatureTransform,
+    table,
+    space: Space,
+    served: Clustering,
+    model: dict,
+    autoencoder,
+) -> dict:
+    """The served segmentation's figures: its segments and noise, internal figures on the
+    customers it places (noise left out), and how often the exported module's rule (the
+    nearest centroid, or core point within eps) gives a customer the segment the fit did."""
+    labels = served.labels
+    placed = labels >= 0
+    segmenter = served_segmenter(
+        [c in transform.log_columns for c in transform.columns],
+        transform.mean,
+        transform.std,
+        model,
+        autoencoder,
+    )
+    with torch.no_grad():
+        raw = torch.from_numpy(table[list(transform.columns)].to_numpy(dtype=np.float32))
+        assigned = segmenter.eval()(raw)[0].numpy()
+    return {
+        "method": config.method,
+        "reduce": config.reduce,
+        "segments": int(labels.max()) + 1,
+        "noise_share": float(np.mean(~placed)),
+        **internal_figures(
+            space.codes[placed], labels[placed], config.silhouette_sample, config.seed
+        ),
+        "assignment_agreement": float(np.mean(assigned == labels)),
+        **space.figures,
+        **served.figures,
+    }
+
+
 def segment(
     config: Annotated[SegmentConfig, Param("segment", reads=SEGMENT_KEYS)],
     data_dir: str = "data/raw/customers",
@@ -170,6 +228,32 @@ def segment(
                 config.seed,
             )
         code_figures = internal_figures(codes, code_labels, config.silhouette_sample, config.seed)
+        space = reduced_space(config, x, autoencoder, codes, run, STAGE)
+        # K-means on the features or on the autoencoder's codes is fitted above already.
+        fitted = {
+            "none": (kmeans.labels, kmeans.centroids),
+            "autoencoder": (code_labels, centroids),
+        }
+        if config.method == "kmeans" and config.reduce in fitted:
+            labels, points = fitted[config.reduce]
+            served = Clustering(labels, np.asarray(points, np.float32), None, math.inf, {})
+        else:
+            served = cluster(config, space, k)
+        model = model_entry(config, space, served)
+        served_profiles = profiles(table, served.labels)
+        model_figures = served_figures(config, transform, table, space, served, model, autoencoder)
+        model_figures.update(
+            segment_sizes=[p["size"] for p in served_profiles],
+            segment_names=[p["name"] for p in served_profiles],
+        )
+        log.info(
+            "served: %s on %s, %d segments, %.1f%% noise, silhouette %.3f",
+            config.method,
+            config.reduce,
+            model_figures["segments"],
+            100 * model_figures["noise_share"],
+            model_figures["silhouette"],
+        )
 
         kmeans_profiles = profiles(table, kmeans.labels)
         code_profiles = profiles(table, code_labels)
@@ -183,6 +267,7 @@ def segment(
             "customers": len(x),
             "segment_sizes": [p["size"] for p in kmeans_profiles],
             "segment_names": [p["name"] for p in kmeans_profiles],
+            "model": model_figures,
         }
         with output_directory(output) as staging:
             buffer = io.BytesIO()
@@ -194,13 +279,15 @@ def segment(
                     "autoencoder_state": autoencoder.state_dict(),
                     "code_centroids": torch.from_numpy(np.asarray(centroids, dtype=np.float32)),
                     "k": k,
+                    "model": model,
                 },
                 buffer,
             )
             write_bytes(staging / MODEL_FILE, buffer.getvalue())
             tracking.tag_output(run, staging / MODEL_FILE)
             write_json(
-                staging / "profiles.json", {"kmeans": kmeans_profiles, "autoencoder": code_profiles}
+                staging / "profiles.json",
+                {"kmeans": kmeans_profiles, "autoencoder": code_profiles, "model": served_profiles},
             )
             learning_curves_png(history, staging / "autoencoder_curves.png")
         write_csv(plots / "k_sweep.csv", rows, SWEEP_COLUMNS)

@@ -1,6 +1,6 @@
 """What the `segment` stage hands on: its model file (feature transform, K-means centroids,
-the autoencoder and the centroids of its codes) and the customer feature table both
-segmentations read, and how export rebuilds the two servable segmenters from them."""
+the autoencoder and the centroids of its codes, the served segmentation) and the customer
+feature table they read, and how export rebuilds the three segmenters from them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pandas as pd
 from models.autoencoder import Autoencoder, AutoencoderConfig
 from models.segmenter import Segmenter
 from pipelines.unsupervised.features import FeatureTransform, customer_features
+from pipelines.unsupervised.segmentation import served_segmenter
 from pipelines.unsupervised.transactions import read_ingested
 
 MODEL_FILE = "segment_model.pt"
@@ -36,5 +37,8 @@ def segmenters(bundle: dict) -> dict[str, Segmenter]:
         "kmeans": Segmenter(logs, transform.mean, transform.std, bundle["kmeans_centroids"]),
         "autoencoder": Segmenter(
             logs, transform.mean, transform.std, bundle["code_centroids"], autoencoder.encoder
+        ),
+        "model": served_segmenter(
+            logs, transform.mean, transform.std, bundle["model"], autoencoder
         ),
     }

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def segmented(ray_cluster, tmp_path_factory):
-    from pipelines.unsupervised import export, ingest_transactions, segment
+    from pipelines.unsupervised import ingest_transactions
 
     root = tmp_path_factory.mktemp("segment")
     generated_transaction_log(root / "log.csv")
@@ -40,33 +40,85 @@ def segmented(ray_cluster, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
-        env.setenv("DLPIPE_STORAGE", str(root / "checkpoints"))
         # Each stage gets the view of `segment` that its dvc.yaml params name, as from params.yaml.
         ingest_transactions.ingest_transactions(
             view(config, ingest_transactions.INGEST_KEYS), str(root / "raw")
         )
+    figures, _ = export_served(root, config, "default")
+    return root, uri, figures, config
+
+
+def export_served(root, config, name: str):
+    """The segment and export stages on the ingested customers with `config`, into folder
+    `name` (registered under its own name unless it is the default run); returns the
+    figures and the export folder."""
+    from pipelines.unsupervised import export, segment
+
+    out = root / name
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        env.setenv("DLPIPE_STORAGE", str(root / "checkpoints"))
         figures = segment.segment(
             view(config, segment.SEGMENT_KEYS),
             str(root / "raw"),
-            str(root / "model"),
-            str(root / "segment.json"),
-            str(root / "plots"),
+            str(out / "model"),
+            str(out / "segment.json"),
+            str(out / "plots"),
         )
         export.export_segment(
             view(ExportConfig(), export.EXPORT_KEYS),
-            view(config, export.SEGMENT_KEYS),
+            view(
+                config
+                if name == "default"
+                else replace(config, registered_model=f"dlpipe-segment-{name}"),
+                export.SEGMENT_KEYS,
+            ),
             str(root / "raw"),
-            str(root / "model"),
-            str(root / "segment.json"),
-            str(root / "export"),
-            str(root / "export.json"),
-            serve="kmeans",
+            str(out / "model"),
+            str(out / "segment.json"),
+            str(out / "export"),
+            str(out / "export.json"),
         )
-    return root, uri, figures
+    return figures, out / "export"
+
+
+@pytest.mark.parametrize(("method", "reduce"), [("dbscan", "pca"), ("kmeans", "vae")])
+def test_the_served_graph_is_the_configured_method_in_the_configured_space(
+    segmented, method, reduce
+):
+    from serving.model_checks import verify_model
+    from serving.model_source import resolve_model
+    from serving.segment_predictor import SegmentPredictor
+
+    root, _, kmeans_figures, config = segmented
+    figures, exported = export_served(
+        root, replace(config, method=method, reduce=reduce), f"{method}-{reduce}"
+    )
+    served = figures["model"]
+    assert (served["method"], served["reduce"]) == (method, reduce)
+    assert served["segments"] >= 1 and 0.0 <= served["noise_share"] < 0.5
+    # The graph's rule (nearest centroid; nearest core point within eps) gives the fitted
+    # segments back: every core point is kept at this size.
+    assert served["assignment_agreement"] >= 0.99, served
+    # The comparison figures stay what the default run wrote.
+    assert figures["sklearn_agreement_ari"] == kmeans_figures["sklearn_agreement_ari"]
+    files = resolve_model(str(exported))
+    verify_model(files)  # the parity sample a replica re-runs before serving
+    predictor = SegmentPredictor(files)
+    assert predictor.card["model"] == f"{method} on {reduce}"
+    answers = predictor.segment(predictor.records_to_array([LOYAL, LAPSED]))
+    known = {s["segment"] for s in predictor.card["segments"]}
+    assert {a["segment"] for a in answers} <= known
+    assert all(len(a["distances"]) == served["segments"] for a in answers)
+    if method == "dbscan":
+        assert served["eps"] > 0
+        # Far from every customer: noise, named so.
+        far = predictor.segment(predictor.records_to_array([{**LOYAL, "frequency": 1e6}]))
+        assert far[0]["segment"] == -1 and far[0]["name"] == "noise"
 
 
 def test_the_sweep_finds_the_two_kinds_of_customer(segmented):
-    root, _, figures = segmented
+    root, _, figures, _ = segmented
     assert figures["k"] == 2
     assert figures["sklearn_agreement_ari"] >= 0.95
     assert figures["stability_ari"] >= 0.95
@@ -74,11 +126,11 @@ def test_the_sweep_finds_the_two_kinds_of_customer(segmented):
     loyal_words = {"frequent", "high-value", "big-basket", "recent", "fast-returning"}
     assert any(loyal_words & set(name.split()) for name in figures["segment_names"]), figures
 
-    sweep = (root / "plots" / "k_sweep.csv").read_text().splitlines()
+    sweep = (root / "default" / "plots" / "k_sweep.csv").read_text().splitlines()
     assert len(sweep) == 1 + 3  # header + k = 2, 3, 4
     for image in ("k_sweep.png", "kmeans_projection.png", "autoencoder_projection.png"):
-        assert (root / "plots" / image).stat().st_size > 1000
-    parity = json.loads((root / "export.json").read_text())
+        assert (root / "default" / "plots" / image).stat().st_size > 1000
+    parity = json.loads((root / "default" / "export.json").read_text())
     assert (
         parity["kmeans_segment_agreement"] == 1.0 and parity["autoencoder_segment_agreement"] == 1.0
     )
@@ -137,7 +189,7 @@ def test_shards_that_cannot_be_placed_fail_naming_the_free_cpus(ray_cluster, mon
 
 @pytest.fixture(scope="module")
 def server(segmented, ray_dashboard):
-    _, uri, _ = segmented
+    _, uri, _, _ = segmented
     with served_app(
         ray_dashboard,
         "dlpipe-segment-test",

@@ -163,3 +163,47 @@ def test_dbscan_at_the_k_distance_knee_finds_dense_blobs_and_calls_the_scatter_n
     assert np.mean(labels[400:] == -1) > 0.7  # most of the scatter is noise
     codes, explained = pca_codes(np.column_stack([points, 2 * points[:, :1]]), 2, seed=0)
     assert codes.shape == (430, 2) and explained > 0.999  # the third column adds nothing
+
+
+def test_the_dbscan_segmenter_gives_new_points_the_nearest_core_points_segment_or_noise(
+    tmp_path,
+):
+    from sklearn.cluster import DBSCAN
+
+    from models.segmenter import NOISE, Segmenter
+    from pipelines.stagekit.onnx_export import export_onnx, onnx_session
+
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(c, 0.3, (150, 2)) for c in ((0, 0), (5, 5), (0, 5))]).astype(
+        np.float32
+    )
+    outliers = np.array([[10.0, -10.0], [-8.0, 12.0]], np.float32)
+    x = np.concatenate([blobs, outliers])
+    fitted = DBSCAN(eps=0.5, min_samples=5).fit(x)
+    core = fitted.core_sample_indices_
+    # Identity transform: no log columns, mean 0, std 1.
+    segmenter = Segmenter(
+        [False, False],
+        [0.0, 0.0],
+        [1.0, 1.0],
+        torch.from_numpy(x[core]),
+        point_segments=torch.from_numpy(fitted.labels_[core]),
+        radius=0.5,
+    ).eval()
+    with torch.no_grad():
+        ids, distances = (t.numpy() for t in segmenter(torch.from_numpy(x)))
+    assert distances.shape == (len(x), 3)
+    assert (ids[-2:] == NOISE).all()  # far from every core point
+    # DBSCAN's own labels, from the rule alone: every core and noise point, and the border
+    # points (a border point near two clusters may go either way; here there are none).
+    assert np.mean(ids == fitted.labels_) == 1.0
+    path = tmp_path / "dbscan.onnx"
+    export_onnx(segmenter, torch.from_numpy(x[:2]), path, 18, output_name=("segment", "distances"))
+    onnx_ids, onnx_distances = onnx_session(path).run(None, {"input": x})
+    assert np.array_equal(onnx_ids, ids) and np.abs(onnx_distances - distances).max() < 1e-5
+
+
+def test_noise_is_its_own_profile_named_noise():
+    table = pd.DataFrame({"frequency": [1.0, 2.0, 30.0, 1.0]})
+    named = {p["segment"]: p["name"] for p in profiles(table, np.array([0, 0, -1, 0]))}
+    assert named[-1] == "noise" and named[0] != "noise"
