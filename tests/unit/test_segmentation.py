@@ -207,3 +207,17 @@ def test_noise_is_its_own_profile_named_noise():
     table = pd.DataFrame({"frequency": [1.0, 2.0, 30.0, 1.0]})
     named = {p["segment"]: p["name"] for p in profiles(table, np.array([0, 0, -1, 0]))}
     assert named[-1] == "noise" and named[0] != "noise"
+
+
+def test_the_pca_space_in_the_graph_is_scikit_learns_transform():
+    from pipelines.unsupervised.config import SegmentConfig
+    from pipelines.unsupervised.segmentation import encoder_module, reduced_space
+
+    x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+    x[:, 1] = 2 * x[:, 0] + 0.1 * x[:, 1]  # a correlated pair: PCA has something to find
+    config = SegmentConfig(reduce="pca", pca_components=3)
+    space = reduced_space(config, x, autoencoder=None, autoencoder_codes=None, run=None, stage="t")
+    assert space.codes.shape == (300, 3) and 0.5 < space.figures["pca_explained_variance"] < 1
+    with torch.no_grad():
+        graph_codes = encoder_module(space.encoder, autoencoder=None)(torch.from_numpy(x))
+    assert np.allclose(graph_codes.numpy(), space.codes, atol=1e-5)
