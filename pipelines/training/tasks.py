@@ -185,16 +185,42 @@ class AutoencoderTask:
 
 
 @dataclass(frozen=True)
-class VaeTask:
-    """A variational autoencoder on x_train (images with pixels in [0, 1], or standardized
-    feature rows with the gaussian likelihood); validated on x_val."""
+class GenerativeTask:
+    """What the VAE and the GAN share: images (or feature rows) x_train to learn to draw,
+    validated on x_val, a grid of samples every `sample_every` epochs."""
 
-    config: VaeConfig
-    image_shape: tuple[int, int, int]
+    config: VaeConfig | GanConfig
+    image_shape: tuple[int, ...]
     sample_every: int = 0
     """Epochs between the grids of samples the run logs (0: none)."""
 
     classification = False
+    best_by_validation = True
+    """Whether the lowest validation loss picks the weights kept (else the last epoch's)."""
+
+    def samples(self, model: nn.Module) -> torch.Tensor:
+        return latent_samples(model, self.config.latent)
+
+    def train_batches(
+        self,
+        arrays: dict[str, torch.Tensor],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> Callable[[int], Batches]:
+        """This worker's shuffled (x, label) batches of x_train/y_train: the labels go unread."""
+        return ShardedBatches(
+            arrays["x_train"], arrays["y_train"], batch_size, rank, world_size, seed=seed
+        ).epoch
+
+
+@dataclass(frozen=True)
+class VaeTask(GenerativeTask):
+    """A variational autoencoder on x_train (images with pixels in [0, 1], or standardized
+    feature rows with the gaussian likelihood)."""
+
+    config: VaeConfig
 
     def build_model(self) -> nn.Module:
         return VAE(self.config, self.image_shape)
@@ -202,50 +228,20 @@ class VaeTask:
     def step(self) -> Step:
         return VaeStep(self.config.beta, self.config.likelihood)
 
-    def samples(self, model: nn.Module) -> torch.Tensor:
-        return latent_samples(model, self.config.latent)
-
-    def train_batches(
-        self,
-        arrays: dict[str, torch.Tensor],
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-    ) -> Callable[[int], Batches]:
-        return image_batches(arrays, batch_size, rank, world_size, seed)
-
 
 @dataclass(frozen=True)
-class GanTask:
+class GanTask(GenerativeTask):
     """A DCGAN on x_train images (pixels in [0, 1]): generator and discriminator, each with
-    its own optimizer (see GanPair); its validation losses are on x_val."""
+    its own optimizer (see GanPair)."""
 
     config: GanConfig
-    image_shape: tuple[int, int, int]
-    sample_every: int = 0
-    """Epochs between the grids of samples the run logs (0: none)."""
-
-    classification = False
+    best_by_validation = False  # a GAN's validation losses do not rank its samples
 
     def build_model(self) -> nn.Module:
         return GanPair(self.config, self.image_shape)
 
     def step(self) -> Step:
         return GanStep(self.config.latent, self.config.real_label)
-
-    def samples(self, model: nn.Module) -> torch.Tensor:
-        return latent_samples(model, self.config.latent)
-
-    def train_batches(
-        self,
-        arrays: dict[str, torch.Tensor],
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-    ) -> Callable[[int], Batches]:
-        return image_batches(arrays, batch_size, rank, world_size, seed)
 
 
 Task = SupervisedTask | FixMatchTask | MaskedLmTask | AutoencoderTask | VaeTask | GanTask
@@ -259,16 +255,6 @@ def augmented_batches(
     The draws come from torch's generator, which `fit` reseeds every epoch."""
     for x, *rest in batches(epoch):
         yield augment(x, config), *rest
-
-
-def image_batches(
-    arrays: dict[str, torch.Tensor], batch_size: int, rank: int, world_size: int, seed: int
-) -> Callable[[int], Batches]:
-    """This worker's shuffled (image, label) batches of x_train/y_train: a generative model
-    reads the images only."""
-    return ShardedBatches(
-        arrays["x_train"], arrays["y_train"], batch_size, rank, world_size, seed=seed
-    ).epoch
 
 
 def latent_samples(model: nn.Module, latent: int, count: int = 100, seed: int = 0) -> torch.Tensor:

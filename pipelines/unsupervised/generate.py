@@ -38,9 +38,9 @@ from pipelines.training.driver import (
     train_job,
 )
 from pipelines.training.loop import without_timings
-from pipelines.training.tasks import GanTask, VaeTask, latent_samples
+from pipelines.training.tasks import GanTask, GenerativeTask, VaeTask, latent_samples
 from pipelines.unsupervised.config import GenerateConfig
-from pipelines.unsupervised.generator_model import KINDS, save_generator
+from pipelines.unsupervised.generator_model import save_generator
 from pipelines.unsupervised.sample_quality import classifier_features, judge
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def image_digits(data_dir: str) -> PreparedData:
 
 def train_generator(
     kind: str,
-    task: VaeTask | GanTask,
+    task: GenerativeTask,
     train: TrainConfig,
     data: PreparedData,
     experiment: str,
@@ -87,11 +87,8 @@ def train_generator(
             supervised_arrays(data), task, train, name, run, lr_key=f"generate.{kind}_train.lr"
         ).state
         job_s = time.perf_counter() - started
-        config_type, network = KINDS[kind]
-        model = network(task.config, task.image_shape)
-        # The VAE's validation loss ranks its weights; a GAN's does not: its last epoch's.
-        weights = state["best_model"] if kind == "vae" else state["model"]
-        model.load_state_dict(weights)
+        model = task.build_model()
+        model.load_state_dict(state["best_model"] if task.best_by_validation else state["model"])
         history = state["history"]
         directory.mkdir(parents=True)
         model_file = save_generator(

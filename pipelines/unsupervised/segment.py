@@ -228,7 +228,7 @@ def segment(
                 config.seed,
             )
         code_figures = internal_figures(codes, code_labels, config.silhouette_sample, config.seed)
-        space = reduced_space(config, x, autoencoder, codes, run, STAGE)
+        space = reduced_space(config, x, codes, run, STAGE)
         # K-means on the features or on the autoencoder's codes is fitted above already.
         fitted = {
             "none": (kmeans.labels, kmeans.centroids),

@@ -57,7 +57,6 @@ class Clustering:
 def reduced_space(
     config: SegmentConfig,
     x: np.ndarray,
-    autoencoder: Autoencoder,
     autoencoder_codes: np.ndarray,
     run: RunLogger | None,
     stage: str,

@@ -216,7 +216,7 @@ def test_the_pca_space_in_the_graph_is_scikit_learns_transform():
     x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
     x[:, 1] = 2 * x[:, 0] + 0.1 * x[:, 1]  # a correlated pair: PCA has something to find
     config = SegmentConfig(reduce="pca", pca_components=3)
-    space = reduced_space(config, x, autoencoder=None, autoencoder_codes=None, run=None, stage="t")
+    space = reduced_space(config, x, autoencoder_codes=None, run=None, stage="t")
     assert space.codes.shape == (300, 3) and 0.5 < space.figures["pca_explained_variance"] < 1
     with torch.no_grad():
         graph_codes = encoder_module(space.encoder, autoencoder=None)(torch.from_numpy(x))
