@@ -3,6 +3,7 @@
 dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
 dlpipe ui                 open the MLflow dashboard
 dlpipe tracking sync      send what stages kept while the MLflow server was down
+dlpipe lineage MODEL      a registered model's chain back to its data, params and commit
 dlpipe serve ...          serve, reload and query the models (serving/cli.py)
 dlpipe predict IMAGE ...  classify images through a running server (serving/cli.py)
 """
@@ -10,14 +11,17 @@ dlpipe predict IMAGE ...  classify images through a running server (serving/cli.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.lineage import format_lineage
 from pipelines.stagekit.spool import spool_dir
-from pipelines.stagekit.tracking import redacted_uri, sync_spool, tracking_uri
+from pipelines.stagekit.tracking import redacted_uri, registry_lineage, sync_spool, tracking_uri
 from serving import cli as serving_cli
 
 
@@ -58,6 +62,16 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    try:
+        chain = registry_lineage(args.model, args.version)
+    except UserError as exc:
+        print(f"dlpipe lineage: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(chain, indent=2) if args.json else format_lineage(chain))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,6 +91,22 @@ def parser() -> argparse.ArgumentParser:
         "sync", help="send the records kept while the tracking server did not answer"
     )
     sync.set_defaults(func=cmd_tracking_sync)
+
+    lineage = sub.add_parser(
+        "lineage",
+        help="a registered model's chain: version, ONNX sha256, run, commit, stages, data",
+        description="Print where a registered model version came from: ONNX sha256 -> MLflow "
+        "run (and parent) -> git commit -> DVC stages with the sha256 of every dependency "
+        "and the params they ran with.",
+    )
+    lineage.add_argument(
+        "model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or NAME (with VERSION): the `model` "
+        "and `version` of an HTTP answer",
+    )
+    lineage.add_argument("version", nargs="?", help="the version, when MODEL is a bare name")
+    lineage.add_argument("--json", action="store_true", help="print the chain as JSON")
+    lineage.set_defaults(func=cmd_lineage)
 
     ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")
     ui.add_argument("--host", default="127.0.0.1")

@@ -126,6 +126,7 @@ class LoadedModels:
                     "alias": files.alias,
                     "loaded_at": _utc(self.loaded_at[slot]) if slot in self.loaded_at else None,
                     "failed_reload": self.failed_reloads.get(slot),
+                    "lineage": files.lineage,
                 }
             )
         return infos

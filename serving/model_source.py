@@ -3,13 +3,13 @@ by alias (`models:/NAME@ALIAS`) or by version (`models:/NAME/3`)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.stagekit.lineage import GRAPH_HASH_TAG, REGISTRY_URI, model_lineage
+
 CARD_FILE = "model_card.json"
 ONNX_FILE = "model.onnx"
-REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class ModelNotFound(Exception):
@@ -28,6 +28,9 @@ class ModelFiles:
     alias: str | None = None
     registry_hashes: dict[str, str] | None = None
     """graph file -> sha256 as the registry records it (None for a folder)."""
+    lineage: dict | None = None
+    """Registry version -> ONNX sha256 -> run -> git commit -> DVC stages, data and params
+    (pipelines/stagekit/lineage.py; None for a folder)."""
 
     def sibling(self, name: str) -> Path:
         """A file exported next to the card: beside it locally, under extra_files/ in a
@@ -56,8 +59,6 @@ def resolve_model(
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.stagekit.tracking import GRAPH_HASH_TAG
-
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     name, alias = match["name"], match["alias"]
@@ -73,12 +74,16 @@ def resolve_model(
     except Exception as exc:
         raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
     files = _find_files(directory, source)
+    try:
+        lineage = model_lineage(MlflowClient(), name, None, str(version))
+    except Exception as exc:  # the chain is for people; a model missing it still serves
+        lineage = {"error": f"lineage not found: {exc}"}
     hashes = {
         tag[len(GRAPH_HASH_TAG) :]: value
         for tag, value in tags.items()
         if tag.startswith(GRAPH_HASH_TAG)
     }
-    return ModelFiles(files.onnx, files.card, source, name, str(version), alias, hashes)
+    return ModelFiles(files.onnx, files.card, source, name, str(version), alias, hashes, lineage)
 
 
 def _find_files(directory: Path, source: str) -> ModelFiles:

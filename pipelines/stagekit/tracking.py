@@ -19,14 +19,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pipelines.stagekit.dataset import sha256_file
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.lineage import (
+    GRAPH_HASH_TAG,
+    model_lineage,
+    parse_model_ref,
+    stage_record,
+)
 from pipelines.stagekit.spool import Spool, spool_dir
 
 log = logging.getLogger(__name__)
 
 LOCAL_STORE = Path("mlruns")
-GRAPH_HASH_TAG = "sha256/"
-"""Registry version tags `sha256/<graph file>`: each ONNX graph's hash, written at export
-and checked by every replica before it serves the version (serving/model_checks.py)."""
 
 
 def tracking_uri() -> str:
@@ -115,8 +118,41 @@ def producing_run(model_file: str | Path, experiment: str) -> str | None:
 
 
 def stage_tags(stage: str, data_hash: str) -> dict[str, str]:
-    """Tags linking a run to its code, pipeline stage and data."""
-    return {"git_commit": git_commit(), "dvc_stage": stage, "data_sha256": data_hash}
+    """Tags linking a run to its code, pipeline stage and data (and, when DVC runs the
+    stage, each dependency's sha256 and params value: pipelines/stagekit/lineage.py)."""
+    return {
+        "git_commit": git_commit(),
+        "dvc_stage": stage,
+        "data_sha256": data_hash,
+        **stage_record(stage),
+    }
+
+
+def registry_lineage(reference: str, version: str | None = None) -> dict[str, Any]:
+    """The chain behind a registered model (`models:/NAME@ALIAS`, `models:/NAME/3`, or NAME
+    with `version`) in the configured store: pipelines/stagekit/lineage.py. A UserError names
+    what is missing: the store, the model, the alias or the version, or a server that does
+    not answer."""
+    name, alias, number = parse_model_ref(reference, version)
+    uri = tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    if uri is None and not (LOCAL_STORE / "mlflow.db").is_file():
+        raise UserError(
+            f"no MLflow store at {LOCAL_STORE / 'mlflow.db'} (run the pipeline first, or set "
+            "MLFLOW_TRACKING_URI to the team's server)"
+        )
+    uri = uri or tracking_uri()
+    try:
+        with _quiet_retries():
+            return model_lineage(_client(uri), name, alias, number)
+    except UserError:
+        raise
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise UserError(
+            f"the MLflow tracking server {redacted_uri(uri)} does not answer "
+            f"({redacted(str(exc).splitlines()[0])[:200]})"
+        ) from exc
 
 
 class TrackingUnavailable(RuntimeError):
