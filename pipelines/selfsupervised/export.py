@@ -197,7 +197,7 @@ def export_mlm(
             },
             "tokenizer": TOKENIZER_FILE,
             "parity_sample": sample,
-            "metrics": {**figures, **parity},
+            "metrics": {**tracking.without_run_id(figures), **parity},
             "hashes": {
                 "onnx_sha256": sha256_file(staging / FILL_MASK_FILE),
                 "embed_onnx_sha256": sha256_file(staging / EMBED_FILE),
@@ -207,10 +207,8 @@ def export_mlm(
             },
         }
         write_json(staging / CARD_FILE, card)
-    write_json(metrics_path, parity)
-
     out = Path(output)
-    tracking.register_export(
+    _, run_id = tracking.register_export(
         STAGE,
         mlm.experiment,
         data.data_hash,
@@ -222,6 +220,7 @@ def export_mlm(
         parity,
         extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
     )
+    write_json(metrics_path, {**parity, tracking.RUN_ID_KEY: run_id})
     return parity
 
 

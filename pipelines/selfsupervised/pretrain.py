@@ -122,7 +122,7 @@ def pretrain_mlm(
             tracking.tag_output(run, staging / MODEL_FILE)
             learning_curves_png(history, staging / "learning_curves.png")
         write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
-        write_json(metrics_path, figures)
+        write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run.run_id})
         run.log_metrics({k: float(v) for k, v in figures.items()})
         run.log_artifact(Path(output) / "learning_curves.png", "plots")
     # A mapping as the one argument: the format names the figures it prints.

@@ -467,7 +467,7 @@ def train_pseudolabel(
             tracking.tag_output(parent, model_file)
             learning_curves_png(rounds.final.history, staging / "learning_curves.png")
         write_csv(Path(plots_dir) / "rounds.csv", rounds.table, ROUND_COLUMNS)
-        write_json(metrics_path, figures)
+        write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: parent.run_id})
         parent.log_artifact(Path(output) / "learning_curves.png", "plots")
     teacher = (
         f"round-0 teacher {figures['teacher_test_accuracy']:.4f}, "

@@ -67,7 +67,9 @@ def stage_record(stage: str) -> dict[str, str]:
         tags[EXP_TAG] = os.environ["DVC_EXP_NAME"]
         tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "")
     if os.environ.get("DVC_STAGE") == stage:
-        tags.update(_dvc_inputs(stage, Path(os.environ.get("DVC_ROOT", "."))))
+        # The working directory, not DVC_ROOT: `dvc exp run --temp` runs in a copy holding
+        # the experiment's params, and DVC_ROOT names the user's repository there.
+        tags.update(_dvc_inputs(stage, Path.cwd()))
     return tags
 
 

@@ -29,7 +29,14 @@ from pipelines.stagekit.spool import Spool, spool_dir
 
 log = logging.getLogger(__name__)
 
-LOCAL_STORE = Path("mlruns")
+
+def local_store() -> Path:
+    """The repository's own store, `mlruns/`. In the repository DVC runs the stage for:
+    `dvc exp run --temp` and queued experiments run in a copy elsewhere, and their runs
+    belong in the user's store, not one deleted with the copy (DVC_ROOT names the repository
+    in every mode)."""
+    return Path(os.environ.get("DVC_ROOT", ".")) / "mlruns"
+
 
 
 def tracking_uri() -> str:
@@ -40,8 +47,8 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    LOCAL_STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{(LOCAL_STORE / 'mlflow.db').resolve()}"
+    local_store().mkdir(exist_ok=True)
+    return f"sqlite:///{(local_store() / 'mlflow.db').resolve()}"
 
 
 def _client(uri: str | None = None):
@@ -59,7 +66,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         return experiment.experiment_id
     artifact_location = None
     if (uri or tracking_uri()).startswith("sqlite:"):
-        artifact_location = (LOCAL_STORE / "artifacts").resolve().as_uri()
+        artifact_location = (local_store() / "artifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
@@ -78,6 +85,17 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
+
+
+RUN_ID_KEY = "mlflow_run_id"
+"""Key of a stage's metrics file naming the MLflow run of that execution, so that `dvc exp
+show` has the run as a column and the pipeline report links each figure to it. Model cards
+leave it out (`without_run_id`): they must be the same bytes on every re-run."""
+
+
+def without_run_id(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's figures as a model card carries them: without the run id."""
+    return {k: v for k, v in figures.items() if k != RUN_ID_KEY}
 
 
 OUTPUT_TAG = "output_sha256"
@@ -135,9 +153,9 @@ def registry_lineage(reference: str, version: str | None = None) -> dict[str, An
     not answer."""
     name, alias, number = parse_model_ref(reference, version)
     uri = tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
-    if uri is None and not (LOCAL_STORE / "mlflow.db").is_file():
+    if uri is None and not (local_store() / "mlflow.db").is_file():
         raise UserError(
-            f"no MLflow store at {LOCAL_STORE / 'mlflow.db'} (run the pipeline first, or set "
+            f"no MLflow store at {local_store() / 'mlflow.db'} (run the pipeline first, or set "
             "MLFLOW_TRACKING_URI to the team's server)"
         )
     uri = uri or tracking_uri()
@@ -592,12 +610,13 @@ def register_export(
     alias: str,
     figures: Mapping[str, float],
     extra_files: tuple[Path, ...] = (),
-) -> str:
+) -> tuple[str, str]:
     """An export stage's MLflow record: a run for this execution (nested under the training
     run that wrote `model_file`, found by its hash), the ONNX graph registered as a new
     version of `registered_model` with `alias` moved to it, and the parity `figures` on
     both runs. The version's source run is the training run when the store has it (so the
-    registry links back to the curves), else this execution's run. Returns the version."""
+    registry links back to the curves), else this execution's run. Returns the version and
+    this execution's run id."""
     train_run_id = producing_run(model_file, experiment)
     tags = stage_tags(stage, data_hash)
     with stage_run(experiment, stage, tags, parent_run_id=train_run_id) as run:
@@ -609,7 +628,7 @@ def register_export(
     if train_run_id is not None:
         run_logger(train_run_id).log_metrics(figures)
     log.info("registered %s version %s as @%s", registered_model, version, alias)
-    return version
+    return version, run.run_id
 
 
 def _metric_key(key: str) -> str:

@@ -228,7 +228,7 @@ def cross_validate(
             "per_fold": {f"fold_{i + 1}": figures for i, figures in enumerate(per_fold)},
         }
         parent.log_metrics({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        write_json(metrics_path, summary)
+        write_json(metrics_path, {**summary, tracking.RUN_ID_KEY: parent.run_id})
     key = "test_accuracy" if stratified else "test_rmse"
     log.info(
         "%d folds over %d examples: %s %.4f +- %.4f (min %.4f, max %.4f); pooled: %s",

@@ -65,7 +65,6 @@ def evaluate(
     warnings = small_split_warnings(data.manifest["splits"], data.manifest["input_kind"])
     for warning in warnings:
         log.warning(warning)
-    write_json(metrics_path, {**metrics, "warnings": warnings})
     images = [image]
 
     tags = tracking.stage_tags(STAGE, data.data_hash)
@@ -74,6 +73,7 @@ def evaluate(
         run.log_metrics(metrics)
         for image in images:
             run.log_artifact(image, "plots")
+        write_json(metrics_path, {**metrics, "warnings": warnings, tracking.RUN_ID_KEY: run.run_id})
     if train_run_id is not None:
         # The training run is the model's record: it carries the test figures too.
         training_run = tracking.run_logger(train_run_id)

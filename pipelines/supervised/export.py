@@ -93,7 +93,7 @@ def model_card(
             "normalization": "inside the graph (mean/std of the training split)",
         },
         "metrics": {
-            **evaluation,
+            **tracking.without_run_id(evaluation),
             "onnx_max_abs_diff": parity.max_abs_diff,
             "onnx_argmax_agreement": parity.argmax_agreement,
         },
@@ -185,10 +185,8 @@ def export(
     figures.update(
         onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement
     )
-    write_json(metrics_path, figures)
-
     out = Path(output)
-    tracking.register_export(
+    _, run_id = tracking.register_export(
         STAGE,
         experiment,
         data.data_hash,
@@ -200,6 +198,7 @@ def export(
         figures,
         extra_files=(out / PARITY_SAMPLE_FILE,),
     )
+    write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run_id})
     return figures
 
 

@@ -126,7 +126,7 @@ def train_supervised(
             learning_curves_png(history, staging / "learning_curves.png")
             gradient_norms_png(history, staging / "gradient_norms.png")
         write_csv(Path(plots_dir) / "learning_curves.csv", history, CURVE_COLUMNS)
-        write_json(metrics_path, summary)
+        write_json(metrics_path, {**summary, tracking.RUN_ID_KEY: run.run_id})
         run.log_metrics({k: float(v) for k, v in summary.items()})
         for image in ("learning_curves.png", "gradient_norms.png"):
             run.log_artifact(Path(output) / image, "plots")

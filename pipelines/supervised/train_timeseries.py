@@ -117,6 +117,7 @@ def train_network(
         run.log_metrics({k: float(v) for k, v in figures.items()})
         for image in ("learning_curves.png", "gradient_norms.png"):
             run.log_artifact(directory / image, "plots")
+        figures[tracking.RUN_ID_KEY] = run.run_id
     log.info(
         "%s: test accuracy %.4f, %d epochs in %.1f s",
         arch.kind,

@@ -130,7 +130,7 @@ def tune_search(
         best_curves_png(
             best_per_optimizer(rows, curves, tune), tune.metric, plots / "best_curves.png"
         )
-        write_json(metrics_path, summary)
+        write_json(metrics_path, {**summary, tracking.RUN_ID_KEY: parent.run_id})
         parent.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         parent.set_tags({"best_trial": best["trial_id"], "best_optimizer": best["optimizer"]})
         from pipelines.tuning.trial_tracking import TRIAL_TAG  # Ray Tune: imported when used

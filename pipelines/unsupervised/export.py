@@ -156,10 +156,9 @@ def export_segment(
         }
         write_json(staging / CARD_FILE, card)
     metrics = {f"{g}_{k}": v for g, p in parity.items() for k, v in p.items()}
-    write_json(metrics_path, metrics)
     out = Path(output)
     log.info("registering the served graph (%s on %s)", served["method"], served["reduce"])
-    tracking.register_export(
+    _, run_id = tracking.register_export(
         STAGE,
         segment.experiment,
         table_hash(table),
@@ -171,6 +170,7 @@ def export_segment(
         metrics,
         extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
     )
+    write_json(metrics_path, {**metrics, tracking.RUN_ID_KEY: run_id})
     return metrics
 
 

@@ -143,10 +143,9 @@ def export_generate(
             figures[config.serve],
         )
     metrics = {f"{kind}_max_abs_diff": diff for kind, diff in parity.items()}
-    write_json(metrics_path, metrics)
     out = Path(output)
     log.info("registering the %s generator", config.serve)
-    tracking.register_export(
+    _, run_id = tracking.register_export(
         STAGE,
         config.experiment,
         data_hash,
@@ -158,6 +157,7 @@ def export_generate(
         metrics,
         extra_files=(*(out / f"{kind}.onnx" for kind in KINDS), out / PARITY_SAMPLE_FILE),
     )
+    write_json(metrics_path, {**metrics, tracking.RUN_ID_KEY: run_id})
     return metrics
 
 

@@ -103,6 +103,7 @@ def train_generator(
             "train_s": round(sum(h["epoch_seconds"] for h in history), 2),
             "job_s": round(job_s, 2),
             "epochs_run": len(history),
+            tracking.RUN_ID_KEY: run.run_id,
         }
     return model.eval(), figures
 

@@ -321,7 +321,7 @@ def segment(
             "K-means on autoencoder codes (PCA)",
             plots / "autoencoder_projection.png",
         )
-        write_json(metrics_path, figures)
+        write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run.run_id})
         run.log_metrics({k_: float(v) for k_, v in figures.items() if isinstance(v, (int, float))})
         for image in ("k_sweep.png", "kmeans_projection.png", "autoencoder_projection.png"):
             run.log_artifact(plots / image, "plots")

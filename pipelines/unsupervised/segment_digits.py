@@ -149,7 +149,7 @@ def segment_digits(
         }
         for name in ("accuracy", "kmeans_accuracy", "autoencoder_kmeans_accuracy"):
             figures.update(accuracy_figures(name, round(figures[name] * len(x)), len(x)))
-        write_json(metrics_path, figures)
+        write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run.run_id})
         run.log_metrics({key: float(v) for key, v in figures.items() if key != "table"})
         run.log_metrics(
             {f"{name}/{key}": float(v) for name, row in table.items() for key, v in row.items()}

@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from benchmarks.workspace import copy_repository
+from pipelines.stagekit.tracking import RUN_ID_KEY
 from pipelines.training.cluster import orphaned_placement_groups
 from tests.helpers import REPO, free_port, generated_transaction_log, run_command
 
@@ -209,12 +210,27 @@ def test_a_teammate_pulls_every_output_runs_nothing_and_serves(repo_copy, tmp_pa
 
 
 def lock_outputs(root: Path) -> dict[str, dict[str, str]]:
-    """Each stage's outputs (outs, metrics, plots) and their hashes, as dvc.lock has them."""
+    """Each stage's outputs (outs, metrics, plots) and their hashes, as dvc.lock has them;
+    a metrics file by its figures, less the MLflow run id each execution writes there."""
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     return {
-        stage: {out["path"]: out["md5"] for out in entry.get("outs", [])}
+        stage: {
+            out["path"]: figures_only(root / out["path"])
+            if out["path"].startswith("metrics/")
+            else out["md5"]
+            for out in entry.get("outs", [])
+        }
         for stage, entry in lock["stages"].items()
     }
+
+
+def figures_only(metrics_file: Path) -> str:
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != RUN_ID_KEY}
+        return value
+
+    return json.dumps(strip(json.loads(metrics_file.read_text())), sort_keys=True)
 
 
 def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
@@ -292,27 +308,50 @@ def test_a_users_transaction_log_runs_through_the_segmentation_stages(repo_copy)
     assert client.get_model_version_by_alias("dlpipe-segment", "champion").version == champion
 
 
-def test_training_opts_into_the_searchs_best_params(repo_copy):
+def test_training_opts_into_the_searchs_best_params_as_a_dvc_experiment(repo_copy):
     """Last in this module: once training reads tune's output, a forced repro of training
-    would run the search again."""
+    would run the search again. The opt-in runs as `dvc exp run -S`, and the experiment and
+    its MLflow runs name each other: every run it makes carries the experiment's name, and
+    the experiment's metrics (a column of `dvc exp show`) carry the runs' ids."""
     root, env = repo_copy
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     champion = int(client.get_model_version_by_alias("dlpipe-classifier", "champion").version)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["tuned_params"] = "artifacts/tune/best_params.yaml"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run([sys.executable, "-m", "dvc", "repro", "export"], repo_copy)
+    started_ms = int(time.time() * 1000)
+    result = run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-n", "opt-in", "-S",
+         "tuned_params=artifacts/tune/best_params.yaml", "export"],
+        repo_copy,
+    )  # fmt: skip
     assert ran(result.stdout) == {"train_supervised", "evaluate", "export"}
     # The re-trained model is registered and served from the next version.
     version = client.get_model_version_by_alias("dlpipe-classifier", "champion").version
     assert int(version) == champion + 1
     best = yaml.safe_load((root / "artifacts" / "tune" / "best_params.yaml").read_text())
     experiment = client.get_experiment_by_name("dlpipe-supervised")
-    latest = client.search_runs(
-        [experiment.experiment_id],
-        filter_string="tags.dvc_stage = 'train_supervised'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )[0]
-    assert latest.data.params["train.optimizer"] == best["train"]["optimizer"]
-    assert float(latest.data.params["train.lr"]) == pytest.approx(best["train"]["lr"])
+    made = client.search_runs(
+        [experiment.experiment_id], filter_string=f"attributes.start_time >= {started_ms}"
+    )
+    stages = {r.data.tags["dvc_stage"]: r for r in made}
+    assert set(stages) == {"train_supervised", "evaluate", "export"}
+    assert {r.data.tags.get("dvc_exp") for r in made} == {"opt-in"}  # experiment -> runs
+    trained = stages["train_supervised"].data
+    assert trained.params["train.optimizer"] == best["train"]["optimizer"]
+    assert float(trained.params["train.lr"]) == pytest.approx(best["train"]["lr"])
+    assert json.loads(trained.tags["dvc/param/tuned_params"]) == "artifacts/tune/best_params.yaml"
+
+    shown = json.loads(
+        run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy).stdout
+    )
+    [metrics] = [
+        rev["data"]["metrics"]
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+        for rev in exp["revs"]
+        if rev["name"] == "opt-in"
+    ]
+    for stage, file in (
+        ("train_supervised", "metrics/train_supervised.json"),
+        ("evaluate", "metrics/evaluate.json"),
+        ("export", "metrics/supervised.json"),
+    ):  # runs -> experiment
+        assert metrics[file]["data"][RUN_ID_KEY] == stages[stage].info.run_id, stage

@@ -63,6 +63,15 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
     assert version.run_id == run_id
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert {c.data.tags["dvc_stage"] for c in children} == {"evaluate", "export"}
+    # Each stage's metrics file names its own run (`dvc exp show` has it as a column).
+    by_stage = {c.data.tags["dvc_stage"]: c.info.run_id for c in children}
+    for stage, file, expected in (
+        ("train_supervised", "train.json", run_id),
+        ("evaluate", "evaluate.json", by_stage["evaluate"]),
+        ("export", "supervised.json", by_stage["export"]),
+    ):
+        written = json.loads((trained.metrics / file).read_text())[tracking.RUN_ID_KEY]
+        assert written == expected, stage
 
 
 def test_one_worker_run(trained, tmp_path, stores):

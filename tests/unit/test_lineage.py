@@ -48,7 +48,7 @@ def repo(tmp_path):
 
 def as_dvc_runs(monkeypatch, repo, stage, experiment=None):
     """The environment `dvc repro` (or `dvc exp run`) gives a stage's command."""
-    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.chdir(repo)
     monkeypatch.setenv("DVC_STAGE", stage)
     if experiment:
         monkeypatch.setenv("DVC_EXP_NAME", experiment)
@@ -92,7 +92,7 @@ def register_trained_and_exported(repo, monkeypatch, export_dir):  # noqa: F811
     with tracking.stage_run("tiny", "train_tiny", tracking.stage_tags("train_tiny", "d1")) as run:
         tracking.tag_output(run, repo / "model.bin")
     as_dvc_runs(monkeypatch, repo, "export_tiny")
-    version = tracking.register_export(
+    version, _ = tracking.register_export(
         "export_tiny",
         "tiny",
         "d1",
