@@ -38,7 +38,6 @@ def local_store() -> Path:
     return Path(os.environ.get("DVC_ROOT", ".")) / "mlruns"
 
 
-
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the repository's SQLite store as an absolute URI.
 

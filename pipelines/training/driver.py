@@ -23,6 +23,7 @@ from models.architecture import ArchitectureConfig
 from pipelines.stagekit.config import TrainConfig
 from pipelines.stagekit.dataset import PreparedData
 from pipelines.stagekit.errors import UserError
+from pipelines.stagekit.progress import on_terminal
 from pipelines.stagekit.tracking import RunLogger, redacted
 from pipelines.training.cluster import Placement
 from pipelines.training.tasks import SupervisedTask, Task
@@ -106,6 +107,8 @@ def loop_config(
         "train": train,
         "lr_key": lr_key,
         "mlflow": {"run_id": logger.run_id, "uri": logger.uri} if logger else None,
+        # Decided here, where a person may be watching: a worker's output is never a terminal.
+        "progress_bars": on_terminal(),
     }
 
 

@@ -87,12 +87,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(totals)
         return totals
 
+    bar = (
+        _epoch_bar(train_cfg.epochs, start_epoch)
+        if rank == 0 and config.get("progress_bars")
+        else None
+    )
+
     def on_epoch_end(metrics: dict[str, float], state: TrainingState) -> None:
         metrics = {**metrics, "attempt_start_epoch": float(start_epoch)}
         if rank != 0:
             ray.train.report(metrics)
             return
-        print(_progress_line(metrics, train_cfg.epochs), flush=True)
+        if bar is not None:
+            bar.set_description(f"epochs ({_progress_status(metrics)})")
+            bar.update(1)
+        else:
+            print(_progress_line(metrics, train_cfg.epochs), flush=True)
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state.state_dict(), Path(directory) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -148,6 +158,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / DIVERGED_FILE).write_text(str(exc))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @torch.no_grad()
@@ -251,10 +264,26 @@ def _quiet_per_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _epoch_bar(epochs: int, start_epoch: int) -> Any:
+    """A bar Ray draws on the driver's terminal (pipelines/stagekit/progress.py says why)."""
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    bar = ray_tqdm(desc="epochs", total=epochs, unit="epoch")
+    if start_epoch:
+        bar.update(start_epoch)  # a resumed run
+    return bar
+
+
+def _progress_status(metrics: dict[str, float]) -> str:
+    return "  ".join(
+        f"{key} {metrics[key]:.4f}"
+        for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+        if key in metrics
+    )
+
+
 def _progress_line(metrics: dict[str, float], epochs: int) -> str:
-    parts = [f"epoch {int(metrics['epoch']) + 1}/{epochs}"]
-    for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
-        if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4f}")
-    parts.append(f"({metrics['epoch_seconds']:.2f}s)")
-    return "  ".join(parts)
+    return (
+        f"epoch {int(metrics['epoch']) + 1}/{epochs}  {_progress_status(metrics)}  "
+        f"({metrics['epoch_seconds']:.2f}s)"
+    )

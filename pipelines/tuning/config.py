@@ -139,6 +139,11 @@ class TuneConfig(Section):
         if self.workers_per_trial < 1:
             raise ValueError(f"workers_per_trial must be >= 1, got {self.workers_per_trial}")
 
+    @property
+    def mode(self) -> str:
+        """Which way `metric` improves, as Tune spells it: max (accuracy) or min (loss)."""
+        return "max" if self.metric == "val_accuracy" else "min"
+
     def lr_range(self, optimizer: str) -> tuple[float, float]:
         return self.lr.get(optimizer, self.lr.get("default", (0.0, 0.0)))
 

@@ -14,6 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 from pipelines.stagekit import tracking
+from pipelines.stagekit.progress import Progress
 from pipelines.stagekit.tracking import RunLogger
 from pipelines.tuning.config import TuneConfig
 from pipelines.tuning.space import tuned_values
@@ -57,7 +58,9 @@ class TrialTracking(Callback):
         self.runs: dict[str, RunLogger] = {}
         self.logged: dict[str, set[int]] = {}
         self.last: dict[str, dict[str, Any]] = {}
-        self.finished = 0
+        self.ended: dict[str, int] = {}  # status -> trials
+        self.best: tuple[float, str] | None = None  # (figure, "optimizer lr")
+        self.progress = Progress(total, "trials", log, unit="trial")
 
     def setup(self, **info: Any) -> None:
         # A resumed search: its trials already have runs.
@@ -68,12 +71,10 @@ class TrialTracking(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         settings = tuned_values(trial.config, self.tune)
         searched = "".join(f", {key} {trial.config.get(key)}" for key in self.tune.space)
-        log.info(
-            "trial %s started: %s lr %.3g%s",
-            trial.trial_id,
-            settings["train"]["optimizer"],
-            settings["train"]["lr"],
-            searched,
+        running = sum(t.status == "RUNNING" for t in trials)
+        self.progress.note(
+            f"trial {trial.trial_id} started: {_setting(settings)}{searched}; "
+            f"{self._tally(running)}"
         )
         if trial.trial_id in self.runs:
             return
@@ -117,21 +118,41 @@ class TrialTracking(Callback):
         self._end(trial, "error", self.last.get(trial.trial_id, {}))
 
     def _end(self, trial: Any, status: str, last: dict[str, Any]) -> None:
-        self.finished += 1
+        self.ended[status] = self.ended.get(status, 0) + 1
         epochs = int(last.get("training_iteration", 0))
         figure = last.get(self.tune.metric)
-        log.info(
-            "trial %s %s after %d epoch(s)%s [%d/%d]",
-            trial.trial_id,
-            status.replace("_", " "),
-            epochs,
-            f", {self.tune.metric} {figure:.4f}" if isinstance(figure, float) else "",
-            self.finished,
-            self.total,
+        if isinstance(figure, float) and math.isfinite(figure):
+            better = self.best is None or (
+                figure > self.best[0] if self.tune.mode == "max" else figure < self.best[0]
+            )
+            if better:
+                self.best = (figure, _setting(tuned_values(trial.config, self.tune)))
+        shown = f", {self.tune.metric} {figure:.4f}" if isinstance(figure, float) else ""
+        self.progress.step(
+            f"trial {trial.trial_id} {status.replace('_', ' ')} after {epochs} epoch(s)"
+            f"{shown}; {self._tally(len(self.runs) - sum(self.ended.values()))}"
         )
+        if sum(self.ended.values()) >= self.total:
+            self.progress.close()
         run = self.runs.get(trial.trial_id)
         if run is None:
             return
         run.set_tags({"status": status, "epochs": str(epochs)})
         mlflow_status = {"completed": "FINISHED", "stopped_early": "KILLED"}.get(status, "FAILED")
         run.end(mlflow_status)
+
+    def _tally(self, running: int) -> str:
+        """running / completed / stopped early / best so far, as the progress line shows."""
+        stopped = self.ended.get("stopped_early", 0)
+        parts = [f"{max(running, 0)} running", f"{self.ended.get('completed', 0)} completed"]
+        parts.append(f"{stopped} stopped early")
+        failed = sum(n for s, n in self.ended.items() if s not in ("completed", "stopped_early"))
+        if failed:
+            parts.append(f"{failed} diverged/failed")
+        if self.best is not None:
+            parts.append(f"best {self.tune.metric} {self.best[0]:.4f} ({self.best[1]})")
+        return ", ".join(parts)
+
+
+def _setting(settings: dict[str, Any]) -> str:
+    return f"{settings['train']['optimizer']} lr {settings['train']['lr']:.3g}"

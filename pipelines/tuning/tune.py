@@ -258,7 +258,6 @@ def make_tuner(
         return ray_tune.Tuner.restore(
             str(experiment_dir), trainable, resume_unfinished=True, resume_errored=True
         )
-    mode = "max" if tune.metric == "val_accuracy" else "min"
     log.info(
         "searching %d trial(s) over %s (%s search, scheduler %s), %d at a time",
         total,
@@ -272,9 +271,9 @@ def make_tuner(
         param_space=param_space(tune),
         tune_config=ray_tune.TuneConfig(
             metric=tune.metric,
-            mode=mode,
+            mode=tune.mode,
             num_samples=num_samples(tune),
-            search_alg=_searcher(tune, mode),
+            search_alg=_searcher(tune),
             scheduler=_scheduler(tune),
         ),
         run_config=ray_tune.RunConfig(
@@ -318,7 +317,7 @@ def _scheduler(tune: TuneConfig):
     )
 
 
-def _searcher(tune: TuneConfig, mode: str):
+def _searcher(tune: TuneConfig):
     """The search algorithm, limited to `max_concurrent_trials` at once (Tune ignores
     TuneConfig's limit when given a search algorithm)."""
     from ray.tune.search import ConcurrencyLimiter
@@ -330,7 +329,7 @@ def _searcher(tune: TuneConfig, mode: str):
         )
     from ray.tune.search.optuna import OptunaSearch
 
-    searcher = OptunaSearch(metric=tune.metric, mode=mode, seed=tune.seed)
+    searcher = OptunaSearch(metric=tune.metric, mode=tune.mode, seed=tune.seed)
     return ConcurrencyLimiter(searcher, max_concurrent=tune.max_concurrent_trials)
 
 

@@ -34,6 +34,7 @@ from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_bytes, write_json
 from pipelines.stagekit.config import Param, config_to_dict
 from pipelines.stagekit.plots import k_sweep_png, learning_curves_png, projection_png, write_csv
+from pipelines.stagekit.progress import Progress
 from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.autoencoder import encode, refine, train_autoencoder
 from pipelines.unsupervised.config import SegmentConfig
@@ -93,22 +94,21 @@ class Segmentation:
 
 def sweep(points: ShardedPoints, x: np.ndarray, config: SegmentConfig) -> list[dict]:
     rows = []
-    for k in range(config.k_min, config.k_max + 1):
-        fit = points.fit(k, config.seed, config.restarts, config.max_iterations)
-        rows.append(
-            {
-                "k": k,
-                "inertia": fit.inertia,
-                **internal_figures(x, fit.labels, config.silhouette_sample, config.seed),
-            }
-        )
-        log.info(
-            "k=%d: inertia %.1f, silhouette %.4f, Davies-Bouldin %.3f",
-            k,
-            fit.inertia,
-            rows[-1]["silhouette"],
-            rows[-1]["davies_bouldin"],
-        )
+    ks = range(config.k_min, config.k_max + 1)
+    with Progress(len(ks), "k-sweep", log, unit="k") as progress:
+        for k in ks:
+            fit = points.fit(k, config.seed, config.restarts, config.max_iterations)
+            rows.append(
+                {
+                    "k": k,
+                    "inertia": fit.inertia,
+                    **internal_figures(x, fit.labels, config.silhouette_sample, config.seed),
+                }
+            )
+            progress.step(
+                f"k={k}: inertia {fit.inertia:.1f}, silhouette {rows[-1]['silhouette']:.4f}, "
+                f"Davies-Bouldin {rows[-1]['davies_bouldin']:.3f}"
+            )
     return rows
 
 
