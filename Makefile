@@ -40,13 +40,17 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # Debian packages the tests run: PostgreSQL under the team MLflow server
-# (tests/cluster/test_team_tracking.py). Installed when this runs as root with apt (CI).
+# (tests/cluster/test_team_tracking.py), and chromium with its chromedriver for the browser
+# tests of the MLflow dashboard and the pipeline report (no browser download at run time).
+# Installed when this runs as root with apt (CI).
+TEST_DEBS := postgresql chromium chromium-driver
 test-deps:
-	@if ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then :; \
+	@if ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 && command -v chromium >/dev/null \
+		&& command -v chromedriver >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
-	else echo "make test: PostgreSQL is missing (the team tracking test runs one): apt-get install postgresql" >&2; exit 1; fi
+			apt-get install -y -qq --no-install-recommends $(TEST_DEBS) >/dev/null; \
+	else echo "make test: missing Debian packages (the team tracking and browser tests run them): apt-get install $(TEST_DEBS)" >&2; exit 1; fi
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

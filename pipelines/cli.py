@@ -4,6 +4,7 @@ dlpipe run [STAGE ...]    re-run what changed (dvc repro), up to STAGE
 dlpipe ui                 open the MLflow dashboard
 dlpipe tracking sync      send what stages kept while the MLflow server was down
 dlpipe lineage MODEL      a registered model's chain back to its data, params and commit
+dlpipe report             write reports/index.html: every stage's figures beside baselines
 dlpipe serve ...          serve, reload and query the models (serving/cli.py)
 dlpipe predict IMAGE ...  classify images through a running server (serving/cli.py)
 """
@@ -21,7 +22,14 @@ from pathlib import Path
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.lineage import format_lineage
 from pipelines.stagekit.spool import spool_dir
-from pipelines.stagekit.tracking import redacted_uri, registry_lineage, sync_spool, tracking_uri
+from pipelines.stagekit.tracking import (
+    DASHBOARD_HOST,
+    DASHBOARD_PORT,
+    redacted_uri,
+    registry_lineage,
+    sync_spool,
+    tracking_uri,
+)
 from serving import cli as serving_cli
 
 
@@ -72,6 +80,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.review.report import STAGE, report
+    from pipelines.stagekit.stage import run_stage
+
+    run_stage(STAGE, lambda: print(f"report: {report(output=args.output).resolve()}"))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="dlpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,9 +124,15 @@ def parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print the chain as JSON")
     lineage.set_defaults(func=cmd_lineage)
 
+    report = sub.add_parser(
+        "report", help="write the pipeline report (every stage's figures beside baselines)"
+    )
+    report.add_argument("--output", default="reports", help="folder of index.html and images")
+    report.set_defaults(func=cmd_report)
+
     ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default=DASHBOARD_HOST)
+    ui.add_argument("--port", type=int, default=DASHBOARD_PORT)
     ui.set_defaults(func=cmd_ui)
     return top
 

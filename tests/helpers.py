@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import random
+import shutil
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -118,3 +120,40 @@ def swap_in_store(tracking_uri: str, name: str, version: str) -> Path:
     card["parity_sample"]["graphs"]["model.onnx"] = sha256(stored / "model.onnx")
     card_path.write_text(json.dumps(card))
     return stored
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1400, height: int = 1000) -> Iterator:
+    """A Selenium driver on Debian's headless chromium (`make test` installs it: apt-get
+    install chromium chromium-driver; CHROMIUM / CHROMEDRIVER point elsewhere)."""
+    import pytest
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (Path(path).is_file() or shutil.which(path)):
+            pytest.fail(
+                f"{path} missing: apt-get install chromium chromium-driver (make test-deps)"
+            )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument(f"--window-size={width},{height}")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def broken_images(driver) -> list[str]:
+    """The page's images that did not load (missing file, not an image)."""
+    return driver.execute_script(
+        "return Array.from(document.images)"
+        ".filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+    )

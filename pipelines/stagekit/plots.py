@@ -195,3 +195,26 @@ def sample_grid_png(images: np.ndarray, path: str | Path, columns: int = 10) -> 
         buffer, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0, format="png"
     )
     write_bytes(path, buffer.getvalue())
+
+
+def comparison_png(
+    rows: Sequence[tuple[str, float, bool]],
+    title: str,
+    xlabel: str,
+    path: str | Path,
+    lower_is_better: bool = False,
+) -> None:
+    """One figure beside its baselines (the pipeline report): a horizontal bar per
+    (label, value, is_dlpipe), dlpipe's models coloured and the baselines grey, each bar
+    labelled with its value."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.1))
+    values = [value for _, value, _ in rows]
+    colours = ["#1f77b4" if ours else "#b0b0b0" for _, _, ours in rows]
+    bars = ax.barh([label for label, _, _ in rows], values, color=colours)
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
+    ax.invert_yaxis()  # the first row on top
+    ax.set(xlabel=xlabel + (" (lower is better)" if lower_is_better else ""), title=title)
+    ax.margins(x=0.15)
+    _save(fig, path)
+    plt.close(fig)

@@ -50,6 +50,19 @@ def tracking_uri() -> str:
     return f"sqlite:///{(local_store() / 'mlflow.db').resolve()}"
 
 
+DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 5000
+"""Where `dlpipe ui` serves the MLflow dashboard over the local store."""
+
+
+def dashboard_url() -> str:
+    """The MLflow dashboard's address: the tracking server itself when there is one (it
+    serves the UI), else what `dlpipe ui` starts over the local store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return redacted_uri(uri)
+    return f"http://{DASHBOARD_HOST}:{DASHBOARD_PORT}"
+
+
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 

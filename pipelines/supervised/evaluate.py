@@ -2,6 +2,8 @@
 
 Writes `metrics/evaluate.json`, the confusion data for `dvc plots` and its image, and logs
 the figures to the training run in MLflow (plus a child run for this stage execution).
+Beside the network's figures, the floor a linear model from scikit-learn reaches on the same
+splits (`sklearn_*`): a network that does not clear it is not worth its training.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import write_json
-from pipelines.stagekit.dataset import load_prepared
+from pipelines.stagekit.dataset import PreparedData, load_prepared
 from pipelines.stagekit.metrics import (
+    accuracy_figures,
     classification_metrics,
     headline,
     regression_metrics,
@@ -29,6 +33,40 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 PREDICTIONS_CSV = "predictions.csv"  # actual vs predicted per test example, for `dvc plots`
 PREDICTIONS_PNG = "test_predictions.png"  # confusion matrix, or predicted vs actual
+BASELINE_ROWS = 20_000
+"""The scikit-learn baseline fits on at most this many training examples (the first ones):
+on a large image set a linear model would take minutes, and its figure is a floor, not a
+contender."""
+
+
+def linear_baseline(data: PreparedData) -> dict[str, float]:
+    """Logistic regression (classification) or ridge regression on the standardized,
+    flattened inputs of the training (or labeled) split, scored on the test split; {} for sequences
+    (train_timeseries compares those with aeon's baselines)."""
+    if data.manifest["input_kind"] == "sequence":
+        return {}
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def flat(split: str) -> np.ndarray:
+        x = data.x(split)
+        return x.reshape(len(x), -1)
+
+    # The pseudo-label stage's data has no train split: its labeled examples are the ones
+    # a model without the unlabeled pool could learn from.
+    fit_on = "train" if "train" in data.manifest["splits"] else "labeled"
+    x_train, y_train = flat(fit_on)[:BASELINE_ROWS], data.y(fit_on)[:BASELINE_ROWS]
+    y_test = data.y("test")
+    if data.task == "classification":
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        predicted = model.fit(x_train, y_train).predict(flat("test"))
+        return accuracy_figures(
+            "sklearn_test_accuracy", int((predicted == y_test).sum()), len(y_test)
+        )
+    model = make_pipeline(StandardScaler(), Ridge())
+    error = model.fit(x_train, y_train).predict(flat("test")) - y_test
+    return {"sklearn_test_rmse": float(np.sqrt(np.mean(error**2)))}
 
 
 def evaluate(
@@ -62,6 +100,7 @@ def evaluate(
         rows = [{"actual": float(a), "predicted": float(p)} for a, p in zip(y_test, predicted)]
         predicted_vs_actual_png(y_test, predicted, image)
     write_csv(plots / PREDICTIONS_CSV, rows, ("actual", "predicted"))
+    metrics.update(linear_baseline(data))
     warnings = small_split_warnings(data.manifest["splits"], data.manifest["input_kind"])
     for warning in warnings:
         log.warning(warning)

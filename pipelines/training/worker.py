@@ -99,7 +99,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             return
         if bar is not None:
-            bar.set_description(f"epochs ({_progress_status(metrics)})")
+            # Short: tqdm keeps the ETA only if the line fits the terminal.
+            shown = {k: metrics[k] for k in ("val_loss", "val_accuracy") if k in metrics}
+            bar.set_description("epochs " + " ".join(f"{k} {v:.3f}" for k, v in shown.items()))
             bar.update(1)
         else:
             print(_progress_line(metrics, train_cfg.epochs), flush=True)

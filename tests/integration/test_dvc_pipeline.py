@@ -1,8 +1,12 @@
-"""A real `dvc repro` of dvc.yaml in a temporary copy of the repository."""
+"""A real `dvc repro` of dvc.yaml in a temporary copy of the repository, and what a
+reviewer sees of it: the pipeline report and the MLflow dashboard in a real browser, and
+the lineage of the served model."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,9 +17,19 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from benchmarks.workspace import copy_repository
+from pipelines.stagekit.lineage import sha256_tree
 from pipelines.stagekit.tracking import RUN_ID_KEY
 from pipelines.training.cluster import orphaned_placement_groups
-from tests.helpers import REPO, free_port, generated_transaction_log, run_command
+from tests.helpers import (
+    REPO,
+    broken_images,
+    free_port,
+    generated_transaction_log,
+    headless_chromium,
+    run_command,
+    served_app,
+)
+from tests.integration.dashboard import walk_dashboard
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +72,7 @@ NOT_FORCED = {
     "evaluate_timeseries": "scores a fixed model on fixed data",
     "export_timeseries": "export's code on another model",
     "generate": "its metrics file holds train times",
+    "report": "its page links the latest MLflow runs",
 }
 
 
@@ -167,6 +182,128 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     # The training stages, the search and the k-fold stage read `train`; no data stage does,
     # nor the MLM or segmentation (the stages downstream of these follow once they re-run).
     assert set(status) == {"tune", "train_supervised", "train_pseudolabel", "cross_validate"}
+
+
+REPORT_SECTIONS = [
+    "Supervised: digits",
+    "Semi-supervised: pseudo-labels",
+    "Self-supervised: masked-language model",
+    "Unsupervised: segmentation",
+    "Search: optimizers and learning rates",
+    "Supervised: time series",
+    "Generative: VAE and GAN",
+    "Serving: throughput",
+]
+
+
+def test_the_report_page_shows_every_stage_with_its_figures_images_and_runs(repo_copy, tmp_path):
+    """The `report` stage ran last in the repro above; a browser opens what it wrote."""
+    from selenium.webdriver.common.by import By
+
+    root, env = repo_copy
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    figures = json.loads((root / "metrics" / "supervised.json").read_text())
+    with headless_chromium(1300, 2400) as browser:
+        browser.get((root / "reports" / "index.html").as_uri())
+        titles = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "section.stage h2")]
+        assert titles == REPORT_SECTIONS
+        assert broken_images(browser) == []
+        assert len(browser.find_elements(By.CSS_SELECTOR, "section.stage img")) >= 20
+        first = browser.find_element(By.CSS_SELECTOR, "section.stage table.figures")
+        assert f"test accuracy {100 * figures['test_accuracy']:.1f}%" in first.text
+        links = [
+            a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "a.run-link")
+        ]
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    # Every figure links to the run that made it, in the store the dashboard shows.
+    assert len(links) >= 12
+    for link in links:
+        assert link.startswith("http://127.0.0.1:5000/#/runs/"), link
+        assert client.get_run(link.rsplit("/", 1)[1]).info.status == "FINISHED"
+    [report_run] = client.search_runs(
+        [client.get_experiment_by_name("dlpipe-report").experiment_id]
+    )
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    assert {"report/index.html", "report/confusion.png"} <= logged
+
+
+def test_a_reviewer_sees_curves_trials_and_the_served_champion_in_the_dashboard(
+    repo_copy, ray_dashboard, tmp_path
+):
+    root, env = repo_copy
+    uri = env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    sources = {"mlm_model": "none", "segment_model": "none", "generator_model": "none"}
+    with served_app(
+        ray_dashboard,
+        "dlpipe-review",
+        {"model": "models:/dlpipe-classifier@champion", "tracking_uri": uri, **sources},
+    ) as server:
+        [served] = server.get("/v1/models").json()["models"]
+    # The served version's chain reaches the data and params its training stage ran on.
+    train, export = served["lineage"]["stages"]
+    assert (train["stage"], export["stage"]) == ("train_supervised", "export")
+    assert train["deps"]["data/prepared/supervised"] == sha256_tree(
+        root / "data/prepared/supervised"
+    )
+    assert train["params"]["train.epochs"] == 3  # small_params
+    printed = run([str(Path(sys.executable).parent / "dlpipe"), "lineage",
+                   "dlpipe-classifier", served["version"]], repo_copy).stdout  # fmt: skip
+    assert f"data/prepared/supervised sha256 {train['deps']['data/prepared/supervised']}" in printed
+
+    experiment = client.get_experiment_by_name("dlpipe-supervised").experiment_id
+    [training_run] = client.search_runs(
+        [experiment], "tags.dvc_stage = 'train_supervised'", max_results=1
+    )
+    tune = client.get_experiment_by_name("dlpipe-tune").experiment_id
+    trials = {
+        r.info.run_name: r.data.metrics.get("val_accuracy", float("-inf"))
+        for r in client.search_runs([tune])
+        if r.info.run_name.startswith("trial-")
+    }
+    port = free_port()
+    ui = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dlpipe"), "ui", "--port", str(port)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(url, timeout_s=90)
+        with headless_chromium(1400, 900) as browser:
+            seen = walk_dashboard(browser, url, training_run.info.run_id, tmp_path)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)  # the MLflow server and its workers
+        ui.wait(timeout=30)
+    epochs = json.loads((root / "metrics" / "train_supervised.json").read_text())["epochs_run"]
+    assert "train_supervised" in seen.supervised_runs
+    assert "train.optimizer" in seen.run_page and "val_accuracy" in seen.run_page
+    assert seen.val_accuracy_points == epochs  # a point per epoch on the val_accuracy chart
+    assert seen.artifact_image_width > 300  # the learning curves, drawn
+    assert seen.tune_rows_before_expanding == ["tune"]  # trials nest under the search's run
+    assert seen.tune_rows_expanded[0] == "tune" and set(seen.tune_rows_expanded[1:]) == set(trials)
+    shown = [trials[name] for name in seen.trials_by_val_accuracy]
+    assert len(shown) == len(trials) and shown == sorted(shown, reverse=True)
+    assert "@ champion" in seen.classifier_row
+    assert f"Version {served['version']}" in seen.classifier_row
+
+
+def wait_for_http(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(1)
 
 
 def test_a_teammate_pulls_every_output_runs_nothing_and_serves(repo_copy, tmp_path):

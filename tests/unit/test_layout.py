@@ -184,6 +184,7 @@ def test_pipelines_reads_like_the_product():
     listing = sorted(p.name for p in (REPO / "pipelines").iterdir() if not p.name.startswith("_"))
     assert listing == [
         "cli.py",
+        "review",
         "selfsupervised",
         "semisupervised",
         "stagekit",

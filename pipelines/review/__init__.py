@@ -1,0 +1,1 @@
+"""The review side: the pipeline report over every stage's outputs."""
