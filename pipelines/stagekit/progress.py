@@ -63,23 +63,24 @@ class Progress:
             else None
         )
 
-    def step(self, status: str = "", n: int = 1) -> None:
+    def step(self, status: str = "", n: int = 1, line: str | None = None) -> None:
+        """`status` beside the bar; the plain line says `line` when given (a bar has room
+        for a short status only, a log line for the whole event)."""
         self.done += n
         if self.bar is not None:
             self.bar.set_postfix_str(status, refresh=False)
             self.bar.update(n)
         else:
-            self.log.info(
-                "%s %d/%d%s", self.desc, self.done, self.total, f": {status}" * bool(status)
-            )
+            said = line if line is not None else status
+            self.log.info("%s %d/%d%s", self.desc, self.done, self.total, f": {said}" * bool(said))
 
-    def note(self, status: str) -> None:
+    def note(self, status: str, line: str | None = None) -> None:
         """A change worth showing that is not a step (a trial started): the bar's status on
-        a terminal, a log line otherwise."""
+        a terminal, a log line (`line`, else `status`) otherwise."""
         if self.bar is not None:
             self.bar.set_postfix_str(status)
         else:
-            self.log.info("%s: %s", self.desc, status)
+            self.log.info("%s: %s", self.desc, line if line is not None else status)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -71,11 +71,9 @@ class TrialTracking(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         settings = tuned_values(trial.config, self.tune)
         searched = "".join(f", {key} {trial.config.get(key)}" for key in self.tune.space)
-        running = sum(t.status == "RUNNING" for t in trials)
-        self.progress.note(
-            f"trial {trial.trial_id} started: {_setting(settings)}{searched}; "
-            f"{self._tally(running)}"
-        )
+        tally = self._tally(sum(t.status == "RUNNING" for t in trials))
+        event = f"trial {trial.trial_id} started: {_setting(settings)}{searched}"
+        self.progress.note(tally, line=f"{event}; {tally}")
         if trial.trial_id in self.runs:
             return
         run = tracking.start_child_run(
@@ -128,10 +126,9 @@ class TrialTracking(Callback):
             if better:
                 self.best = (figure, _setting(tuned_values(trial.config, self.tune)))
         shown = f", {self.tune.metric} {figure:.4f}" if isinstance(figure, float) else ""
-        self.progress.step(
-            f"trial {trial.trial_id} {status.replace('_', ' ')} after {epochs} epoch(s)"
-            f"{shown}; {self._tally(len(self.runs) - sum(self.ended.values()))}"
-        )
+        tally = self._tally(len(self.runs) - sum(self.ended.values()))
+        event = f"trial {trial.trial_id} {status.replace('_', ' ')} after {epochs} epoch(s){shown}"
+        self.progress.step(tally, line=f"{event}; {tally}")
         if sum(self.ended.values()) >= self.total:
             self.progress.close()
         run = self.runs.get(trial.trial_id)
@@ -144,13 +141,13 @@ class TrialTracking(Callback):
     def _tally(self, running: int) -> str:
         """running / completed / stopped early / best so far, as the progress line shows."""
         stopped = self.ended.get("stopped_early", 0)
-        parts = [f"{max(running, 0)} running", f"{self.ended.get('completed', 0)} completed"]
+        parts = [f"{max(running, 0)} running", f"{self.ended.get('completed', 0)} done"]
         parts.append(f"{stopped} stopped early")
         failed = sum(n for s, n in self.ended.items() if s not in ("completed", "stopped_early"))
         if failed:
             parts.append(f"{failed} diverged/failed")
         if self.best is not None:
-            parts.append(f"best {self.tune.metric} {self.best[0]:.4f} ({self.best[1]})")
+            parts.append(f"best {self.best[0]:.4f} ({self.best[1]})")
         return ", ".join(parts)
 
 

@@ -161,3 +161,13 @@ def _search_charts(driver: WebDriver, metric: str) -> int:
         return None
 
     return _wait(driver).until(points)
+
+
+if __name__ == "__main__":  # refresh the README's screenshots: URL RUN_ID FOLDER
+    import sys
+
+    from tests.helpers import headless_chromium
+
+    dashboard, training_run, folder = sys.argv[1:4]
+    with headless_chromium(1400, 900) as browser:
+        walk_dashboard(browser, dashboard, training_run, Path(folder))
