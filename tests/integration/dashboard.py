@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ready
@@ -131,9 +132,22 @@ def walk_dashboard(
     link = _wait(driver).until(
         ready.presence_of_element_located((By.LINK_TEXT, "dlpipe-classifier"))
     )
+    _dismiss_announcement(driver)
     seen.classifier_row = link.find_element(By.XPATH, "./ancestor::*[@role='row'][1]").text
     _shot(driver, screenshots, "models")
     return seen
+
+
+def _dismiss_announcement(driver: WebDriver) -> None:
+    """Close the dialog MLflow opens over the registry on a first visit (news of its UI)."""
+    try:
+        dialog = WebDriverWait(driver, 5).until(
+            ready.visibility_of_element_located((By.CSS_SELECTOR, "[role='dialog']"))
+        )
+    except TimeoutException:
+        return
+    dialog.find_element(By.CSS_SELECTOR, "button[aria-label='Close']").click()
+    WebDriverWait(driver, 10).until(ready.invisibility_of_element(dialog))
 
 
 def _experiment_id(driver: WebDriver) -> str:
@@ -157,6 +171,7 @@ def _search_charts(driver: WebDriver, metric: str) -> int:
             if cards:
                 drawn = cards[0].find_elements(By.CSS_SELECTOR, ".scatterlayer path.point")
                 if drawn:
+                    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", cards[0])
                     return len(drawn)
         return None
 
