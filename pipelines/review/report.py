@@ -105,10 +105,15 @@ def report(
         if not (root / path).is_file()
     ]
     if missing:
-        stages = _producing_stages(root, missing)
+        if not (root / "dvc.yaml").is_file():
+            raise UserError(
+                f"no dvc.yaml in {root.resolve()}: run the report in the pipeline's repository"
+            )
+        stages, unknown = _producing_stages(root, missing)
+        listed = [f"{stage} ({path})" for stage, path in stages.items()] + unknown
         raise UserError(
-            f"not run yet: {', '.join(f'{s} ({p})' for s, p in stages.items())}; run "
-            f"`dvc repro {' '.join(stages)}` (or `dvc repro`) first"
+            f"not run yet: {', '.join(listed)}; run `dvc repro {' '.join(stages)}` "
+            "(or `dvc repro`) first"
         )
     metrics = {name: json.loads((root / f"metrics/{name}.json").read_text()) for name in METRICS}
     serving = json.loads(Path(serving_path).read_text()) if Path(serving_path).is_file() else None
@@ -135,14 +140,12 @@ def report(
     return index
 
 
-def _producing_stages(root: Path, paths: list[str]) -> dict[str, str]:
-    """stage -> the first of `paths` it writes, from dvc.yaml (outs, metrics or plots)."""
-    stages = (
-        yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-        if (root / "dvc.yaml").is_file()
-        else {}
-    )
+def _producing_stages(root: Path, paths: list[str]) -> tuple[dict[str, str], list[str]]:
+    """stage -> the first of `paths` it writes (outs, metrics or plots in dvc.yaml), and the
+    paths no stage writes."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     found: dict[str, str] = {}
+    unknown: list[str] = []
     for path in paths:
         for name, entry in stages.items():
             outs = [
@@ -154,8 +157,8 @@ def _producing_stages(root: Path, paths: list[str]) -> dict[str, str]:
                 found.setdefault(name, path)
                 break
         else:
-            found.setdefault(f"(no stage writes {path})", path)
-    return found
+            unknown.append(f"{path} (no stage in dvc.yaml writes it)")
+    return found, unknown
 
 
 def _run(figures: dict[str, Any]) -> str | None:

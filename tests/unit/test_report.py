@@ -29,3 +29,17 @@ def test_a_report_before_the_stages_ran_names_them_and_writes_nothing(tmp_path):
     assert "pretrain_mlm (metrics/mlm.json)" not in line  # it ran
     assert "run `dvc repro train_supervised export" in line
     assert not (tmp_path / "reports").exists()
+
+
+def test_outside_a_pipeline_repository_it_says_so(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.review.report", "--root", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"report: error: no dvc.yaml in {tmp_path}: run the report in the pipeline's repository"
+    )
