@@ -84,7 +84,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipelines.review.report import STAGE, report
     from pipelines.stagekit.stage import run_stage
 
-    run_stage(STAGE, lambda: print(f"report: {report(output=args.output).resolve()}"))
+    options = {"output": args.output} if args.output else {}
+    run_stage(STAGE, lambda: print(f"report: {report(**options).resolve()}"))
     return 0
 
 
@@ -127,7 +128,7 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="write the pipeline report (every stage's figures beside baselines)"
     )
-    report.add_argument("--output", default="reports", help="folder of index.html and images")
+    report.add_argument("--output", help="folder of index.html and its images (reports)")
     report.set_defaults(func=cmd_report)
 
     ui = sub.add_parser("ui", help="open the MLflow dashboard on the pipeline's runs")

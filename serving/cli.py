@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipelines.stagekit.tracking import tracking_uri
+from pipelines.stagekit.tracking import dashboard_url, tracking_uri
 from serving.auth import (
     ENV_CLIENT_KEY,
     ENV_KEYS_FILE,
@@ -225,7 +225,7 @@ def _print_endpoints(url: str) -> None:
 
     print("\nendpoints:\n  " + "\n  ".join(endpoints(url)))
     print("swap models after moving a registry alias: dlpipe serve reload")
-    print("dashboard: run `make ui` (or `dlpipe ui`), then open http://127.0.0.1:5000")
+    print(f"dashboard: run `make ui` (or `dlpipe ui`), then open {dashboard_url()}")
 
 
 def _demo_image() -> Path:

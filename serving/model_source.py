@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.stagekit.lineage import GRAPH_HASH_TAG, REGISTRY_URI, model_lineage
+from pipelines.stagekit.tracking import redacted
 
 CARD_FILE = "model_card.json"
 ONNX_FILE = "model.onnx"
@@ -77,7 +78,7 @@ def resolve_model(
     try:
         lineage = model_lineage(MlflowClient(), name, None, str(version))
     except Exception as exc:  # the chain is for people; a model missing it still serves
-        lineage = {"error": f"lineage not found: {exc}"}
+        lineage = {"error": f"lineage unavailable: {redacted(str(exc))[:300]}"}
     hashes = {
         tag[len(GRAPH_HASH_TAG) :]: value
         for tag, value in tags.items()

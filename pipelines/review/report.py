@@ -18,11 +18,13 @@ and no script, and a stage's label cannot inject markup.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +119,7 @@ def report(
         )
     metrics = {name: json.loads((root / f"metrics/{name}.json").read_text()) for name in METRICS}
     serving = json.loads(Path(serving_path).read_text()) if Path(serving_path).is_file() else None
-    with output_directory(output) as staging:
+    with output_directory(output) as staging, _figures_named():
         sections = [
             supervised(root, metrics, staging),
             semisupervised(root, metrics, staging),
@@ -138,6 +140,20 @@ def report(
             run.log_artifact(file, "report")
     log.info("wrote %s (%d sections); MLflow run %s", index, len(sections), run.run_id)
     return index
+
+
+@contextlib.contextmanager
+def _figures_named() -> Iterator[None]:
+    """A figure a section needs but a metrics file lacks (written by an older dlpipe, or a
+    regression model where a section shows accuracies) is one line naming it."""
+    try:
+        yield
+    except KeyError as exc:
+        raise UserError(
+            f"the report needs the figure {exc.args[0]!r}, which the metrics files lack: "
+            "written by an older dlpipe (re-run the pipeline: dvc repro), or a regression "
+            "model where the report shows a classifier's accuracies"
+        ) from None
 
 
 def _producing_stages(root: Path, paths: list[str]) -> tuple[dict[str, str], list[str]]:

@@ -41,7 +41,14 @@ EXP_TAG = "dvc_exp"
 EXP_BASELINE_TAG = "dvc_exp_baseline"
 """Run tag: the git commit the experiment branched from."""
 
+TAG_VALUE_LIMIT = 5000
+"""Longest params value kept as a tag (MLflow stores up to 8000 characters; beyond this
+limit the tag holds the value's sha256, the run's params keep the value)."""
+UNRECORDED_PARTS = frozenset({"__pycache__"})
+"""Folders left out of a folder's hash: Python's byte-code caches differ between machines."""
+
 _VARIABLE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+_TAG_KEY_UNSAFE = re.compile(r"[^\w.\- /:]")
 
 
 def sha256_tree(path: str | Path) -> str:
@@ -53,45 +60,94 @@ def sha256_tree(path: str | Path) -> str:
     lines = sorted(
         f"{file.relative_to(path).as_posix()}  {sha256_file(file)}"
         for file in path.rglob("*")
-        if file.is_file()
+        if file.is_file() and not UNRECORDED_PARTS.intersection(file.relative_to(path).parts)
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def stage_record(stage: str) -> dict[str, str]:
-    """Tags for the run of `stage`: its dependencies' sha256 and params values when DVC runs
-    it (DVC_STAGE names it; a stage function called directly read whatever paths it was
-    given, so nothing is claimed), plus the `dvc exp` name and baseline under `dvc exp run`."""
+def dvc_stage_name(stage: str) -> str:
+    """The dvc.yaml stage running this process (DVC_STAGE), else the module's own `stage`:
+    one module runs as several stages (evaluate as evaluate_pseudolabel, ...)."""
+    return os.environ.get("DVC_STAGE") or stage
+
+
+def stage_record() -> dict[str, str]:
+    """Tags for a run of the stage DVC runs (DVC_STAGE): its dependencies' sha256 and params
+    values, plus the `dvc exp` name and baseline under `dvc exp run`. Nothing when a stage
+    function is called directly: it read whatever paths it was given, so nothing is claimed."""
     tags: dict[str, str] = {}
     if os.environ.get("DVC_EXP_NAME"):
         tags[EXP_TAG] = os.environ["DVC_EXP_NAME"]
         tags[EXP_BASELINE_TAG] = os.environ.get("DVC_EXP_BASELINE_REV", "")
-    if os.environ.get("DVC_STAGE") == stage:
+    if os.environ.get("DVC_STAGE"):
         # The working directory, not DVC_ROOT: `dvc exp run --temp` runs in a copy holding
         # the experiment's params, and DVC_ROOT names the user's repository there.
-        tags.update(_dvc_inputs(stage, Path.cwd()))
+        tags.update(_dvc_inputs(os.environ["DVC_STAGE"], Path.cwd()))
     return tags
 
 
 @functools.cache  # a stage opening several runs (pseudo-label rounds) hashes once
 def _dvc_inputs(stage: str, root: Path) -> dict[str, str]:
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    entry = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+    params = _read(root / "params.yaml")
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    entry = dvc_yaml["stages"].get(stage)
+    if entry is None:  # a foreach/matrix stage (name@item): not one of dlpipe's
+        return {}
+    variables = {**params, **_dvc_vars(dvc_yaml.get("vars", []))}
     tags = {}
     for dep in entry.get("deps", []):
-        path = _resolve(str(dep), params)
-        if (root / path).exists():
-            tags[f"{DEP_TAG}{path.rstrip('/')}"] = sha256_tree(root / path)
-    for key in entry.get("params", []):
-        if isinstance(key, str):  # a key of params.yaml (dvc.yaml's other form names files)
-            for flat_key, value in _flatten(key, _lookup(params, key)).items():
-                tags[f"{PARAM_TAG}{flat_key}"] = json.dumps(value)[:5000]
+        path = _resolve(str(dep), variables).rstrip("/")
+        target = root / path
+        tags[_tag_key(DEP_TAG, path)] = sha256_tree(target) if target.exists() else "missing"
+    for item in entry.get("params", []):
+        # `- key` reads params.yaml; `- file: [keys]` another file (null: all its keys).
+        files = {"params.yaml": [item]} if isinstance(item, str) else item
+        for file, keys in files.items():
+            values = params if file == "params.yaml" else _read(root / file)
+            prefix = "" if file == "params.yaml" else f"{file}:"
+            for key in keys if keys is not None else list(values):
+                for flat_key, value in _flatten(key, _lookup(values, key)).items():
+                    tags[_tag_key(PARAM_TAG, prefix + flat_key)] = _tag_value(value)
     return tags
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """A params file (YAML, or JSON, which YAML reads), {} when absent."""
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _dvc_vars(entries: list[Any]) -> dict[str, Any]:
+    """dvc.yaml's own `vars:` (mappings; file names among them are left to DVC)."""
+    merged: dict[str, Any] = {}
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            merged.update(entry)
+    return merged
+
+
+def _tag_key(prefix: str, name: str) -> str:
+    # MLflow tag keys allow letters, digits, _ - . space / : only, and at most 250 of them.
+    return (prefix + _TAG_KEY_UNSAFE.sub("_", name.lstrip("/")))[:250]
+
+
+def _tag_value(value: Any) -> str:
+    text = json.dumps(value, default=str)  # default: YAML dates and the like
+    if len(text) > TAG_VALUE_LIMIT:
+        return json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest()})
+    return text
+
+
 def _resolve(text: str, params: Mapping[str, Any]) -> str:
-    """dvc.yaml's `${key}` interpolation, from params.yaml (DVC's default vars)."""
-    return _VARIABLE.sub(lambda m: str(_lookup(params, m.group(1))), text)
+    """dvc.yaml's `${key}` interpolation, from params.yaml and dvc.yaml's vars (DVC's own);
+    a name neither holds stays as written."""
+
+    def value(match: re.Match[str]) -> str:
+        try:
+            return str(_lookup(params, match.group(1)))
+        except (KeyError, TypeError):
+            return match.group(0)
+
+    return _VARIABLE.sub(value, text)
 
 
 def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
@@ -140,13 +196,14 @@ def model_lineage(client: Any, name: str, alias: str | None, version: str | None
     tags = model_version.tags
     run_id = tags.get("source_run") or model_version.run_id
     run = _run_summary(client, run_id)
-    parent_id = run["tags"].get("mlflow.parentRunId") if run else None
+    found = run is not None and not run.get("missing")
+    parent_id = run["tags"].get("mlflow.parentRunId") if found else None
     export_runs = client.search_runs(
-        [run["experiment_id"]] if run else _all_experiments(client),
+        [run["experiment_id"]] if found else _all_experiments(client),
         filter_string=f"tags.registered_model = '{name}' and tags.model_version = '{version}'",
         max_results=1,
     )
-    stages = [_stage(run)] if run else []
+    stages = [_stage(run)] if found else []
     if export_runs and export_runs[0].info.run_id != run_id:
         stages.append(_stage(_run_summary(client, export_runs[0].info.run_id)))
     return {
@@ -232,11 +289,18 @@ def _stage(run: dict) -> dict:
         "data_sha256": tags.get("data_sha256"),
         "deps": {k[len(DEP_TAG) :]: v for k, v in sorted(tags.items()) if k.startswith(DEP_TAG)},
         "params": {
-            k[len(PARAM_TAG) :]: json.loads(v)
+            k[len(PARAM_TAG) :]: _json_or_text(v)
             for k, v in sorted(tags.items())
             if k.startswith(PARAM_TAG)
         },
     }
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:  # written by hand, or by another tool
+        return value
 
 
 def format_lineage(chain: Mapping[str, Any]) -> str:

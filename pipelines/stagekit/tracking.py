@@ -21,6 +21,7 @@ from pipelines.stagekit.dataset import sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.lineage import (
     GRAPH_HASH_TAG,
+    dvc_stage_name,
     model_lineage,
     parse_model_ref,
     stage_record,
@@ -112,8 +113,8 @@ def without_run_id(figures: Mapping[str, Any]) -> dict[str, Any]:
 
 OUTPUT_TAG = "output_sha256"
 """Tag on a training run: the sha256 of the model file it wrote. Later stages find the run
-from the file itself, so no run id is written into a file that DVC hashes (the same
-training run twice must give the same bytes)."""
+from the file itself, so no run id is written into a model file, card or graph (the same
+training run twice must give the same bytes; only metrics files name their run)."""
 
 
 def tag_output(run: RunLogger, model_file: str | Path) -> None:
@@ -149,12 +150,14 @@ def producing_run(model_file: str | Path, experiment: str) -> str | None:
 
 def stage_tags(stage: str, data_hash: str) -> dict[str, str]:
     """Tags linking a run to its code, pipeline stage and data (and, when DVC runs the
-    stage, each dependency's sha256 and params value: pipelines/stagekit/lineage.py)."""
+    stage, each dependency's sha256 and params value: pipelines/stagekit/lineage.py).
+    `dvc_stage` is the dvc.yaml stage running, which `stage` (the module's) names when the
+    function is called directly."""
     return {
         "git_commit": git_commit(),
-        "dvc_stage": stage,
+        "dvc_stage": dvc_stage_name(stage),
         "data_sha256": data_hash,
-        **stage_record(stage),
+        **stage_record(),
     }
 
 
@@ -171,18 +174,22 @@ def registry_lineage(reference: str, version: str | None = None) -> dict[str, An
             "MLFLOW_TRACKING_URI to the team's server)"
         )
     uri = uri or tracking_uri()
+    from mlflow.exceptions import MlflowException
+
     try:
         with _quiet_retries():
             return model_lineage(_client(uri), name, alias, number)
     except UserError:
         raise
     except Exception as exc:
-        if not _unreachable(exc):
-            raise
-        raise UserError(
-            f"the MLflow tracking server {redacted_uri(uri)} does not answer "
-            f"({redacted(str(exc).splitlines()[0])[:200]})"
-        ) from exc
+        first_line = redacted(str(exc).splitlines()[0] if str(exc) else repr(exc))[:200]
+        if _unreachable(exc):
+            raise UserError(
+                f"the MLflow tracking server {redacted_uri(uri)} does not answer ({first_line})"
+            ) from exc
+        if isinstance(exc, MlflowException):  # refused: credentials, permissions, a bad name
+            raise UserError(f"{redacted_uri(uri)} refused: {first_line}") from exc
+        raise
 
 
 class TrackingUnavailable(RuntimeError):

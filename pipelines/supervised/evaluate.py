@@ -34,7 +34,7 @@ STAGE = "evaluate"
 PREDICTIONS_CSV = "predictions.csv"  # actual vs predicted per test example, for `dvc plots`
 PREDICTIONS_PNG = "test_predictions.png"  # confusion matrix, or predicted vs actual
 BASELINE_ROWS = 20_000
-"""The scikit-learn baseline fits on at most this many training examples (the first ones):
+"""The scikit-learn baseline fits on at most this many training examples (a seeded sample):
 on a large image set a linear model would take minutes, and its figure is a floor, not a
 contender."""
 
@@ -56,9 +56,14 @@ def linear_baseline(data: PreparedData) -> dict[str, float]:
     # The pseudo-label stage's data has no train split: its labeled examples are the ones
     # a model without the unlabeled pool could learn from.
     fit_on = "train" if "train" in data.manifest["splits"] else "labeled"
-    x_train, y_train = flat(fit_on)[:BASELINE_ROWS], data.y(fit_on)[:BASELINE_ROWS]
+    x_train, y_train = flat(fit_on), data.y(fit_on)
+    if len(x_train) > BASELINE_ROWS:  # a seeded sample: a split may be ordered by class
+        keep = np.random.default_rng(0).choice(len(x_train), BASELINE_ROWS, replace=False)
+        x_train, y_train = x_train[keep], y_train[keep]
     y_test = data.y("test")
     if data.task == "classification":
+        if len(np.unique(y_train)) < 2:
+            return {}  # one class: nothing for a classifier to learn
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         predicted = model.fit(x_train, y_train).predict(flat("test"))
         return accuracy_figures(

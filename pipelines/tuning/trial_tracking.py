@@ -60,7 +60,22 @@ class TrialTracking(Callback):
         self.last: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, int] = {}  # status -> trials
         self.best: tuple[float, str] | None = None  # (figure, "optimizer lr")
-        self.progress = Progress(total, "trials", log, unit="trial")
+        # Made at the first trial event (a resumed search counts its finished trials); never
+        # pickled: Tune saves its callbacks with the search, and a bar holds a terminal.
+        self.progress: Progress | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "progress": None}
+
+    def _progress(self, trials: list) -> Progress:
+        if self.progress is None:
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self.progress = Progress(self.total, "trials", log, unit="trial", initial=done)
+        return self.progress
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
     def setup(self, **info: Any) -> None:
         # A resumed search: its trials already have runs.
@@ -71,9 +86,9 @@ class TrialTracking(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         settings = tuned_values(trial.config, self.tune)
         searched = "".join(f", {key} {trial.config.get(key)}" for key in self.tune.space)
-        tally = self._tally(sum(t.status == "RUNNING" for t in trials))
+        tally = self._tally(_running(trials, trial) + 1)
         event = f"trial {trial.trial_id} started: {_setting(settings)}{searched}"
-        self.progress.note(tally, line=f"{event}; {tally}")
+        self._progress(trials).note(tally, line=f"{event}; {tally}")
         if trial.trial_id in self.runs:
             return
         run = tracking.start_child_run(
@@ -110,12 +125,13 @@ class TrialTracking(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = self.last.get(trial.trial_id, trial.last_result or {})
-        self._end(trial, trial_status(last, self.tune.epochs, self.tune.scheduler), last)
+        status = trial_status(last, self.tune.epochs, self.tune.scheduler)
+        self._end(trials, trial, status, last)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "error", self.last.get(trial.trial_id, {}))
+        self._end(trials, trial, "error", self.last.get(trial.trial_id, {}))
 
-    def _end(self, trial: Any, status: str, last: dict[str, Any]) -> None:
+    def _end(self, trials: list, trial: Any, status: str, last: dict[str, Any]) -> None:
         self.ended[status] = self.ended.get(status, 0) + 1
         epochs = int(last.get("training_iteration", 0))
         figure = last.get(self.tune.metric)
@@ -126,11 +142,9 @@ class TrialTracking(Callback):
             if better:
                 self.best = (figure, _setting(tuned_values(trial.config, self.tune)))
         shown = f", {self.tune.metric} {figure:.4f}" if isinstance(figure, float) else ""
-        tally = self._tally(len(self.runs) - sum(self.ended.values()))
+        tally = self._tally(_running(trials, trial))
         event = f"trial {trial.trial_id} {status.replace('_', ' ')} after {epochs} epoch(s){shown}"
-        self.progress.step(tally, line=f"{event}; {tally}")
-        if sum(self.ended.values()) >= self.total:
-            self.progress.close()
+        self._progress(trials).step(tally, line=f"{event}; {tally}")
         run = self.runs.get(trial.trial_id)
         if run is None:
             return
@@ -149,6 +163,11 @@ class TrialTracking(Callback):
         if self.best is not None:
             parts.append(f"best {self.best[0]:.4f} ({self.best[1]})")
         return ", ".join(parts)
+
+
+def _running(trials: list, trial: Any) -> int:
+    """Trials running now, besides `trial` (whose own status may lag the event)."""
+    return sum(t.status == "RUNNING" and t is not trial for t in trials)
 
 
 def _setting(settings: dict[str, Any]) -> str:

@@ -280,7 +280,7 @@ def make_tuner(
             name=name,
             storage_path=storage_path(),
             callbacks=[TrialTracking(parent, tune, total)],
-            verbose=0,  # progress comes from TrialTracking's one line per trial event
+            verbose=0,  # progress comes from TrialTracking (a bar, or a line per trial event)
         ),
     )
 
@@ -361,7 +361,7 @@ def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, 
             # A PBT trial's earlier epochs may belong to weights and settings it has since
             # dropped for a leading trial's: it is judged by where it ended.
             scored = scored[-1:]
-        pick = max if tune.metric == "val_accuracy" else min
+        pick = max if tune.mode == "max" else min
         best = pick(scored, key=lambda h: h[tune.metric]) if scored else {}
         rows.append(
             {
@@ -390,7 +390,7 @@ def summarize(rows: list[dict[str, Any]], tune: TuneConfig) -> dict[str, Any]:
             f"no trial finished with a finite {tune.metric}: every one diverged or failed; "
             "lower the learning-rate ranges in tune.lr"
         )
-    pick = max if tune.metric == "val_accuracy" else min
+    pick = max if tune.mode == "max" else min
     best = pick(usable, key=lambda r: r[tune.metric])
     return {
         f"best_{tune.metric}": float(best[tune.metric]),
@@ -410,7 +410,7 @@ def summarize(rows: list[dict[str, Any]], tune: TuneConfig) -> dict[str, Any]:
 
 
 def best_per_optimizer(rows, curves, tune: TuneConfig) -> dict[str, list[dict]]:
-    pick = max if tune.metric == "val_accuracy" else min
+    pick = max if tune.mode == "max" else min
     best: dict[str, list[dict]] = {}
     for optimizer in tune.optimizers:
         mine = [r for r in rows if r["optimizer"] == optimizer and _finite(r[tune.metric])]

@@ -1,8 +1,10 @@
 """From a served version back to the data, params and commit that made it, on a real MLflow
 store: the tags a stage run gets under DVC, and `dlpipe lineage` / /v1/models reading them."""
 
+import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,8 +23,8 @@ DVC_YAML = {
     "stages": {
         "train_tiny": {
             "cmd": "python train.py",
-            "deps": ["data/prepared", "${overlay}", "train.py"],
-            "params": ["train", "overlay"],
+            "deps": ["data/prepared", "${overlay}", "train.py", "not_there.csv"],
+            "params": ["train", "overlay", "started", {"extra.yaml": None}],
             "outs": ["model.bin"],
         },
         "export_tiny": {"cmd": "python export.py", "deps": ["model.bin"], "outs": ["export"]},
@@ -41,13 +43,18 @@ def repo(tmp_path):
     (root / "extra.yaml").write_text("train: {lr: 0.5}\n")
     (root / "model.bin").write_bytes(b"weights")
     (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
-    params = {"train": {"lr": 0.01, "optimizer": "adam", "sizes": [8, 4]}, "overlay": "extra.yaml"}
+    params = {
+        "train": {"lr": 0.01, "optimizer": "adam", "sizes": [8, 4], "classes": list(range(2000))},
+        "overlay": "extra.yaml",
+        "started": datetime.date(2024, 1, 31),
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
 
 def as_dvc_runs(monkeypatch, repo, stage, experiment=None):
-    """The environment `dvc repro` (or `dvc exp run`) gives a stage's command."""
+    """The environment `dvc repro` (or `dvc exp run`) gives a stage's command, in the
+    repository's folder."""
     monkeypatch.chdir(repo)
     monkeypatch.setenv("DVC_STAGE", stage)
     if experiment:
@@ -70,7 +77,9 @@ def test_a_folders_hash_changes_with_any_file_its_name_or_a_new_one(tmp_path):
 
 def test_a_stage_run_by_dvc_records_each_dependency_and_params_value(repo, monkeypatch):
     as_dvc_runs(monkeypatch, repo, "train_tiny", experiment="brisk-lark")
-    tags = stage_record("train_tiny")
+    (repo / "data/prepared/__pycache__").mkdir()
+    (repo / "data/prepared/__pycache__/x.pyc").write_bytes(b"differs on every machine")
+    tags = stage_record()
     assert tags["dvc/dep/data/prepared"] == sha256_tree(repo / "data/prepared")
     assert tags["dvc/dep/extra.yaml"] == sha256_tree(repo / "extra.yaml")  # ${overlay}
     assert tags["dvc/dep/train.py"] == sha256_tree(repo / "train.py")
@@ -78,12 +87,21 @@ def test_a_stage_run_by_dvc_records_each_dependency_and_params_value(repo, monke
     assert json.loads(tags["dvc/param/train.sizes"]) == [8, 4]
     assert json.loads(tags["dvc/param/overlay"]) == "extra.yaml"
     assert tags["dvc_exp"] == "brisk-lark" and tags["dvc_exp_baseline"] == "abc123"
+    assert tags["dvc/dep/not_there.csv"] == "missing"
+    assert json.loads(tags["dvc/param/started"]) == "2024-01-31"  # a YAML date
+    assert set(json.loads(tags["dvc/param/train.classes"])) == {"sha256"}  # too long to tag
+    assert json.loads(tags["dvc/param/extra.yaml:train.lr"]) == 0.5  # `- extra.yaml:` (all)
+    # the byte-code cache is not part of a folder's hash (it differs between machines)
+    shutil.rmtree(repo / "data/prepared/__pycache__")
+    assert tags["dvc/dep/data/prepared"] == sha256_tree(repo / "data/prepared")
 
 
 def test_a_stage_function_called_outside_dvc_claims_no_dependencies(repo, monkeypatch):
     # Called directly, a stage reads whatever paths it was given, not dvc.yaml's.
-    as_dvc_runs(monkeypatch, repo, "some_other_stage")
-    assert stage_record("train_tiny") == {}
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert stage_record() == {}
 
 
 def register_trained_and_exported(repo, monkeypatch, export_dir):  # noqa: F811
