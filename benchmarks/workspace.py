@@ -132,7 +132,10 @@ def copy_repository(root: Path, ray_address: str) -> Workspace:
 
 
 def _stores(root: Path) -> dict[str, str]:
+    # Under mlruns/, which .gitignore leaves out: a tracking database in git would be
+    # committed with the outputs, and `dvc exp run` stashes and restores what git sees.
+    (root / "mlruns").mkdir(parents=True, exist_ok=True)
     return {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
         "DLPIPE_STORAGE": str(root / "ray_results"),
     }

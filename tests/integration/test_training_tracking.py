@@ -124,7 +124,12 @@ def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_pat
         data_dir=str(trained.prepared),
         metrics_path=str(tmp_path / "cross_validation.json"),
     )
-    assert json.loads((tmp_path / "cross_validation.json").read_text()) == summary
+    written = json.loads((tmp_path / "cross_validation.json").read_text())
+    parent_run = written.pop(tracking.RUN_ID_KEY)  # the stage's own run, named in its file
+    assert written == summary
+    assert MlflowClient(trained.mlflow_uri).get_run(parent_run).data.tags["dvc_stage"] == (
+        "cross_validate"
+    )
     assert summary["folds"] == 3 and summary["examples"] == 1797  # train + val + test
     fold_sizes = [f["test_accuracy_examples"] for f in summary["per_fold"].values()]
     assert sum(fold_sizes) == summary["pooled_test_accuracy_examples"] == 1797

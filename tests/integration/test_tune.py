@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from models.architecture import ArchitectureConfig
 from pipelines.stagekit.config import TrainConfig, load_params, overlay_sections
+from pipelines.stagekit.tracking import RUN_ID_KEY
 from pipelines.supervised.train import train_supervised
 from pipelines.tuning.config import TuneConfig
 from tests.helpers import REPO, run_command
@@ -66,8 +67,11 @@ def searched(trained, tmp_path_factory):
 
 
 def test_search_covers_every_optimizer_and_survives_a_diverging_trial(searched):
-    root, _, summary = searched
-    assert summary == json.loads((root / "tune.json").read_text())
+    root, uri, summary = searched
+    written = json.loads((root / "tune.json").read_text())
+    search_run = written.pop(RUN_ID_KEY)  # the search's parent run, named in its file
+    assert summary == written
+    assert MlflowClient(uri).get_run(search_run).info.run_name == "tune"
     assert summary["trials"] == 3
     assert summary["optimizers"] == ["minibatch_sgd", "adam", "rmsprop"]
     assert summary["trials_diverged"] == 1
