@@ -58,8 +58,28 @@ class RecurrentNet(nn.Module):
             remember_by_default(self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.head(self._onnx_summary(x))
         steps = self.sequence_states(x)  # (B, T, D*H)
         return self.head(self.summary(steps, sequence_lengths(x)))  # (B, num_outputs)
+
+    def _onnx_summary(self, x: torch.Tensor) -> torch.Tensor:
+        """The same summary written for the ONNX graph: each layer one ONNX LSTM/GRU/RNN
+        operator over both directions, given each sequence's length. ONNX's recurrent ops
+        read a backward direction reversed within each sequence's length and return every
+        direction's final state, so the reversal gathers and the summary gather above leave
+        the graph (onnxruntime spent a fifth of the batch-32 time in them)."""
+        lengths = sequence_lengths(x).to(torch.int32)
+        h = torch.nan_to_num(x, nan=0.0).transpose(0, 1)  # (T, B, C): ONNX is time-major
+        final = h
+        for layer in self.layers:
+            op, _ = ONNX_GATES[type(layer[0])]
+            steps, final = OnnxRecurrentLayer.apply(
+                h, lengths, *onnx_weights(layer), op, self.size, self.directions
+            )
+            # (T, D, B, H) -> (T, B, D*H), the next layer's input
+            h = steps.transpose(1, 2).reshape(steps.shape[0], steps.shape[2], -1)
+        return final.transpose(0, 1).reshape(final.shape[1], -1)  # (B, D*H)
 
     def sequence_states(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output at every step, (B, T, directions * recurrent_size);
@@ -82,6 +102,53 @@ class RecurrentNet(nn.Module):
         if self.directions == 1:
             return final
         return torch.cat([final[:, : self.size], steps[:, 0, self.size :]], dim=-1)
+
+
+ONNX_GATES = {
+    nn.LSTM: ("LSTM", (0, 3, 1, 2)),  # torch's gates i, f, g, o; ONNX's i, o, f, c
+    nn.GRU: ("GRU", (1, 0, 2)),  # torch's r, z, n; ONNX's z, r, h
+    nn.RNN: ("RNN", (0,)),
+}
+"""Each torch recurrent layer's ONNX operator, and the order of torch's gate blocks in it."""
+
+
+def onnx_weights(layer: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (D, G*H, C), R (D, G*H, H), B (D, 2*G*H) of ONNX's recurrent operators, from one
+    layer's single-direction torch modules (forward first), gate blocks reordered."""
+    _, order = ONNX_GATES[type(layer[0])]
+
+    def reordered(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor.chunk(len(order))[gate] for gate in order])
+
+    w = torch.stack([reordered(cell.weight_ih_l0) for cell in layer])
+    r = torch.stack([reordered(cell.weight_hh_l0) for cell in layer])
+    b = torch.stack(
+        [torch.cat([reordered(cell.bias_ih_l0), reordered(cell.bias_hh_l0)]) for cell in layer]
+    )
+    return w, r, b
+
+
+class OnnxRecurrentLayer(torch.autograd.Function):
+    """One layer, all directions, as ONNX's LSTM/GRU/RNN operator with `sequence_lens`.
+
+    Used only while exporting: the exporter writes `symbolic` into the graph, and `forward`
+    gives the tracer zeros of the operator's output shapes (the graph computes the values;
+    the export's parity check compares them with the masked path)."""
+
+    @staticmethod
+    def forward(ctx, x, lengths, w, r, b, op, hidden, directions):
+        steps, batch = x.shape[0], x.shape[1]
+        return x.new_zeros(steps, directions, batch, hidden), x.new_zeros(directions, batch, hidden)
+
+    @staticmethod
+    def symbolic(g, x, lengths, w, r, b, op, hidden, directions):
+        attributes = {
+            "direction_s": "bidirectional" if directions == 2 else "forward",
+            "hidden_size_i": hidden,
+        }
+        if op == "GRU":
+            attributes["linear_before_reset_i"] = 1  # torch's GRU applies r after the product
+        return g.op(op, x, w, r, b, lengths, outputs=2, **attributes)
 
 
 def remember_by_default(layers: nn.ModuleList) -> None:

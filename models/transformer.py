@@ -53,31 +53,51 @@ class EncoderConfig:
             )
 
 
+ONNX_OPSET = 23
+"""The lowest ONNX opset of the exported graph: its attention and rotary positions are ONNX's
+own `Attention` and `RotaryEmbedding` operators, which opset 23 introduced."""
+
+
+def rotary_angles(length: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """(length, dim / 2): the angle position t turns channel pair i by, t / 10000^(2i/D)."""
+    inverse_frequency = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=device) / dim))
+    return torch.arange(length, device=device)[:, None] * inverse_frequency
+
+
 def rotate(x: torch.Tensor) -> torch.Tensor:
     """Rotary position encoding: channel pair i of position t turns by t / 10000^(2i/D).
 
     x: (B, heads, T, D). The dot product of a rotated query and key then depends on their
     positions only through the offset between them."""
-    length, dim = x.shape[-2], x.shape[-1]
-    inverse_frequency = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=x.device) / dim))
-    angles = torch.arange(length, device=x.device)[:, None] * inverse_frequency  # (T, D/2)
+    angles = rotary_angles(x.shape[-2], x.shape[-1], x.device)  # (T, D/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 class SelfAttention(nn.Module):
+    onnx_min_opset = ONNX_OPSET
+    """Read by the export (pipelines/stagekit/onnx_export.py): the graph's opset is at least
+    this, whatever `export.opset` asks."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.heads = config.heads
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
+        # The rotary angles of every position the model reads, for the ONNX graph: looked up
+        # there instead of computed per call. Not saved with the weights (derived).
+        angles = rotary_angles(config.max_length, config.width // config.heads)
+        self.register_buffer("rotary_cos", angles.cos(), persistent=False)
+        self.register_buffer("rotary_sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         # x: (B, T, C); keep: (B, 1, 1, T), True where a key is a real token
         batch, length, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
+        if torch.onnx.is_in_onnx_export():
+            return self.proj(self._onnx_attention(q, k, v, keep))
         # (B, T, C) -> (B, heads, T, C / heads)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         q, k = rotate(q), rotate(k)
@@ -85,6 +105,33 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+    def _onnx_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """The same attention written with ONNX's RotaryEmbedding and Attention operators on
+        (B, T, C) tensors, so that the exported graph holds one kernel each and no head
+        transposes, where the exporter would otherwise spell out the strided slices, the
+        transposes, the softmax and the masking op by op (onnxruntime ran that form slower
+        than torch at batch 32). Inference only: no dropout."""
+        batch, length, _ = q.shape
+        positions = torch.arange(length, device=q.device).expand(batch, length)
+        q, k = (
+            torch.onnx.ops.rotary_embedding(
+                t,
+                self.rotary_cos,
+                self.rotary_sin,
+                positions,
+                interleaved=True,
+                num_heads=self.heads,
+            )
+            for t in (q, k)
+        )
+        # onnxruntime wants the mask's query axis spelled out: (B, 1, T, T).
+        mask = keep.expand(batch, 1, length, length)
+        return torch.onnx.ops.attention(
+            q, k, v, mask, q_num_heads=self.heads, kv_num_heads=self.heads
+        )[0]
 
 
 class EncoderBlock(nn.Module):

@@ -38,15 +38,35 @@ def execution_providers(use_gpu: bool | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
+"""onnxruntime graph fusions left off on CPU, each because it measured slower there: its
+SkipLayerNormalization kernel took 0.68 ms where the Add and LayerNormalization it replaces
+took 0.11 ms (onnxruntime 1.31, one thread, (32, 32, 128) floats; benchmarks/README.md)."""
+
+
 def ort_session(
     path: str | Path, threads: int = 1, use_gpu: bool | None = False
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime session for the graph at `path` on `threads` intra-op threads; on CUDA
     when `use_gpu` (None: wherever a GPU is visible), else on CPU. Checks of numerics
-    (parity, model checks) leave `use_gpu` False: same provider as the torch reference."""
+    (parity, model checks) leave `use_gpu` False: same provider as the torch reference.
+
+    Every graph optimisation on (constant folding, the transformer and bias fusions), one
+    inter-op thread (a replica's graphs are chains), and memory patterns kept between calls
+    of the same shape."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=execution_providers(use_gpu))
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_mem_pattern = True
+    providers = execution_providers(use_gpu)
+    on_cpu = providers == ["CPUExecutionProvider"]
+    return ort.InferenceSession(
+        str(path),
+        options,
+        providers=providers,
+        disabled_optimizers=list(CPU_DISABLED_FUSIONS) if on_cpu else None,
+    )

@@ -40,6 +40,7 @@ from pipelines.stagekit.onnx_export import (
     onnx_session,
     write_parity_sample,
 )
+from pipelines.stagekit.quantize import fp32_name, quantize_with_gate, sample_atol
 from pipelines.stagekit.stage import stage_command
 from serving.contracts import ModelCard
 
@@ -56,7 +57,7 @@ EMBEDDING = "sentence_embedding"  # not "embedding": the exporter names an inner
 # What export reads of params: the registry name comes from `mlm`, not export.registered_model;
 # mask_probability masks the validation blocks of the parity check (and the parity sample) as
 # pretraining did. The encoder's shape comes from the trained bundle, not from mlm.model.
-EXPORT_KEYS = ("opset", "parity_atol", "alias")
+EXPORT_KEYS = ("opset", "parity_atol", "alias", "quantize", "quantize_max_drop")
 MLM_KEYS = ("mask_probability", "registered_model", "experiment")
 
 
@@ -97,6 +98,23 @@ def check_mlm_parity(
         "onnx_argmax_agreement": agree / max(scored, 1),
         "onnx_embedding_max_abs_diff": embed_diff,
     }
+
+
+def masked_accuracy(
+    fill_mask: Path, inputs: np.ndarray, targets: np.ndarray, batch_size: int = 64
+) -> float:
+    """Top-1 accuracy at the masked positions of `inputs`, run by onnxruntime (the int8
+    gate's score), a batch at a time: the logits of a whole split would take gigabytes."""
+    session = onnx_session(fill_mask)
+    hits = scored = 0
+    for start in range(0, len(inputs), batch_size):
+        ids = inputs[start : start + batch_size].astype(np.int64)
+        wanted = targets[start : start + batch_size]
+        masked = wanted != IGNORE_INDEX
+        logits = session.run([LOGITS], {INPUT: ids})[0]
+        hits += int((logits[masked].argmax(-1) == wanted[masked]).sum())
+        scored += int(masked.sum())
+    return hits / max(scored, 1)
 
 
 def export_mlm(
@@ -155,23 +173,30 @@ def export_mlm(
                 f"ONNX parity check failed: {parity} (export.parity_atol "
                 f"{export_config.parity_atol:g}); the previous export is kept"
             )
+        gate = None
+        if export_config.quantize == "int8":
+            gate = quantize_with_gate(
+                staging,
+                (FILL_MASK_FILE, EMBED_FILE),
+                lambda graph: masked_accuracy(graph, arrays["x_val"], arrays["y_val"]),
+                "masked_accuracy",
+                export_config.quantize_max_drop,
+            )
+        exported = {**parity, **(gate.figures() if gate is not None else {})}
         (staging / TOKENIZER_FILE).write_bytes((Path(model_dir) / TOKENIZER_FILE).read_bytes())
         sample_ids = torch.from_numpy(arrays["x_val"][:PARITY_SAMPLE_SIZE].astype(np.int64))
         with torch.no_grad():
-            sample = write_parity_sample(
-                staging,
-                {
-                    FILL_MASK_FILE: (
-                        {INPUT: sample_ids.numpy()},
-                        {LOGITS: model(sample_ids).numpy()},
-                    ),
-                    EMBED_FILE: (
-                        {INPUT: sample_ids.numpy()},
-                        {EMBEDDING: model.embed(sample_ids).numpy()},
-                    ),
-                },
-                export_config.parity_atol,
-            )
+            replay = {
+                FILL_MASK_FILE: ({INPUT: sample_ids.numpy()}, {LOGITS: model(sample_ids).numpy()}),
+                EMBED_FILE: (
+                    {INPUT: sample_ids.numpy()},
+                    {EMBEDDING: model.embed(sample_ids).numpy()},
+                ),
+            }
+        atol = export_config.parity_atol
+        if gate is not None and gate.kept:
+            atol = sample_atol(staging, replay, atol)
+        sample = write_parity_sample(staging, replay, atol)
         card: ModelCard = {
             "name": mlm.registered_model,
             "task": "masked_lm",
@@ -197,7 +222,8 @@ def export_mlm(
             },
             "tokenizer": TOKENIZER_FILE,
             "parity_sample": sample,
-            "metrics": {**tracking.without_run_id(figures), **parity},
+            **({"quantization": gate.card()} if gate is not None else {}),
+            "metrics": {**tracking.without_run_id(figures), **exported},
             "hashes": {
                 "onnx_sha256": sha256_file(staging / FILL_MASK_FILE),
                 "embed_onnx_sha256": sha256_file(staging / EMBED_FILE),
@@ -217,11 +243,20 @@ def export_mlm(
         out / CARD_FILE,
         mlm.registered_model,
         export_config.alias,
-        parity,
-        extra_files=(out / EMBED_FILE, out / TOKENIZER_FILE, out / PARITY_SAMPLE_FILE),
+        exported,
+        extra_files=(
+            out / EMBED_FILE,
+            out / TOKENIZER_FILE,
+            out / PARITY_SAMPLE_FILE,
+            *(
+                out / fp32_name(graph)
+                for graph in (FILL_MASK_FILE, EMBED_FILE)
+                if (out / fp32_name(graph)).is_file()
+            ),
+        ),
     )
-    write_json(metrics_path, {**parity, tracking.RUN_ID_KEY: run_id})
-    return parity
+    write_json(metrics_path, {**exported, tracking.RUN_ID_KEY: run_id})
+    return exported
 
 
 if __name__ == "__main__":

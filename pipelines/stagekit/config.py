@@ -37,6 +37,9 @@ from models.losses import LOSSES
 from models.optimizers import OPTIMIZERS
 from pipelines.stagekit.errors import UserError
 
+QUANTIZE_MODES = ("none", "int8")
+"""`export.quantize`: fp32 graphs only, or int8 ones where they pass the accuracy gate."""
+
 LrSchedule = Literal["constant", "cosine"]
 """How the learning rate moves over a run (`train.lr_schedule`, `pseudolabel.lr_schedule`)."""
 
@@ -185,12 +188,26 @@ class ExportConfig(Section):
     """Name in the MLflow Model Registry."""
     alias: str = "champion"
     """Registry alias pointed at the new version (what serving loads)."""
+    quantize: str = "none"
+    """none | int8: int8 dynamic quantisation of the classifiers' and the encoder's graphs
+    for CPU serving, kept only past the accuracy gate (pipelines/stagekit/quantize.py)."""
+    quantize_max_drop: float = 0.005
+    """Largest accuracy drop (0.005: half a point) at which the int8 graph still serves."""
 
     def __post_init__(self) -> None:
         if not 13 <= self.opset <= 21:
             raise ValueError(f"opset must be between 13 and 21, got {self.opset}")
         if self.parity_atol <= 0:
             raise ValueError(f"parity_atol must be > 0, got {self.parity_atol}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(
+                f"quantize {self.quantize!r} unknown; choose one of {', '.join(QUANTIZE_MODES)}"
+            )
+        if not 0 <= self.quantize_max_drop < 1:
+            raise ValueError(
+                f"quantize_max_drop must be in [0, 1) (an accuracy drop), got "
+                f"{self.quantize_max_drop}"
+            )
         # MLflow reserves `latest` and version-like names (v1, V2 ...) for itself.
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.alias) or re.fullmatch(
             r"(?i)latest|v\d+", self.alias

@@ -39,8 +39,11 @@ def export_onnx(
     dynamic_axes: tuple[str, ...] = ("batch",),
 ) -> None:
     """Export `model` (eval mode) with its leading input axes named in `dynamic_axes` left
-    free (any batch size; for token ids also any sequence length); written atomically."""
+    free (any batch size; for token ids also any sequence length); written atomically.
+    `opset` is a floor: a layer whose export form needs a newer one says so in its
+    `onnx_min_opset` attribute (the transformer's Attention and RotaryEmbedding: 23)."""
     model = model.eval()
+    opset = max([opset, *(getattr(m, "onnx_min_opset", opset) for m in model.modules())])
     outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     # The exporter narrates every pass on stdout and warns about torchvision ops this model
     # does not use; keep the stage log readable.

@@ -30,8 +30,10 @@ from pipelines.stagekit.onnx_export import (
     Parity,
     check_parity,
     export_onnx,
+    onnx_session,
     write_parity_sample,
 )
+from pipelines.stagekit.quantize import fp32_name, quantize_with_gate, sample_atol
 from pipelines.stagekit.sequences import sequence_lengths
 from pipelines.stagekit.stage import stage_command
 from serving.contracts import ModelCard
@@ -42,7 +44,7 @@ STAGE = "export"
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model_card.json"
 # What export reads of the `export` section; the registered name comes from the command line.
-EXPORT_KEYS = ("opset", "parity_atol", "alias")
+EXPORT_KEYS = ("opset", "parity_atol", "alias", "quantize", "quantize_max_drop")
 HEADLINE = (
     *(
         f"{name}{part}"
@@ -108,6 +110,12 @@ def shorter_half(x: np.ndarray) -> np.ndarray:
     return short[:, : sequence_lengths(short).max()]
 
 
+def onnx_accuracy(graph: Path, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """The graph's accuracy on the test split, run by onnxruntime (the int8 gate's score)."""
+    probabilities = onnx_session(graph).run([OUTPUT_NAME], {INPUT_NAME: x_test})[0]
+    return float(np.mean(probabilities.argmax(axis=1) == y_test))
+
+
 def export(
     export_config: Annotated[ExportConfig, Param("export", reads=EXPORT_KEYS)],
     registered_model: str,
@@ -129,6 +137,11 @@ def export(
     servable = inference_model(model, data.task)
     x_test = data.x("test")
     sequences = data.manifest["input_kind"] == "sequence"
+    if export_config.quantize != "none" and data.task != "classification":
+        raise UserError(
+            f"export.quantize {export_config.quantize}: the gate compares test accuracy, "
+            f"which a {data.task} model has not; set export.quantize: none"
+        )
     with output_directory(output) as staging:
         onnx_path = staging / ONNX_FILE
         export_onnx(
@@ -155,16 +168,26 @@ def export(
                 f"(export.parity_atol {export_config.parity_atol:g}), argmax agreement "
                 f"{parity.argmax_agreement:.4f}; the previous export is kept"
             )
+        gate = None
+        if export_config.quantize == "int8":
+            y_test = data.y("test")
+            gate = quantize_with_gate(
+                staging,
+                (ONNX_FILE,),
+                lambda graph: onnx_accuracy(graph, x_test, y_test),
+                "test_accuracy",
+                export_config.quantize_max_drop,
+            )
         # What a replica re-checks before serving: for sequences, a length other than the
         # one the graph was exported at, so the check covers the free time axis too.
         replayed = (shorter_half(x_test) if sequences else x_test)[:PARITY_SAMPLE_SIZE]
         with torch.no_grad():
             expected = servable(torch.from_numpy(replayed)).numpy()
-        sample = write_parity_sample(
-            staging,
-            {ONNX_FILE: ({INPUT_NAME: replayed}, {OUTPUT_NAME: expected})},
-            export_config.parity_atol,
-        )
+        replay = {ONNX_FILE: ({INPUT_NAME: replayed}, {OUTPUT_NAME: expected})}
+        atol = export_config.parity_atol
+        if gate is not None and gate.kept:
+            atol = sample_atol(staging, replay, atol)
+        sample = write_parity_sample(staging, replay, atol)
         hashes = {
             "onnx_sha256": sha256_file(onnx_path),
             "weights_sha256": sha256_file(Path(model_dir) / MODEL_FILE),
@@ -179,13 +202,18 @@ def export(
             hashes,
         )
         card["parity_sample"] = sample
+        if gate is not None:
+            card["quantization"] = gate.card()
         write_json(staging / CARD_FILE, card)
 
     figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
     figures.update(
         onnx_max_abs_diff=parity.max_abs_diff, onnx_argmax_agreement=parity.argmax_agreement
     )
+    if gate is not None:
+        figures.update(gate.figures())
     out = Path(output)
+    kept_fp32 = out / fp32_name(ONNX_FILE)
     _, run_id = tracking.register_export(
         STAGE,
         experiment,
@@ -196,7 +224,7 @@ def export(
         registered_model,
         export_config.alias,
         figures,
-        extra_files=(out / PARITY_SAMPLE_FILE,),
+        extra_files=(out / PARITY_SAMPLE_FILE, *([kept_fp32] if kept_fp32.is_file() else [])),
     )
     write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run_id})
     return figures

@@ -67,7 +67,7 @@ def write_export(
         size = sampler.model.config.latent
         graph = directory / f"{kind}.onnx"
         export_onnx(
-            sampler,
+            sampler.export_form(),
             torch.zeros(2, size),
             graph,
             export_config.opset,

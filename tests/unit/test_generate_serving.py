@@ -6,6 +6,7 @@ import base64
 import io
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -58,6 +59,22 @@ def test_both_generators_export_within_parity_and_the_served_one_passes_its_chec
     for graph in ("vae.onnx", "gan.onnx", "model.onnx"):
         assert (directory / graph).stat().st_size > 0
     verify_model(resolve_model(str(directory)))  # what a replica runs before serving it
+    # The first upsampling (2x2 -> 4x4) went out as a matrix product, the second stayed.
+    ops = [node.op_type for node in onnx.load(str(directory / "gan.onnx")).graph.node]
+    assert ops.count("ConvTranspose") == 1
+
+
+@pytest.mark.parametrize(("image", "folded"), [((1, 8, 8), 1), ((1, 28, 28), 0)])
+def test_the_generator_folds_a_transposed_conv_only_where_it_costs_no_more(image, folded):
+    torch.manual_seed(0)
+    pair = GanPair(GanConfig(latent=5, width=4), image).eval()
+    form = pair.inference_form()
+    kinds = [type(layer).__name__ for layer in form.generator.upsample]
+    assert kinds.count("DenseTransposedConv") == folded
+    assert isinstance(pair.generator.upsample[0], torch.nn.ConvTranspose2d)  # a copy, untouched
+    z = torch.randn(9, 5)
+    with torch.no_grad():
+        assert torch.allclose(form.generate(z), pair.generate(z), atol=1e-6)
 
 
 def test_generate_draws_the_same_images_for_the_same_seed(http):

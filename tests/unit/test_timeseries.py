@@ -5,6 +5,7 @@ classifier's `sequences` input (onnxruntime, the real ASGI app in-process)."""
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from starlette.testclient import TestClient
@@ -106,14 +107,22 @@ MANIFEST = {
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_export_takes_any_batch_and_length(tmp_path, kind):
+@pytest.mark.parametrize(("layers", "bidirectional"), [(1, True), (2, True), (2, False)])
+def test_export_takes_any_batch_and_length(tmp_path, kind, layers, bidirectional):
+    """Each layer is one ONNX recurrent operator over both directions, fed each sequence's
+    length: no reversal or summary gathers left in the graph, torch's answers at any
+    length and batch."""
     torch.manual_seed(0)
-    arch = ArchitectureConfig(kind=kind, recurrent_size=8, bidirectional=True)
+    arch = ArchitectureConfig(
+        kind=kind, recurrent_size=8, recurrent_layers=layers, bidirectional=bidirectional
+    )
     model = inference_model(build_model(arch, MANIFEST), "classification")
     path = tmp_path / "m.onnx"
     export_onnx(
         model, torch.from_numpy(padded_batch([9, 4])), path, 18, dynamic_axes=("batch", "time")
     )
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count(kind.upper()) == layers and "GatherElements" not in ops
     for lengths in ([9, 4, 1, 6, 2], [3], [20, 17]):  # 20 steps: longer than any at export
         parity = check_parity(model, path, padded_batch(lengths, seed=len(lengths)))
         assert parity.holds(1e-5, classification=True), (lengths, parity)
