@@ -86,7 +86,7 @@ class PredictionService:
         self.models = LoadedModels()
         self.metrics = ServingMetrics()
         self.batcher: DynamicBatcher[tuple[ClassifierPredictor, np.ndarray], Any] = DynamicBatcher(
-            self._classify_together
+            self._classify_together, timeout_s=self.limits.request_timeout_s
         )
         self.api: HttpApi | None = None
         self.server: ReplicaHttpServer | None = None

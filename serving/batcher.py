@@ -15,6 +15,12 @@ request of a batch waits up to `batch_wait_timeout_s` for others (0: a batch is 
 while the previous one ran, which under load fills batches by itself and never delays a
 lone client); both change live. A result that is an exception is raised to its own caller
 only, so one bad request does not fail its neighbours.
+
+A request still queued `timeout_s` after it was submitted is not run: its caller gets
+TimeoutError (the app's 504). The deadline is checked when a batch is taken, the only time
+a queued request can have waited (the batches run on the event loop, so nothing else runs
+meanwhile), which costs a comparison per request where a timer per request (asyncio.timeout)
+cost about 4% of a replica's time at 10,000 requests/s.
 """
 
 from __future__ import annotations
@@ -67,10 +73,13 @@ class DynamicBatcher(Generic[Item, Result]):
         run_batch: Callable[[list[Item]], list[Result | BaseException]],
         max_batch_size: int = Batching.max_batch_size,
         batch_wait_timeout_s: float = Batching.batch_wait_timeout_s,
+        timeout_s: float = float("inf"),
     ) -> None:
         self._run_batch = run_batch
         self.configure(max_batch_size, batch_wait_timeout_s)
-        self._queue: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
+        self.timeout_s = timeout_s
+        # (item, its caller's future, the loop time after which it is not run)
+        self._queue: collections.deque[tuple[Item, asyncio.Future, float]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -90,7 +99,7 @@ class DynamicBatcher(Generic[Item, Result]):
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._serve_batches(), name="dynamic-batcher")
         future = loop.create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, loop.time() + self.timeout_s))
         self._arrived.set()
         return await future
 
@@ -123,10 +132,15 @@ class DynamicBatcher(Generic[Item, Result]):
 
     def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
         batch = []
+        now = asyncio.get_running_loop().time()
         while self._queue and len(batch) < self.max_batch_size:
-            item, future = self._queue.popleft()
-            if not future.done():  # a caller that timed out or disconnected is skipped
-                batch.append((item, future))
+            item, future, deadline = self._queue.popleft()
+            if future.done():  # a caller that went away is skipped
+                continue
+            if now > deadline:
+                future.set_exception(TimeoutError())
+                continue
+            batch.append((item, future))
         return batch
 
     def _answer(self, batch: list[tuple[Item, asyncio.Future]]) -> None:

@@ -135,3 +135,31 @@ def test_limits_change_live_and_are_checked() -> None:
         batcher.configure(max_batch_size=0, batch_wait_timeout_s=0.0)
     with pytest.raises(ValueError, match="batch_wait_timeout_s >= 0"):
         batcher.configure(max_batch_size=4, batch_wait_timeout_s=-1)
+
+
+def test_a_request_queued_past_its_timeout_is_not_run_and_hears_timeout() -> None:
+    """A slow batch holds the loop; the requests that queued behind it for longer than
+    timeout_s get TimeoutError (the app's 504) and never reach the model, the next get their
+    answers."""
+    import time
+
+    class Slow(Doubler):
+        def __call__(self, items: list) -> list:
+            if 0 in items:
+                time.sleep(0.2)  # one batch longer than the timeout, the loop held
+            return super().__call__(items)
+
+    model = Slow()
+    batcher = DynamicBatcher(model, max_batch_size=1, timeout_s=0.1)
+
+    async def main():
+        # All three queue at once; the first batch then holds the loop for 0.2 s.
+        results = await asyncio.gather(
+            *(batcher.submit(i) for i in range(3)), return_exceptions=True
+        )
+        return results, await batcher.submit(3)
+
+    (first, *late), after = run(main())
+    assert first == 0 and after == 6
+    assert all(isinstance(result, TimeoutError) for result in late)
+    assert [batch for batch in model.batches] == [[0], [3]]
