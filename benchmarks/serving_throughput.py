@@ -210,7 +210,12 @@ def echo_answers(export_dir: str, encoder_dir: str, scratch: Path) -> dict[str, 
             "version": "1",
             "predictions": predictions(classifier["class_names"], probabilities),
         },
-        EMBED: {"model": encoder["name"], "version": "1", "embeddings": embeddings},
+        EMBED: {
+            "model": encoder["name"],
+            "version": "1",
+            "embeddings": embeddings,
+            "truncated": [False] * len(TEXTS),
+        },
     }
     paths = {}
     for route, document in documents.items():
@@ -347,7 +352,7 @@ def shares_at_32(results: dict[str, dict]) -> dict[str, dict[str, float]]:
         server: {
             ceiling: round(results[server]["32"]["rps"] / results[ceiling]["32"]["rps"], 3)
             for ceiling in ceilings
-            if ceiling in results
+            if ceiling in results and results[ceiling]["32"]["rps"] > 0
         }
         for server, ceilings in SHARES.items()
         if server in results

@@ -5,8 +5,9 @@ Variable-length sequences arrive padded with NaN after their last step, one (B, 
 tensor: the ONNX graph then has a single input, a served batch of sequences of different
 lengths is one padded array (the batcher concatenates it like any other), and a real
 value can never be mistaken for padding (inputs must be finite). The masked path below
-is the only path, in training and in the exported graph alike, so what is checked at
-export is what was trained:
+is what trains and what torch serves; the export writes the same function with ONNX's own
+recurrent operators (`_onnx_summary`), and the export's parity check compares the two on
+the test split at several lengths:
 
 - a forward direction reads every padded step, but padding only comes after a
   sequence's end, so its state at the sequence's last step never saw any;

@@ -15,7 +15,7 @@ Every client mistake is a 4xx with a message naming the problem; a 500 means a b
 - 422: a field is wrong (`detail` lists each, with its location, as FastAPI does);
 - 429: the key's request rate is used up (Retry-After says when to come back);
 - 503: the replica already has `max_in_flight` requests (retry after a moment);
-- 504: the request took longer than `request_timeout_s`.
+- 504: the request waited `request_timeout_s` for the model (queued behind other batches).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Limits:
     """Requests a replica works on at once; more get a quick 503, not an unbounded queue."""
     request_timeout_s: float = 10.0
     """A request still waiting for the model by then gets a 504 (it queued behind others
-    for that long: serving/batcher.py; a model call already running is not interrupted)."""
+    for that long; a model call already running is not interrupted). The batcher the app
+    hands HttpApi enforces it (serving/app.py gives it this value; serving/batcher.py)."""
     max_requests_per_s_per_key: float = 1000.0
     """Per API key and replica (bursts of one second's worth); more get a 429 with
     Retry-After. Only with keys configured; 0 turns it off."""

@@ -10,8 +10,11 @@ the replica's identity to each series, so several replicas behind one port stay 
   code are the series whose code is not 200);
 - dlpipe_request_seconds{route, model}: latency histogram, from the request's arrival to
   its answer, of a uniform sample of at most LATENCY_SAMPLES requests per second per
-  replica, route and model (all of them below that rate): its quantiles are the requests'
-  quantiles, its `_count` is the sample's size; count requests with dlpipe_requests_total;
+  replica, route and model (all of them below that rate). Within a second its quantiles
+  are the requests'; over a longer window a busy second counts no more than a quiet one
+  (a burst's tail is under-weighted), and `_count` is the sample's size: count requests
+  with dlpipe_requests_total. Exact bucket counts summed in the replica would fix both;
+  Ray's API has no way to add n observations to a bucket in one call;
 - dlpipe_batch_size{model}: requests run together per onnxruntime call (dynamic batching);
 - dlpipe_model_version{slot, model}: the registry version each slot serves;
 - dlpipe_failed_reloads_total{slot}: versions refused (hash, parity sample, load error).

@@ -25,7 +25,7 @@ ERRORS = {
     401: "no valid API key (when the app has keys)",
     429: "over the rate limit per key: retry after `Retry-After` seconds",
     503: "overloaded, or the replica is stopping: retry after `Retry-After` seconds",
-    504: "no answer within the request timeout",
+    504: "waited longer than the request timeout for the model (queued behind others)",
 }
 
 

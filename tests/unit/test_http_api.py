@@ -171,6 +171,48 @@ def test_a_bug_is_a_counted_500_and_the_app_keeps_serving(export_dir):  # noqa: 
     assert metrics.codes == [("/v1/classify", 500), ("/v1/classify", 200)]
 
 
+def test_a_request_that_waited_too_long_for_the_model_is_a_counted_504(export_dir):  # noqa: F811
+    """As the replica wires it (serving/app.py): the batcher gets request_timeout_s. One
+    slow batch holds the loop; the requests queued behind it past the timeout read 504,
+    the first one its answer, and the app goes on answering."""
+    import asyncio
+    import time
+
+    from serving.batcher import DynamicBatcher
+
+    classifier = ClassifierPredictor(resolve_model(str(export_dir)))
+    models = LoadedModels(classifier=classifier)
+
+    def slow_then_fast(requests):
+        time.sleep(0.3 if len(slow_then_fast.calls) == 0 else 0)
+        slow_then_fast.calls.append(len(requests))
+        return [c.classify(batch) for c, batch in requests]
+
+    slow_then_fast.calls = []
+    limits = Limits(request_timeout_s=0.1)
+    batcher = DynamicBatcher(slow_then_fast, max_batch_size=1, timeout_s=limits.request_timeout_s)
+
+    async def classify_batched(c, batch):
+        return await batcher.submit((c, batch))
+
+    metrics = RecordedAnswers()
+    api = HttpApi(models, limits, classify_batched, metrics=metrics)
+
+    async def three_at_once():
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            answers = await asyncio.gather(
+                *(http.post("/v1/classify", json={"instances": BRIGHT}) for _ in range(3))
+            )
+            after = await http.post("/v1/classify", json={"instances": BRIGHT})
+        return [a.status_code for a in answers], after
+
+    codes, after = asyncio.run(three_at_once())
+    assert sorted(codes) == [200, 504, 504] and after.status_code == 200
+    assert slow_then_fast.calls == [1, 1]  # the timed-out requests never reached the model
+    assert [code for _, code in metrics.codes].count(504) == 2
+
+
 def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_dir):  # noqa: F811
     # Over a real socket: a server that answers and closes while the client is still
     # sending makes the kernel reset the connection, and the client never sees the 413.
