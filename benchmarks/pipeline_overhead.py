@@ -6,17 +6,21 @@
   those stages (and train), so the figure is left null with a note saying why.
 - `demo_cold_s` (with `--demo`): `make demo` in a fresh copy of the working tree (the files
   git tracks or would track: what a clone holds, with no stage outputs, DVC cache, MLflow
-  store or Ray checkpoints), so `dvc repro` runs every stage, then `dlpipe serve --demo`
-  starts the Serve app and sends one prediction. The copy runs on this checkout's
-  virtualenv (linked; `make` is told not to reinstall it). Split into `demo_cold_stages_s`
-  (each stage, from dvc's "Running stage" line to the next: the stage's command and dvc's
-  own work after it, hashing and caching its outputs) and `demo_cold_serve_s` (`dlpipe
-  serve --demo`).
+  store or Ray checkpoints), so its `dvc repro`s run every stage and its `dlpipe serve
+  --demo`s start the Serve app and send predictions. The copy runs on this checkout's
+  virtualenv (linked; `make` is told not to reinstall it). Split into
+  `demo_cold_stages_s` (each stage, from dvc's "Running stage" line to the next line that
+  starts a stage or a command: the stage's command and dvc's own work after it, hashing and
+  caching its outputs), `demo_cold_steps_s` (each of the Makefile's commands, in order, with
+  the stages it ran), `demo_cold_serve_s` (the `dlpipe serve --demo`s together) and
+  `demo_cold_first_prediction_s` (from the start to the first answer printed).
 - `install_s` (with `--install`): `make install` into a new virtualenv in the copy (pip
   from the registries, through pip's cache when it has the wheels), what a new user pays
   once before the demo; the demo then runs on that virtualenv.
-- `demo_warm_s` (with `--demo`): `make demo` again in the same copy: a no-op `dvc repro`
-  and `dlpipe serve --demo`.
+- `demo_warm_s` (with `--demo`): `make demo` again in the same copy: no-op `dvc repro`s
+  and the `dlpipe serve --demo`s.
+- `demo_cold_before` (with `--before COMMIT`): the cold figures this file held at COMMIT,
+  kept beside the new ones (the before/after table).
 
 The demo runs start their own local Ray instances (`RAY_ADDRESS=local` unless RAY_ADDRESS
 is set) and keep their MLflow runs inside the copy. Run from the repository root:
@@ -40,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.scratch import machine, markdown_table, write_results
@@ -72,11 +77,31 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, st
 
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+# make echoes each command of the recipe: `PATH="...:$PATH" .venv/bin/dvc repro export`.
+COMMAND_LINE = re.compile(r"^PATH=\S* \S*/bin/((?:dvc|dlpipe) [^\n]*?)\s*$", re.MULTILINE)
+PHASE_LINE = re.compile(f"{STAGE_LINE.pattern}|{COMMAND_LINE.pattern}", re.MULTILINE)
+# `dlpipe serve --demo`'s answer: `{"label": ...` on the lines after its POST.
+ANSWER_LINE = re.compile(r'POST \S+/v1/classify[^\n]*\n\{\s*"label": ')
 
 
-def timed_stages(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict, str]:
-    """Like `timed`, for a `dvc repro`: also the seconds from each "Running stage" line to
-    the next (the last one's to the end), read from its output as it arrives.
+@dataclass
+class Phases:
+    """What `timed_phases` read from a `make demo`'s output."""
+
+    seconds: float = 0.0
+    steps: list[dict] = field(default_factory=list)
+    """Each command make ran, in order: {"command", "seconds", "stages": {stage: seconds}}."""
+    first_answer_s: float | None = None
+    output: str = ""
+
+    def stages(self) -> dict[str, float]:
+        return {k: v for step in self.steps for k, v in step["stages"].items()}
+
+
+def timed_phases(command: list[str], cwd: Path, env: dict[str, str]) -> Phases:
+    """Run a `make demo`, timing each command of its recipe and each stage its `dvc repro`s
+    run (from each "Running stage" or command line to the next; the last to the end), as
+    the output arrives, and when the first prediction is printed.
 
     The output is scanned in the chunks the pipe delivers, not line by line: a stage that
     ends its output without a newline (a progress bar) would glue dvc's next "Running
@@ -91,38 +116,56 @@ def timed_stages(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[fl
         stderr=subprocess.STDOUT,
     )
     assert process.stdout is not None
-    stages: dict[str, float] = {}
-    current, current_start = None, started
+    phases = Phases()
+    step: dict | None = None
+    stage, phase_start = None, started
     chunks, pending = [], ""
     # Incremental: a character split between two chunks (a progress bar's block) decodes whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def close_phase(now: float) -> None:
+        if step is not None:
+            step["seconds"] = round(now - step["_start"], 1)
+            if stage is not None:
+                step["stages"][stage] = round(now - phase_start, 1)
+
     try:
         while chunk := os.read(process.stdout.fileno(), 65536):
             now = time.perf_counter()
             text = decoder.decode(chunk)
             chunks.append(text)
             pending += text
+            if phases.first_answer_s is None and ANSWER_LINE.search(pending):
+                phases.first_answer_s = round(now - started, 1)
+                print(f"  {now - started:7.1f} s  first prediction", flush=True)
             kept_from = max(0, len(pending) - 200)  # a line cut by the chunk's end, kept
-            for match in STAGE_LINE.finditer(pending):
-                if current is not None:
-                    stages[current] = round(now - current_start, 1)
-                current, current_start = match.group(1), now
+            for match in PHASE_LINE.finditer(pending):
+                if match.group(1) is not None:  # a stage of the running `dvc repro`
+                    if step is not None and stage is not None:
+                        step["stages"][stage] = round(now - phase_start, 1)
+                    stage, phase_start = match.group(1), now
+                else:  # make starts the recipe's next command
+                    close_phase(now)
+                    step = {"command": match.group(2), "_start": now, "stages": {}}
+                    phases.steps.append(step)
+                    stage = None
                 kept_from = max(kept_from, match.end())
-                print(f"  {now - started:7.1f} s  {current}", flush=True)
+                print(f"  {now - started:7.1f} s  {match.group(1) or match.group(2)}", flush=True)
             pending = pending[kept_from:]
     finally:
         if process.poll() is None and sys.exc_info()[0] is not None:
             process.kill()
     process.wait()
-    seconds = time.perf_counter() - started
-    if current is not None:
-        stages[current] = round(time.perf_counter() - current_start, 1)
-    output = "".join(chunks)
+    close_phase(time.perf_counter())
+    phases.seconds = time.perf_counter() - started
+    for each in phases.steps:
+        del each["_start"]
+    phases.output = "".join(chunks)
     if process.returncode != 0:
         raise SystemExit(
-            f"{' '.join(command)} failed ({process.returncode}) in {cwd}:\n{output[-4000:]}"
+            f"{' '.join(command)} failed ({process.returncode}) in {cwd}:\n{phases.output[-4000:]}"
         )
-    return seconds, stages, output
+    return phases
 
 
 def stages_ran(output: str) -> list[str]:
@@ -200,16 +243,15 @@ def demo(root: Path, env: dict[str, str], install: bool) -> dict:
             print(f"`make install` in a fresh copy ({copy}) ...", flush=True)
             installed, _ = timed([make, "install"], copy, env)
             print(f"  {installed:.1f} s", flush=True)
-        # `make demo`'s two commands, timed apart: the pipeline, then the first answer.
-        path = {**env, "PATH": f"{copy / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
         print(f"cold `make demo` in a fresh copy ({copy}) ...", flush=True)
-        venv = copy / ".venv" / "bin"
-        repro, stages, repro_output = timed_stages([str(venv / "dvc"), "repro"], copy, path)
-        serve, _ = timed([str(venv / "dlpipe"), "serve", "--demo"], copy, path)
-        cold = repro + serve
+        cold = timed_phases([make, "demo", f"--old-file={INSTALL_STAMP}"], copy, env)
+        stages = cold.stages()
+        serve = sum(
+            step["seconds"] for step in cold.steps if step["command"].startswith("dlpipe serve")
+        )
         print(
-            f"  {cold:.1f} s ({repro:.1f} s dvc repro, {len(stages)} stages; {serve:.1f} s "
-            "dlpipe serve --demo)",
+            f"  {cold.seconds:.1f} s ({len(stages)} stages, {serve:.1f} s dlpipe serve --demo; "
+            f"first prediction at {_seconds(cold.first_answer_s)} s)",
             flush=True,
         )
         warm, warm_output = timed([make, "demo", f"--old-file={INSTALL_STAMP}"], copy, env)
@@ -218,13 +260,15 @@ def demo(root: Path, env: dict[str, str], install: bool) -> dict:
         raise SystemExit(f"the warm `make demo` ran {', '.join(ran)}: the cold run left changes")
     return {
         "install_s": None if installed is None else round(installed, 1),
-        "demo_cold_s": round(cold, 1),
-        "demo_cold_repro_s": round(repro, 1),
+        "demo_cold_s": round(cold.seconds, 1),
+        "demo_cold_first_prediction_s": cold.first_answer_s,
+        "demo_cold_steps_s": cold.steps,
         "demo_cold_stages_s": stages,
         "demo_cold_serve_s": round(serve, 1),
-        "demo_cold_stages_run": len(stages_ran(repro_output)),
+        "demo_cold_stages_run": len(stages_ran(cold.output)),
         "demo_warm_s": round(warm, 1),
-        "demo_note": "fresh copy of the working tree, every stage run (`dvc repro`), then "
+        "demo_note": "`make demo` in a fresh copy of the working tree: `dvc repro export`, "
+        "`dlpipe serve --demo` (the first prediction), `dvc repro` (every other stage), "
         "`dlpipe serve --demo`; warm: `make demo` again with everything up to date"
         + ("; after `make install` into a new virtualenv" if install else ""),
     }
@@ -244,6 +288,29 @@ def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
+def before_figures(root: Path, commit: str) -> dict:
+    """The cold `make demo` figures of this file as committed at `commit`."""
+    shown = subprocess.run(
+        ["git", "show", f"{commit}:{RESULTS}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if shown.returncode != 0:
+        raise SystemExit(f"--before {commit}: no {RESULTS} there ({shown.stderr.strip()})")
+    old = json.loads(shown.stdout)
+    if old.get("demo_cold_s") is None:
+        raise SystemExit(f"--before {commit}: {RESULTS} there has no cold `make demo` figures")
+    return {
+        "commit": commit,
+        "demo_cold_s": old["demo_cold_s"],
+        "demo_cold_stages_s": old.get("demo_cold_stages_s", {}),
+        "demo_cold_serve_s": old.get("demo_cold_serve_s"),
+        "demo_cold_first_prediction_s": old.get("demo_cold_first_prediction_s", old["demo_cold_s"]),
+    }
+
+
 def table(figures: dict) -> str:
     noop = figures["noop_repro_s"]
     if noop is None:
@@ -251,23 +318,41 @@ def table(figures: dict) -> str:
     else:
         verdict = "met" if noop < TARGET_NOOP_S else "**MISSED**"
     cold = figures["demo_cold_s"]
+    before = figures.get("demo_cold_before") or {}
+    old_stages = before.get("demo_cold_stages_s", {})
+    first = figures.get("demo_cold_first_prediction_s")
     rows = [
-        ("no-op `dvc repro`, full DAG", _seconds(noop), f"< {TARGET_NOOP_S:g}", verdict),
-        ("`make install` (new virtualenv)", _seconds(figures["install_s"]), "", ""),
+        ("no-op `dvc repro`, full DAG", "", _seconds(noop), f"< {TARGET_NOOP_S:g}", verdict),
+        ("`make install` (new virtualenv)", "", _seconds(figures["install_s"]), "", ""),
         (
             "`make demo` cold",
+            _seconds(before.get("demo_cold_s")),
             _seconds(cold),
             f"<= {TARGET_COLD_S:g}",
             "n/a" if cold is None else ("met" if cold <= TARGET_COLD_S else "**MISSED**"),
         ),
+        (
+            "  first prediction printed",
+            _seconds(before.get("demo_cold_first_prediction_s")),
+            _seconds(first),
+            "",
+            "",
+        ),
         *(
-            (f"  stage `{stage}`", _seconds(seconds), "", "")
+            (f"  stage `{stage}`", _seconds(old_stages.get(stage)), _seconds(seconds), "", "")
             for stage, seconds in figures["demo_cold_stages_s"].items()
         ),
-        ("  `dlpipe serve --demo`", _seconds(figures.get("demo_cold_serve_s")), "", ""),
-        ("`make demo` warm", _seconds(figures["demo_warm_s"]), "", ""),
+        (
+            "  `dlpipe serve --demo`",
+            _seconds(before.get("demo_cold_serve_s")),
+            _seconds(figures.get("demo_cold_serve_s")),
+            "",
+            "",
+        ),
+        ("`make demo` warm", "", _seconds(figures["demo_warm_s"]), "", ""),
     ]
-    return markdown_table(("figure", "seconds", "target s", "target"), rows)
+    before_heading = f"before ({before['commit'][:7]}) s" if before else "before s"
+    return markdown_table(("figure", before_heading, "seconds", "target s", "target"), rows)
 
 
 def main() -> None:
@@ -280,6 +365,11 @@ def main() -> None:
     parser.add_argument(
         "--install", action="store_true", help="with --demo: `make install` a new virtualenv first"
     )
+    parser.add_argument(
+        "--before",
+        metavar="COMMIT",
+        help="with --demo: keep the cold figures committed at COMMIT beside the new ones",
+    )
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     root = Path(args.root).resolve()
@@ -290,9 +380,11 @@ def main() -> None:
     # A local Ray per stage, as on a fresh machine, rather than joining one that runs here.
     env.setdefault("RAY_ADDRESS", "local")
 
+    before = before_figures(root, args.before) if args.before else None
     figures = noop_repro(root, args.repeats, env)
     print(f"no-op dvc repro: {_seconds(figures['noop_repro_s'])} s ({figures['noop_note']})")
     figures |= demo(root, env, args.install) if args.demo else demo_skipped()
+    figures["demo_cold_before"] = before
     figures["noop_target_met"] = (
         None if figures["noop_repro_s"] is None else figures["noop_repro_s"] < TARGET_NOOP_S
     )

@@ -153,7 +153,8 @@ class EncoderBlock(nn.Module):
 
 
 class MaskedLanguageModel(nn.Module):
-    """input_ids (B, T) -> logits over the vocabulary (B, T, V) at every position."""
+    """input_ids (B, T) -> logits over the vocabulary (B, T, V) at every position (or at
+    the positions asked for: `forward`)."""
 
     def __init__(self, config: EncoderConfig, vocab_size: int, pad_id: int = 0) -> None:
         super().__init__()
@@ -178,9 +179,15 @@ class MaskedLanguageModel(nn.Module):
             x = block(x, keep)
         return self.final_norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.head_transform(self.hidden_states(input_ids))  # (B, T, C)
-        return hidden @ self.token_embedding.weight.T + self.head_bias  # (B, T, V)
+    def forward(self, input_ids: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); given `where` (B, T) bool, only those positions' (N, V), in
+        row-major order. Training scores the masked positions alone: the head's projection
+        onto the vocabulary was 40% of a step's time on CPU when taken at every position."""
+        hidden = self.hidden_states(input_ids)  # (B, T, C)
+        if where is not None:
+            hidden = hidden[where]  # (N, C)
+        hidden = self.head_transform(hidden)
+        return hidden @ self.token_embedding.weight.T + self.head_bias
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, C): the mean of the non-padding tokens' vectors, L2-normalized."""

@@ -243,7 +243,8 @@ class Step(Protocol):
     step), added up over the epoch and over the workers (`fit`'s `reduce`) before `metrics`
     turns them into the epoch's figures. Those include `loss`, which early stopping and
     divergence detection read. `SupervisedStep` (model(x) -> loss(output, y)) serves every
-    task but the generative models, which bring their own (pipelines/training/generative.py).
+    task but the generative models, which bring their own (pipelines/training/generative.py),
+    and masked-LM pretraining, which scores only the masked positions (masking.py).
     A batch arrives on the device; `autocast()` opens a fresh autocast context."""
 
     size: int
@@ -268,7 +269,7 @@ class Step(Protocol):
 
 
 def train_step(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: nn.Module,
@@ -307,7 +308,7 @@ def backward_and_step(
 
 @torch.no_grad()
 def eval_step(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     loss_fn: nn.Module,

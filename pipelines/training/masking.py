@@ -8,13 +8,16 @@ epoch (dynamic masking); validation is masked once with a fixed seed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from models.losses import IGNORE_INDEX
 from pipelines.training.batches import ShardedBatches
+from pipelines.training.loop import SupervisedStep
 
 VALIDATION_MASK_SEED = 20_240_601
 """Seed of the one masking of the validation blocks: the same masked positions in every
@@ -81,3 +84,27 @@ def mask_for_validation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation blocks masked once, identically in every run."""
     return mask_tokens(blocks, spec, torch.Generator().manual_seed(VALIDATION_MASK_SEED))
+
+
+@dataclass(frozen=True)
+class MaskedTokenStep(SupervisedStep):
+    """`SupervisedStep` for masked-LM batches (inputs, targets (B, T)): the model scores only
+    the masked positions (`MaskedLanguageModel.forward(ids, where)`), so the loss and the
+    totals are those of the full logits without the other 85% of the vocabulary
+    projection. The call goes through the (DDP-wrapped) model's forward: gradients sync."""
+
+    def train(self, model, batch, optimizers, autocast, scaler) -> torch.Tensor:
+        x, y = batch
+        scored, target = _scored(model, y)
+        return super().train(scored, (x, target), optimizers, autocast, scaler)
+
+    def evaluate(self, model, batch, autocast) -> torch.Tensor:
+        x, y = batch
+        scored, target = _scored(model, y)
+        return super().evaluate(scored, (x, target), autocast)
+
+
+def _scored(model: nn.Module, targets: torch.Tensor) -> tuple[Callable, torch.Tensor]:
+    """(model restricted to the masked positions of `targets`, those positions' targets)."""
+    where = targets != IGNORE_INDEX
+    return functools.partial(model, where=where), targets[where]

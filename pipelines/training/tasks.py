@@ -27,7 +27,7 @@ from pipelines.training.batches import ShardedBatches
 from pipelines.training.fixmatch import FixMatchBatches
 from pipelines.training.generative import GanStep, VaeStep
 from pipelines.training.loop import Batches, Step, SupervisedStep
-from pipelines.training.masking import MaskedTokenBatches, MaskingSpec
+from pipelines.training.masking import MaskedTokenBatches, MaskedTokenStep, MaskingSpec
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class MaskedLmTask:
         return MaskedLanguageModel(self.encoder, self.masking.vocab_size, self.pad_id)
 
     def step(self) -> Step:
-        return SupervisedStep(MaskedTokenLoss(), True)
+        return MaskedTokenStep(MaskedTokenLoss(), True)
 
     def train_batches(
         self,

@@ -54,6 +54,7 @@ def run_trial(
     task = supervised_task(model_cfg, manifest, train_cfg)
     config = loop_config(arrays, task, train_cfg, logger=None, lr_key="tune.lr")
     config["progress_bars"] = False  # the search draws one bar of trials, not one per trial
+    config["report_every_epoch"] = True  # the schedulers count reports as epochs
     # The trial id names the Train run: a trial restarted by Tuner.restore resumes its own
     # run's latest checkpoint instead of starting over.
     name = f"tune-{ray_tune.get_context().get_trial_id()}"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from models.losses import IGNORE_INDEX, MaskedTokenLoss
-from pipelines.training.loop import batch_totals, scheduled_lr
+from models.transformer import EncoderConfig, MaskedLanguageModel
+from pipelines.training.loop import SupervisedStep, batch_totals, scheduled_lr
 from pipelines.training.masking import (
     MaskedTokenBatches,
+    MaskedTokenStep,
     MaskingSpec,
     mask_for_validation,
     mask_tokens,
@@ -71,6 +75,30 @@ def test_masked_loss_and_accuracy_count_masked_positions_only():
     totals = batch_totals(logits, targets, loss, classification=True)
     assert totals[2].item() == 2  # two scored positions
     assert totals[1].item() == 1  # one correct
+
+
+def test_masked_positions_step_matches_the_full_logits_step():
+    """Scoring only the masked positions gives the loss, totals and gradients of scoring
+    every position: the saving changes no figure."""
+    torch.manual_seed(0)
+    config = EncoderConfig(layers=1, width=32, heads=2, ffn_width=64, dropout=0.0, max_length=16)
+    model = MaskedLanguageModel(config, SPEC.vocab_size)
+    inputs, targets = mask_tokens(blocks(8, 16), SPEC, torch.Generator().manual_seed(3))
+    results = []
+    for step in (SupervisedStep(MaskedTokenLoss(), True), MaskedTokenStep(MaskedTokenLoss(), True)):
+        model.zero_grad()
+        evaluated = step.evaluate(model, (inputs, targets), contextlib.nullcontext)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights
+        trained = step.train(
+            model, (inputs, targets), {"model": optimizer}, contextlib.nullcontext, None
+        )
+        gradient = model.token_embedding.weight.grad.clone()
+        results.append((evaluated, trained, gradient))
+    (full_eval, full_train, full_grad), (eval_, train, grad) = results
+    assert full_eval[2] == (targets != IGNORE_INDEX).sum() > 0
+    torch.testing.assert_close(eval_, full_eval)
+    torch.testing.assert_close(train, full_train)
+    torch.testing.assert_close(grad, full_grad)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
