@@ -14,7 +14,6 @@ Serve runs the replicas: placement, CPUs/GPUs, health checks, scaling, live sett
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from serving.batcher import Batching, DynamicBatcher
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.kinds import BY_SLOT, KINDS
+from serving.lifecycle import ChallengerConfigError, parse_challengers
 from serving.metrics import ServingMetrics
 from serving.model_slots import LoadedModels
 from serving.openapi import openapi_document
@@ -97,11 +97,22 @@ class PredictionService:
         when there is no user_config). Loads or swaps the models, then starts answering."""
         config = dict(user_config or {})
         versions = pinned_versions(config.pop("versions", None))
+        challengers = config.pop("challengers", None)
         batching = Batching.from_user_config(config)
         self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         refused = self.models.load(
             self.sources, versions, self.tracking_uri, self.threads, self.use_gpu
         )
+        try:
+            shadowable = {kind.slot: kind.can_shadow for kind in KINDS}
+            configs = parse_challengers(challengers, shadowable)
+        except ChallengerConfigError as exc:
+            # Refused here, not raised: the champions and the challengers as they were go
+            # on serving (dlpipe serve challenger checks the same before it asks).
+            log.error("user_config: %s; the challengers stay as they were", exc)
+            self.models.challenger_config_error = str(exc)
+        else:
+            self.models.load_challengers(configs, self.tracking_uri, self.threads, self.use_gpu)
         self.metrics.models(self.models, refused)
         freeze_heap()
         if self.server is None:
@@ -147,13 +158,19 @@ class PredictionService:
     def _classify_together(
         self, requests: list[tuple[ClassifierPredictor, np.ndarray]]
     ) -> list[list[dict[str, Any]] | InputError]:
-        # Concurrent requests' inputs in one onnxruntime call; each gets its own answer.
-        # Grouped by predictor: during a model swap a batch can hold requests for both.
-        results: list[list[dict[str, Any]] | InputError] = []
-        for classifier, group in itertools.groupby(requests, key=lambda r: r[0]):
-            batches = [batch for _, batch in group]
-            self.metrics.batch(classifier, len(batches))
-            results.extend(classifier.classify_many(batches))
+        # Concurrent requests' inputs in one onnxruntime call per model; each gets its own
+        # answer, in the order asked. A batch holds requests for two models during a swap,
+        # and interleaved ones all the time under a canary or in shadow mode.
+        by_model: dict[int, list[int]] = {}
+        for index, (classifier, _) in enumerate(requests):
+            by_model.setdefault(id(classifier), []).append(index)
+        results: list[list[dict[str, Any]] | InputError] = [[] for _ in requests]
+        for indices in by_model.values():
+            classifier = requests[indices[0]][0]
+            self.metrics.batch(classifier, len(indices))
+            answers = classifier.classify_many([requests[i][1] for i in indices])
+            for index, answer in zip(indices, answers, strict=True):
+                results[index] = answer
         return results
 
 

@@ -3,6 +3,10 @@
 dlpipe serve              serve the registered models over HTTP (Ctrl-C stops)
 dlpipe serve --demo       start, send one real prediction, print it, stop
 dlpipe serve reload       serve what the registry aliases name now (every replica, no restart)
+dlpipe serve challenger SLOT --mode canary|shadow|off [--share S] [--sticky]
+                          a second version beside the champion (serving/lifecycle.py)
+dlpipe serve promote SLOT  the challenger becomes champion when its checks pass
+dlpipe serve rollback SLOT the champion before it comes back
 dlpipe serve keygen NAME  make an API key, append its hash to the keys file, print it once
 dlpipe predict IMAGE ...  classify images through a running server
 
@@ -32,6 +36,7 @@ from serving.auth import (
     listen_host,
 )
 from serving.kinds import KINDS
+from serving.promotion import PromotionPolicy
 
 DEFAULT_KEYS_FILE = "api_keys.txt"
 
@@ -43,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_reload(args)
     if args.action == "keygen":
         return cmd_keygen(args)
+    if args.action in ("challenger", "promote", "rollback"):
+        return cmd_lifecycle(args)
     if args.name is not None:
         print(f"serve: error: unexpected argument {args.name!r}", file=sys.stderr)
         return 2
@@ -197,6 +204,80 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 f"keeps serving: {reason}"
             )
     return 1 if failed else 0
+
+
+def cmd_lifecycle(args: argparse.Namespace) -> int:
+    """`dlpipe serve challenger | promote | rollback SLOT` (serving/promotion.py)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from serving.deploy import DeployError, dashboard_address
+    from serving.model_slots import LOAD_ERRORS
+    from serving.promotion import (
+        promote,
+        rollback,
+        set_challenger,
+        wait_for_challenger,
+    )
+
+    action, slot = args.action, args.name
+    if slot not in {kind.slot for kind in KINDS}:
+        slots = ", ".join(kind.slot for kind in KINDS)
+        named = f"no slot {slot!r}" if slot else "name the slot"
+        print(f"{action}: error: {named}: dlpipe serve {action} SLOT ({slots})", file=sys.stderr)
+        return 2
+    mlflow.set_tracking_uri(tracking_uri())
+    dashboard = args.dashboard or dashboard_address()
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    try:
+        if action == "challenger":
+            settings = {
+                key: value
+                for key, value in (
+                    ("mode", args.mode),
+                    ("share", args.share),
+                    ("sticky", args.sticky),
+                    ("shadow_share", args.shadow_share),
+                )
+                if value is not None
+            }
+            config = set_challenger(dashboard, slot, settings, args.challenger, args.alias)
+            entry = wait_for_challenger(url, slot, config)
+            if config is None:
+                print(f"{slot}: no challenger; {entry['name']} version {entry['version']} alone")
+            else:
+                shown = entry["challenger"]
+                print(
+                    f"{slot}: champion {entry['name']} version {entry['version']}, challenger "
+                    f"{shown['name']} version {shown['version']}: mode {config.mode}"
+                    + (f", share {config.share:g}" if config.mode == "canary" else "")
+                    + (" (sticky per client)" if config.mode == "canary" and config.sticky else "")
+                    + (f", copied share {config.shadow_share:g}" if config.mode == "shadow" else "")
+                )
+            return 0
+        if action == "promote":
+            chosen = {
+                key: value
+                for key in ("margin", "min_agreement", "min_shadowed")
+                if (value := getattr(args, key)) is not None
+            }
+            policy = PromotionPolicy(**chosen)
+            checks, version = promote(dashboard, url, slot, policy)
+            verdict = f"promoted: version {version} is champion" if version else "NOT promoted"
+        else:
+            checks, version = rollback(dashboard, url, slot)
+            verdict = (
+                f"rolled back: version {version} is champion" if version else "NOT rolled back"
+            )
+    except (DeployError, *LOAD_ERRORS, MlflowException, urllib.error.URLError) as exc:
+        # A refusal, a model that will not load, the registry or the app not answering.
+        print(f"{action}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{action} {slot}:")
+    for check in checks:
+        print(check.line())
+    print(verdict + ("" if version else "; the champion keeps serving"))
+    return 0 if version else 1
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -364,12 +445,55 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "action",
         nargs="?",
-        choices=("start", "reload", "keygen"),
+        choices=("start", "reload", "keygen", "challenger", "promote", "rollback"),
         default="start",
         help="start (default) the app; reload: serve the versions the registry aliases "
-        "name now, on every replica, without a restart; keygen NAME: make an API key",
+        "name now, on every replica, without a restart; keygen NAME: make an API key; "
+        "challenger SLOT: serve a second version beside the champion (canary, shadow, off); "
+        "promote SLOT: the challenger becomes champion if its checks pass; rollback SLOT",
     )
-    serve.add_argument("name", nargs="?", help="keygen: who the key is for, e.g. alice")
+    serve.add_argument(
+        "name",
+        nargs="?",
+        help="keygen: who the key is for, e.g. alice; challenger, promote, "
+        "rollback: the slot (classifier, mlm, segmenter, generator)",
+    )
+    lifecycle = serve.add_argument_group("challenger, promote, rollback")
+    lifecycle.add_argument("--mode", choices=("canary", "shadow", "off"))
+    lifecycle.add_argument(
+        "--share", type=float, help="canary: the share of requests the challenger answers (0..1)"
+    )
+    lifecycle.add_argument(
+        "--sticky",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="canary: all of a client's requests to one model (by API key, else X-Client-Id)",
+    )
+    lifecycle.add_argument(
+        "--shadow-share", type=float, help="shadow: the share of requests copied (default 1)"
+    )
+    lifecycle.add_argument(
+        "--challenger", help="the challenger's model: models:/NAME@ALIAS, models:/NAME/VERSION"
+    )
+    lifecycle.add_argument(
+        "--alias", help="the challenger is the champion's model at this alias (default challenger)"
+    )
+    lifecycle.add_argument(
+        "--margin",
+        type=float,
+        help="promote: how much worse than the champion's card figure may be "
+        f"(default {PromotionPolicy.margin})",
+    )
+    lifecycle.add_argument(
+        "--min-agreement",
+        type=float,
+        help=f"promote: shadow agreement needed (default {PromotionPolicy.min_agreement})",
+    )
+    lifecycle.add_argument(
+        "--min-shadowed",
+        type=int,
+        help=f"promote: shadowed requests needed (default {PromotionPolicy.min_shadowed})",
+    )
     for kind in KINDS:
         default = kind.default_model + ("" if kind.required else " when registered")
         serve.add_argument(

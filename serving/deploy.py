@@ -146,6 +146,15 @@ def resolve_versions(args: dict[str, Any], tracking_uri: str | None) -> dict[str
 def reload_models(dashboard: str, name: str = "dlpipe", tracking_uri: str | None = None) -> dict:
     """Pin the app's aliases to their current versions; Serve reconfigures every replica.
     Returns slot -> version asked for."""
+    details, apps = declared_app(dashboard, name)
+    versions = resolve_versions(apps[name].get("args", {}), tracking_uri)
+    user_config(apps[name])["versions"] = versions
+    apply_apps(dashboard, apps, details)
+    return versions
+
+
+def declared_app(dashboard: str, name: str) -> tuple[dict, dict[str, dict]]:
+    """(Serve's details, the declared apps) where app `name` is one of them."""
     details = serve_details(dashboard)
     apps = declared_apps(details)
     if name not in apps:
@@ -154,16 +163,18 @@ def reload_models(dashboard: str, name: str = "dlpipe", tracking_uri: str | None
             "`dlpipe serve` or `serve deploy`?); an app started by serve.run cannot be "
             "reconfigured through the config API"
         )
-    app = apps[name]
-    versions = resolve_versions(app.get("args", {}), tracking_uri)
+    return details, apps
+
+
+def user_config(app: dict) -> dict:
+    """The dlpipe deployment's `user_config` in `app` (created empty), to edit in place."""
     deployments = app.setdefault("deployments", [])
     deployment = next((d for d in deployments if d["name"] == DEPLOYMENT), None)
     if deployment is None:
         deployment = {"name": DEPLOYMENT}
         deployments.append(deployment)
-    deployment["user_config"] = {**(deployment.get("user_config") or {}), "versions": versions}
-    apply_apps(dashboard, apps, details)
-    return versions
+    deployment["user_config"] = dict(deployment.get("user_config") or {})
+    return deployment["user_config"]
 
 
 def get_json(url: str, timeout_s: float = 10) -> Any:

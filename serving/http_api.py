@@ -20,6 +20,7 @@ Every client mistake is a 4xx with a message naming the problem; a 500 means a b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -189,7 +190,9 @@ async def discard_body(receive: Callable, budget: int) -> None:
             return
 
 
-Predict = Callable[[Any], Awaitable[dict[str, Any]]]
+Predict = Callable[[Any, dict[str, Any]], Awaitable[dict[str, Any]]]
+ANSWERED_BY = "dlpipe.answered_by"
+"""The ASGI scope key (a server-specific extension) holding the predictor that answered."""
 Endpoint = Callable[[dict[str, Any], Callable], Awaitable[Answer]]
 
 
@@ -225,6 +228,8 @@ class HttpApi:
         self._classify_batch = classify_batch
         self._openapi = openapi
         self._routes = self._route_table()
+        self._shadows: set[asyncio.Task] = set()
+        """Challenger calls of shadow mode still running (held: the loop keeps weak refs)."""
 
     def _route_table(self) -> dict[str, dict[str, Endpoint]]:
         """path -> method -> endpoint."""
@@ -292,15 +297,33 @@ class HttpApi:
     def _post(self, kind: ModelKind, route: Route) -> Endpoint:
         batch = self._classify_batch if kind.slot == "classifier" else None
 
-        async def predict(request: BaseModel) -> dict[str, Any]:
-            predictor = self.models.get(kind.slot)
+        async def predict(request: BaseModel, scope: dict[str, Any]) -> dict[str, Any]:
+            # The champion, or the challenger for a canary's share (serving/lifecycle.py).
+            predictor, shadow = self.models.pick(kind.slot, lambda: self._client(scope))
             if predictor is None:
                 raise ClientError(
                     404,
                     f"no {kind.title} is loaded in this app "
                     f"(start it with {kind.source_arg}=<source>)",
                 )
-            answer = await route.answer(predictor, request, batch)
+            scope[ANSWERED_BY] = predictor  # for the metrics: a canary's answers are its own
+            started = time.perf_counter()
+            try:
+                answer = await route.answer(predictor, request, batch)
+            except (ClientError, InputError, TimeoutError):
+                raise
+            except Exception:
+                champion = self.models.get(kind.slot)
+                if predictor is champion:
+                    raise
+                # The challenger failed where the champion may not: the client gets the
+                # champion's answer; the failure is logged and counted under its version.
+                log.exception("%s: the challenger failed a canary request", route.path)
+                self._record(route.path, kind.slot, 500, started, predictor)
+                predictor = scope[ANSWERED_BY] = champion
+                answer = await route.answer(predictor, request, batch)
+            if shadow is not None:
+                self._shadow(route, batch, shadow, request, answer, time.perf_counter() - started)
             # Which model answered: its name and registry version (None for a folder).
             return {"model": predictor.card["name"], "version": predictor.files.version, **answer}
 
@@ -321,7 +344,7 @@ class HttpApi:
                 answer = internal_error(scope)
             finally:
                 self.in_flight -= 1
-            self._record(route.path, kind.slot, answer.status, started)
+            self._record(route.path, kind.slot, answer.status, started, scope.get(ANSWERED_BY))
             return answer
 
         return endpoint
@@ -334,7 +357,7 @@ class HttpApi:
             payload = parse_body(schema, body)
             # The batcher times out a request that waited too long (TimeoutError below); the
             # other routes run their model on the loop at once, never waiting.
-            result = await predict(payload)
+            result = await predict(payload, scope)
             return json_response(result)
         except ClientError as exc:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)
@@ -348,9 +371,64 @@ class HttpApi:
         except ClientDisconnected:
             return Answer(499, b"")
 
-    def _record(self, route: str, slot: str | None, code: int, started: float) -> None:
+    def _client(self, scope: dict[str, Any]) -> str | None:
+        """Who is calling, for a sticky canary: the API key's holder, else X-Client-Id."""
+        if self.keys.enabled:
+            key = self.keys.identify(header(scope, b"authorization"))
+            if key is not None:
+                return key
+        return header(scope, b"x-client-id")
+
+    def _shadow(
+        self,
+        route: Route,
+        batch: Any,
+        challenger: Any,
+        request: BaseModel,
+        answer: dict,
+        champion_s: float,
+    ) -> None:
+        """Give `request` to the challenger after the champion's answer: a task on the loop,
+        compared when done, never the client's concern. At most an eighth of
+        `max_in_flight` at once: beyond, a request is not shadowed (counted as skipped), so
+        a slow challenger cannot pile up work ahead of the clients' requests."""
+        stats = challenger.shadow  # the figures of this champion and challenger, even if
+        # a reload replaces them before the copy is answered
+        if len(self._shadows) >= max(1, self.limits.max_in_flight // 8):
+            stats.skipped += 1
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._run_shadow(route, batch, challenger.predictor, stats, request, answer, champion_s)
+        )
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _run_shadow(
+        self,
+        route: Route,
+        batch: Any,
+        challenger: Any,
+        stats: Any,
+        request: BaseModel,
+        answer: dict,
+        champion_s: float,
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            other = await route.answer(challenger, request, batch)
+            stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
+        except Exception as exc:  # the challenger's failure is a figure, not the client's
+            if stats.errors == 0:
+                log.warning("shadow %s on version %s failed: %r", route.path, stats.challenger, exc)
+            stats.errors += 1
+
+    def _record(
+        self, route: str, slot: str | None, code: int, started: float, predictor: Any = None
+    ) -> None:
+        """Count an answer under the model that gave it (`predictor`; else the slot's)."""
         if self.metrics is not None:
-            predictor = self.models.get(slot) if slot is not None else None
+            if predictor is None and slot is not None:
+                predictor = self.models.get(slot)
             self.metrics.request(route, code, predictor, time.perf_counter() - started)
 
     @staticmethod
@@ -375,7 +453,9 @@ class HttpApi:
         return 200, {"status": "ready", "models": [m["name"] for m in infos]}
 
     async def list_models(self) -> tuple[int, Any]:
-        return 200, {"replica": self.replica, "models": self.models.infos()}
+        listing = {"replica": self.replica, "models": self.models.infos()}
+        refused = getattr(self.models, "challenger_config_error", None)
+        return 200, {**listing, "challenger_config_error": refused}
 
     async def openapi(self) -> tuple[int, Any]:
         if self._openapi is None:

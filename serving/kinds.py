@@ -17,6 +17,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from serving.generate_predictor import GeneratorPredictor
+from serving.lifecycle import (
+    Compare,
+    compare_classifications,
+    compare_embeddings,
+    compare_fill_mask,
+    compare_segments,
+)
 from serving.mlm_predictor import NOT_EMPTY, MaskedLmPredictor
 from serving.predictor import ClassifierPredictor
 from serving.schemas import (
@@ -63,6 +70,9 @@ class Route:
     summary: str
     answer: Answer
     body: Body
+    compare: Compare | None = None
+    """How two versions' answers to one request compare (shadow mode); None: they cannot
+    (the generator's answers are random draws)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,13 @@ class ModelKind:
     required: bool
     """`dlpipe serve` fails without it; an optional kind's endpoints are just left off."""
     routes: tuple[Route, ...]
+    quality: tuple[str, bool] = ("test_accuracy", True)
+    """The model card's figure a challenger must match to be promoted, and whether higher
+    is better (serving/promotion.py)."""
+
+    @property
+    def can_shadow(self) -> bool:
+        return all(route.compare is not None for route in self.routes)
 
     @property
     def app_default(self) -> str:
@@ -225,6 +242,7 @@ KINDS: tuple[ModelKind, ...] = (
                 "Classify images, feature vectors or time series",
                 classify,
                 classify_body,
+                compare_classifications,
             ),
         ),
     ),
@@ -243,6 +261,7 @@ KINDS: tuple[ModelKind, ...] = (
                 "Rank the words for each [MASK]",
                 fill_mask,
                 fill_mask_body,
+                compare_fill_mask,
             ),
             Route(
                 "/v1/embed",
@@ -251,8 +270,10 @@ KINDS: tuple[ModelKind, ...] = (
                 "Sentence embeddings (unit vectors)",
                 embed,
                 embed_body,
+                compare_embeddings,
             ),
         ),
+        quality=("masked_accuracy", True),
     ),
     ModelKind(
         slot="segmenter",
@@ -269,8 +290,10 @@ KINDS: tuple[ModelKind, ...] = (
                 "Customer segments with distances",
                 segment,
                 segment_body,
+                compare_segments,
             ),
         ),
+        quality=("silhouette", True),
     ),
     ModelKind(
         slot="generator",
@@ -289,6 +312,7 @@ KINDS: tuple[ModelKind, ...] = (
                 generate_body,
             ),
         ),
+        quality=("fid", False),
     ),
 )
 

@@ -12,11 +12,15 @@ Serve reports the replica as failed instead of serving nothing.
 from __future__ import annotations
 
 import logging
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from serving.contracts import Predictor
 from serving.kinds import BY_SLOT, KINDS, NO_MODEL
+from serving.lifecycle import ChallengerConfig, ShadowStats, to_challenger
 from serving.model_checks import ModelRejected, verify_model
 from serving.model_source import ModelNotFound, resolve_model
 
@@ -40,6 +44,15 @@ def load_predictor(
     return BY_SLOT[slot].predictor(files, threads=threads, use_gpu=use_gpu)
 
 
+@dataclass
+class Challenger:
+    """A slot's challenger (serving/lifecycle.py): its settings, model and shadow figures."""
+
+    config: ChallengerConfig
+    predictor: Predictor
+    shadow: ShadowStats
+
+
 class LoadedModels:
     """slot -> the predictor serving it (None: no model), one slot per kind of
     serving/kinds.py; `LoadedModels(classifier=predictor)` starts with some filled."""
@@ -52,9 +65,76 @@ class LoadedModels:
         self.loaded_at: dict[str, float] = {}
         self.failed_reloads: dict[str, dict[str, Any]] = {}
         """slot -> the last version that could not replace the served one, and why."""
+        self.challengers: dict[str, Challenger] = {}
+        self.challenger_errors: dict[str, str] = {}
+        """slot -> why its challenger is not served (the champion serves alone)."""
+        self.challenger_config_error: str | None = None
+        """Why the last `challengers` setting was refused (the one before it still holds)."""
 
     def get(self, slot: str) -> Predictor | None:
         return self.predictors[slot]
+
+    def pick(
+        self, slot: str, client: Callable[[], str | None]
+    ) -> tuple[Predictor | None, Challenger | None]:
+        """(the predictor that answers this request, the challenger to shadow it or None).
+        `client` names the caller, asked only by a sticky canary."""
+        champion = self.predictors[slot]
+        challenger = self.challengers.get(slot)
+        if challenger is None or champion is None:
+            return champion, None
+        config = challenger.config
+        if config.mode == "canary":
+            caller = client() if config.sticky else None
+            if to_challenger(config, caller, random.random()):
+                return challenger.predictor, None
+        elif config.mode == "shadow" and random.random() < config.shadow_share:
+            return champion, challenger
+        return champion, None
+
+    def load_challengers(
+        self,
+        configs: dict[str, ChallengerConfig],
+        tracking_uri: str | None,
+        threads: int,
+        use_gpu: bool,
+    ) -> None:
+        """Serve `configs`' challengers (a slot left out: none). A challenger loads through
+        the same checks as a champion; one that fails them is not served, the reason kept
+        for /v1/models, and the champion goes on alone."""
+        self.challenger_config_error = None
+        for slot in set(self.challengers) - set(configs):
+            del self.challengers[slot]
+        for slot in set(self.challenger_errors) - set(configs):
+            del self.challenger_errors[slot]
+        for slot, config in configs.items():
+            current = self.challengers.get(slot)
+            if current is not None and current.config.source == config.source:
+                current.config = config  # a new mode or share: the same model
+                continue
+            try:
+                predictor = load_predictor(
+                    slot, config.source, tracking_uri, threads=threads, use_gpu=use_gpu
+                )
+                refusal = challenger_refusal(slot, self.predictors[slot], predictor)
+            except Exception as exc:  # any failure: a challenger never stops the champion
+                refusal = str(exc)
+            if refusal is not None:
+                log.error("%s: challenger %s not served: %s", slot, config.source, refusal)
+                self.challengers.pop(slot, None)
+                self.challenger_errors[slot] = f"{config.source}: {refusal}"
+                continue
+            self.challenger_errors.pop(slot, None)
+            self.challengers[slot] = Challenger(
+                config, predictor, self._shadow_stats(slot, predictor)
+            )
+            log.info("%s: challenger %s loaded, mode %s", slot, config.source, config.mode)
+
+    def _shadow_stats(self, slot: str, challenger: Predictor) -> ShadowStats:
+        champion = self.predictors[slot]
+        return ShadowStats(
+            champion.files.version if champion is not None else None, challenger.files.version
+        )
 
     def load(
         self,
@@ -100,6 +180,9 @@ class LoadedModels:
             self.predictors[slot] = predictor
             self.loaded_at[slot] = time.time()
             self.failed_reloads.pop(slot, None)
+            if slot in self.challengers:  # shadow figures compare two versions: start anew
+                challenger = self.challengers[slot]
+                challenger.shadow = self._shadow_stats(slot, challenger.predictor)
             log.info(
                 "%s: now serving %s version %s (loaded and checked in %.2f s)",
                 slot,
@@ -127,9 +210,47 @@ class LoadedModels:
                     "loaded_at": _utc(self.loaded_at[slot]) if slot in self.loaded_at else None,
                     "failed_reload": self.failed_reloads.get(slot),
                     "lineage": files.lineage,
+                    "challenger": self.challenger_info(slot),
                 }
             )
         return infos
+
+    def challenger_info(self, slot: str) -> dict[str, Any] | None:
+        """The slot's challenger as /v1/models shows it: settings, model, shadow figures."""
+        # .get, not `in` then [...]: reconfigure runs on another thread than the requests.
+        if (error := self.challenger_errors.get(slot)) is not None:
+            return {"error": error}
+        challenger = self.challengers.get(slot)
+        if challenger is None:
+            return None
+        return {
+            **challenger.config.as_user_config(),
+            "name": challenger.predictor.card["name"],
+            "version": challenger.predictor.files.version,
+            "shadow": challenger.shadow.summary(),
+        }
+
+
+def challenger_refusal(slot: str, champion: Any, challenger: Any) -> str | None:
+    """Why `challenger` cannot stand beside `champion` in `slot` (None: it can): it is the
+    same version, or it takes other inputs (a request valid for one would fail on the
+    other: canary clients would see errors, shadow comparisons nothing)."""
+    if champion is None:
+        return None
+    same = champion.files.registered_model, champion.files.version
+    if (
+        champion.files.version is not None
+        and (
+            challenger.files.registered_model,
+            challenger.files.version,
+        )
+        == same
+    ):
+        return f"it is the champion's own version ({same[0]} version {same[1]})"
+    for route in BY_SLOT[slot].routes:
+        if route.body(champion) != route.body(challenger):
+            return f"it takes other inputs than the champion on {route.path}"
+    return None
 
 
 def _utc(timestamp: float) -> str:

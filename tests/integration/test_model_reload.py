@@ -5,8 +5,6 @@ that must see no failure; a version failing its checks leaves the old one servin
 from __future__ import annotations
 
 import json
-import shutil
-import threading
 import time
 import urllib.request
 
@@ -14,52 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
-from pipelines.stagekit import tracking
-from pipelines.stagekit.model_bundle import MODEL_FILE
 from serving.deploy import reload_models, wait_for_versions
-from tests.helpers import declared_app, swap_in_store
+from tests.helpers import SteadyLoad, declared_app, register_export_copy, swap_in_store
 
 pytestmark = pytest.mark.integration
 
 APP = "reload-test"
 MODEL = "reload-test-classifier"
-
-
-class SteadyLoad:
-    """POST /v1/classify at `rate` requests/s in all, from `connections` keep-alive
-    connections on their own threads (a late answer on one does not hold up the others; a
-    late thread catches up on its schedule); keeps every answer's status and version."""
-
-    def __init__(self, url: str, body: dict, rate: float, connections: int = 2) -> None:
-        self.url, self.body, self.interval = url, body, connections / rate
-        self.answers: list[tuple[int, str | None]] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(connections)]
-
-    def __enter__(self) -> SteadyLoad:
-        self.started = time.perf_counter()
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-        self.seconds = time.perf_counter() - self.started
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            next_at = time.perf_counter()
-            while not self.stop.is_set():
-                try:
-                    response = client.post("/v1/classify", json=self.body)
-                    version = response.json().get("version") if response.is_success else None
-                    self.answers.append((response.status_code, version))
-                except httpx.HTTPError as exc:  # a refused or dropped connection is a failure
-                    self.answers.append((0, repr(exc)))
-                next_at += self.interval
-                time.sleep(max(0.0, next_at - time.perf_counter()))
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +32,7 @@ def served(trained, ray_dashboard, tmp_path_factory):
 
 
 def register_copy(trained, tmp_path, tamper: bool = False) -> str:
-    """The trained export registered again as a new version (the alias moves to it), its
-    graph optionally edited after export."""
-    export = shutil.copytree(trained.export_dir, tmp_path / "export")
-    if tamper:  # a valid graph, same answers, but not the bytes the card vouches for
-        import onnx
-
-        graph = onnx.load(str(export / "model.onnx"))
-        graph.doc_string = "edited after export"
-        onnx.save(graph, str(export / "model.onnx"))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
-        return tracking.register_onnx_model(
-            tracking.producing_run(trained.model_dir / MODEL_FILE, trained.tracking.experiment),
-            export / "model.onnx",
-            export / "model_card.json",
-            MODEL,
-            "champion",
-            extra_files=(export / "parity_sample.npz",),
-        )
+    return register_export_copy(trained, tmp_path, MODEL, tamper=tamper)
 
 
 def models(url: str) -> dict:

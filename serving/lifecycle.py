@@ -1,0 +1,206 @@
+"""Champion and challenger: a second version of a slot's model served beside the one its
+alias names, set live through the deployment's `user_config.challengers` (no restart):
+
+    challengers:
+      classifier:
+        source: models:/dlpipe-classifier/7   # pinned by `dlpipe serve challenger`
+        mode: canary       # canary | shadow | off
+        share: 0.05        # canary: the share of requests the challenger answers
+        sticky: false      # canary: all of a client's requests the same way
+        shadow_share: 1.0  # shadow: the share of requests copied to the challenger
+
+- canary: the challenger answers `share` of the requests; sticky, by a hash of the client
+  (its API key's name, else its `X-Client-Id` header), so one client sees one model;
+- shadow: the champion answers every request; after its answer, the challenger is given
+  the same request (off the client's path) and the two answers are compared: rows that
+  agree, the confidence gap, each version's latency (`ShadowStats`, in /v1/models);
+- off: the challenger stays loaded and answers nothing.
+
+Every answer names the model and version that gave it. `dlpipe serve promote` and
+`rollback` (serving/promotion.py) move the champion alias with the checks they print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MODES = ("off", "canary", "shadow")
+
+Compare = Callable[[dict[str, Any], dict[str, Any]], tuple[int, int, float]]
+"""(champion's answer, challenger's answer) -> (rows that agree, rows, sum of the rows'
+confidence gaps): how a kind's two answers to one request are compared in shadow mode."""
+
+
+class ChallengerConfigError(ValueError):
+    """A `challengers` setting that cannot be served; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ChallengerConfig:
+    source: str
+    """A pinned registry version (models:/NAME/VERSION) or an export folder."""
+    mode: str = "off"
+    share: float = 0.05
+    sticky: bool = False
+    shadow_share: float = 1.0
+
+    @classmethod
+    def parse(cls, slot: str, raw: Any) -> ChallengerConfig:
+        where = f"challengers.{slot}"
+        if not isinstance(raw, Mapping):
+            raise ChallengerConfigError(f"{where}: expected a mapping, got {raw!r}")
+        unknown = sorted(set(raw) - {"source", "mode", "share", "sticky", "shadow_share"})
+        if unknown:
+            raise ChallengerConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        source = raw.get("source")
+        if not isinstance(source, str) or not source:
+            raise ChallengerConfigError(f"{where}.source: name the challenger's model")
+        mode = raw.get("mode", cls.mode)
+        if mode not in MODES:
+            raise ChallengerConfigError(f"{where}.mode: expected one of {MODES}, got {mode!r}")
+        shares = {}
+        for key in ("share", "shadow_share"):
+            value = raw.get(key, cls.__dataclass_fields__[key].default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ChallengerConfigError(
+                    f"{where}.{key}: expected a number from 0 to 1, got {value!r}"
+                )
+            shares[key] = float(value)
+        sticky = raw.get("sticky", cls.sticky)
+        if not isinstance(sticky, bool):
+            raise ChallengerConfigError(f"{where}.sticky: expected true or false, got {sticky!r}")
+        return cls(source, mode, shares["share"], sticky, shares["shadow_share"])
+
+    def as_user_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_challengers(raw: Any, slots: Mapping[str, Any]) -> dict[str, ChallengerConfig]:
+    """`user_config.challengers` checked: slot -> its challenger. `slots` maps each slot the
+    app has to whether it can be compared in shadow mode."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ChallengerConfigError(f"challengers: expected a mapping of slots, got {raw!r}")
+    configs = {}
+    for slot, value in raw.items():
+        if slot not in slots:
+            raise ChallengerConfigError(
+                f"challengers.{slot}: no such slot; slots: {', '.join(sorted(slots))}"
+            )
+        config = ChallengerConfig.parse(slot, value)
+        if config.mode == "shadow" and not slots[slot]:
+            raise ChallengerConfigError(
+                f"challengers.{slot}.mode: shadow compares the two answers, and this kind's "
+                "answers are random draws; use canary"
+            )
+        configs[slot] = config
+    return configs
+
+
+def client_bucket(client: str) -> float:
+    """Where `client` falls in [0, 1): the same place in every replica and every run."""
+    digest = hashlib.blake2b(client.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def to_challenger(config: ChallengerConfig, client: str | None, draw: float) -> bool:
+    """Whether a canary sends this request to the challenger (`draw`: uniform in [0, 1))."""
+    if config.mode != "canary":
+        return False
+    if config.sticky and client:
+        return client_bucket(client) < config.share
+    return draw < config.share
+
+
+LATENCY_WINDOW = 2000
+"""The latest answers whose times make a version's p50 in shadow mode."""
+
+
+class ShadowStats:
+    """What shadow mode has seen of one slot's champion and challenger."""
+
+    def __init__(self, champion: str | None, challenger: str | None) -> None:
+        self.champion, self.challenger = champion, challenger
+        self.requests = self.rows = self.agreed = self.errors = self.skipped = 0
+        self.gap_sum = 0.0
+        self.latency: dict[str, deque[float]] = {
+            "champion": deque(maxlen=LATENCY_WINDOW),
+            "challenger": deque(maxlen=LATENCY_WINDOW),
+        }
+
+    def record(
+        self, compared: tuple[int, int, float], champion_s: float, challenger_s: float
+    ) -> None:
+        agreed, rows, gap = compared
+        self.requests += 1
+        self.rows += rows
+        self.agreed += agreed
+        self.gap_sum += gap
+        self.latency["champion"].append(champion_s)
+        self.latency["challenger"].append(challenger_s)
+
+    def summary(self) -> dict[str, Any]:
+        def p50_ms(role: str) -> float | None:
+            times = self.latency[role]
+            return round(statistics.median(times) * 1000, 3) if times else None
+
+        return {
+            "champion_version": self.champion,
+            "challenger_version": self.challenger,
+            "requests": self.requests,
+            "rows": self.rows,
+            "agreement": self.agreed / self.rows if self.rows else None,
+            "mean_confidence_gap": self.gap_sum / self.rows if self.rows else None,
+            "champion_p50_ms": p50_ms("champion"),
+            "challenger_p50_ms": p50_ms("challenger"),
+            "errors": self.errors,
+            "skipped": self.skipped,
+        }
+
+
+# --- how each kind's two answers compare ------------------------------------------------
+
+
+def compare_classifications(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int, float]:
+    pairs = list(zip(a["predictions"], b["predictions"], strict=True))
+    agreed = sum(x["label"] == y["label"] for x, y in pairs)
+    return agreed, len(pairs), sum(abs(x["confidence"] - y["confidence"]) for x, y in pairs)
+
+
+def compare_segments(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int, float]:
+    pairs = list(zip(a["assignments"], b["assignments"], strict=True))
+    return sum(x["segment"] == y["segment"] for x, y in pairs), len(pairs), 0.0
+
+
+def compare_fill_mask(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int, float]:
+    """Each [MASK]: the same top token; the gap between the two top scores."""
+    agreed, rows, gap = 0, 0, 0.0
+    for x, y in zip(a["results"], b["results"], strict=True):
+        for mx, my in zip(x["masks"], y["masks"], strict=True):
+            top_x, top_y = mx["predictions"][0], my["predictions"][0]
+            agreed += top_x["token_id"] == top_y["token_id"]
+            rows += 1
+            gap += abs(top_x["score"] - top_y["score"])
+    return agreed, rows, gap
+
+
+EMBEDDING_AGREEMENT = 0.9
+"""Two versions' embeddings of a text agree when their cosine similarity reaches this."""
+
+
+def compare_embeddings(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int, float]:
+    """Per text: cosine similarity (both are unit vectors) at least EMBEDDING_AGREEMENT;
+    the gap is 1 - that similarity. Versions of different widths never agree."""
+    import numpy as np
+
+    x, y = np.asarray(a["embeddings"]), np.asarray(b["embeddings"])
+    if x.shape != y.shape:
+        return 0, len(x), float(len(x))
+    cosine = (x * y).sum(axis=1)
+    return int((cosine >= EMBEDDING_AGREEMENT).sum()), len(x), float((1 - cosine).sum())

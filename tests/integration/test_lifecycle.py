@@ -1,0 +1,180 @@
+"""Champion and challenger on the real Serve app over HTTP, changed live through the
+deployment's user_config as `dlpipe serve challenger | promote | rollback` change it:
+canary share, shadow comparison, promotion and rollback under a steady load that must see
+no failure; each bad setting refused with the setting named, the champion untouched."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from serving.deploy import DeployError, apply_apps, declared_app, user_config
+from serving.promotion import (
+    PREVIOUS_ALIAS,
+    PromotionPolicy,
+    promote,
+    rollback,
+    set_challenger,
+    slot_entry,
+    wait_for_challenger,
+)
+from tests.helpers import SteadyLoad, register_export_copy
+from tests.helpers import declared_app as deployed_app
+
+pytestmark = pytest.mark.integration
+
+APP = "lifecycle-test"
+MODEL = "lifecycle-test-classifier"
+
+
+@pytest.fixture(scope="module")
+def served(trained, ray_dashboard, tmp_path_factory):
+    # A registered model of this module's own: version 1 champion, version 2 challenger.
+    versions = [
+        register_export_copy(trained, tmp_path_factory.mktemp(alias), MODEL, alias)
+        for alias in ("champion", "challenger")
+    ]
+    args = {"model": f"models:/{MODEL}@champion", "tracking_uri": trained.mlflow_uri}
+    with deployed_app(ray_dashboard, APP, args) as url:
+        yield url, versions
+
+
+@pytest.fixture
+def registry_env(trained, monkeypatch):
+    # The CLI points MLflow at the app's store; here, the session's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.mlflow_uri)
+
+
+def body(trained) -> dict:
+    x = np.load(trained.prepared / "x_test.npy")[:2].reshape(2, -1).tolist()
+    return {"instances": x}
+
+
+def burst(url: str, payload: dict, count: int, connections: int = 4) -> list[tuple[int, str]]:
+    """`count` POST /v1/classify as fast as `connections` keep-alive clients go: (status,
+    version) of each."""
+    answers: list[tuple[int, str]] = []
+
+    def run(share: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(share):
+                response = client.post("/v1/classify", json=payload)
+                version = response.json()["version"] if response.is_success else None
+                answers.append((response.status_code, version))
+
+    threads = [
+        threading.Thread(target=run, args=(count // connections,)) for _ in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_bad_settings_are_refused_by_name_and_the_champion_serves_on(
+    served, trained, ray_dashboard, registry_env
+):
+    url, (champion, _) = served
+    registry = MlflowClient(trained.mlflow_uri)
+    if PREVIOUS_ALIAS in registry.get_registered_model(MODEL).aliases:  # a test before promoted
+        registry.delete_registered_model_alias(MODEL, PREVIOUS_ALIAS)
+    with pytest.raises(DeployError, match=r"challengers\.classifier\.share: .* 0 to 1, got 1\.5"):
+        set_challenger(ray_dashboard, "classifier", {"mode": "canary", "share": 1.5}, app_name=APP)
+    with pytest.raises(DeployError, match=r"no alias 'nope' on lifecycle-test-classifier"):
+        set_challenger(ray_dashboard, "classifier", {"mode": "canary"}, alias="nope", app_name=APP)
+    with pytest.raises(DeployError, match="the champion's own version"):
+        set_challenger(
+            ray_dashboard, "classifier", {"mode": "shadow"}, alias="champion", app_name=APP
+        )
+    with pytest.raises(DeployError, match="classifier has no challenger"):
+        promote(ray_dashboard, url, "classifier", PromotionPolicy(), app_name=APP)
+    with pytest.raises(DeployError, match="nothing to roll back to"):
+        rollback(ray_dashboard, url, "classifier", app_name=APP)
+    # A setting that reaches the replicas unchecked (written into the config by hand) is
+    # refused there, named in /v1/models; the champion serves on.
+    details, apps = declared_app(ray_dashboard, APP)
+    config = user_config(apps[APP])
+    config["challengers"] = {"classifier": {"source": f"models:/{MODEL}/2", "share": 2}}
+    apply_apps(ray_dashboard, apps, details)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = httpx.get(f"{url}/v1/models").json()
+        if listing["challenger_config_error"]:
+            break
+        time.sleep(0.5)
+    assert "challengers.classifier.share" in listing["challenger_config_error"]
+    assert listing["models"][0]["challenger"] is None
+    answers = burst(url, body(trained), 40)
+    assert answers == [(200, champion)] * 40
+    config["challengers"] = {}
+    apply_apps(ray_dashboard, apps, details)
+
+
+def test_canary_shadow_promote_and_rollback_under_load_fail_no_request(
+    served, trained, ray_dashboard, registry_env
+):
+    url, (champion, challenger) = served
+    payload = body(trained)
+    with SteadyLoad(url, payload, rate=100) as load:
+        config = set_challenger(
+            ray_dashboard, "classifier", {"mode": "canary", "share": 0.2}, app_name=APP
+        )
+        assert config.source == f"models:/{MODEL}/{challenger}"  # the alias, pinned
+        wait_for_challenger(url, "classifier", config)
+        answers = burst(url, payload, 5000)
+        share = sum(version == challenger for _, version in answers) / len(answers)
+        assert abs(share - 0.2) <= 0.02, share
+        assert {status for status, _ in answers} == {200}
+
+        config = set_challenger(ray_dashboard, "classifier", {"mode": "shadow"}, app_name=APP)
+        wait_for_challenger(url, "classifier", config)
+        answers = burst(url, payload, 400)
+        assert {version for _, version in answers} == {champion}  # the champion answers
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shadow = slot_entry(url, "classifier")["challenger"]["shadow"]
+            if shadow["requests"] >= 300:
+                break
+            time.sleep(0.5)
+        assert shadow["requests"] >= 300 and shadow["agreement"] == 1.0  # the same weights
+
+        checks, version = promote(
+            ray_dashboard, url, "classifier", PromotionPolicy(min_shadowed=300), app_name=APP
+        )
+        assert version == challenger, [c.line() for c in checks]
+        assert [c.name for c in checks] == ["parity", "held-out test_accuracy", "shadow agreement"]
+        wait_for_challenger(url, "classifier", None)  # dropped with the promotion
+        assert slot_entry(url, "classifier")["version"] == challenger
+        time.sleep(1.0)
+
+        checks, version = rollback(ray_dashboard, url, "classifier", app_name=APP)
+        assert version == champion and checks[0].passed
+        assert slot_entry(url, "classifier")["version"] == champion
+        time.sleep(1.0)
+
+    statuses = [status for status, _ in load.answers]
+    assert statuses.count(200) == len(statuses), [a for a in load.answers if a[0] != 200][:5]
+    versions = [version for _, version in load.answers]
+    assert versions[0] == champion and versions[-1] == champion
+    assert challenger in versions  # canary answers and the promoted stretch
+
+
+def test_a_promotion_whose_checks_fail_moves_nothing(served, trained, ray_dashboard, registry_env):
+    url, (champion, challenger) = served
+    config = set_challenger(
+        ray_dashboard, "classifier", {"mode": "canary", "share": 0.1}, app_name=APP
+    )
+    wait_for_challenger(url, "classifier", config)
+    checks, version = promote(ray_dashboard, url, "classifier", PromotionPolicy(), app_name=APP)
+    assert version is None
+    failed = [c for c in checks if not c.passed]
+    assert [c.name for c in failed] == ["shadow agreement"]  # never shadowed
+    assert "at least 100 needed" in failed[0].detail
+    assert slot_entry(url, "classifier")["version"] == champion
+    set_challenger(ray_dashboard, "classifier", {"mode": "off"}, app_name=APP)

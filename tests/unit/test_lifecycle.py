@@ -1,0 +1,136 @@
+"""Champion and challenger in one replica (serving/lifecycle.py, serving/model_slots.py):
+the settings' checks, the canary's split, shadow mode's comparison, over the real ASGI app
+and real onnxruntime predictors of the tiny export."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from serving.http_api import HttpApi, Limits
+from serving.http_server import ReplicaHttpServer
+from serving.kinds import BY_SLOT
+from serving.lifecycle import (
+    ChallengerConfig,
+    ChallengerConfigError,
+    client_bucket,
+    compare_classifications,
+    compare_embeddings,
+    parse_challengers,
+    to_challenger,
+)
+from serving.model_slots import LoadedModels
+from serving.model_source import resolve_model
+from serving.predictor import ClassifierPredictor
+from tests.helpers import free_port
+from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
+
+SHADOWABLE = {slot: kind.can_shadow for slot, kind in BY_SLOT.items()}
+BRIGHT = [[0.9] * 16]
+
+
+@pytest.mark.parametrize(
+    "raw, named",
+    [
+        ({"classifier": {"source": "m", "mode": "canary", "share": 1.5}}, "classifier.share"),
+        ({"classifier": {"source": "m", "share": -0.1}}, "classifier.share"),
+        ({"classifier": {"source": "m", "shadow_share": "all"}}, "classifier.shadow_share"),
+        ({"classifier": {"source": "m", "mode": "blue-green"}}, "classifier.mode"),
+        ({"classifier": {"source": "m", "sticky": "yes"}}, "classifier.sticky"),
+        ({"classifier": {"mode": "canary"}}, "classifier.source"),
+        ({"classifier": {"source": "m", "shares": 0.1}}, "unknown setting(s) shares"),
+        ({"regressor": {"source": "m"}}, "challengers.regressor: no such slot"),
+        ({"generator": {"source": "m", "mode": "shadow"}}, "generator.mode"),
+        (["classifier"], "challengers: expected a mapping"),
+    ],
+)
+def test_each_bad_setting_is_named(raw, named):
+    with pytest.raises(ChallengerConfigError, match="challengers") as caught:
+        parse_challengers(raw, SHADOWABLE)
+    assert named in str(caught.value)
+
+
+def test_a_canary_sends_its_share_and_a_sticky_one_keeps_each_client_on_one_side():
+    config = ChallengerConfig("m", "canary", share=0.2)
+    draws = [i / 10_000 for i in range(10_000)]
+    assert sum(to_challenger(config, None, d) for d in draws) == 2_000
+    sticky = ChallengerConfig("m", "canary", share=0.2, sticky=True)
+    clients = [f"client-{i}" for i in range(5_000)]
+    sides = [to_challenger(sticky, c, 0.99) for c in clients]  # the draw is not read
+    assert sides == [to_challenger(sticky, c, 0.0) for c in clients]
+    assert abs(sum(sides) / len(sides) - 0.2) < 0.02
+    assert client_bucket("alice") == client_bucket("alice") != client_bucket("bob")
+    # Shadow and off send nothing to the challenger to answer.
+    for mode in ("shadow", "off"):
+        assert not to_challenger(ChallengerConfig("m", mode, share=1.0), None, 0.0)
+
+
+def test_answers_compare_row_by_row():
+    a = {"predictions": [{"label": "1", "confidence": 0.9}, {"label": "2", "confidence": 0.6}]}
+    b = {"predictions": [{"label": "1", "confidence": 0.7}, {"label": "3", "confidence": 0.5}]}
+    agreed, rows, gap = compare_classifications(a, b)
+    assert (agreed, rows) == (1, 2) and gap == pytest.approx(0.3)
+    same = {"embeddings": [[1.0, 0.0], [0.0, 1.0]]}
+    turned = {"embeddings": [[1.0, 0.0], [1.0, 0.0]]}
+    assert compare_embeddings(same, turned)[:2] == (1, 2)
+
+
+def models_with_challenger(export_dir, **settings) -> LoadedModels:  # noqa: F811
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    config = ChallengerConfig(str(export_dir), **settings)
+    models.load_challengers({"classifier": config}, None, 1, False)
+    return models
+
+
+def test_pick_splits_requests_by_the_configured_share(export_dir):  # noqa: F811
+    models = models_with_challenger(export_dir, mode="canary", share=0.25)
+    challenger = models.challengers["classifier"].predictor
+    picks = [models.pick("classifier", lambda: None)[0] is challenger for _ in range(20_000)]
+    assert abs(sum(picks) / len(picks) - 0.25) < 0.02
+    models.load_challengers({}, None, 1, False)  # taken away: the champion alone
+    assert models.pick("classifier", lambda: None) == (models.get("classifier"), None)
+    assert models.infos()[0]["challenger"] is None
+
+
+def test_shadow_mode_compares_every_request_off_the_answer(export_dir):  # noqa: F811
+    models = models_with_challenger(export_dir, mode="shadow")
+    # The replica's own server on a real socket: one event loop, where the shadow copies
+    # run after the answers have gone.
+    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http:
+            shadow = shadowed(http, 20)
+    finally:
+        server.stop()
+    assert shadow["requests"] == 20 and shadow["rows"] == 20
+    assert shadow["agreement"] == 1.0 and shadow["mean_confidence_gap"] == pytest.approx(0.0)
+    assert shadow["champion_p50_ms"] > 0 and shadow["challenger_p50_ms"] > 0
+
+
+def shadowed(http: httpx.Client, count: int) -> dict:
+    """Send `count` requests; the shadow figures once all were compared (or 10 s passed)."""
+    for _ in range(count):
+        answer = http.post("/v1/classify", json={"instances": BRIGHT})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "light"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shadow = http.get("/v1/models").json()["models"][0]["challenger"]["shadow"]
+        if shadow["requests"] == count:
+            break
+        time.sleep(0.05)
+    return shadow
+
+
+def test_a_challenger_failing_its_checks_leaves_the_champion_alone(export_dir, tmp_path):  # noqa: F811
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    missing = ChallengerConfig(str(tmp_path / "nothing"), "canary", share=1.0)
+    models.load_challengers({"classifier": missing}, None, 1, False)
+    http = TestClient(HttpApi(models, Limits()))
+    assert http.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
+    info = http.get("/v1/models").json()["models"][0]
+    assert "nothing" in info["challenger"]["error"]
+    assert models.pick("classifier", lambda: None)[0] is models.get("classifier")
