@@ -42,6 +42,13 @@ class Predictor(Protocol):
         """What /v1/models shows of the model (name, input schema, metrics, hashes ...)."""
 
 
+def served_name(predictor: Predictor) -> str:
+    """The model's name in answers and metrics: its registered model when it came from the
+    registry (a version promoted from another model is copied in, its card keeping the
+    name it was trained under), else its card's."""
+    return predictor.files.registered_model or predictor.card["name"]
+
+
 def read_card(files: ModelFiles, task: str, kind: str) -> ModelCard:
     """The model card beside `files`, checked to describe a `task` model (`kind` names it in
     the error, e.g. "a classifier"), so a wrong source fails at load, not at the first call."""

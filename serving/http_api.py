@@ -32,6 +32,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from serving.auth import OPEN_PATHS, KeyCheck, RateLimit, retry_after
+from serving.contracts import served_name
 from serving.kinds import KINDS, ModelKind, Route
 from serving.predictor import InputError
 
@@ -325,7 +326,7 @@ class HttpApi:
             if shadow is not None:
                 self._shadow(route, batch, shadow, request, answer, time.perf_counter() - started)
             # Which model answered: its name and registry version (None for a folder).
-            return {"model": predictor.card["name"], "version": predictor.files.version, **answer}
+            return {"model": served_name(predictor), "version": predictor.files.version, **answer}
 
         async def endpoint(scope: dict[str, Any], receive: Callable) -> Answer:
             started = time.perf_counter()

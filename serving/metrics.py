@@ -33,6 +33,8 @@ import collections
 import random
 from typing import Any
 
+from serving.contracts import served_name
+
 FLUSH_S = 1.0
 LATENCY_SAMPLES = 128
 """Latencies recorded per FLUSH_S, route and model at most (a uniform sample beyond)."""
@@ -143,4 +145,4 @@ class Reservoir:
 def _model_tags(predictor: Any) -> tuple[str, str]:
     if predictor is None:
         return "none", "none"
-    return predictor.card["name"], predictor.files.version or "local"
+    return served_name(predictor), predictor.files.version or "local"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.contracts import Predictor
+from serving.contracts import Predictor, served_name
 from serving.kinds import BY_SLOT, KINDS, NO_MODEL
 from serving.lifecycle import ChallengerConfig, ShadowStats, to_challenger
 from serving.model_checks import ModelRejected, verify_model
@@ -225,7 +225,7 @@ class LoadedModels:
             return None
         return {
             **challenger.config.as_user_config(),
-            "name": challenger.predictor.card["name"],
+            "name": served_name(challenger.predictor),
             "version": challenger.predictor.files.version,
             "shadow": challenger.shadow.summary(),
         }

@@ -129,6 +129,12 @@ def set_challenger(
         challengers.pop(slot, None)
         chosen = None
     else:
+        # The settings first: a bad share is named before any model is looked up.
+        shadowable = {name: kind.can_shadow for name, kind in BY_SLOT.items()}
+        try:
+            parse_challengers({slot: {**current, **settings, "source": "?"}}, shadowable)
+        except ChallengerConfigError as exc:
+            raise DeployError(str(exc)) from None
         if source is None:
             if alias is None and current.get("source"):
                 source = current["source"]
@@ -136,7 +142,6 @@ def set_challenger(
                 source = f"models:/{champion_uri(app, slot)[0]}@{alias or CHALLENGER_ALIAS}"
         raw = {**current, **settings, "source": pin(source)}
         try:  # the whole block: the replicas refuse it whole if one entry is wrong
-            shadowable = {name: kind.can_shadow for name, kind in BY_SLOT.items()}
             chosen = parse_challengers({**challengers, slot: raw}, shadowable)[slot]
         except ChallengerConfigError as exc:
             raise DeployError(str(exc)) from None
@@ -163,11 +168,11 @@ def wait_for_challenger(
     challenger for None); returns the slot's entry. Replicas that refuse it say why."""
     wanted = config.as_user_config() if config is not None else None
     deadline = time.monotonic() + timeout_s
+    refused = None  # a replica's refusal of the whole block, maybe of the one before this
     while time.monotonic() < deadline:
         for _ in range(probes):
             listing = get_json(url.rstrip("/") + "/v1/models")
-            if listing.get("challenger_config_error"):
-                raise DeployError(f"the replicas refused: {listing['challenger_config_error']}")
+            refused = listing.get("challenger_config_error") or refused
             entry = _slot_in(listing, slot, url)
             shown = entry.get("challenger")
             error = (shown or {}).get("error", "")
@@ -182,8 +187,9 @@ def wait_for_challenger(
         else:
             return entry
         time.sleep(0.5)
+    why = f": they refused {refused}" if refused else ""
     raise DeployError(
-        f"the replicas at {url} did not take the {slot} challenger in {timeout_s:g} s"
+        f"the replicas at {url} did not take the {slot} challenger in {timeout_s:g} s{why}"
     )
 
 

@@ -114,6 +114,10 @@ def test_bad_settings_are_refused_by_name_and_the_champion_serves_on(
     assert answers == [(200, champion)] * 40
     config["challengers"] = {}
     apply_apps(ray_dashboard, apps, details)
+    deadline = time.monotonic() + 60  # the good block taken: no refusal left
+    while httpx.get(f"{url}/v1/models").json()["challenger_config_error"]:
+        assert time.monotonic() < deadline, "the replicas kept the refused block"
+        time.sleep(0.2)
 
 
 def test_canary_shadow_promote_and_rollback_under_load_fail_no_request(
