@@ -79,6 +79,7 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.vanishing_gradients
 	$(BIN)/python -m benchmarks.batching_overhead
 	$(BIN)/python -m benchmarks.serving_throughput
+	$(BIN)/python -m benchmarks.lifecycle
 
 # Faults injected into the real components (benchmarks/chaos.py: killed stage drivers,
 # altered data, a stage killed mid-write, a full disk), each measured against its target,

@@ -1,0 +1,222 @@
+"""The model's life after deploy, measured on `dlpipe serve` (one replica, as the serving
+benchmark holds it): what a canary and shadow mode cost and how exactly they split.
+
+- `shadow_p50_overhead`: the champion's p50 latency at 32 closed-loop clients (wrk,
+  `--seconds` each) with the challenger in shadow mode (every request copied), against the
+  same app with the challenger off, as a fraction (0.2: 20% slower); the median of
+  `--rounds` alternating pairs, each pair's own ratio; `shadow_sampled_p50_overhead` the
+  same with `--sample` (0.25) of the requests copied;
+- `canary_share_error`: the share of `--canary-requests` (5,000) answered by the challenger
+  at `--share` 0.05, less 0.05;
+- `failed_requests`: answers other than 200 over every phase: the wrk runs, the canary's
+  requests, and a steady background load while the mode changes (off -> canary -> shadow
+  -> off);
+- `drift_delay_requests`, `false_alarms`: drift detection (null until it exists).
+
+The champion is `models:/dlpipe-classifier@champion`, the challenger by default the
+semi-supervised student `models:/dlpipe-pseudolabel-classifier@champion` (a different
+model of the same inputs): run from a checkout where `dvc repro` has registered both.
+
+    python -m benchmarks.lifecycle     # writes benchmarks/results/lifecycle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+
+from benchmarks.loadgen import run_load, wrk_path
+from benchmarks.scratch import machine, markdown_table, write_results
+from benchmarks.serving_throughput import CLASSIFY, Server, dlpipe_serve, request_bodies, running
+
+RESULTS = Path("benchmarks/results/lifecycle.json")
+PORT = 8120
+SLOT = "classifier"
+TARGET_SHARE_ERROR = 0.02
+TARGET_SHADOW_OVERHEAD = 0.20
+
+
+class Background:
+    """A steady trickle of requests on its own thread, counting answers other than 200."""
+
+    def __init__(self, url: str, body: dict, rate: float = 50.0) -> None:
+        self.url, self.body, self.interval = url, body, 1 / rate
+        self.sent = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    ok = client.post(CLASSIFY, json=self.body).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.sent += 1
+                self.failed += not ok
+                time.sleep(self.interval)
+
+
+def models_of(url: str, body: dict, count: int, connections: int = 4) -> list[str | None]:
+    """`count` requests from `connections` clients: the model that gave each answer,
+    `NAME/VERSION` (None: failed)."""
+    answers: list[str | None] = []
+
+    def run(share: int) -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(share):
+                response = client.post(CLASSIFY, json=body)
+                answer = response.json() if response.status_code == 200 else None
+                answers.append(f"{answer['model']}/{answer['version']}" if answer else None)
+
+    threads = [
+        threading.Thread(target=run, args=(count // connections,)) for _ in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--champion", default="models:/dlpipe-classifier@champion")
+    parser.add_argument("--challenger", default="models:/dlpipe-pseudolabel-classifier@champion")
+    parser.add_argument("--data", default="data/prepared/supervised")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="off/shadow pairs")
+    parser.add_argument("--share", type=float, default=0.05)
+    parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
+    parser.add_argument("--canary-requests", type=int, default=5000)
+    parser.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the app's Ray's")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    wrk_path()
+    from pipelines.stagekit.tracking import tracking_uri
+    from serving.promotion import set_challenger, wait_for_challenger
+
+    mlflow.set_tracking_uri(tracking_uri())  # the registry the app serves from
+    dashboard = args.dashboard
+    raw_body = request_bodies(args.data)[CLASSIFY]
+    body = json.loads(raw_body)
+    server = Server("dlpipe", dlpipe_serve(PORT, args.champion), PORT, {"RAY_ADDRESS": "local"})
+    log_dir = Path(tempfile.mkdtemp(prefix="dlpipe-lifecycle-logs-"))
+    print(f"server log in {log_dir}", flush=True)
+    failed = 0
+    with running(server, log_dir) as base:
+        url = f"{base}{CLASSIFY}"
+
+        def challenger(mode: str, **settings) -> None:
+            source = args.challenger if mode != "off" else None
+            config = set_challenger(dashboard, SLOT, {"mode": mode, **settings}, source)
+            wait_for_challenger(base, SLOT, config)
+
+        run_load(url, raw_body, 8, 3)  # warm-up
+        with Background(base, body) as background:
+            challenger("canary", share=args.share)
+            versions = models_of(base, body, args.canary_requests)
+            challenger("shadow", shadow_share=1.0)
+            challenger("off")
+        failed += background.failed + versions.count(None)
+        challenger_model = _pinned(args.challenger)
+        observed = versions.count(challenger_model) / len(versions)
+        pairs, sampled = [], []
+        for round_number in range(1, args.rounds + 1):
+            challenger("off")
+            off = run_load(url, raw_body, 32, args.seconds)
+            challenger("shadow", shadow_share=1.0)
+            shadow = run_load(url, raw_body, 32, args.seconds)
+            challenger("shadow", shadow_share=args.sample)
+            sample = run_load(url, raw_body, 32, args.seconds)
+            failed += int(off["errors"] + shadow["errors"] + sample["errors"])
+            pairs.append((off, shadow))
+            sampled.append((off, sample))
+            print(f"round {round_number}: off {off}, shadow {shadow}, sampled {sample}", flush=True)
+        challenger("off")
+    overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in pairs]
+    overhead = statistics.median(overheads)
+    sampled_overhead = statistics.median(s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled)
+    figures = {
+        "canary_share_error": round(observed - args.share, 4),
+        "canary_share_configured": args.share,
+        "canary_share_observed": round(observed, 4),
+        "canary_requests": len(versions),
+        "failed_requests": failed,
+        "background_requests": background.sent,
+        "shadow_p50_overhead": round(overhead, 3),
+        "shadow_p50_overheads": [round(x, 3) for x in overheads],
+        "shadow_sampled_share": args.sample,
+        "shadow_sampled_p50_overhead": round(sampled_overhead, 3),
+        "off_p50_ms": [o["p50_ms"] for o, _ in pairs],
+        "shadow_p50_ms": [s["p50_ms"] for _, s in pairs],
+        "off_rps": [o["rps"] for o, _ in pairs],
+        "shadow_rps": [s["rps"] for _, s in pairs],
+        "shadow_sampled_p50_ms": [s["p50_ms"] for _, s in sampled],
+        "drift_delay_requests": None,
+        "false_alarms": None,
+        "champion": args.champion,
+        "challenger": f"{args.challenger} ({challenger_model})",
+        "machine": machine(),
+    }
+    rows = [
+        (
+            "canary share error",
+            f"{figures['canary_share_error']:+.4f}",
+            f"within +-{TARGET_SHARE_ERROR}",
+            "met" if abs(figures["canary_share_error"]) <= TARGET_SHARE_ERROR else "**MISSED**",
+        ),
+        ("failed requests", failed, "0", "met" if failed == 0 else "**MISSED**"),
+        (
+            "shadow p50 overhead at 32 clients",
+            f"{overhead:+.1%}",
+            f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
+            "met" if overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
+        ),
+        (
+            f"shadow p50 overhead, {args.sample:g} of requests copied",
+            f"{sampled_overhead:+.1%}",
+            f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
+            "met" if sampled_overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
+        ),
+        ("drift delay (requests)", "n/a", "<= 500", "not built yet"),
+        ("false alarms", "n/a", "0", "not built yet"),
+    ]
+    write_results(
+        args.output,
+        figures,
+        markdown_table(("figure", "value", "target", "verdict"), rows),
+        f"dlpipe serve, one replica; wrk {args.seconds:g} s at 32 clients per run, "
+        f"{args.rounds} off/shadow pairs (median of the pairs' ratios); canary over "
+        f"{len(versions)} requests from 4 clients; a 50/s background load across the mode "
+        "changes. Drift detection is not built yet: its keys are null.",
+    )
+
+
+def _pinned(source: str) -> str:
+    """NAME/VERSION of a registry URI, as `models_of` names answers."""
+    from serving.promotion import pin
+
+    return pin(source).removeprefix("models:/")
+
+
+if __name__ == "__main__":
+    main()
