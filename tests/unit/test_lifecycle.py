@@ -134,3 +134,28 @@ def test_a_challenger_failing_its_checks_leaves_the_champion_alone(export_dir, t
     info = http.get("/v1/models").json()["models"][0]
     assert "nothing" in info["challenger"]["error"]
     assert models.pick("classifier", lambda: None)[0] is models.get("classifier")
+
+
+def test_promotion_checks_say_which_one_fails(export_dir, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    from serving.promotion import PromotionPolicy, promotion_checks
+
+    champion = resolve_model(str(export_dir))
+    worse = shutil.copytree(export_dir, tmp_path / "worse")
+    card = json.loads((worse / "model_card.json").read_text())
+    card["metrics"]["test_accuracy"] = 0.99  # a point below the champion's 1.0
+    (worse / "model_card.json").write_text(json.dumps(card))
+    shadow = {"requests": 500, "rows": 500, "agreement": 0.97, "mean_confidence_gap": 0.01}
+    policy = PromotionPolicy(margin=0.005, min_agreement=0.95, min_shadowed=100)
+
+    passed = promotion_checks("classifier", champion, champion, shadow, policy)
+    assert [c.passed for c in passed] == [True, True, True]
+    refused = promotion_checks("classifier", champion, resolve_model(str(worse)), shadow, policy)
+    assert [c.name for c in refused if not c.passed] == ["held-out test_accuracy"]
+    assert "0.9900 against the champion's 1.0000 (at least 0.9950)" in refused[1].detail
+    few = promotion_checks("classifier", champion, champion, {**shadow, "requests": 20}, policy)
+    assert not few[2].passed and "20 shadowed requests, at least 100 needed" in few[2].detail
+    disagreeing = {**shadow, "agreement": 0.9}
+    assert not promotion_checks("classifier", champion, champion, disagreeing, policy)[2].passed
