@@ -26,6 +26,7 @@ from ray import serve
 from serving.auth import KeyCheck, configured_key_hashes, listen_host
 from serving.autoscaling import IN_FLIGHT
 from serving.batcher import Batching, DynamicBatcher
+from serving.capture import CaptureConfig, CaptureConfigError, RequestCapture
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.kinds import BY_SLOT, KINDS
@@ -98,6 +99,7 @@ class PredictionService:
         config = dict(user_config or {})
         versions = pinned_versions(config.pop("versions", None))
         challengers = config.pop("challengers", None)
+        capture = config.pop("capture", None)
         batching = Batching.from_user_config(config)
         self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         refused = self.models.load(
@@ -127,6 +129,26 @@ class PredictionService:
             )
             self.server = ReplicaHttpServer(self.api, self.host, self.port)
             self.server.start()
+        self._configure_capture(capture)
+
+    def _configure_capture(self, raw: Any) -> None:
+        """Start, change or stop request capture as `user_config.capture` says; a setting
+        that cannot be used is refused (named in /v1/models), the one before holding."""
+        try:
+            config = CaptureConfig.parse(raw) if raw is not None else None
+            current = self.api.capture
+            if (current.config if current is not None else None) == config:
+                self.api.capture_error = None
+                return
+            replica = serve.get_replica_context().replica_id.unique_id
+            started = RequestCapture(config, replica) if config is not None else None
+        except CaptureConfigError as exc:
+            log.error("user_config: %s; capture stays as it was", exc)
+            self.api.capture_error = str(exc)
+            return
+        self.api.capture, self.api.capture_error = started, None
+        if current is not None:
+            current.close()  # what it queued is written first
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve asks every few seconds; serving/autoscaling.py scales on it (Serve's own
@@ -149,6 +171,8 @@ class PredictionService:
             server.stop()
             # The counts of the last second: their timer went with the server's loop.
             self.metrics.flush()
+            if self.api is not None and self.api.capture is not None:
+                self.api.capture.close()
 
     async def classify_batched(
         self, classifier: ClassifierPredictor, batch: np.ndarray

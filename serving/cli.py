@@ -7,6 +7,7 @@ dlpipe serve challenger SLOT --mode canary|shadow|off [--share S] [--sticky]
                           a second version beside the champion (serving/lifecycle.py)
 dlpipe serve promote SLOT  the challenger becomes champion when its checks pass
 dlpipe serve rollback SLOT the champion before it comes back
+dlpipe serve capture --rate R [--directory D]   keep a share of requests and answers
 dlpipe serve keygen NAME  make an API key, append its hash to the keys file, print it once
 dlpipe predict IMAGE ...  classify images through a running server
 
@@ -50,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_keygen(args)
     if args.action in ("challenger", "promote", "rollback"):
         return cmd_lifecycle(args)
+    if args.action == "capture":
+        return cmd_capture(args)
     if args.name is not None:
         print(f"serve: error: unexpected argument {args.name!r}", file=sys.stderr)
         return 2
@@ -280,6 +283,46 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
     return 0 if version else 1
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    """`dlpipe serve capture --rate R [--directory D]`, or `--rate 0` ... `--off` to stop."""
+    from serving.deploy import DeployError, dashboard_address, get_json, set_capture
+
+    dashboard = args.dashboard or dashboard_address()
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    settings = None
+    if not args.off:
+        settings = {
+            key: value
+            for key, value in (("rate", args.rate), ("directory", args.directory))
+            if value is not None
+        }
+        if "directory" in settings:  # the replicas do not run in this directory
+            settings["directory"] = str(Path(settings["directory"]).resolve())
+    try:
+        set_capture(dashboard, settings)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listing = get_json(f"{url}/v1/models")
+            if listing.get("capture_error"):
+                raise DeployError(f"the replicas refused: {listing['capture_error']}")
+            shown = listing.get("capture")
+            if (shown is None) == (settings is None) and (
+                shown is None or all(shown.get(k) == v for k, v in settings.items())
+            ):
+                break
+            time.sleep(0.5)
+        else:
+            raise DeployError(f"the replicas at {url} did not take the capture setting in 60 s")
+    except (DeployError, OSError) as exc:
+        print(f"capture: error: {exc}", file=sys.stderr)
+        return 2
+    if shown is None:
+        print("capture: off")
+    else:
+        print(f"capture: {shown['rate']:g} of requests to {shown['directory']} (JSON lines)")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """A new key for `args.name`: its hash appended to the keys file, the key printed once."""
     if not args.name:
@@ -445,12 +488,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "action",
         nargs="?",
-        choices=("start", "reload", "keygen", "challenger", "promote", "rollback"),
+        choices=("start", "reload", "keygen", "challenger", "promote", "rollback", "capture"),
         default="start",
         help="start (default) the app; reload: serve the versions the registry aliases "
         "name now, on every replica, without a restart; keygen NAME: make an API key; "
         "challenger SLOT: serve a second version beside the champion (canary, shadow, off); "
-        "promote SLOT: the challenger becomes champion if its checks pass; rollback SLOT",
+        "promote SLOT: the challenger becomes champion if its checks pass; rollback SLOT; "
+        "capture: keep a share of requests and answers in files",
     )
     serve.add_argument(
         "name",
@@ -458,6 +502,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="keygen: who the key is for, e.g. alice; challenger, promote, "
         "rollback: the slot (classifier, mlm, segmenter, generator)",
     )
+    capture = serve.add_argument_group("capture")
+    capture.add_argument("--rate", type=float, help="the share of requests kept (0..1)")
+    capture.add_argument(
+        "--directory", help="where the JSON-lines files go (default ./captures, made absolute)"
+    )
+    capture.add_argument("--off", action="store_true", help="stop capturing")
     lifecycle = serve.add_argument_group("challenger, promote, rollback")
     lifecycle.add_argument("--mode", choices=("canary", "shadow", "off"))
     lifecycle.add_argument(

@@ -219,3 +219,24 @@ def wait_for_versions(
             return settled
         time.sleep(0.5)
     raise DeployError(f"replicas at {url} did not take versions {versions} within {timeout_s:g} s")
+
+
+def set_capture(dashboard: str, settings: dict[str, Any] | None, name: str = "dlpipe") -> None:
+    """Ask every replica to capture requests as `settings` say (serving/capture.py), or to
+    stop (None); checked here first, so a bad setting is named before it is sent."""
+    from serving.capture import CaptureConfig, CaptureConfigError
+
+    details, apps = declared_app(dashboard, name)
+    config = user_config(apps[name])
+    if settings is None:
+        config.pop("capture", None)
+    else:
+        merged = {**(config.get("capture") or {}), **settings}
+        # The replicas do not run in this directory: the default reaches them absolute.
+        merged.setdefault("directory", str(Path(CaptureConfig.directory).resolve()))
+        try:
+            CaptureConfig.parse(merged)
+        except CaptureConfigError as exc:
+            raise DeployError(str(exc)) from None
+        config["capture"] = merged
+    apply_apps(dashboard, apps, details)

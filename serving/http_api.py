@@ -32,6 +32,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from serving.auth import OPEN_PATHS, KeyCheck, RateLimit, retry_after
+from serving.capture import RequestCapture
 from serving.contracts import served_name
 from serving.kinds import KINDS, ModelKind, Route
 from serving.predictor import InputError
@@ -229,6 +230,10 @@ class HttpApi:
         self._classify_batch = classify_batch
         self._openapi = openapi
         self._routes = self._route_table()
+        self.capture: RequestCapture | None = None
+        """Sampled requests and answers to files (serving/capture.py), when configured."""
+        self.capture_error: str | None = None
+        """Why the last `capture` setting was refused (the one before it still holds)."""
         self._shadows: set[asyncio.Task] = set()
         """Challenger calls of shadow mode still running (held: the loop keeps weak refs)."""
 
@@ -359,6 +364,8 @@ class HttpApi:
             # The batcher times out a request that waited too long (TimeoutError below); the
             # other routes run their model on the loop at once, never waiting.
             result = await predict(payload, scope)
+            if self.capture is not None:
+                self.capture.offer(scope["path"], body, result)
             return json_response(result)
         except ClientError as exc:
             return json_response({"detail": exc.detail}, exc.status, exc.headers)
@@ -456,7 +463,13 @@ class HttpApi:
     async def list_models(self) -> tuple[int, Any]:
         listing = {"replica": self.replica, "models": self.models.infos()}
         refused = getattr(self.models, "challenger_config_error", None)
-        return 200, {**listing, "challenger_config_error": refused}
+        capture = self.capture.status() if self.capture is not None else None
+        return 200, {
+            **listing,
+            "challenger_config_error": refused,
+            "capture": capture,
+            "capture_error": self.capture_error,
+        }
 
     async def openapi(self) -> tuple[int, Any]:
         if self._openapi is None:

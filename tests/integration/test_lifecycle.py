@@ -5,6 +5,7 @@ no failure; each bad setting refused with the setting named, the champion untouc
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -13,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from benchmarks.lifecycle import models_of
-from serving.deploy import DeployError, apply_apps, declared_app, user_config
+from serving.deploy import DeployError, apply_apps, declared_app, set_capture, user_config
 from serving.promotion import (
     PREVIOUS_ALIAS,
     PromotionPolicy,
@@ -159,3 +160,40 @@ def test_a_promotion_whose_checks_fail_moves_nothing(served, trained, ray_dashbo
     assert "at least 100 needed" in failed[0].detail
     assert slot_entry(url, "classifier")["version"] == champion
     set_challenger(ray_dashboard, "classifier", {"mode": "off"}, app_name=APP)
+
+
+def listing_until(url: str, predicate, timeout_s: float = 60) -> dict:
+    """GET /v1/models until `predicate(listing)` holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listing = httpx.get(f"{url}/v1/models").json()
+        if predicate(listing):
+            return listing
+        assert time.monotonic() < deadline, listing
+        time.sleep(0.2)
+
+
+def test_capture_keeps_answers_in_files_and_a_bad_directory_changes_nothing(
+    served, trained, ray_dashboard, tmp_path
+):
+    url, (champion, _) = served
+    directory = tmp_path / "captures"
+    set_capture(ray_dashboard, {"rate": 1.0, "directory": str(directory)}, APP)
+    listing_until(url, lambda m: (m["capture"] or {}).get("directory") == str(directory))
+    assert models_of(url, body(trained), 100) == [f"{MODEL}/{champion}"] * 100
+    listing_until(url, lambda m: m["capture"]["written"] >= 100)
+    kept = [json.loads(line) for path in directory.glob("*.jsonl") for line in path.open()]
+    assert len(kept) == 100 and {r["version"] for r in kept} == {champion}
+    assert kept[0]["body"] == body(trained) and len(kept[0]["answer"]["predictions"]) == 2
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    set_capture(ray_dashboard, {"directory": str(blocker / "captures")}, APP)
+    listing = listing_until(url, lambda m: m["capture_error"] is not None)
+    assert "capture.directory: cannot write" in listing["capture_error"]
+    assert listing["capture"]["directory"] == str(directory)  # the one before holds
+    assert models_of(url, body(trained), 20) == [f"{MODEL}/{champion}"] * 20
+    with pytest.raises(DeployError, match=r"capture\.rate: expected a number from 0 to 1"):
+        set_capture(ray_dashboard, {"rate": 7}, APP)
+    set_capture(ray_dashboard, None, APP)
+    listing_until(url, lambda m: m["capture"] is None and m["capture_error"] is None)
