@@ -303,11 +303,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             listing = get_json(f"{url}/v1/models")
-            if listing.get("capture_error"):
-                raise DeployError(f"the replicas refused: {listing['capture_error']}")
+            refused = listing.get("capture_error") or ""
+            # A refusal of this very directory; one of the setting before may still show
+            # on a replica that has not taken this one yet.
+            if settings and settings.get("directory") and settings["directory"] in refused:
+                raise DeployError(f"the replicas refused: {refused}")
             shown = listing.get("capture")
-            if (shown is None) == (settings is None) and (
-                shown is None or all(shown.get(k) == v for k, v in settings.items())
+            if (
+                not refused
+                and (shown is None) == (settings is None)
+                and (shown is None or all(shown.get(k) == v for k, v in settings.items()))
             ):
                 break
             time.sleep(0.5)
