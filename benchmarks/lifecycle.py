@@ -11,7 +11,11 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
 - `failed_requests`: answers other than 200 over every phase: the wrk runs, the canary's
   requests, and a steady background load while the mode changes (off -> canary -> shadow
   -> off);
-- `drift_delay_requests`, `false_alarms`: drift detection (null until it exists).
+- `false_alarms`: drift alarms raised by `--drift-requests` (5,000) held-out test digits,
+  one per request, from a fresh window (`false_alarm_rate`: per alarm check);
+- `drift_delay_requests`: requests of a shifted stream (inverted digits; noisy digits,
+  Gaussian noise of 0.3; customers' spend times 3 on the segmenter) until the alarm, after
+  a window of held-out ones; the largest of the shifts (each under `drift_delays`).
 
 The champion is `models:/dlpipe-classifier@champion`, the challenger by default the
 semi-supervised student `models:/dlpipe-pseudolabel-classifier@champion` (a different
@@ -95,6 +99,121 @@ def models_of(url: str, body: dict, count: int, connections: int = 4) -> list[st
     return answers
 
 
+def send_each(base: str, route: str, bodies: list[dict], connections: int = 4) -> int:
+    """POST every body of `bodies` once, from `connections` clients; returns the failures."""
+    failed = [0] * connections
+
+    def run(client_number: int) -> None:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for body in bodies[client_number::connections]:
+                failed[client_number] += client.post(route, json=body).status_code != 200
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(failed)
+
+
+def drift_of(base: str, slot: str) -> dict:
+    """The slot's drift as /v1/models shows it."""
+    listing = httpx.get(f"{base}/v1/models", timeout=10).json()
+    return next(m["drift"] for m in listing["models"] if m["slot"] == slot)
+
+
+def fresh_drift(dashboard: str, base: str, settings: dict, app_name: str = "dlpipe") -> None:
+    """Empty every replica's drift windows: watching off, then on with `settings`."""
+    from serving.deploy import set_drift, wait_for_drift
+
+    for enabled in (False, True):
+        change = {**settings, "enabled": enabled}
+        set_drift(dashboard, change, app_name)
+        wait_for_drift(base, change)
+
+
+def drift_trial(
+    dashboard: str,
+    base: str,
+    slot: str,
+    route: str,
+    held_out: list[dict],
+    shifts: dict[str, list[dict]],
+    window: int = 1000,
+    app_name: str = "dlpipe",
+) -> dict:
+    """Alarms over the `held_out` stream from a fresh window, then for each shift (from a
+    fresh window filled with held-out inputs) the requests until the alarm (None: none
+    within the shift's stream). Each body holds one input."""
+    settings = {"window": window, "psi_alarm": 0.25, "check_every": 10}
+    fresh_drift(dashboard, base, settings, app_name)
+    failed = send_each(base, route, held_out)
+    calm = drift_of(base, slot)
+    checks = max((calm["seen"] - window) // settings["check_every"] + 1, 0)
+    delays = {}
+    for name, bodies in shifts.items():
+        fresh_drift(dashboard, base, settings, app_name)
+        failed += send_each(base, route, held_out[:window])
+        before = drift_of(base, slot)["seen"]
+        failed += send_each(base, route, bodies)
+        state = drift_of(base, slot)
+        delays[name] = state["alarm_at"] - before if state["alarm_at"] is not None else None
+    return {
+        "false_alarms": calm["alarms"],
+        "alarm_checks": checks,
+        "held_out_requests": len(held_out),
+        "held_out_max_psi": calm["max_psi"],
+        "delays": delays,
+        "failed": failed,
+    }
+
+
+def digit_streams(
+    prepared: str, requests: int, shifted: int = 1000, seed: int = 0
+) -> tuple[list[dict], dict[str, list[dict]]]:
+    """`requests` held-out test digits drawn at random (one per request), and `shifted`
+    inverted and noisy ones."""
+    import numpy as np
+
+    from pipelines.stagekit.dataset import load_prepared
+
+    images = load_prepared(prepared).x("test")
+    images = images.reshape(len(images), -1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    held_out = images[rng.integers(len(images), size=requests)]
+    pick = images[rng.integers(len(images), size=shifted)]
+    noisy = np.clip(pick + rng.normal(0.0, 0.3, pick.shape), 0.0, 1.0)
+
+    def bodies(rows: np.ndarray) -> list[dict]:
+        return [{"instances": [row.round(4).tolist()]} for row in rows]
+
+    return bodies(held_out), {"inverted": bodies(1.0 - pick), "noisy": bodies(noisy)}
+
+
+def customer_streams(
+    columns: list[str], requests: int, shifted: int = 1000, scale: float = 3.0, seed: int = 0
+) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Customers of the CDNOW table the segmenter was fitted on (its `columns`), drawn at
+    random, and `shifted` with their spend (the monetary columns) times `scale`."""
+    import numpy as np
+
+    from pipelines.unsupervised.segment_model import feature_table
+
+    table = feature_table("data/raw/customers")[columns]
+    rng = np.random.default_rng(seed)
+    held_out = table.iloc[rng.integers(len(table), size=requests)]
+    pick = table.iloc[rng.integers(len(table), size=shifted)].copy()
+    for column in [c for c in table.columns if c.startswith("monetary")]:
+        pick[column] = pick[column] * scale
+
+    def bodies(rows) -> list[dict]:
+        return [
+            {"customers": [{k: float(v) for k, v in row.items()}]} for _, row in rows.iterrows()
+        ]
+
+    return bodies(held_out), {"scaled_spend": bodies(pick)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,6 +226,8 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
     parser.add_argument("--canary-requests", type=int, default=5000)
+    parser.add_argument("--segmenter", default="models:/dlpipe-segment@champion")
+    parser.add_argument("--drift-requests", type=int, default=5000)
     parser.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the app's Ray's")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
@@ -118,7 +239,8 @@ def main() -> None:
     dashboard = args.dashboard
     raw_body = request_bodies(args.data)[CLASSIFY]
     body = json.loads(raw_body)
-    server = Server("dlpipe", dlpipe_serve(PORT, args.champion), PORT, {"RAY_ADDRESS": "local"})
+    command = dlpipe_serve(PORT, args.champion, segmenter=args.segmenter)
+    server = Server("dlpipe", command, PORT, {"RAY_ADDRESS": "local"})
     log_dir = Path(tempfile.mkdtemp(prefix="dlpipe-lifecycle-logs-"))
     print(f"server log in {log_dir}", flush=True)
     failed = 0
@@ -152,6 +274,27 @@ def main() -> None:
             sampled.append((off, sample))
             print(f"round {round_number}: off {off}, shadow {shadow}, sampled {sample}", flush=True)
         challenger("off")
+        digits = drift_trial(
+            dashboard, base, SLOT, CLASSIFY, *digit_streams(args.data, args.drift_requests)
+        )
+        listing = httpx.get(f"{base}/v1/models", timeout=10).json()
+        columns = next(m for m in listing["models"] if m["slot"] == "segmenter")["input"]
+        customers = drift_trial(
+            dashboard,
+            base,
+            "segmenter",
+            "/v1/segment",
+            *customer_streams(columns["feature_names"], args.drift_requests),
+        )
+        failed += digits["failed"] + customers["failed"]
+        print(f"drift: digits {digits}, customers {customers}", flush=True)
+    delays = {
+        **{f"digits_{k}": v for k, v in digits["delays"].items()},
+        **{f"customers_{k}": v for k, v in customers["delays"].items()},
+    }
+    delay = None if None in delays.values() else max(delays.values())
+    false_alarms = digits["false_alarms"] + customers["false_alarms"]
+    checks = digits["alarm_checks"] + customers["alarm_checks"]
     overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in pairs]
     overhead = statistics.median(overheads)
     sampled_overhead = statistics.median(s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled)
@@ -171,8 +314,16 @@ def main() -> None:
         "off_rps": [o["rps"] for o, _ in pairs],
         "shadow_rps": [s["rps"] for _, s in pairs],
         "shadow_sampled_p50_ms": [s["p50_ms"] for _, s in sampled],
-        "drift_delay_requests": None,
-        "false_alarms": None,
+        "drift_delay_requests": delay,
+        "drift_delays": delays,
+        "false_alarms": false_alarms,
+        "false_alarm_rate": round(false_alarms / max(checks, 1), 5),
+        "drift_alarm_checks": checks,
+        "drift_held_out_requests": digits["held_out_requests"] + customers["held_out_requests"],
+        "drift_held_out_max_psi": {
+            "digits": round(digits["held_out_max_psi"], 4),
+            "customers": round(customers["held_out_max_psi"], 4),
+        },
         "champion": args.champion,
         "challenger": f"{args.challenger} ({challenger_model})",
         "machine": machine(),
@@ -197,8 +348,18 @@ def main() -> None:
             f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
             "met" if sampled_overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
         ),
-        ("drift delay (requests)", "n/a", "<= 500", "not built yet"),
-        ("false alarms", "n/a", "0", "not built yet"),
+        (
+            "drift delay (requests), worst shift",
+            delay if delay is not None else "no alarm",
+            "<= 500",
+            "met" if delay is not None and delay <= 500 else "**MISSED**",
+        ),
+        (
+            f"false alarms over {figures['drift_held_out_requests']:,} held-out requests",
+            false_alarms,
+            "0",
+            "met" if false_alarms == 0 else "**MISSED**",
+        ),
     ]
     write_results(
         args.output,
@@ -207,7 +368,8 @@ def main() -> None:
         f"dlpipe serve, one replica; wrk {args.seconds:g} s at 32 clients per run, "
         f"{args.rounds} off/shadow pairs (median of the pairs' ratios); canary over "
         f"{len(versions)} requests from 4 clients; a 50/s background load across the mode "
-        "changes. Drift detection is not built yet: its keys are null.",
+        "changes; drift: window 1,000, alarm at PSI 0.25, checked every 10 inputs, "
+        f"{args.drift_requests:,} held-out digits and customers each, shifts of 1,000.",
     )
 
 

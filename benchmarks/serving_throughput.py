@@ -72,7 +72,9 @@ class Server:
     route: str = CLASSIFY
 
 
-def dlpipe_serve(port: int, classifier: str, encoder: str = "none") -> list[str]:
+def dlpipe_serve(
+    port: int, classifier: str, encoder: str = "none", segmenter: str = "none"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -83,7 +85,7 @@ def dlpipe_serve(port: int, classifier: str, encoder: str = "none") -> list[str]
         "--mlm-model",
         encoder,
         "--segment-model",
-        "none",
+        segmenter,
         "--generator-model",
         "none",
         "--port",

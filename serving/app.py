@@ -27,6 +27,7 @@ from serving.auth import KeyCheck, configured_key_hashes, listen_host
 from serving.autoscaling import IN_FLIGHT
 from serving.batcher import Batching, DynamicBatcher
 from serving.capture import CaptureConfig, CaptureConfigError, RequestCapture
+from serving.drift import DriftConfig, DriftConfigError
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.kinds import BY_SLOT, KINDS
@@ -85,7 +86,7 @@ class PredictionService:
         # CUDA only with a GPU Ray reserved for this replica (`num_gpus`), never a neighbour's.
         self.use_gpu = bool(ray.get_gpu_ids())
         self.models = LoadedModels()
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(drift=self.models.drift_gauges)
         self.batcher: DynamicBatcher[tuple[ClassifierPredictor, np.ndarray], Any] = DynamicBatcher(
             self._classify_together, timeout_s=self.limits.request_timeout_s
         )
@@ -100,6 +101,7 @@ class PredictionService:
         versions = pinned_versions(config.pop("versions", None))
         challengers = config.pop("challengers", None)
         capture = config.pop("capture", None)
+        drift = config.pop("drift", None)
         batching = Batching.from_user_config(config)
         self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         refused = self.models.load(
@@ -115,6 +117,7 @@ class PredictionService:
             self.models.challenger_config_error = str(exc)
         else:
             self.models.load_challengers(configs, self.tracking_uri, self.threads, self.use_gpu)
+        self._configure_drift(drift)
         self.metrics.models(self.models, refused)
         freeze_heap()
         if self.server is None:
@@ -149,6 +152,17 @@ class PredictionService:
         self.api.capture, self.api.capture_error = started, None
         if current is not None:
             current.close()  # what it queued is written first
+
+    def _configure_drift(self, raw: Any) -> None:
+        """`user_config.drift` (serving/drift.py); a refused setting is named in
+        /v1/models and the one before it holds."""
+        try:
+            config = DriftConfig.parse(raw) if raw is not None else DriftConfig()
+        except DriftConfigError as exc:
+            log.error("user_config: %s; drift monitoring stays as it was", exc)
+            self.models.drift_config_error = str(exc)
+            return
+        self.models.configure_drift(config)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve asks every few seconds; serving/autoscaling.py scales on it (Serve's own

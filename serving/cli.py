@@ -8,6 +8,7 @@ dlpipe serve challenger SLOT --mode canary|shadow|off [--share S] [--sticky]
 dlpipe serve promote SLOT  the challenger becomes champion when its checks pass
 dlpipe serve rollback SLOT the champion before it comes back
 dlpipe serve capture --rate R [--directory D]   keep a share of requests and answers
+dlpipe serve drift [--window N] [--psi-alarm X] [--off]   input drift, as replicas see it
 dlpipe serve keygen NAME  make an API key, append its hash to the keys file, print it once
 dlpipe predict IMAGE ...  classify images through a running server
 
@@ -25,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pipelines.stagekit.tracking import dashboard_url, tracking_uri
 from serving.auth import (
@@ -53,6 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_lifecycle(args)
     if args.action == "capture":
         return cmd_capture(args)
+    if args.action == "drift":
+        return cmd_drift(args)
     if args.name is not None:
         print(f"serve: error: unexpected argument {args.name!r}", file=sys.stderr)
         return 2
@@ -328,6 +332,59 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    """`dlpipe serve drift [--window N] [--psi-alarm X] [--check-every N] [--off]`: change
+    how the replicas watch input drift (serving/drift.py), then print each slot's state."""
+    from serving.deploy import (
+        DeployError,
+        dashboard_address,
+        get_json,
+        set_drift,
+        wait_for_drift,
+    )
+
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    settings = {
+        key: value
+        for key, value in (
+            ("window", args.window),
+            ("psi_alarm", args.psi_alarm),
+            ("check_every", args.check_every),
+        )
+        if value is not None
+    }
+    if args.off or settings:
+        settings["enabled"] = not args.off
+    try:
+        if settings:
+            set_drift(args.dashboard or dashboard_address(), settings)
+            listing = wait_for_drift(url, settings)
+        else:
+            listing = get_json(f"{url}/v1/models")
+    except (DeployError, OSError) as exc:
+        print(f"drift: error: {exc}", file=sys.stderr)
+        return 2
+    for model in listing["models"]:
+        print(f"{model['slot']}: {drift_line(model.get('drift'))}")
+    return 0
+
+
+def drift_line(state: dict[str, Any] | None) -> str:
+    """One slot's drift state (/v1/models' `drift`) in a line."""
+    if state is None:
+        return "not watched (drift off)"
+    if "error" in state:
+        return f"not watched: {state['error']}"
+    if state["filled"] < state["window"]:
+        return f"{state['filled']} of {state['window']} inputs seen; no verdict yet"
+    top = ", ".join(f"{name} {psi:.3f}" for name, psi in state["top_psi"].items())
+    verdict = "ALARM" if state["alarm"] else "no alarm"
+    return (
+        f"{verdict}: max PSI {state['max_psi']:.3f} (alarm at {state['psi_alarm']:g}) over the "
+        f"last {state['window']} inputs; highest: {top}"
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """A new key for `args.name`: its hash appended to the keys file, the key printed once."""
     if not args.name:
@@ -493,13 +550,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "action",
         nargs="?",
-        choices=("start", "reload", "keygen", "challenger", "promote", "rollback", "capture"),
+        choices=(
+            "start",
+            "reload",
+            "keygen",
+            "challenger",
+            "promote",
+            "rollback",
+            "capture",
+            "drift",
+        ),
         default="start",
         help="start (default) the app; reload: serve the versions the registry aliases "
         "name now, on every replica, without a restart; keygen NAME: make an API key; "
         "challenger SLOT: serve a second version beside the champion (canary, shadow, off); "
         "promote SLOT: the challenger becomes champion if its checks pass; rollback SLOT; "
-        "capture: keep a share of requests and answers in files",
+        "capture: keep a share of requests and answers in files; drift: show or set how "
+        "the replicas watch input drift",
     )
     serve.add_argument(
         "name",
@@ -512,7 +579,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     capture.add_argument(
         "--directory", help="where the JSON-lines files go (default ./captures, made absolute)"
     )
-    capture.add_argument("--off", action="store_true", help="stop capturing")
+    capture.add_argument("--off", action="store_true", help="stop capturing (drift: watching)")
+    drift = serve.add_argument_group("drift")
+    drift.add_argument("--window", type=int, help="inputs compared with the reference (500)")
+    drift.add_argument("--psi-alarm", type=float, help="PSI that raises the alarm (0.25)")
+    drift.add_argument("--check-every", type=int, help="inputs between alarm checks (10)")
     lifecycle = serve.add_argument_group("challenger, promote, rollback")
     lifecycle.add_argument("--mode", choices=("canary", "shadow", "off"))
     lifecycle.add_argument(

@@ -15,6 +15,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,19 +225,71 @@ def wait_for_versions(
 def set_capture(dashboard: str, settings: dict[str, Any] | None, name: str = "dlpipe") -> None:
     """Ask every replica to capture requests as `settings` say (serving/capture.py), or to
     stop (None); checked here first, so a bad setting is named before it is sent."""
-    from serving.capture import CaptureConfig, CaptureConfigError
+    from serving.capture import CaptureConfig
 
+    def checked(merged: dict[str, Any]) -> None:
+        # The replicas do not run in this directory: the default reaches them absolute.
+        merged.setdefault("directory", str(Path(CaptureConfig.directory).resolve()))
+        CaptureConfig.parse(merged)
+
+    set_section(dashboard, "capture", settings, checked, name)
+
+
+def set_drift(dashboard: str, settings: dict[str, Any] | None, name: str = "dlpipe") -> None:
+    """Ask every replica to watch drift as `settings` say (serving/drift.py), or go back
+    to the defaults (None); checked here first."""
+    from serving.drift import DriftConfig
+
+    set_section(dashboard, "drift", settings, DriftConfig.parse, name)
+
+
+def wait_for_drift(
+    url: str, settings: dict[str, Any], timeout_s: float = 60, probes: int = 4
+) -> dict[str, Any]:
+    """Watch GET /v1/models until every watched slot shows the drift `settings` (`enabled`
+    false: no slot watched), `probes` answers in a row (replicas share the port). Returns
+    the last listing; a replica's refusal of the setting is raised."""
+    deadline = time.monotonic() + timeout_s
+    wanted = {k: v for k, v in settings.items() if k != "enabled"}
+    off = settings.get("enabled") is False
+    while True:
+        for _ in range(probes):
+            listing = get_json(url.rstrip("/") + "/v1/models")
+            if listing.get("drift_config_error"):
+                raise DeployError(f"the replicas refused: {listing['drift_config_error']}")
+            states = [m["drift"] for m in listing["models"] if m.get("drift") is not None]
+            watched = [state for state in states if "error" not in state]
+            if off and watched:
+                break
+            if any(state.get(k) != v for state in watched for k, v in wanted.items()):
+                break
+            if not off and not watched and not states:
+                break  # on, but nothing watched yet: the setting has not arrived
+        else:
+            return listing
+        if time.monotonic() > deadline:
+            raise DeployError(f"the replicas at {url} did not take the drift setting in 60 s")
+        time.sleep(0.5)
+
+
+def set_section(
+    dashboard: str,
+    key: str,
+    settings: dict[str, Any] | None,
+    check: Callable[[dict[str, Any]], Any],
+    name: str = "dlpipe",
+) -> None:
+    """Merge `settings` into `user_config[key]` of app `name` (None: remove the section),
+    after `check` (which raises a ValueError naming the setting) passes on the result."""
     details, apps = declared_app(dashboard, name)
     config = user_config(apps[name])
     if settings is None:
-        config.pop("capture", None)
+        config.pop(key, None)
     else:
-        merged = {**(config.get("capture") or {}), **settings}
-        # The replicas do not run in this directory: the default reaches them absolute.
-        merged.setdefault("directory", str(Path(CaptureConfig.directory).resolve()))
+        merged = {**(config.get(key) or {}), **settings}
         try:
-            CaptureConfig.parse(merged)
-        except CaptureConfigError as exc:
+            check(merged)
+        except ValueError as exc:
             raise DeployError(str(exc)) from None
-        config["capture"] = merged
+        config[key] = merged
     apply_apps(dashboard, apps, details)

@@ -315,7 +315,7 @@ class HttpApi:
             scope[ANSWERED_BY] = predictor  # for the metrics: a canary's answers are its own
             started = time.perf_counter()
             try:
-                answer = await route.answer(predictor, request, batch)
+                answer, seen = await route.answer(predictor, request, batch)
             except (ClientError, InputError, TimeoutError):
                 raise
             except Exception:
@@ -327,7 +327,8 @@ class HttpApi:
                 log.exception("%s: the challenger failed a canary request", route.path)
                 self._record(route.path, kind.slot, 500, started, predictor)
                 predictor = scope[ANSWERED_BY] = champion
-                answer = await route.answer(predictor, request, batch)
+                answer, seen = await route.answer(predictor, request, batch)
+            self.models.observe(kind.slot, predictor, seen)
             if shadow is not None:
                 self._shadow(route, batch, shadow, request, answer, time.perf_counter() - started)
             # Which model answered: its name and registry version (None for a folder).
@@ -423,7 +424,7 @@ class HttpApi:
     ) -> None:
         started = time.perf_counter()
         try:
-            other = await route.answer(challenger, request, batch)
+            other, _ = await route.answer(challenger, request, batch)
             stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
         except Exception as exc:  # the challenger's failure is a figure, not the client's
             if stats.errors == 0:
@@ -467,6 +468,7 @@ class HttpApi:
         return 200, {
             **listing,
             "challenger_config_error": refused,
+            "drift_config_error": getattr(self.models, "drift_config_error", None),
             "capture": capture,
             "capture_error": self.capture_error,
         }

@@ -47,8 +47,10 @@ from serving.segment_predictor import SegmentPredictor
 
 Batch = Callable[[Any, np.ndarray], Awaitable[list[dict[str, Any]]]]
 """The app's batched call for a slot (serving/batcher.py), when it has one."""
-Answer = Callable[[Any, Any, Batch | None], Awaitable[dict[str, Any]]]
-"""(predictor, validated request, the slot's batched call or None) -> the answer body."""
+Answer = Callable[[Any, Any, Batch | None], Awaitable[tuple[dict[str, Any], Any]]]
+"""(predictor, validated request, the slot's batched call or None) -> (the answer body,
+what the model saw for drift monitoring: its input batch, or for text (embeddings, token
+counts); None when the route watches no drift; serving/drift.py)."""
 Body = Callable[[Any], dict[str, Any]]
 """predictor -> the JSON Schema of the request bodies it accepts: what the pydantic model
 checks, narrowed by what this loaded model checks (its input size, its feature names), so
@@ -120,34 +122,36 @@ async def classify(
     else:
         array = classifier.images_to_array(request.images or [])
     predictions = await batch(classifier, array) if batch else classifier.classify(array)
-    return {"predictions": predictions}
+    return {"predictions": predictions}, array
 
 
 async def fill_mask(
     mlm: MaskedLmPredictor, request: FillMaskRequest, _: Batch | None
 ) -> dict[str, Any]:
-    return {"results": mlm.fill_mask(request.texts, request.top_k)}
+    # Not watched for drift: masked texts are probes of the model, not its inputs' population.
+    return {"results": mlm.fill_mask(request.texts, request.top_k)}, None
 
 
 async def embed(mlm: MaskedLmPredictor, request: EmbedRequest, _: Batch | None) -> dict[str, Any]:
-    vectors, truncated = mlm.embed(request.texts)
+    vectors, truncated, lengths = mlm.embed(request.texts)
     # The float32 array as it is: orjson writes each value's shortest float32 form, half
     # the bytes and time of tolist()'s float64 digits (8 x 128: 17 us against 38 us), and
     # a client reading it back as float32 gets the same numbers.
-    return {"embeddings": vectors, "truncated": truncated}
+    return {"embeddings": vectors, "truncated": truncated}, (vectors, lengths)
 
 
 async def segment(
     segmenter: SegmentPredictor, request: SegmentRequest, _: Batch | None
 ) -> dict[str, Any]:
-    return {"assignments": segmenter.segment(segmenter.records_to_array(request.customers))}
+    array = segmenter.records_to_array(request.customers)
+    return {"assignments": segmenter.segment(array)}, array
 
 
 async def generate(
     generator: GeneratorPredictor, request: GenerateRequest, _: Batch | None
 ) -> dict[str, Any]:
     images = generator.generate(request.count, request.seed, request.label)
-    return {"images": images, "seed": request.seed}
+    return {"images": images, "seed": request.seed}, None
 
 
 def _number(low: float = -FLOAT32_MAX, high: float = FLOAT32_MAX) -> dict[str, Any]:

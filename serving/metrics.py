@@ -17,7 +17,10 @@ the replica's identity to each series, so several replicas behind one port stay 
   Ray's API has no way to add n observations to a bucket in one call;
 - dlpipe_batch_size{model}: requests run together per onnxruntime call (dynamic batching);
 - dlpipe_model_version{slot, model}: the registry version each slot serves;
-- dlpipe_failed_reloads_total{slot}: versions refused (hash, parity sample, load error).
+- dlpipe_failed_reloads_total{slot}: versions refused (hash, parity sample, load error);
+- dlpipe_drift{slot, feature}: each drift feature's PSI over the replica's window, and
+  `embedding_distance` for text (serving/drift.py); dlpipe_drift_alarm{slot}: 1 while up.
+  Set every DRIFT_EVERY_S while requests come.
 
 Recording through Ray costs ~4-5 us per call on this machine, about a tenth of a request's
 whole cost in the replica at 10,000 requests/s (py-spy, benchmarks/README.md). So request
@@ -31,11 +34,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
+from collections.abc import Callable
 from typing import Any
 
 from serving.contracts import served_name
 
 FLUSH_S = 1.0
+DRIFT_EVERY_S = 5.0
 LATENCY_SAMPLES = 128
 """Latencies recorded per FLUSH_S, route and model at most (a uniform sample beyond)."""
 
@@ -46,7 +52,8 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 class ServingMetrics:
     """The app's metrics; create one per replica (Ray registers them on creation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drift: Callable[[], dict[str, dict[str, float]]] | None = None) -> None:
+        """`drift`: slot -> feature -> value, read for the drift gauges (model_slots.py)."""
         from ray.util.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
@@ -76,6 +83,19 @@ class ServingMetrics:
             "Model versions refused on reload (the old one kept serving).",
             tag_keys=("slot",),
         )
+        self.drift = Gauge(
+            "dlpipe_drift",
+            "Input drift per model slot and drift feature: PSI against the export's "
+            "reference over the replica's window (embedding_distance: Mahalanobis).",
+            tag_keys=("slot", "feature"),
+        )
+        self.drift_alarm = Gauge(
+            "dlpipe_drift_alarm",
+            "1 while a drift feature's PSI is over the alarm level, else 0.",
+            tag_keys=("slot",),
+        )
+        self._drift_source = drift
+        self._drift_at = 0.0
         self._unflushed: collections.Counter[tuple[str, int, str, str]] = collections.Counter()
         self._latencies: dict[tuple[str, str], Reservoir] = {}
         self._flush_scheduled = False
@@ -107,6 +127,18 @@ class ServingMetrics:
             tags = {"route": route, "model": model}
             for seconds in sample.kept:
                 self.latency.observe(seconds, tags)
+        if self._drift_source is not None and time.monotonic() - self._drift_at >= DRIFT_EVERY_S:
+            self._drift_at = time.monotonic()
+            self.drift_figures(self._drift_source())
+
+    def drift_figures(self, figures: dict[str, dict[str, Any]]) -> None:
+        """slot -> {feature: value, ..., "alarm": bool} -> the drift gauges."""
+        for slot, values in figures.items():
+            for feature, value in values.items():
+                if feature == "alarm":
+                    self.drift_alarm.set(float(value), {"slot": slot})
+                else:
+                    self.drift.set(value, {"slot": slot, "feature": feature})
 
     def batch(self, predictor: Any, size: int) -> None:
         self.batch_size.observe(size, {"model": _model_tags(predictor)[0]})

@@ -33,6 +33,8 @@ class Encoded:
     ids: np.ndarray
     """int64 (batch, longest) token ids, [PAD]-padded."""
     truncated: list[bool]
+    lengths: np.ndarray
+    """(batch,) each text's token count before [CLS], [SEP] and any cut."""
 
 
 class MaskedLmPredictor:
@@ -61,7 +63,7 @@ class MaskedLmPredictor:
 
     def encode(self, texts: list[str], field: str, truncate: bool) -> Encoded:
         """[CLS] tokens [SEP] per text, padded; over-long texts are cut (truncate) or refused."""
-        rows, truncated = [], []
+        rows, truncated, lengths = [], [], []
         for i, text in enumerate(texts):
             if not re.search(NOT_EMPTY, text):
                 raise InputError(f"{field}[{i}]", "text is empty")
@@ -74,12 +76,13 @@ class MaskedLmPredictor:
                     f"(max_length {self.max_length} with [CLS] and [SEP])",
                 )
             truncated.append(len(ids) > limit)
+            lengths.append(len(ids))
             rows.append([self.cls_id, *ids[:limit], self.sep_id])
         longest = max(len(r) for r in rows)
         batch = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
         for row, ids in enumerate(rows):
             batch[row, : len(ids)] = ids
-        return Encoded(batch, truncated)
+        return Encoded(batch, truncated, np.asarray(lengths))
 
     def fill_mask(self, texts: list[str], top_k: int = 5) -> list[dict[str, Any]]:
         """For every [MASK] in every text, the `top_k` likeliest tokens with probabilities."""
@@ -112,11 +115,12 @@ class MaskedLmPredictor:
             results.append({"text": text, "masks": masks})
         return results
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        """(len(texts), width) unit vectors, and which texts were cut to max_length tokens."""
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, list[bool], np.ndarray]:
+        """(len(texts), width) unit vectors, which texts were cut to max_length tokens, and
+        each text's token count (serving/drift.py watches it)."""
         encoded = self.encode(texts, "texts", truncate=True)
         vectors = self.embed_session.run(None, {"input_ids": encoded.ids})[0]
-        return vectors, encoded.truncated
+        return vectors, encoded.truncated, encoded.lengths
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

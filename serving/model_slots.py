@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.contracts import Predictor, served_name
+from serving.drift import DriftConfig, DriftMonitor, DriftReference
 from serving.kinds import BY_SLOT, KINDS, NO_MODEL
 from serving.lifecycle import ChallengerConfig, ShadowStats, to_challenger
 from serving.model_checks import ModelRejected, verify_model
@@ -70,6 +71,15 @@ class LoadedModels:
         """slot -> why its challenger is not served (the champion serves alone)."""
         self.challenger_config_error: str | None = None
         """Why the last `challengers` setting was refused (the one before it still holds)."""
+        self.drift_config = DriftConfig()
+        self.monitors: dict[str, tuple[Predictor, DriftMonitor]] = {}
+        """slot -> (the champion watched, its inputs' drift; serving/drift.py)."""
+        self.drift_errors: dict[str, str] = {}
+        """slot -> why its inputs are not watched (no reference in its export ...)."""
+        self.drift_config_error: str | None = None
+        """Why the last `drift` setting was refused (the one before it still holds)."""
+        for slot, predictor in self.served():
+            self._watch(slot, predictor)
 
     def get(self, slot: str) -> Predictor | None:
         return self.predictors[slot]
@@ -91,6 +101,52 @@ class LoadedModels:
         elif config.mode == "shadow" and random.random() < config.shadow_share:
             return champion, challenger
         return champion, None
+
+    def observe(self, slot: str, predictor: Predictor, seen: Any) -> None:
+        """What `predictor` saw answering a request (kinds.py's answers), for drift: only
+        the champion's inputs are watched, against its own reference."""
+        watched = self.monitors.get(slot)
+        if watched is not None and watched[0] is predictor and seen is not None:
+            watched[1].observe(seen)
+
+    def configure_drift(self, config: DriftConfig) -> None:
+        """Watch every champion's inputs with `config` (new settings: new windows)."""
+        self.drift_config_error = None
+        if config == self.drift_config:  # a load watches each new champion with it already
+            return
+        self.drift_config = config
+        for slot, predictor in self.served():
+            self._watch(slot, predictor)
+
+    def _watch(self, slot: str, predictor: Predictor) -> None:
+        self.monitors.pop(slot, None)
+        self.drift_errors.pop(slot, None)
+        if not self.drift_config.enabled:
+            return
+        name = predictor.card.get("drift_reference")
+        if name is None:
+            self.drift_errors[slot] = "its export has no drift reference (exported before them)"
+            return
+        try:
+            reference = DriftReference.load(predictor.files.sibling(name))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("%s: drift reference not usable: %s", slot, exc)
+            self.drift_errors[slot] = f"drift reference not usable: {exc}"
+            return
+        self.monitors[slot] = (predictor, DriftMonitor(reference, self.drift_config))
+
+    def drift_gauges(self) -> dict[str, dict[str, Any]]:
+        """slot -> feature -> value, and "alarm", for the drift gauges (serving/metrics.py)."""
+        return {
+            slot: {**monitor.gauges(), "alarm": monitor.alarm}
+            for slot, (_, monitor) in list(self.monitors.items())
+        }
+
+    def drift_info(self, slot: str) -> dict[str, Any] | None:
+        if (error := self.drift_errors.get(slot)) is not None:
+            return {"error": error}
+        watched = self.monitors.get(slot)
+        return watched[1].status() if watched is not None else None
 
     def load_challengers(
         self,
@@ -178,6 +234,7 @@ class LoadedModels:
                 refused.append(slot)
                 continue
             self.predictors[slot] = predictor
+            self._watch(slot, predictor)
             self.loaded_at[slot] = time.time()
             self.failed_reloads.pop(slot, None)
             if slot in self.challengers:  # shadow figures compare two versions: start anew
@@ -211,6 +268,7 @@ class LoadedModels:
                     "failed_reload": self.failed_reloads.get(slot),
                     "lineage": files.lineage,
                     "challenger": self.challenger_info(slot),
+                    "drift": self.drift_info(slot),
                 }
             )
         return infos

@@ -162,7 +162,7 @@ def register_export_copy(
             export / "model_card.json",
             model,
             alias,
-            extra_files=(export / "parity_sample.npz",),
+            extra_files=(export / "parity_sample.npz", export / "drift_reference.json"),
         )
 
 

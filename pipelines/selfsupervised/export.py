@@ -45,6 +45,7 @@ from pipelines.stagekit.onnx_export import (
 from pipelines.stagekit.quantize import fp32_name, quantize_with_gate, sample_atol
 from pipelines.stagekit.stage import stage_command
 from serving.contracts import ModelCard
+from serving.drift import REFERENCE_FILE, reference_statistics, write_reference
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ EMBEDDING = "sentence_embedding"  # not "embedding": the exporter names an inner
 # What export reads of params: the registry name comes from `mlm`, not export.registered_model;
 # mask_probability masks the validation blocks of the parity check (and the parity sample) as
 # pretraining did. The encoder's shape comes from the trained bundle, not from mlm.model.
+REFERENCE_SENTENCES = 2000
+"""Training sentences whose embeddings make the drift reference of /v1/embed."""
 EXPORT_KEYS = ("opset", "parity_atol", "alias", "quantize", "quantize_max_drop")
 MLM_KEYS = ("mask_probability", "registered_model", "experiment")
 
@@ -117,6 +120,38 @@ def masked_accuracy(
         hits += int((logits[masked].argmax(-1) == wanted[masked]).sum())
         scored += int(masked.sum())
     return hits / max(scored, 1)
+
+
+def sentences(blocks: np.ndarray, special: set[int], period: int | None) -> list[np.ndarray]:
+    """The held-out text as sentence-like pieces (what clients send to /v1/embed): each
+    block's tokens, special ones dropped, cut after every period; pieces of 3+ tokens."""
+    pieces = []
+    for block in blocks:
+        tokens = block[~np.isin(block, list(special))]
+        cuts = np.flatnonzero(tokens == period) + 1 if period is not None else []
+        pieces.extend(piece for piece in np.split(tokens, cuts) if len(piece) >= 3)
+    return pieces
+
+
+def embedding_reference(
+    graph: Path,
+    pieces: list[np.ndarray],
+    special_ids: dict[str, int],
+    max_length: int,
+    batch: int = 64,
+) -> dict:
+    """The drift reference of /v1/embed (serving/drift.py): the served graph's embeddings
+    of `pieces` and their token counts, wrapped (and cut) as the predictor does a text."""
+    session = onnx_session(graph)
+    vectors = []
+    for start in range(0, len(pieces), batch):
+        chunk = [piece[: max_length - 2] for piece in pieces[start : start + batch]]
+        ids = np.full((len(chunk), max(map(len, chunk)) + 2), special_ids["[PAD]"], np.int64)
+        for row, piece in enumerate(chunk):
+            ids[row, : len(piece) + 2] = [special_ids["[CLS]"], *piece, special_ids["[SEP]"]]
+        vectors.append(session.run([EMBEDDING], {INPUT: ids})[0])
+    lengths = np.array([[len(piece)] for piece in pieces], dtype=np.float64)
+    return reference_statistics("text", lengths, ["token_length"], np.concatenate(vectors))
 
 
 def export_mlm(
@@ -239,6 +274,17 @@ def export_mlm(
                 "data_sha256": data.data_hash,
             },
         }
+        from tokenizers import Tokenizer
+
+        period = Tokenizer.from_file(str(staging / TOKENIZER_FILE)).token_to_id(".")
+        special = data.manifest["special_ids"]
+        pieces = sentences(data.x("train"), set(special.values()), period)
+        # A fixed sample is plenty for quintiles and a covariance (all: ~8 s on 2 CPUs).
+        keep = np.random.default_rng(0).permutation(len(pieces))[:REFERENCE_SENTENCES]
+        pieces = [pieces[i] for i in sorted(keep)]
+        reference = embedding_reference(staging / EMBED_FILE, pieces, special, encoder.max_length)
+        write_reference(staging, reference)
+        card["drift_reference"] = REFERENCE_FILE
         write_json(staging / CARD_FILE, card)
     out = Path(output)
     _, run_id = tracking.register_export(
@@ -255,6 +301,7 @@ def export_mlm(
             out / EMBED_FILE,
             out / TOKENIZER_FILE,
             out / PARITY_SAMPLE_FILE,
+            out / REFERENCE_FILE,
             *(
                 out / fp32_name(graph)
                 for graph in (FILL_MASK_FILE, EMBED_FILE)

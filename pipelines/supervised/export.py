@@ -38,6 +38,14 @@ from pipelines.stagekit.quantize import fp32_name, quantize_with_gate, sample_at
 from pipelines.stagekit.sequences import sequence_lengths
 from pipelines.stagekit.stage import stage_command
 from serving.contracts import ModelCard
+from serving.drift import (
+    REFERENCE_FILE,
+    feature_names,
+    feature_rows,
+    layout_of,
+    reference_statistics,
+    write_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +215,12 @@ def export(
         card["parity_sample"] = sample
         if gate is not None:
             card["quantization"] = gate.card((ONNX_FILE,))
+        # What serving compares live inputs with (serving/drift.py): the training split.
+        layout = layout_of(data.manifest["input_kind"])
+        names = feature_names(layout, data.manifest["input_shape"], data.manifest["feature_names"])
+        rows = feature_rows(layout, data.x("train"))
+        write_reference(staging, reference_statistics(layout, rows, names))
+        card["drift_reference"] = REFERENCE_FILE
         write_json(staging / CARD_FILE, card)
 
     figures = {k: evaluation[k] for k in HEADLINE if k in evaluation}
@@ -227,7 +241,11 @@ def export(
         registered_model,
         export_config.alias,
         figures,
-        extra_files=(out / PARITY_SAMPLE_FILE, *([kept_fp32] if kept_fp32.is_file() else [])),
+        extra_files=(
+            out / PARITY_SAMPLE_FILE,
+            out / REFERENCE_FILE,
+            *([kept_fp32] if kept_fp32.is_file() else []),
+        ),
     )
     write_json(metrics_path, {**figures, tracking.RUN_ID_KEY: run_id})
     return figures

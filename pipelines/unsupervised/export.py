@@ -37,6 +37,7 @@ from pipelines.stagekit.stage import stage_command
 from pipelines.unsupervised.config import SegmentConfig
 from pipelines.unsupervised.segment_model import MODEL_FILE, feature_table, segmenters, table_hash
 from serving.contracts import ModelCard
+from serving.drift import REFERENCE_FILE, reference_statistics, write_reference
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,10 @@ def export_segment(
                 **{f"onnx_{g}_max_abs_diff": p["max_abs_diff"] for g, p in parity.items()},
             },
             "hashes": {"onnx_sha256": sha256_file(staging / "model.onnx")},
+            # The customers it was fitted on, to compare live requests with (serving/drift.py).
+            "drift_reference": REFERENCE_FILE,
         }
+        write_reference(staging, reference_statistics("values", raw, columns))
         write_json(staging / CARD_FILE, card)
     metrics = {f"{g}_{k}": v for g, p in parity.items() for k, v in p.items()}
     out = Path(output)
@@ -168,7 +172,11 @@ def export_segment(
         segment.registered_model,
         export_config.alias,
         metrics,
-        extra_files=(*(out / f"{g}.onnx" for g in GRAPHS), out / PARITY_SAMPLE_FILE),
+        extra_files=(
+            *(out / f"{g}.onnx" for g in GRAPHS),
+            out / PARITY_SAMPLE_FILE,
+            out / REFERENCE_FILE,
+        ),
     )
     write_json(metrics_path, {**metrics, tracking.RUN_ID_KEY: run_id})
     return metrics

@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from benchmarks.lifecycle import models_of
-from serving.deploy import DeployError, apply_apps, declared_app, set_capture, user_config
+from benchmarks.lifecycle import digit_streams, drift_trial, models_of
+from serving.deploy import (
+    DeployError,
+    apply_apps,
+    declared_app,
+    set_capture,
+    set_drift,
+    user_config,
+)
 from serving.promotion import (
     PREVIOUS_ALIAS,
     PromotionPolicy,
@@ -75,25 +82,34 @@ def test_bad_settings_are_refused_by_name_and_the_champion_serves_on(
         promote(ray_dashboard, url, "classifier", PromotionPolicy(), app_name=APP)
     with pytest.raises(DeployError, match="nothing to roll back to"):
         rollback(ray_dashboard, url, "classifier", app_name=APP)
+    with pytest.raises(DeployError, match=r"drift\.window: expected a whole number >= 10, got 0"):
+        set_drift(ray_dashboard, {"window": 0}, APP)
     # A setting that reaches the replicas unchecked (written into the config by hand) is
     # refused there, named in /v1/models; the champion serves on.
     details, apps = declared_app(ray_dashboard, APP)
     config = user_config(apps[APP])
     config["challengers"] = {"classifier": {"source": f"models:/{MODEL}/2", "share": 2}}
+    config["drift"] = {"window": 0}
     apply_apps(ray_dashboard, apps, details)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         listing = httpx.get(f"{url}/v1/models").json()
-        if listing["challenger_config_error"]:
+        if listing["challenger_config_error"] and listing["drift_config_error"]:
             break
         time.sleep(0.5)
     assert "challengers.classifier.share" in listing["challenger_config_error"]
+    assert "drift.window" in listing["drift_config_error"]
     assert listing["models"][0]["challenger"] is None
+    assert listing["models"][0]["drift"]["window"] == 1000  # the setting before holds
     assert models_of(url, body(trained), 40) == [f"{MODEL}/{champion}"] * 40
     config["challengers"] = {}
+    del config["drift"]
     apply_apps(ray_dashboard, apps, details)
-    deadline = time.monotonic() + 60  # the good block taken: no refusal left
-    while httpx.get(f"{url}/v1/models").json()["challenger_config_error"]:
+    deadline = time.monotonic() + 60  # the good blocks taken: no refusal left
+    while any(
+        httpx.get(f"{url}/v1/models").json()[key]
+        for key in ("challenger_config_error", "drift_config_error")
+    ):
         assert time.monotonic() < deadline, "the replicas kept the refused block"
         time.sleep(0.2)
 
@@ -197,3 +213,21 @@ def test_capture_keeps_answers_in_files_and_a_bad_directory_changes_nothing(
         set_capture(ray_dashboard, {"rate": 7}, APP)
     set_capture(ray_dashboard, None, APP)
     listing_until(url, lambda m: m["capture"] is None and m["capture_error"] is None)
+
+
+def test_held_out_digits_raise_no_drift_alarm_and_inverted_ones_raise_it_within_500(
+    served, trained, ray_dashboard
+):
+    # 5,000 requests of held-out test digits from a fresh window: no alarm; then, after a
+    # window of them, inverted digits: the alarm within 500 requests. Over HTTP, one digit
+    # a request, against the reference the real export stage wrote.
+    url, _ = served
+    held_out, shifts = digit_streams(str(trained.prepared), 5000, shifted=600)
+    result = drift_trial(
+        ray_dashboard, url, "classifier", "/v1/classify", held_out, shifts, app_name=APP
+    )
+    assert result["failed"] == 0
+    assert result["false_alarms"] == 0 and result["alarm_checks"] > 400
+    assert all(delay is not None and delay <= 500 for delay in result["delays"].values())
+    gauges = httpx.get(f"{url}/v1/models").json()["models"][0]["drift"]
+    assert gauges["alarm"] and gauges["features"] == 64
