@@ -20,7 +20,7 @@ import torch
 from pipelines.stagekit import tracking
 from pipelines.stagekit.atomic import output_directory, write_json
 from pipelines.stagekit.config import ExportConfig, Param
-from pipelines.stagekit.dataset import load_prepared, sha256_file
+from pipelines.stagekit.dataset import PreparedData, array_file, load_prepared, sha256_file
 from pipelines.stagekit.errors import UserError
 from pipelines.stagekit.model_bundle import MODEL_FILE, inference_model, load_trained
 from pipelines.stagekit.onnx_export import (
@@ -117,6 +117,14 @@ def shorter_half(x: np.ndarray) -> np.ndarray:
     lengths = sequence_lengths(x)
     short = x[lengths <= np.median(lengths)]
     return short[:, : sequence_lengths(short).max()]
+
+
+def training_inputs(data: PreparedData) -> list[np.ndarray]:
+    """What the model learnt from: the train split, or a semi-supervised one's labeled and
+    unlabeled pools (pipelines/semisupervised/prepare.py); kept apart, as series are
+    padded to each array's own length."""
+    splits = ("train", "labeled", "unlabeled")
+    return [data.x(s) for s in splits if array_file("x", s) in data.arrays]
 
 
 def onnx_accuracy(graph: Path, inputs: np.ndarray, labels: np.ndarray) -> float:
@@ -218,7 +226,7 @@ def export(
         # What serving compares live inputs with (serving/drift.py): the training split.
         layout = layout_of(data.manifest["input_kind"])
         names = feature_names(layout, data.manifest["input_shape"], data.manifest["feature_names"])
-        rows = feature_rows(layout, data.x("train"))
+        rows = np.concatenate([feature_rows(layout, x) for x in training_inputs(data)])
         write_reference(staging, reference_statistics(layout, rows, names))
         card["drift_reference"] = REFERENCE_FILE
         write_json(staging / CARD_FILE, card)
