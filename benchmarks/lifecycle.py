@@ -11,6 +11,9 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
 - `failed_requests`: answers other than 200 over every phase: the wrk runs, the canary's
   requests, and a steady background load while the mode changes (off -> canary -> shadow
   -> off);
+- `drift_p50_overhead`, `drift_rps_cost`: what watching drift costs the champion at 32
+  clients (challenger off), against the same run with drift watching off, each round's
+  pair; the median;
 - `false_alarms`: drift alarms raised by `--drift-requests` (5,000) held-out test digits,
   one per request, from a fresh window (`false_alarm_rate`: per alarm check);
 - `drift_delay_requests`: requests of a shifted stream (inverted digits; noisy digits,
@@ -222,7 +225,7 @@ def main() -> None:
     parser.add_argument("--challenger", default="models:/dlpipe-pseudolabel-classifier@champion")
     parser.add_argument("--data", default="data/prepared/supervised")
     parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="off/shadow pairs")
+    parser.add_argument("--rounds", type=int, default=5, help="off/shadow pairs")
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
     parser.add_argument("--canary-requests", type=int, default=5000)
@@ -252,6 +255,12 @@ def main() -> None:
             config = set_challenger(dashboard, SLOT, {"mode": mode, **settings}, source)
             wait_for_challenger(base, SLOT, config)
 
+        def drift(settings: dict) -> None:
+            from serving.deploy import set_drift, wait_for_drift
+
+            set_drift(dashboard, settings)
+            wait_for_drift(base, settings)
+
         run_load(url, raw_body, 8, 3)  # warm-up
         with Background(base, body) as background:
             challenger("canary", share=args.share)
@@ -261,18 +270,26 @@ def main() -> None:
         failed += background.failed + versions.count(None)
         challenger_model = _pinned(args.challenger)
         observed = versions.count(challenger_model) / len(versions)
-        pairs, sampled = [], []
+        pairs, sampled, unwatched = [], [], []
         for round_number in range(1, args.rounds + 1):
             challenger("off")
+            drift({"enabled": False})
+            blind = run_load(url, raw_body, 32, args.seconds)
+            drift({"enabled": True})
             off = run_load(url, raw_body, 32, args.seconds)
+            unwatched.append((blind, off))
             challenger("shadow", shadow_share=1.0)
             shadow = run_load(url, raw_body, 32, args.seconds)
             challenger("shadow", shadow_share=args.sample)
             sample = run_load(url, raw_body, 32, args.seconds)
-            failed += int(off["errors"] + shadow["errors"] + sample["errors"])
+            failed += int(off["errors"] + shadow["errors"] + sample["errors"] + blind["errors"])
             pairs.append((off, shadow))
             sampled.append((off, sample))
-            print(f"round {round_number}: off {off}, shadow {shadow}, sampled {sample}", flush=True)
+            print(
+                f"round {round_number}: drift off {blind}, off {off}, shadow {shadow}, "
+                f"sampled {sample}",
+                flush=True,
+            )
         challenger("off")
         digits = drift_trial(
             dashboard, base, SLOT, CLASSIFY, *digit_streams(args.data, args.drift_requests)
@@ -298,6 +315,8 @@ def main() -> None:
     overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in pairs]
     overhead = statistics.median(overheads)
     sampled_overhead = statistics.median(s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled)
+    drift_overheads = [w["p50_ms"] / b["p50_ms"] - 1 for b, w in unwatched]
+    drift_costs = [1 - w["rps"] / b["rps"] for b, w in unwatched]
     figures = {
         "canary_share_error": round(observed - args.share, 4),
         "canary_share_configured": args.share,
@@ -314,6 +333,9 @@ def main() -> None:
         "off_rps": [o["rps"] for o, _ in pairs],
         "shadow_rps": [s["rps"] for _, s in pairs],
         "shadow_sampled_p50_ms": [s["p50_ms"] for _, s in sampled],
+        "drift_p50_overhead": round(statistics.median(drift_overheads), 3),
+        "drift_rps_cost": round(statistics.median(drift_costs), 3),
+        "drift_off_rps": [b["rps"] for b, _ in unwatched],
         "drift_delay_requests": delay,
         "drift_delays": delays,
         "false_alarms": false_alarms,
@@ -347,6 +369,12 @@ def main() -> None:
             f"{sampled_overhead:+.1%}",
             f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
             "met" if sampled_overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
+        ),
+        (
+            "drift watching: p50 overhead at 32 clients (rps lost)",
+            f"{figures['drift_p50_overhead']:+.1%} ({figures['drift_rps_cost']:.1%})",
+            "measured",
+            "",
         ),
         (
             "drift delay (requests), worst shift",

@@ -7,6 +7,8 @@ dlpipe lineage MODEL      a registered model's chain back to its data, params an
 dlpipe report             write reports/index.html: every stage's figures beside baselines
 dlpipe serve ...          serve, reload and query the models (serving/cli.py)
 dlpipe predict IMAGE ...  classify images through a running server (serving/cli.py)
+dlpipe drift              captured requests against each model's reference (serving/cli.py)
+dlpipe capture export     captured inputs -> a DVC-tracked unlabeled pool (serving/cli.py)
 """
 
 from __future__ import annotations

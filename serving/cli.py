@@ -11,6 +11,8 @@ dlpipe serve capture --rate R [--directory D]   keep a share of requests and ans
 dlpipe serve drift [--window N] [--psi-alarm X] [--off]   input drift, as replicas see it
 dlpipe serve keygen NAME  make an API key, append its hash to the keys file, print it once
 dlpipe predict IMAGE ...  classify images through a running server
+dlpipe drift              captured requests' inputs against each model's reference
+dlpipe capture export     captured classifier inputs -> data/raw/captured (DVC-tracked pool)
 
 With API keys configured (serving/auth.py), the client commands send DLPIPE_API_KEY.
 """
@@ -38,6 +40,7 @@ from serving.auth import (
     configured_key_hashes,
     listen_host,
 )
+from serving.drift import DriftConfig
 from serving.kinds import KINDS
 from serving.promotion import PromotionPolicy
 
@@ -385,6 +388,48 @@ def drift_line(state: dict[str, Any] | None) -> str:
     )
 
 
+def cmd_drift_report(args: argparse.Namespace) -> int:
+    """`dlpipe drift [--directory captures]`: captured inputs against each model's reference."""
+    from serving.captured import CaptureReadError, drift_report, report_lines
+    from serving.drift import DriftConfig, DriftConfigError
+
+    try:
+        config = DriftConfig.parse(
+            {"window": args.window, "psi_alarm": args.psi_alarm, "check_every": 10}
+        )
+        report = drift_report(args.directory, tracking_uri(), config)
+    except (CaptureReadError, DriftConfigError) as exc:
+        print(f"drift: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report_lines(report)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.json}")
+    return 1 if any(m.get("drifted") for m in report["models"]) else 0
+
+
+def cmd_capture_export(args: argparse.Namespace) -> int:
+    """`dlpipe capture export`: the classifier's captured inputs as an unlabeled pool."""
+    from serving.captured import CaptureReadError, export_pool
+
+    try:
+        done = export_pool(args.directory, args.output, tracking_uri(), track=not args.no_dvc)
+    except CaptureReadError as exc:
+        print(f"capture export: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{done['written']:,} new input(s) from {done['requests']:,} captured requests written "
+        f"to {done['output']} ({done['already_there']:,} already there)"
+    )
+    if done["dvc_file"]:
+        print(f"tracked by DVC: {done['dvc_file']} (git add it with your change)")
+    print(
+        f"train on it: set pseudolabel.unlabeled_source: {done['output']} in params.yaml, "
+        "then dvc repro export_pseudolabel"
+    )
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """A new key for `args.name`: its hash appended to the keys file, the key printed once."""
     if not args.name:
@@ -658,6 +703,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--url", help="reload: the app's URL (default http://127.0.0.1:PORT)")
     serve.set_defaults(func=cmd_serve)
+
+    drift = sub.add_parser(
+        "drift", help="captured requests' inputs against each model's training reference"
+    )
+    drift.add_argument("--directory", default="captures", help="the capture directory")
+    drift.add_argument(
+        "--window", type=int, default=DriftConfig.window, help="inputs per window (in order)"
+    )
+    drift.add_argument("--psi-alarm", type=float, default=DriftConfig.psi_alarm)
+    drift.add_argument("--json", help="also write the report to this JSON file")
+    drift.set_defaults(func=cmd_drift_report)
+
+    capture = sub.add_parser("capture", help="captured requests into the pipeline")
+    capture.add_argument("action", choices=("export",), help="export: an unlabeled pool")
+    capture.add_argument("--directory", default="captures", help="the capture directory")
+    capture.add_argument("--output", default="data/raw/captured", help="the pool's folder")
+    capture.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the pool")
+    capture.set_defaults(func=cmd_capture_export)
 
     predict = sub.add_parser("predict", help="classify image files through a running server")
     predict.add_argument("images", nargs="+", help="PNG/JPEG files")

@@ -330,7 +330,9 @@ class HttpApi:
                 answer, seen = await route.answer(predictor, request, batch)
             self.models.observe(kind.slot, predictor, seen)
             if shadow is not None:
-                self._shadow(route, batch, shadow, request, answer, time.perf_counter() - started)
+                self._shadow(
+                    route, batch, shadow, request, seen, answer, time.perf_counter() - started
+                )
             # Which model answered: its name and registry version (None for a folder).
             return {"model": served_name(predictor), "version": predictor.files.version, **answer}
 
@@ -394,10 +396,12 @@ class HttpApi:
         batch: Any,
         challenger: Any,
         request: BaseModel,
+        seen: Any,
         answer: dict,
         champion_s: float,
     ) -> None:
-        """Give `request` to the challenger after the champion's answer: a task on the loop,
+        """Give `request` (or what the champion saw of it, `seen`, where the route can start
+        from there) to the challenger after the champion's answer: a task on the loop,
         compared when done, never the client's concern. At most an eighth of
         `max_in_flight` at once: beyond, a request is not shadowed (counted as skipped), so
         a slow challenger cannot pile up work ahead of the clients' requests."""
@@ -407,7 +411,9 @@ class HttpApi:
             stats.skipped += 1
             return
         task = asyncio.get_running_loop().create_task(
-            self._run_shadow(route, batch, challenger.predictor, stats, request, answer, champion_s)
+            self._run_shadow(
+                route, batch, challenger.predictor, stats, request, seen, answer, champion_s
+            )
         )
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
@@ -419,12 +425,16 @@ class HttpApi:
         challenger: Any,
         stats: Any,
         request: BaseModel,
+        seen: Any,
         answer: dict,
         champion_s: float,
     ) -> None:
         started = time.perf_counter()
         try:
-            other, _ = await route.answer(challenger, request, batch)
+            if route.again is not None and seen is not None:
+                other = await route.again(challenger, seen, batch)
+            else:
+                other, _ = await route.answer(challenger, request, batch)
             stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
         except Exception as exc:  # the challenger's failure is a figure, not the client's
             if stats.errors == 0:

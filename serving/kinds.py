@@ -51,6 +51,8 @@ Answer = Callable[[Any, Any, Batch | None], Awaitable[tuple[dict[str, Any], Any]
 """(predictor, validated request, the slot's batched call or None) -> (the answer body,
 what the model saw for drift monitoring: its input batch, or for text (embeddings, token
 counts); None when the route watches no drift; serving/drift.py)."""
+Again = Callable[[Any, Any, Batch | None], Awaitable[dict[str, Any]]]
+"""(challenger, what the champion saw of the request, the batched call) -> its answer body."""
 Body = Callable[[Any], dict[str, Any]]
 """predictor -> the JSON Schema of the request bodies it accepts: what the pydantic model
 checks, narrowed by what this loaded model checks (its input size, its feature names), so
@@ -75,6 +77,9 @@ class Route:
     compare: Compare | None = None
     """How two versions' answers to one request compare (shadow mode); None: they cannot
     (the generator's answers are random draws)."""
+    again: Again | None = None
+    """Shadow mode's shortcut: the challenger's answer from what the champion saw (its
+    parsed input), not from the request again; None: from the request."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,15 @@ async def classify(
         array = classifier.images_to_array(request.images or [])
     predictions = await batch(classifier, array) if batch else classifier.classify(array)
     return {"predictions": predictions}, array
+
+
+async def classify_again(
+    classifier: ClassifierPredictor, array: np.ndarray, batch: Batch | None
+) -> dict[str, Any]:
+    """The same rows through another classifier of the same input (a challenger is
+    refused unless its inputs are the champion's): the parsing is not done twice."""
+    predictions = await batch(classifier, array) if batch else classifier.classify(array)
+    return {"predictions": predictions}
 
 
 async def fill_mask(
@@ -247,6 +261,7 @@ KINDS: tuple[ModelKind, ...] = (
                 classify,
                 classify_body,
                 compare_classifications,
+                classify_again,
             ),
         ),
     ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipelines.training.cluster import orphaned_placement_groups
 from tests.helpers import (
     REPO,
     broken_images,
+    declared_app,
     free_port,
     generated_transaction_log,
     headless_chromium,
@@ -443,6 +445,91 @@ def test_a_users_transaction_log_runs_through_the_segmentation_stages(repo_copy)
     rows = len(log.read_text().splitlines())
     assert f"row {rows}, column 'bought_on': not a date" in broken.stdout + broken.stderr
     assert client.get_model_version_by_alias("dlpipe-segment", "champion").version == champion
+
+
+def test_captured_traffic_becomes_the_pool_of_the_next_challenger(
+    repo_copy, ray_dashboard, monkeypatch
+):
+    """The loop of issue 23 once: serve the champion with capture on, send it traffic,
+    `dlpipe capture export` the inputs into a DVC-tracked pool, retrain the semi-supervised
+    student on it with `dvc repro export_pseudolabel`, and serve that student as the
+    challenger in shadow mode. (Before the last test: its params are put back after.)"""
+    import httpx
+    import numpy as np
+
+    from serving.deploy import get_json, set_capture
+    from serving.promotion import set_challenger, wait_for_challenger
+
+    root, env = repo_copy
+    uri = env["MLFLOW_TRACKING_URI"]
+    captures = root / "captures"
+    args = {"model": "models:/dlpipe-classifier@champion", "tracking_uri": uri}
+    digits = np.load(root / "data/prepared/supervised/x_test.npy").reshape(-1, 64)[:150]
+    with declared_app(ray_dashboard, "loop", args) as url:
+        set_capture(ray_dashboard, {"rate": 1.0, "directory": str(captures)}, "loop")
+        deadline = time.monotonic() + 60
+        while (get_json(f"{url}/v1/models").get("capture") or {}).get("rate") != 1.0:
+            assert time.monotonic() < deadline, "the replicas did not take the capture setting"
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for row in digits:
+                response = client.post("/v1/classify", json={"instances": [row.tolist()]})
+                assert response.status_code == 200
+        while get_json(f"{url}/v1/models")["capture"]["written"] < len(digits):
+            assert time.monotonic() < deadline + 60, "the captures were not written"
+            time.sleep(0.5)
+    try:
+        dlpipe = str(Path(sys.executable).parent / "dlpipe")
+        exported = run(
+            [dlpipe, "capture", "export", "--directory", str(captures)], repo_copy
+        ).stdout
+        assert f"{len(digits)} new input(s)" in exported, exported
+        assert (root / "data/raw/captured.dvc").is_file()
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        assert params["pseudolabel"]["unlabeled_source"] == ""
+        params["pseudolabel"]["unlabeled_source"] = "data/raw/captured"
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        repro = run([sys.executable, "-m", "dvc", "repro", "export_pseudolabel"], repo_copy)
+        assert {"prepare_pseudolabel", "train_pseudolabel", "export_pseudolabel"} <= ran(
+            repro.stdout
+        )
+        manifest = json.loads((root / "data/prepared/pseudolabel/manifest.json").read_text())
+        assert manifest["semi_supervised"]["unlabeled"] == len(digits)
+        assert "data/raw/captured" in manifest["semi_supervised"]["mode"]
+
+        student = MlflowClient(uri).get_model_version_by_alias(
+            "dlpipe-pseudolabel-classifier", "champion"
+        )
+        with declared_app(ray_dashboard, "loop", args) as url:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # set_challenger reads the registry
+            config = set_challenger(
+                ray_dashboard,
+                "classifier",
+                {"mode": "shadow"},
+                source="models:/dlpipe-pseudolabel-classifier@champion",
+                app_name="loop",
+            )
+            wait_for_challenger(url, "classifier", config)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                for row in digits[:50]:
+                    answer = client.post("/v1/classify", json={"instances": [row.tolist()]})
+                    assert answer.json()["model"] == "dlpipe-classifier"  # the champion answers
+            time.sleep(1)  # the last shadow copies finish after their answers
+            [entry] = get_json(f"{url}/v1/models")["models"]
+            shadow = entry["challenger"]["shadow"]
+            assert entry["challenger"]["version"] == str(student.version)
+            # The comparison, not the student's quality: with small params FixMatch runs 3
+            # passes over a pool of 150 (a step each) and the student is barely trained.
+            assert shadow["requests"] >= 40 and 0.0 <= shadow["agreement"] <= 1.0
+    finally:  # the param back; the pool gone (the next test runs a DVC experiment)
+        subprocess.run(
+            ["git", "checkout", "params.yaml", "data/raw/.gitignore"],
+            cwd=root,
+            env=env,
+            check=False,
+        )
+        (root / "data/raw/captured.dvc").unlink(missing_ok=True)
+        shutil.rmtree(root / "data/raw/captured", ignore_errors=True)
 
 
 def test_training_opts_into_the_searchs_best_params_as_a_dvc_experiment(repo_copy):
