@@ -521,13 +521,14 @@ def test_captured_traffic_becomes_the_pool_of_the_next_challenger(
             # The comparison, not the student's quality: with small params FixMatch runs 3
             # passes over a pool of 150 (a step each) and the student is barely trained.
             assert shadow["requests"] >= 40 and 0.0 <= shadow["agreement"] <= 1.0
-    finally:  # the param back; the pool gone (the next test runs a DVC experiment)
-        subprocess.run(
-            ["git", "checkout", "params.yaml", "data/raw/.gitignore"],
-            cwd=root,
-            env=env,
-            check=False,
-        )
+    finally:  # the param back, the pool gone: the next test runs a DVC experiment, which
+        # stashes the workspace (DVC's autostage staged captured.dvc and .gitignore)
+        back = ["params.yaml", "data/raw/.gitignore", "data/raw/captured.dvc"]
+        for command in (
+            ["git", "reset", "-q", "HEAD", "--", *back],
+            ["git", "checkout", "HEAD", "--", *back[:2]],
+        ):
+            subprocess.run(command, cwd=root, env=env, check=False)
         (root / "data/raw/captured.dvc").unlink(missing_ok=True)
         shutil.rmtree(root / "data/raw/captured", ignore_errors=True)
 
