@@ -435,7 +435,7 @@ class DriftMonitor:
         """What /v1/models shows: the alarm, the window, the `top` features by PSI."""
         self._fold()
         psi = self.psi()
-        order = np.argsort(-psi)[:top]
+        order = np.argsort(-psi)[:top] if self.filled else []  # nothing seen: no ranking
         ks = self.ks()
         return {
             **asdict(self.config),

@@ -100,6 +100,8 @@ class ModelKind:
     quality: tuple[str, bool] = ("test_accuracy", True)
     """The model card's figure a challenger must match to be promoted, and whether higher
     is better (serving/promotion.py)."""
+    has_inputs: bool = True
+    """Whether its requests carry inputs whose drift can be watched (serving/drift.py)."""
 
     @property
     def can_shadow(self) -> bool:
@@ -332,6 +334,7 @@ KINDS: tuple[ModelKind, ...] = (
             ),
         ),
         quality=("fid", False),
+        has_inputs=False,  # a count, a seed and a label
     ),
 )
 

@@ -123,6 +123,9 @@ class LoadedModels:
         self.drift_errors.pop(slot, None)
         if not self.drift_config.enabled:
             return
+        if not BY_SLOT[slot].has_inputs:
+            self.drift_errors[slot] = "nothing to watch: its requests carry no inputs"
+            return
         name = predictor.card.get("drift_reference")
         if name is None:
             self.drift_errors[slot] = "its export has no drift reference (exported before them)"
