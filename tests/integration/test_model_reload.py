@@ -156,5 +156,6 @@ def test_prometheus_metrics_count_answers_by_route_code_and_version(served, trai
     )
     assert ok >= 5
     assert series(text, "ray_dlpipe_request_seconds_count", route="/v1/classify") >= ok + 1
-    assert series(text, "ray_dlpipe_batch_size_count", model="dlpipe-classifier") >= 1
+    # The served registered model's name (other modules' apps leave dlpipe-classifier series).
+    assert series(text, "ray_dlpipe_batch_size_count", model=MODEL) >= 1
     assert series(text, "ray_dlpipe_model_version", slot="classifier") == float(version)
