@@ -18,7 +18,6 @@ import io
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ DRIFT_ROUTES = ("/v1/classify", "/v1/embed", "/v1/segment")
 POOL_ROUTE = "/v1/classify"
 """Pseudo-labeling trains classifiers: the pool is what the classifier was asked."""
 POOL_CSV = "captured.csv"
+RECORD_KEYS = {"request_id", "time", "route", "body", "model", "version"}
 
 
 class CaptureReadError(ValueError):
@@ -66,7 +66,7 @@ def read_captures(directory: str | Path) -> Captures:
             for number, line in enumerate(lines, 1):
                 try:
                     record = orjson.loads(line)
-                    if not {"request_id", "route", "body", "model", "version"} <= set(record):
+                    if not RECORD_KEYS <= set(record) or record["route"] not in ROUTES:
                         raise ValueError("not a capture record")
                 except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
                     captures.skipped.append(f"{file.name}:{number}: {exc}")
@@ -101,18 +101,29 @@ def load_answering_model(slot: str, model: str, version: str | None, tracking_ur
         raise CaptureReadError(f"{source}: cannot load the model that answered: {exc}") from None
 
 
-def seen_inputs(predictor: Any, records: list[dict[str, Any]]) -> Iterator[Any]:
-    """What the model saw of each record, as its route computed it for drift."""
+def seen_inputs(predictor: Any, records: list[dict[str, Any]], skipped: list[str]) -> list[Any]:
+    """What the model saw of each record, as its route computed it for drift; a record
+    this model cannot read (edited by hand, another model's) is named in `skipped`."""
+    from pydantic import ValidationError
+
+    from serving.predictor import InputError
+
     loop = asyncio.new_event_loop()
+    seen_all = []
     try:
         for record in records:
             _, route = ROUTES[record["route"]]
-            request = route.request.model_validate(record["body"])
-            _, seen = loop.run_until_complete(route.answer(predictor, request, None))
+            try:
+                request = route.request.model_validate(record["body"])
+                _, seen = loop.run_until_complete(route.answer(predictor, request, None))
+            except (ValidationError, InputError) as exc:
+                skipped.append(f"request {record['request_id']}: {str(exc).splitlines()[0]}")
+                continue
             if seen is not None:
-                yield seen
+                seen_all.append(seen)
     finally:
         loop.close()
+    return seen_all
 
 
 # --- dlpipe drift -------------------------------------------------------------------------
@@ -144,7 +155,7 @@ def drift_report(
         except CaptureReadError as exc:
             models.append({**entry, "error": str(exc)})
             continue
-        seen = list(seen_inputs(predictor, records))
+        seen = seen_inputs(predictor, records, captures.skipped)
         inputs = sum(len(s[0]) if reference.layout == "text" else len(s) for s in seen)
         whole = DriftMonitor(reference, DriftConfig(window=max(inputs, 10), check_every=inputs))
         stream = DriftMonitor(reference, config)
@@ -161,7 +172,8 @@ def drift_report(
             top_psi=overall["top_psi"],
             max_ks=overall["max_ks"],
             embedding_distance=overall["embedding_distance"],
-            drifted=overall["max_psi"] >= config.psi_alarm,
+            # Fewer inputs than a window: PSI's floor from chance alone is too high to judge.
+            drifted=overall["max_psi"] >= config.psi_alarm if inputs >= config.window else None,
             window=config.window,
             window_alarms=stream.alarms,
             first_alarm_at=first_alarm,
@@ -172,6 +184,7 @@ def drift_report(
         "records": len(captures.records),
         "skipped_lines": len(captures.skipped),
         "skipped": captures.skipped[:10],
+        "window": config.window,
         "psi_alarm": config.psi_alarm,
         "models": models,
     }
@@ -196,7 +209,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         if "error" in entry:
             lines.append(f"  not compared: {entry['error']}")
             continue
-        verdict = "DRIFTED" if entry["drifted"] else "no drift"
+        verdict = {True: "DRIFTED", False: "no drift", None: "too few inputs to judge"}[
+            entry["drifted"]
+        ]
         lines.append(
             f"  all {entry['inputs']:,} inputs against the training reference: {verdict} "
             f"(max PSI {entry['max_psi']:.3f}, alarm at {report['psi_alarm']:g})"
@@ -260,6 +275,13 @@ def export_pool(
             "reads unlabeled images or CSV rows"
         )
     records = [r for group in groups.values() for r in group]
+    tracked_before = Path(f"{output}.dvc")
+    if track and tracked_before.is_file() and not (output.is_dir() and any(output.iterdir())):
+        # dvc add would record the new inputs alone: the pool's earlier ones would be lost.
+        raise CaptureReadError(
+            f"{tracked_before} tracks a pool that is not in the workspace: run "
+            f"dvc pull {tracked_before} (or dvc checkout) first"
+        )
     output.mkdir(parents=True, exist_ok=True)
     if kind == "image":
         written, kept = _write_images(records, output, card)
@@ -268,6 +290,8 @@ def export_pool(
     tracked = _dvc_add(output) if track else None
     return {
         "output": str(output),
+        # What pseudolabel.unlabeled_source names: the folder of images, or the CSV file.
+        "source": str(output if kind == "image" else output / POOL_CSV),
         "requests": len(records),
         "written": written,
         "already_there": kept,

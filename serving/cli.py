@@ -405,7 +405,7 @@ def cmd_drift_report(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.json}")
-    return 1 if any(m.get("drifted") for m in report["models"]) else 0
+    return 1 if any(m.get("drifted") is True for m in report["models"]) else 0
 
 
 def cmd_capture_export(args: argparse.Namespace) -> int:
@@ -424,7 +424,7 @@ def cmd_capture_export(args: argparse.Namespace) -> int:
     if done["dvc_file"]:
         print(f"tracked by DVC: {done['dvc_file']} (git add it with your change)")
     print(
-        f"train on it: set pseudolabel.unlabeled_source: {done['output']} in params.yaml, "
+        f"train on it: set pseudolabel.unlabeled_source: {done['source']} in params.yaml, "
         "then dvc repro export_pseudolabel"
     )
     return 0
@@ -626,7 +626,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     capture.add_argument("--off", action="store_true", help="stop capturing (drift: watching)")
     drift = serve.add_argument_group("drift")
-    drift.add_argument("--window", type=int, help="inputs compared with the reference (500)")
+    drift.add_argument(
+        "--window", type=int, help=f"inputs compared with the reference ({DriftConfig.window})"
+    )
     drift.add_argument("--psi-alarm", type=float, help="PSI that raises the alarm (0.25)")
     drift.add_argument("--check-every", type=int, help="inputs between alarm checks (10)")
     lifecycle = serve.add_argument_group("challenger, promote, rollback")

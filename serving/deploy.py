@@ -252,11 +252,13 @@ def wait_for_drift(
     deadline = time.monotonic() + timeout_s
     wanted = {k: v for k, v in settings.items() if k != "enabled"}
     off = settings.get("enabled") is False
+    refused = None  # a replica's refusal, maybe of a setting before this one
     while True:
         for _ in range(probes):
             listing = get_json(url.rstrip("/") + "/v1/models")
+            refused = listing.get("drift_config_error") or refused
             if listing.get("drift_config_error"):
-                raise DeployError(f"the replicas refused: {listing['drift_config_error']}")
+                break
             states = [m["drift"] for m in listing["models"] if m.get("drift") is not None]
             watched = [state for state in states if "error" not in state]
             if off and watched:
@@ -268,7 +270,11 @@ def wait_for_drift(
         else:
             return listing
         if time.monotonic() > deadline:
-            raise DeployError(f"the replicas at {url} did not take the drift setting in 60 s")
+            if refused:
+                raise DeployError(f"the replicas refused: {refused}")
+            raise DeployError(
+                f"the replicas at {url} did not take the drift setting in {timeout_s:g} s"
+            )
         time.sleep(0.5)
 
 

@@ -264,6 +264,10 @@ class DriftReference:
 # --- the live window, per replica ------------------------------------------------------
 
 
+MAX_WINDOW = 100_000
+"""A replica keeps a window's values in memory (and KS compares them all): bounded."""
+
+
 class DriftConfigError(ValueError):
     """A `drift` setting that cannot be used; the message names the setting."""
 
@@ -290,11 +294,11 @@ class DriftConfig:
         if unknown:
             raise DriftConfigError(f"drift: unknown setting(s) {', '.join(unknown)}")
         values = {**asdict(cls()), **raw}
-        for key, low in (("window", 10), ("check_every", 1)):
+        for key, low, high in (("window", 10, MAX_WINDOW), ("check_every", 1, MAX_WINDOW)):
             value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise DriftConfigError(
-                    f"drift.{key}: expected a whole number >= {low}, got {value!r}"
+                    f"drift.{key}: expected a whole number from {low} to {high:,}, got {value!r}"
                 )
         alarm = values["psi_alarm"]
         if isinstance(alarm, bool) or not isinstance(alarm, int | float) or not alarm > 0:
@@ -425,6 +429,7 @@ class DriftMonitor:
         """feature -> value for `ray_dlpipe_drift{slot, feature}`: each feature's PSI, and
         `embedding_distance` for text."""
         self._fold()
+        self._check()
         values = dict(zip(self.reference.names, self.psi().tolist()))
         distance = self.embedding_distance()
         if distance is not None:
@@ -434,6 +439,7 @@ class DriftMonitor:
     def status(self, top: int = 5) -> dict[str, Any]:
         """What /v1/models shows: the alarm, the window, the `top` features by PSI."""
         self._fold()
+        self._check()
         psi = self.psi()
         order = np.argsort(-psi)[:top] if self.filled else []  # nothing seen: no ranking
         ks = self.ks()

@@ -96,6 +96,7 @@ class ServingMetrics:
         )
         self._drift_source = drift
         self._drift_at = 0.0
+        self._drift_series: set[tuple[str, str]] = set()
         self._unflushed: collections.Counter[tuple[str, int, str, str]] = collections.Counter()
         self._latencies: dict[tuple[str, str], Reservoir] = {}
         self._flush_scheduled = False
@@ -132,7 +133,16 @@ class ServingMetrics:
             self.drift_figures(self._drift_source())
 
     def drift_figures(self, figures: dict[str, dict[str, Any]]) -> None:
-        """slot -> {feature: value, ..., "alarm": bool} -> the drift gauges."""
+        """slot -> {feature: value, ..., "alarm": bool} -> the drift gauges. A series set
+        before and missing now (watching off, a new model, a window not yet full) is set
+        to 0, so that no alarm stays up on a dashboard."""
+        published = {(slot, feature) for slot, values in figures.items() for feature in values}
+        for slot, feature in self._drift_series - published:
+            if feature == "alarm":
+                self.drift_alarm.set(0.0, {"slot": slot})
+            else:
+                self.drift.set(0.0, {"slot": slot, "feature": feature})
+        self._drift_series = published
         for slot, values in figures.items():
             for feature, value in values.items():
                 if feature == "alarm":

@@ -107,7 +107,12 @@ class LoadedModels:
         the champion's inputs are watched, against its own reference."""
         watched = self.monitors.get(slot)
         if watched is not None and watched[0] is predictor and seen is not None:
-            watched[1].observe(seen)
+            try:
+                watched[1].observe(seen)
+            except Exception as exc:  # a bug or a reference unlike the model: never the client's
+                log.exception("%s: drift watching stopped", slot)
+                self.monitors.pop(slot, None)
+                self.drift_errors[slot] = f"watching stopped: {exc!r}"
 
     def configure_drift(self, config: DriftConfig) -> None:
         """Watch every champion's inputs with `config` (new settings: new windows)."""
@@ -140,10 +145,12 @@ class LoadedModels:
 
     def drift_gauges(self) -> dict[str, dict[str, Any]]:
         """slot -> feature -> value, and "alarm", for the drift gauges (serving/metrics.py)."""
-        return {
-            slot: {**monitor.gauges(), "alarm": monitor.alarm}
-            for slot, (_, monitor) in list(self.monitors.items())
-        }
+        figures = {}
+        for slot, (_, monitor) in list(self.monitors.items()):
+            gauges = monitor.gauges()  # folds what is held first
+            if monitor.filled >= monitor.config.window:  # a part window is mostly noise
+                figures[slot] = {**gauges, "alarm": monitor.alarm}
+        return figures
 
     def drift_info(self, slot: str) -> dict[str, Any] | None:
         if (error := self.drift_errors.get(slot)) is not None:

@@ -123,7 +123,7 @@ def masked_accuracy(
 
 
 def sentences(blocks: np.ndarray, special: set[int], period: int | None) -> list[np.ndarray]:
-    """The held-out text as sentence-like pieces (what clients send to /v1/embed): each
+    """Token blocks as sentence-like pieces (what clients send to /v1/embed): each
     block's tokens, special ones dropped, cut after every period; pieces of 3+ tokens."""
     pieces = []
     for block in blocks:

@@ -79,15 +79,23 @@ def test_the_report_finds_the_drift_the_captured_inputs_carry(registered, tmp_pa
     capture_traffic(registered, shifted, rng.uniform(0.0, 0.5, (300, 16)) ** 0.3)
     with (shifted / "half-written.jsonl").open("w") as partial:
         partial.write('{"request_id": "x", "route": ')  # a writer stopped mid-line
+    with (shifted / "edited.jsonl").open("w") as edited:  # whole records, unusable ones
+        record = {"request_id": "y", "route": "/v1/classify", "model": MODEL, "version": "1"}
+        edited.write(json.dumps({**record, "body": {"instances": [[0.1] * 16]}}) + "\n")  # no time
+        edited.write(json.dumps({**record, "time": 0.0, "body": {"instances": [[0.1] * 3]}}) + "\n")
 
     config = DriftConfig(window=200)
+    [few] = drift_report(calm, registered, DriftConfig(window=1000))["models"]
+    assert few["drifted"] is None  # 300 inputs: too few to judge against a window of 1,000
     [calm_entry] = drift_report(calm, registered, config)["models"]
     assert calm_entry["version"] == "1" and calm_entry["inputs"] == 300
     assert not calm_entry["drifted"] and calm_entry["window_alarms"] == 0
     report = drift_report(shifted, registered, config)
     [entry] = report["models"]
     assert entry["drifted"] and entry["first_alarm_at"] == 200  # the first full window
-    assert report["skipped_lines"] == 1 and "half-written.jsonl:1" in report["skipped"][0]
+    assert report["skipped_lines"] == 3
+    assert any("half-written.jsonl:1" in why for why in report["skipped"])
+    assert any("request y: instances[0]" in why for why in report["skipped"])  # 3 values
 
 
 def test_export_writes_each_captured_input_once_as_a_png_the_pipeline_reads(registered, tmp_path):

@@ -200,6 +200,7 @@ def test_the_app_watches_the_champion_and_lists_its_drift(export_dir, tmp_path):
     models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(watched))))
     models.configure_drift(DriftConfig(window=200))
     http = TestClient(HttpApi(models, Limits()))
+    assert models.drift_gauges() == {}  # no gauge before the window is full: chance alone
     for rows in rng.uniform(0.0, 0.5, (25, 10, 16)):
         assert http.post("/v1/classify", json={"instances": rows.tolist()}).status_code == 200
     drift = http.get("/v1/models").json()["models"][0]["drift"]
