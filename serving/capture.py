@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from serving.live_settings import over_defaults
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -47,12 +49,7 @@ class CaptureConfig:
 
     @classmethod
     def parse(cls, raw: Any) -> CaptureConfig:
-        if not isinstance(raw, dict):
-            raise CaptureConfigError(f"capture: expected a mapping, got {raw!r}")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise CaptureConfigError(f"capture: unknown setting(s) {', '.join(unknown)}")
-        values = {**asdict(cls()), **raw}
+        values = over_defaults("capture", raw, cls(), CaptureConfigError)
         rate = values["rate"]
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise CaptureConfigError(f"capture.rate: expected a number from 0 to 1, got {rate!r}")

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.live_settings import over_defaults
+
 REFERENCE_FILE = "drift_reference.json"
 FORMAT_VERSION = 1
 LAYOUTS = ("values", "image_grid", "sequence_summary", "text")
@@ -288,12 +290,7 @@ class DriftConfig:
 
     @classmethod
     def parse(cls, raw: Any) -> DriftConfig:
-        if not isinstance(raw, dict):
-            raise DriftConfigError(f"drift: expected a mapping, got {raw!r}")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise DriftConfigError(f"drift: unknown setting(s) {', '.join(unknown)}")
-        values = {**asdict(cls()), **raw}
+        values = over_defaults("drift", raw, cls(), DriftConfigError)
         for key, low, high in (("window", 10, MAX_WINDOW), ("check_every", 1, MAX_WINDOW)):
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
