@@ -412,9 +412,10 @@ def main() -> None:
 
 def _pinned(source: str) -> str:
     """NAME/VERSION of a registry URI, as `models_of` names answers."""
+    from pipelines.stagekit.tracking import tracking_uri
     from serving.promotion import pin
 
-    return pin(source).removeprefix("models:/")
+    return pin(source, tracking_uri()).removeprefix("models:/")
 
 
 if __name__ == "__main__":

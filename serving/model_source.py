@@ -57,26 +57,31 @@ def resolve_model(
     match = REGISTRY_URI.match(source)
     if match is None:
         raise ModelNotFound(f"{source}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    import mlflow
     from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+    # A client of its own, not mlflow.set_tracking_uri: that is process-wide, and one
+    # caller's store would become the next caller's (a CLI checking a challenger after a
+    # stage registered a model elsewhere in the same process).
+    client = MlflowClient(tracking_uri)
     name, alias = match["name"], match["alias"]
     try:
         if version is None:
-            version = (
-                match["version"] or MlflowClient().get_model_version_by_alias(name, alias).version
-            )
-        tags = MlflowClient().get_model_version(name, str(version)).tags
+            version = match["version"] or client.get_model_version_by_alias(name, alias).version
+        tags = client.get_model_version(name, str(version)).tags
+        # Where the version's files are stored, asked of this client: MLflow resolves a
+        # models:/ URI in its process-wide registry whatever registry_uri it is given.
         directory = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}")
+            download_artifacts(
+                artifact_uri=client.get_model_version_download_uri(name, str(version)),
+                tracking_uri=client.tracking_uri,
+            )
         )
     except Exception as exc:
         raise ModelNotFound(f"{source}: cannot load from the MLflow registry ({exc})") from None
     files = _find_files(directory, source)
     try:
-        lineage = model_lineage(MlflowClient(), name, None, str(version))
+        lineage = model_lineage(client, name, None, str(version))
     except Exception as exc:  # the chain is for people; a model missing it still serves
         lineage = {"error": f"lineage unavailable: {redacted(str(exc))[:300]}"}
     hashes = {

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.stagekit.tracking import tracking_uri
 from serving.deploy import (
     DeployError,
     apply_apps,
@@ -56,10 +57,18 @@ class PromotionPolicy:
     """Requests shadow mode must have compared."""
 
 
-def _registry():
+def registry_uri(app: dict) -> str:
+    """The tracking server the app's replicas load from (its `tracking_uri` argument), else
+    this process's (MLFLOW_TRACKING_URI or the repository's store). Aliases are moved and
+    challengers checked where the replicas look, never in whatever store an earlier caller
+    in this process left as MLflow's process-wide default."""
+    return str(app.get("args", {}).get("tracking_uri") or tracking_uri())
+
+
+def _registry(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient()
+    return MlflowClient(uri)
 
 
 def champion_uri(app: dict, slot: str) -> tuple[str, str]:
@@ -76,8 +85,9 @@ def champion_uri(app: dict, slot: str) -> tuple[str, str]:
     return match["name"], match["alias"]
 
 
-def pin(source: str) -> str:
-    """`source` with its alias resolved: models:/NAME/VERSION (a folder stays as it is)."""
+def pin(source: str, uri: str) -> str:
+    """`source` with its alias resolved in the registry at `uri`: models:/NAME/VERSION (a
+    folder stays as it is)."""
     match = REGISTRY_URI.match(source)
     if match is None:
         if source.startswith("models:/"):
@@ -86,20 +96,20 @@ def pin(source: str) -> str:
         return str(Path(source).resolve())
     if not match["alias"]:
         return source
-    registry = _registry()
+    registry = _registry(uri)
     try:
         version = registry.get_model_version_by_alias(match["name"], match["alias"]).version
     except Exception:
         raise DeployError(
             f"{source}: no alias {match['alias']!r} on {match['name']} "
-            f"(its aliases: {_aliases(match['name'])})"
+            f"(its aliases: {_aliases(match['name'], uri)})"
         ) from None
     return f"models:/{match['name']}/{version}"
 
 
-def _aliases(name: str) -> str:
+def _aliases(name: str, uri: str) -> str:
     try:
-        model = _registry().get_registered_model(name)
+        model = _registry(uri).get_registered_model(name)
     except Exception:
         return "none: no such registered model"
     return ", ".join(sorted(model.aliases)) or "none"
@@ -122,6 +132,7 @@ def set_challenger(
         raise DeployError(f"no slot {slot!r}; slots: {', '.join(BY_SLOT)}")
     details, apps = declared_app(dashboard, app_name)
     app = apps[app_name]
+    uri = registry_uri(app)
     config = user_config(app)
     challengers = dict(config.get("challengers") or {})
     current = challengers.get(slot, {})
@@ -140,7 +151,7 @@ def set_challenger(
                 source = current["source"]
             else:
                 source = f"models:/{champion_uri(app, slot)[0]}@{alias or CHALLENGER_ALIAS}"
-        raw = {**current, **settings, "source": pin(source)}
+        raw = {**current, **settings, "source": pin(source, uri)}
         try:  # the whole block: the replicas refuse it whole if one entry is wrong
             chosen = parse_challengers({**challengers, slot: raw}, shadowable)[slot]
         except ChallengerConfigError as exc:
@@ -148,8 +159,8 @@ def set_challenger(
         # The checks a replica runs, here: a refusal is one line, not a log entry.
         name, alias = champion_uri(app, slot)
         try:
-            loaded = load_predictor(slot, chosen.source, use_gpu=False)
-            champion = load_predictor(slot, f"models:/{name}@{alias}", use_gpu=False)
+            loaded = load_predictor(slot, chosen.source, uri, use_gpu=False)
+            champion = load_predictor(slot, f"models:/{name}@{alias}", uri, use_gpu=False)
         except LOAD_ERRORS as exc:
             raise DeployError(f"challenger {chosen.source} cannot serve {slot}: {exc}") from None
         refusal = challenger_refusal(slot, champion, loaded)
@@ -272,6 +283,7 @@ def promote(
     Returns (the checks, the new champion version or None when refused)."""
     details, apps = declared_app(dashboard, app_name)
     app = apps[app_name]
+    uri = registry_uri(app)
     config = user_config(app)
     raw = (config.get("challengers") or {}).get(slot)
     if raw is None:
@@ -284,8 +296,8 @@ def promote(
         )
     entry = slot_entry(url, slot)
     champion_version = str(entry["version"])
-    champion = resolve_model(f"models:/{name}/{champion_version}")
-    challenger = resolve_model(raw["source"])
+    champion = resolve_model(f"models:/{name}/{champion_version}", uri)
+    challenger = resolve_model(raw["source"], uri)
     shown = entry.get("challenger") or {}
     shadow = shown.get("shadow") or {}
     if shown.get("source") != raw["source"] or (
@@ -296,7 +308,7 @@ def promote(
     checks = promotion_checks(slot, champion, challenger, shadow, policy)
     if not all(check.passed for check in checks):
         return checks, None
-    registry = _registry()
+    registry = _registry(uri)
     if challenger.registered_model == name:
         target = str(challenger.version)
     else:  # another model's version: copied in, so the slot's model keeps its name
@@ -304,7 +316,7 @@ def promote(
             f"models:/{challenger.registered_model}/{challenger.version}", name
         )
         target = str(copied.version)
-    before = _aliases_of(name, (alias, PREVIOUS_ALIAS))
+    before = _aliases_of(registry, name, (alias, PREVIOUS_ALIAS))
     registry.set_registered_model_alias(name, PREVIOUS_ALIAS, champion_version)
     registry.set_registered_model_alias(name, alias, target)
     _serve_version(dashboard, url, apps, details, app_name, slot, target, True, name, before)
@@ -319,18 +331,19 @@ def rollback(
 
     details, apps = declared_app(dashboard, app_name)
     name, alias = champion_uri(apps[app_name], slot)
-    registry = _registry()
+    uri = registry_uri(apps[app_name])
+    registry = _registry(uri)
     try:
         previous = str(registry.get_model_version_by_alias(name, PREVIOUS_ALIAS).version)
     except Exception:
         raise DeployError(
             f"nothing to roll back to: {name} has no {PREVIOUS_ALIAS!r} alias "
-            f"(its aliases: {_aliases(name)})"
+            f"(its aliases: {_aliases(name, uri)})"
         ) from None
-    before = _aliases_of(name, (alias, PREVIOUS_ALIAS))
+    before = _aliases_of(registry, name, (alias, PREVIOUS_ALIAS))
     current = before[alias]
     try:
-        verify_model(resolve_model(f"models:/{name}/{previous}"))
+        verify_model(resolve_model(f"models:/{name}/{previous}", uri))
         checks = [Check("parity", True, f"version {previous} matches its export's torch outputs")]
     except ModelRejected as exc:
         return [Check("parity", False, str(exc))], None
@@ -340,9 +353,9 @@ def rollback(
     return checks, previous
 
 
-def _aliases_of(name: str, aliases: tuple[str, ...]) -> dict[str, str | None]:
+def _aliases_of(registry: Any, name: str, aliases: tuple[str, ...]) -> dict[str, str | None]:
     """alias -> the version it names now (None: unset), to put back if the replicas refuse."""
-    model = _registry().get_registered_model(name)
+    model = registry.get_registered_model(name)
     return {alias: model.aliases.get(alias) for alias in aliases}
 
 
@@ -371,7 +384,7 @@ def _serve_version(
     settled = wait_for_versions(url, {slot: version})
     if settled[slot]["version"] == version:
         return
-    registry = _registry()
+    registry = _registry(registry_uri(apps[app_name]))
     for alias, old in aliases_before.items():
         if old is None:
             registry.delete_registered_model_alias(name, alias)

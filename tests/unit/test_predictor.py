@@ -100,3 +100,40 @@ def test_cpu_provider_without_a_gpu_and_missing_model(tmp_path):
     assert execution_providers()[-1] == "CPUExecutionProvider"
     with pytest.raises(ModelNotFound, match="expected model.onnx and model_card.json"):
         resolve_model(str(tmp_path))
+
+
+def test_a_registry_model_is_read_from_the_store_named_not_mlflows_default(
+    export_dir, tmp_path, monkeypatch
+):
+    """A stage registering elsewhere earlier in the process leaves MLflow's process-wide
+    URI on its store; the serving side reads the store it is given and leaves that alone."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.stagekit import tracking
+    from serving.promotion import pin
+
+    served, other = (f"sqlite:///{tmp_path / name}.db" for name in ("served", "other"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served)
+    client = MlflowClient(served)
+    run = client.create_run(client.create_experiment("tiny", str(tmp_path / "artifacts")))
+    version = tracking.register_onnx_model(
+        run.info.run_id,
+        export_dir / "model.onnx",
+        export_dir / "model_card.json",
+        "tiny",
+        "champion",
+        extra_files=(export_dir / "parity_sample.npz",),
+    )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(other)
+    try:
+        files = resolve_model("models:/tiny@champion", served)
+        assert (files.registered_model, files.version) == ("tiny", version)
+        assert ClassifierPredictor(files).card["name"] == "tiny"
+        assert pin("models:/tiny@champion", served) == f"models:/tiny/{version}"
+        assert mlflow.get_tracking_uri() == other
+        with pytest.raises(ModelNotFound, match="tiny"):
+            resolve_model("models:/tiny@champion", other)
+    finally:
+        mlflow.set_tracking_uri(None)
