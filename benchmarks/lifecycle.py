@@ -4,8 +4,10 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
 - `shadow_p50_overhead`: the champion's p50 latency at 32 closed-loop clients (wrk,
   `--seconds` each) with the challenger in shadow mode (every request copied), against the
   same app with the challenger off, as a fraction (0.2: 20% slower); the median of
-  `--rounds` alternating pairs, each pair's own ratio; `shadow_sampled_p50_overhead` the
-  same with `--sample` (0.25) of the requests copied;
+  `--rounds` pairs, each pair's own ratio, in reverse order every other round;
+  `shadow_sampled_p50_overhead` the same with `--sample` (0.25) of the requests copied;
+- `shadow_cpu_overhead`: the same pairs' replica CPU time per request (`/proc`), shadow
+  against off: the cost itself, which the machine's other tenants move far less than p50;
 - `canary_share_error`: the share of `--canary-requests` (5,000) answered by the challenger
   at `--share` 0.05, less 0.05;
 - `failed_requests`: answers other than 200 over every phase: the wrk runs, the canary's
@@ -13,7 +15,7 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
   -> off);
 - `drift_p50_overhead`, `drift_rps_cost`: what watching drift costs the champion at 32
   clients (challenger off), against the same run with drift watching off, each round's
-  pair; the median;
+  pair; the median; `drift_cpu_overhead` the same pairs' CPU per request;
 - `false_alarms`: drift alarms raised by `--drift-requests` (5,000) held-out test digits,
   one per request, from a fresh window (`false_alarm_rate`: per alarm check);
 - `drift_delay_requests`: requests of a shifted stream (inverted digits; noisy digits,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -78,6 +81,31 @@ class Background:
                 self.sent += 1
                 self.failed += not ok
                 time.sleep(self.interval)
+
+
+def replica_cpu_s() -> float:
+    """CPU seconds (user + system) the app's Serve replicas have used so far, from /proc
+    (Linux): a run's cost per request that other tenants' load on the machine barely moves,
+    where its p50 moves by a third."""
+    total = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"ServeReplica:dlpipe" not in cmdline.read_bytes():
+                continue
+            # Fields after the command's closing parenthesis: state is field 3, utime 14.
+            fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(url: str, body: bytes, seconds: float) -> dict[str, float]:
+    """wrk at 32 clients for `seconds`, with the replica's CPU microseconds per request."""
+    before = replica_cpu_s()
+    result = run_load(url, body, 32, seconds)
+    answered = max(result["rps"] * seconds, 1.0)
+    return {**result, "cpu_us": round((replica_cpu_s() - before) / answered * 1e6, 1)}
 
 
 def models_of(url: str, body: dict, count: int, connections: int = 4) -> list[str | None]:
@@ -224,8 +252,8 @@ def main() -> None:
     parser.add_argument("--champion", default="models:/dlpipe-classifier@champion")
     parser.add_argument("--challenger", default="models:/dlpipe-pseudolabel-classifier@champion")
     parser.add_argument("--data", default="data/prepared/supervised")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=5, help="off/shadow pairs")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of four runs")
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
     parser.add_argument("--canary-requests", type=int, default=5000)
@@ -279,26 +307,38 @@ def main() -> None:
         failed += background.failed + versions.count(None)
         challenger_model = _pinned(args.challenger)
         observed = versions.count(challenger_model) / len(versions)
+        # Each round's four runs: (challenger's shadow share or None for off, drift watched).
+        # Next to each other, the pairs compared (blind/off, off/shadow, off/sample), in
+        # reverse order every other round, so that a drift of the machine over a round
+        # does not favour the run that always came first.
+        steps = {
+            "blind": (None, False),
+            "off": (None, True),
+            "shadow": (1.0, True),
+            "sample": (args.sample, True),
+        }
+        state: list[object] = [object(), object()]  # as set now: (shadow share, watched)
+
+        def arrange(share: float | None, watched: bool) -> None:
+            if watched != state[1]:
+                drift({"enabled": watched})
+            if share != state[0]:
+                challenger("off") if share is None else challenger("shadow", shadow_share=share)
+            state[:] = [share, watched]
+
         pairs, sampled, unwatched = [], [], []
         for round_number in range(1, args.rounds + 1):
-            challenger("off")
-            drift({"enabled": False})
-            blind = run_load(url, raw_body, 32, args.seconds)
-            drift({"enabled": True})
-            off = run_load(url, raw_body, 32, args.seconds)
-            unwatched.append((blind, off))
-            challenger("shadow", shadow_share=1.0)
-            shadow = run_load(url, raw_body, 32, args.seconds)
-            challenger("shadow", shadow_share=args.sample)
-            sample = run_load(url, raw_body, 32, args.seconds)
-            failed += int(off["errors"] + shadow["errors"] + sample["errors"] + blind["errors"])
-            pairs.append((off, shadow))
-            sampled.append((off, sample))
-            print(
-                f"round {round_number}: drift off {blind}, off {off}, shadow {shadow}, "
-                f"sampled {sample}",
-                flush=True,
-            )
+            runs = {}
+            order = list(steps) if round_number % 2 else list(reversed(steps))
+            for name in order:
+                arrange(*steps[name])
+                runs[name] = measured(url, raw_body, args.seconds)
+                failed += int(runs[name]["errors"])
+            unwatched.append((runs["blind"], runs["off"]))
+            pairs.append((runs["off"], runs["shadow"]))
+            sampled.append((runs["off"], runs["sample"]))
+            print(f"round {round_number} ({', '.join(order)}): {runs}", flush=True)
+        drift({"enabled": True})
         challenger("off")
         digits = drift_trial(
             dashboard, base, SLOT, CLASSIFY, *digit_streams(args.data, args.drift_requests)
@@ -324,6 +364,8 @@ def main() -> None:
     overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in pairs]
     overhead = statistics.median(overheads)
     sampled_overhead = statistics.median(s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled)
+    shadow_cpu = statistics.median(s["cpu_us"] / o["cpu_us"] - 1 for o, s in pairs)
+    drift_cpu = statistics.median(w["cpu_us"] / b["cpu_us"] - 1 for b, w in unwatched)
     drift_overheads = [w["p50_ms"] / b["p50_ms"] - 1 for b, w in unwatched]
     drift_costs = [1 - w["rps"] / b["rps"] for b, w in unwatched]
     figures = {
@@ -335,6 +377,9 @@ def main() -> None:
         "background_requests": background.sent,
         "shadow_p50_overhead": round(overhead, 3),
         "shadow_p50_overheads": [round(x, 3) for x in overheads],
+        "shadow_cpu_overhead": round(shadow_cpu, 3),
+        "off_cpu_us_per_request": [o["cpu_us"] for o, _ in pairs],
+        "shadow_cpu_us_per_request": [s["cpu_us"] for _, s in pairs],
         "shadow_sampled_share": args.sample,
         "shadow_sampled_p50_overhead": round(sampled_overhead, 3),
         "off_p50_ms": [o["p50_ms"] for o, _ in pairs],
@@ -345,6 +390,8 @@ def main() -> None:
         "drift_p50_overhead": round(statistics.median(drift_overheads), 3),
         "drift_rps_cost": round(statistics.median(drift_costs), 3),
         "drift_off_rps": [b["rps"] for b, _ in unwatched],
+        "drift_cpu_overhead": round(drift_cpu, 3),
+        "drift_off_cpu_us_per_request": [b["cpu_us"] for b, _ in unwatched],
         "drift_delay_requests": delay,
         "drift_delays": delays,
         "false_alarms": false_alarms,
@@ -374,14 +421,21 @@ def main() -> None:
             "met" if overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
         ),
         (
+            "shadow: the replica's CPU per request",
+            f"{shadow_cpu:+.1%}",
+            "measured",
+            "",
+        ),
+        (
             f"shadow p50 overhead, {args.sample:g} of requests copied",
             f"{sampled_overhead:+.1%}",
             f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
             "met" if sampled_overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
         ),
         (
-            "drift watching: p50 overhead at 32 clients (rps lost)",
-            f"{figures['drift_p50_overhead']:+.1%} ({figures['drift_rps_cost']:.1%})",
+            "drift watching: p50 overhead at 32 clients (rps lost; CPU per request)",
+            f"{figures['drift_p50_overhead']:+.1%} ({figures['drift_rps_cost']:.1%}; "
+            f"{drift_cpu:+.1%})",
             "measured",
             "",
         ),

@@ -20,7 +20,6 @@ Every client mistake is a 4xx with a message naming the problem; a 500 means a b
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ from serving.auth import OPEN_PATHS, KeyCheck, RateLimit, retry_after
 from serving.capture import RequestCapture
 from serving.contracts import served_name
 from serving.kinds import KINDS, ModelKind, Route
+from serving.lifecycle import ShadowCopies
 from serving.predictor import InputError
 
 log = logging.getLogger(__name__)
@@ -234,8 +234,7 @@ class HttpApi:
         """Sampled requests and answers to files (serving/capture.py), when configured."""
         self.capture_error: str | None = None
         """Why the last `capture` setting was refused (the one before it still holds)."""
-        self._shadows: set[asyncio.Task] = set()
-        """Challenger calls of shadow mode still running (held: the loop keeps weak refs)."""
+        self._shadows = ShadowCopies()
 
     def _route_table(self) -> dict[str, dict[str, Endpoint]]:
         """path -> method -> endpoint."""
@@ -330,9 +329,12 @@ class HttpApi:
                 answer, seen = await route.answer(predictor, request, batch)
             self.models.observe(kind.slot, predictor, seen)
             if shadow is not None:
-                self._shadow(
-                    route, batch, shadow, request, seen, answer, time.perf_counter() - started
-                )
+                # Answered after this answer has gone, at most an eighth of max_in_flight
+                # copies waiting; recorded in the figures of this champion and challenger,
+                # even if a reload replaces them meanwhile.
+                copy = (request, seen, batch, answer, time.perf_counter() - started)
+                limit = max(1, self.limits.max_in_flight // 8)
+                self._shadows.offer(route, shadow.predictor, shadow.shadow, copy, limit)
             # Which model answered: its name and registry version (None for a folder).
             return {"model": served_name(predictor), "version": predictor.files.version, **answer}
 
@@ -389,57 +391,6 @@ class HttpApi:
             if key is not None:
                 return key
         return header(scope, b"x-client-id")
-
-    def _shadow(
-        self,
-        route: Route,
-        batch: Any,
-        challenger: Any,
-        request: BaseModel,
-        seen: Any,
-        answer: dict,
-        champion_s: float,
-    ) -> None:
-        """Give `request` (or what the champion saw of it, `seen`, where the route can start
-        from there) to the challenger after the champion's answer: a task on the loop,
-        compared when done, never the client's concern. At most an eighth of
-        `max_in_flight` at once: beyond, a request is not shadowed (counted as skipped), so
-        a slow challenger cannot pile up work ahead of the clients' requests."""
-        stats = challenger.shadow  # the figures of this champion and challenger, even if
-        # a reload replaces them before the copy is answered
-        if len(self._shadows) >= max(1, self.limits.max_in_flight // 8):
-            stats.skipped += 1
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._run_shadow(
-                route, batch, challenger.predictor, stats, request, seen, answer, champion_s
-            )
-        )
-        self._shadows.add(task)
-        task.add_done_callback(self._shadows.discard)
-
-    async def _run_shadow(
-        self,
-        route: Route,
-        batch: Any,
-        challenger: Any,
-        stats: Any,
-        request: BaseModel,
-        seen: Any,
-        answer: dict,
-        champion_s: float,
-    ) -> None:
-        started = time.perf_counter()
-        try:
-            if route.again is not None and seen is not None:
-                other = await route.again(challenger, seen, batch)
-            else:
-                other, _ = await route.answer(challenger, request, batch)
-            stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
-        except Exception as exc:  # the challenger's failure is a figure, not the client's
-            if stats.errors == 0:
-                log.warning("shadow %s on version %s failed: %r", route.path, stats.challenger, exc)
-            stats.errors += 1
 
     def _record(
         self, route: str, slot: str | None, code: int, started: float, predictor: Any = None

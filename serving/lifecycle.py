@@ -22,14 +22,19 @@ Every answer names the model and version that gave it. `dlpipe serve promote` an
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 MODES = ("off", "canary", "shadow")
+
+log = logging.getLogger(__name__)
 
 Compare = Callable[[dict[str, Any], dict[str, Any]], tuple[int, int, float]]
 """(champion's answer, challenger's answer) -> (rows that agree, rows, sum of the rows'
@@ -162,6 +167,95 @@ class ShadowStats:
             "errors": self.errors,
             "skipped": self.skipped,
         }
+
+
+class ShadowCopies:
+    """Shadow mode's copies of requests, answered by the challenger after the champion's
+    answer has gone out, off the clients' path.
+
+    A route with a shortcut (`Route.again`: the challenger's answer from what the champion
+    saw) has its copies queued and answered together: one call per challenger, on the
+    event loop once the answers ready now have been written. Under load that is one
+    onnxruntime call for all the copies since the last: a task, a batcher round and the
+    challenger's full answer per copy cost the champion about a third of its p50 at 32
+    clients, this 6% (benchmarks/README.md). Other routes: one task per copy, through the
+    route's own answer. At most `limit` copies wait or run at once; beyond, a request is
+    not copied (counted as skipped), so a slow challenger cannot pile up work ahead of the
+    clients' requests.
+    """
+
+    def __init__(self) -> None:
+        self._queued: list[tuple[Any, Any, ShadowStats, Any, dict[str, Any], float]] = []
+        self._running: set[asyncio.Task] = set()
+        """One-copy tasks still running (held: the loop keeps only weak references)."""
+
+    def offer(
+        self,
+        route: Any,
+        challenger: Any,
+        stats: ShadowStats,
+        copy: tuple[Any, Any, Any, dict[str, Any], float],
+        limit: int,
+    ) -> None:
+        """`copy`: (the validated request, what the champion saw of it or None, the slot's
+        batched call or None, the champion's answer, its seconds)."""
+        if len(self._queued) + len(self._running) >= limit:
+            stats.skipped += 1
+            return
+        request, seen, batch, answer, champion_s = copy
+        loop = asyncio.get_running_loop()
+        if route.again is not None and seen is not None:
+            if not self._queued:
+                loop.call_soon(self._answer_queued)
+            self._queued.append((route, challenger, stats, seen, answer, champion_s))
+            return
+        task = loop.create_task(
+            self._answer_one(route, challenger, stats, request, batch, answer, champion_s)
+        )
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _answer_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        groups: dict[tuple[int, int], list[tuple]] = {}
+        for entry in queued:
+            groups.setdefault((id(entry[0]), id(entry[1])), []).append(entry)
+        for entries in groups.values():
+            route, challenger = entries[0][:2]
+            started = time.perf_counter()
+            try:
+                answers = route.again(challenger, [entry[3] for entry in entries])
+            except Exception as exc:  # the challenger's failure is a figure, not the client's
+                answers = [exc] * len(entries)
+            took = time.perf_counter() - started
+            for (_, _, stats, _, answer, champion_s), other in zip(entries, answers, strict=True):
+                if isinstance(other, Exception):
+                    _failed(route, stats, other)
+                else:
+                    stats.record(route.compare(answer, other), champion_s, took)
+
+    async def _answer_one(
+        self,
+        route: Any,
+        challenger: Any,
+        stats: ShadowStats,
+        request: Any,
+        batch: Any,
+        answer: dict[str, Any],
+        champion_s: float,
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            other, _ = await route.answer(challenger, request, batch)
+            stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
+        except Exception as exc:
+            _failed(route, stats, exc)
+
+
+def _failed(route: Any, stats: ShadowStats, exc: Exception) -> None:
+    if stats.errors == 0:
+        log.warning("shadow %s on version %s failed: %r", route.path, stats.challenger, exc)
+    stats.errors += 1
 
 
 # --- how each kind's two answers compare ------------------------------------------------

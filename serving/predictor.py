@@ -163,10 +163,7 @@ class ClassifierPredictor:
     def classify_many(self, batches: list[np.ndarray]) -> list[list[dict[str, Any]] | InputError]:
         """Several requests' batches in one onnxruntime call (dynamic batching); each
         request gets its own predictions, or the InputError that only it caused."""
-        if self.sequence_input:  # one length for all: pad each to the longest with NaN
-            steps = max(batch.shape[1] for batch in batches)
-            batches = [pad_time(batch, steps) for batch in batches]
-        probabilities = self.predict_proba(np.concatenate(batches))
+        probabilities = self.probabilities_of(batches)
         results: list[list[dict[str, Any]] | InputError] = []
         start = 0
         for batch in batches:
@@ -177,13 +174,15 @@ class ClassifierPredictor:
             start += len(batch)
         return results
 
+    def probabilities_of(self, batches: list[np.ndarray]) -> np.ndarray:
+        """The rows of all `batches`, in order, through one onnxruntime call."""
+        if self.sequence_input:  # one length for all: pad each to the longest with NaN
+            steps = max(batch.shape[1] for batch in batches)
+            batches = [pad_time(batch, steps) for batch in batches]
+        return self.predict_proba(np.concatenate(batches))
+
     def predictions(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        if not np.isfinite(probabilities).all():  # e.g. huge feature values overflowing
-            row = int(np.argwhere(~np.isfinite(probabilities))[0][0])
-            raise InputError(
-                f"{self.input_field}[{row}]",
-                "values out of range: the model's output is not finite",
-            )
+        self.check_finite(probabilities)
         results = []
         for row in probabilities:
             best = int(row.argmax())
@@ -196,6 +195,14 @@ class ClassifierPredictor:
                 }
             )
         return results
+
+    def check_finite(self, probabilities: np.ndarray) -> None:
+        if not np.isfinite(probabilities).all():  # e.g. huge feature values overflowing
+            row = int(np.argwhere(~np.isfinite(probabilities))[0][0])
+            raise InputError(
+                f"{self.input_field}[{row}]",
+                "values out of range: the model's output is not finite",
+            )
 
 
 def pad_time(batch: np.ndarray, steps: int) -> np.ndarray:

@@ -5,14 +5,16 @@ and real onnxruntime predictors of the tiny export."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
-from serving.kinds import BY_SLOT
+from serving.kinds import BY_SLOT, classify_again
 from serving.lifecycle import (
     ChallengerConfig,
     ChallengerConfigError,
@@ -24,7 +26,7 @@ from serving.lifecycle import (
 )
 from serving.model_slots import LoadedModels
 from serving.model_source import resolve_model
-from serving.predictor import ClassifierPredictor
+from serving.predictor import ClassifierPredictor, InputError
 from tests.helpers import free_port
 from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
 
@@ -111,6 +113,53 @@ def test_shadow_mode_compares_every_request_off_the_answer(export_dir):  # noqa:
     assert shadow["champion_p50_ms"] > 0 and shadow["challenger_p50_ms"] > 0
 
 
+def test_concurrent_copies_are_answered_together_each_compared(export_dir):  # noqa: F811
+    """Copies queued while the loop answered others go through the challenger in one call
+    (ShadowCopies); each request is still compared with its own champion answer."""
+    models = models_with_challenger(export_dir, mode="shadow")
+    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
+    server.start()
+    bodies = [{"instances": [[0.1 * (i % 10)] * 16] * (1 + i % 3)} for i in range(120)]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http:
+
+            def ask(body: dict) -> int:
+                return http.post("/v1/classify", json=body).status_code
+
+            with ThreadPoolExecutor(12) as pool:
+                assert set(pool.map(ask, bodies)) == {200}
+            deadline = time.monotonic() + 10
+            while (shadow := shadow_of(http))["requests"] < len(bodies):
+                assert time.monotonic() < deadline, shadow
+                time.sleep(0.05)
+    finally:
+        server.stop()
+    assert shadow["rows"] == sum(len(body["instances"]) for body in bodies)
+    assert shadow["agreement"] == 1.0 and shadow["errors"] == shadow["skipped"] == 0
+
+
+def test_copies_answered_together_keep_their_own_rows_and_failures(export_dir):  # noqa: F811
+    classifier = ClassifierPredictor(resolve_model(str(export_dir)))
+    bright, dark = np.full((2, 1, 4, 4), 0.9, np.float32), np.full((1, 1, 4, 4), 0.1, np.float32)
+    overflowing = np.full((1, 1, 4, 4), 3e38, np.float32)  # finite, but not its output
+    answers = classify_again(classifier, [bright, overflowing, dark])
+    assert [row["label"] for row in answers[0]["predictions"]] == ["light", "light"]
+    assert isinstance(answers[1], InputError)
+    assert [row["label"] for row in answers[2]["predictions"]] == ["dark"]
+    # The same labels and confidences as the answers the clients get.
+    alone = classifier.classify(np.concatenate([bright, dark]))
+    together = answers[0]["predictions"] + answers[2]["predictions"]
+    assert compare_classifications({"predictions": alone}, {"predictions": together}) == (
+        3,
+        3,
+        pytest.approx(0.0),
+    )
+
+
+def shadow_of(http: httpx.Client) -> dict:
+    return http.get("/v1/models").json()["models"][0]["challenger"]["shadow"]
+
+
 def shadowed(http: httpx.Client, count: int) -> dict:
     """Send `count` requests; the shadow figures once all were compared (or 10 s passed)."""
     for _ in range(count):
@@ -118,7 +167,7 @@ def shadowed(http: httpx.Client, count: int) -> dict:
         assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "light"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        shadow = http.get("/v1/models").json()["models"][0]["challenger"]["shadow"]
+        shadow = shadow_of(http)
         if shadow["requests"] == count:
             break
         time.sleep(0.05)
