@@ -169,23 +169,29 @@ class ShadowStats:
         }
 
 
+SHADOW_WAIT_S = 0.01
+"""How long the first queued shadow copy waits for others before the challenger answers
+them together (sooner when `limit` copies are queued)."""
+
+
 class ShadowCopies:
     """Shadow mode's copies of requests, answered by the challenger after the champion's
     answer has gone out, off the clients' path.
 
     A route with a shortcut (`Route.again`: the challenger's answer from what the champion
-    saw) has its copies queued and answered together: one call per challenger, on the
-    event loop once the answers ready now have been written. Under load that is one
-    onnxruntime call for all the copies since the last: a task, a batcher round and the
-    challenger's full answer per copy cost the champion about a third of its p50 at 32
-    clients, this 6% (benchmarks/README.md). Other routes: one task per copy, through the
-    route's own answer. At most `limit` copies wait or run at once; beyond, a request is
-    not copied (counted as skipped), so a slow challenger cannot pile up work ahead of the
-    clients' requests.
+    saw) has its copies queued and answered together, in one call per challenger, on the
+    event loop `SHADOW_WAIT_S` after the first (or as soon as `limit` are queued): one
+    onnxruntime call for dozens of copies under load, where a task, a batcher round and a
+    full answer per copy were three of the costs profiled (benchmarks/README.md has what
+    is measured and what is still unexplained). Other routes: one task per copy, through
+    the route's own answer. At most `limit` copies wait or run at
+    once; beyond, a request is not copied (counted as skipped), so a slow challenger
+    cannot pile up work ahead of the clients' requests.
     """
 
     def __init__(self) -> None:
         self._queued: list[tuple[Any, Any, ShadowStats, Any, dict[str, Any], float]] = []
+        self._timer: asyncio.Handle | None = None
         self._running: set[asyncio.Task] = set()
         """One-copy tasks still running (held: the loop keeps only weak references)."""
 
@@ -205,9 +211,13 @@ class ShadowCopies:
         request, seen, batch, answer, champion_s = copy
         loop = asyncio.get_running_loop()
         if route.again is not None and seen is not None:
-            if not self._queued:
-                loop.call_soon(self._answer_queued)
             self._queued.append((route, challenger, stats, seen, answer, champion_s))
+            if len(self._queued) >= limit:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = loop.call_soon(self._answer_queued)
+            elif self._timer is None:
+                self._timer = loop.call_later(SHADOW_WAIT_S, self._answer_queued)
             return
         task = loop.create_task(
             self._answer_one(route, challenger, stats, request, batch, answer, champion_s)
@@ -216,7 +226,7 @@ class ShadowCopies:
         task.add_done_callback(self._running.discard)
 
     def _answer_queued(self) -> None:
-        queued, self._queued = self._queued, []
+        queued, self._queued, self._timer = self._queued, [], None
         groups: dict[tuple[int, int], list[tuple]] = {}
         for entry in queued:
             groups.setdefault((id(entry[0]), id(entry[1])), []).append(entry)
