@@ -17,9 +17,10 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 
@@ -30,12 +31,11 @@ from serving.capture import CaptureConfig, CaptureConfigError, RequestCapture
 from serving.drift import DriftConfig, DriftConfigError
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
-from serving.kinds import BY_SLOT, KINDS
+from serving.kinds import BY_SLOT, KINDS, Batch
 from serving.lifecycle import ChallengerConfigError, parse_challengers
 from serving.metrics import ServingMetrics
 from serving.model_slots import LoadedModels
 from serving.openapi import openapi_document
-from serving.predictor import ClassifierPredictor, InputError
 
 DEFAULT_HTTP_PORT = 8000
 
@@ -87,9 +87,15 @@ class PredictionService:
         self.use_gpu = bool(ray.get_gpu_ids())
         self.models = LoadedModels()
         self.metrics = ServingMetrics(drift=self.models.drift_gauges)
-        self.batcher: DynamicBatcher[tuple[ClassifierPredictor, np.ndarray], Any] = DynamicBatcher(
-            self._classify_together, timeout_s=self.limits.request_timeout_s
-        )
+        # One batcher per route that answers several requests in one model call.
+        self.batchers: dict[str, DynamicBatcher[tuple[Any, Any], Any]] = {
+            route.path: DynamicBatcher(
+                partial(self._together, route.many), timeout_s=self.limits.request_timeout_s
+            )
+            for kind in KINDS
+            for route in kind.routes
+            if route.many is not None
+        }
         self.api: HttpApi | None = None
         self.server: ReplicaHttpServer | None = None
 
@@ -103,7 +109,8 @@ class PredictionService:
         capture = config.pop("capture", None)
         drift = config.pop("drift", None)
         batching = Batching.from_user_config(config)
-        self.batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
+        for batcher in self.batchers.values():
+            batcher.configure(batching.max_batch_size, batching.batch_wait_timeout_s)
         refused = self.models.load(
             self.sources, versions, self.tracking_uri, self.threads, self.use_gpu
         )
@@ -124,7 +131,7 @@ class PredictionService:
             self.api = HttpApi(
                 self.models,
                 self.limits,
-                self.classify_batched,
+                {path: self._batched(path) for path in self.batchers},
                 lambda: openapi_document(self.models),
                 self.metrics,
                 replica=serve.get_replica_context().replica_id.unique_id,
@@ -188,25 +195,28 @@ class PredictionService:
             if self.api is not None and self.api.capture is not None:
                 self.api.capture.close()
 
-    async def classify_batched(
-        self, classifier: ClassifierPredictor, batch: np.ndarray
-    ) -> list[dict[str, Any]]:
-        return await self.batcher.submit((classifier, batch))
+    def _batched(self, path: str) -> Batch:
+        batcher = self.batchers[path]
 
-    def _classify_together(
-        self, requests: list[tuple[ClassifierPredictor, np.ndarray]]
-    ) -> list[list[dict[str, Any]] | InputError]:
-        # Concurrent requests' inputs in one onnxruntime call per model; each gets its own
-        # answer, in the order asked. A batch holds requests for two models during a swap,
-        # and interleaved ones all the time under a canary or in shadow mode.
+        async def call(predictor: Any, inputs: Any) -> Any:
+            return await batcher.submit((predictor, inputs))
+
+        return call
+
+    def _together(
+        self, many: Callable[[Any, list[Any]], list[Any]], requests: list[tuple[Any, Any]]
+    ) -> list[Any]:
+        # Concurrent requests' inputs in one onnxruntime call per model (`many`, a route's:
+        # kinds.py); each gets its own answer, in the order asked. A batch holds requests
+        # for two models during a swap, and interleaved ones all the time under a canary.
         by_model: dict[int, list[int]] = {}
-        for index, (classifier, _) in enumerate(requests):
-            by_model.setdefault(id(classifier), []).append(index)
-        results: list[list[dict[str, Any]] | InputError] = [[] for _ in requests]
+        for index, (predictor, _) in enumerate(requests):
+            by_model.setdefault(id(predictor), []).append(index)
+        results: list[Any] = [None] * len(requests)
         for indices in by_model.values():
-            classifier = requests[indices[0]][0]
-            self.metrics.batch(classifier, len(indices))
-            answers = classifier.classify_many([requests[i][1] for i in indices])
+            predictor = requests[indices[0]][0]
+            self.metrics.batch(predictor, len(indices))
+            answers = many(predictor, [requests[i][1] for i in indices])
             for index, answer in zip(indices, answers, strict=True):
                 results[index] = answer
         return results

@@ -26,14 +26,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from serving.auth import OPEN_PATHS, KeyCheck, RateLimit, retry_after
 from serving.capture import RequestCapture
 from serving.contracts import served_name
-from serving.kinds import KINDS, ModelKind, Route
+from serving.kinds import KINDS, Batch, ModelKind, Route
 from serving.lifecycle import ShadowCopies
 from serving.predictor import InputError
 
@@ -201,8 +200,8 @@ Endpoint = Callable[[dict[str, Any], Callable], Awaitable[Answer]]
 class HttpApi:
     """The endpoints of every model kind (serving/kinds.py) over `models`, a
     serving/model_slots.py `LoadedModels` (each slot's predictor, swapped in place on
-    reload); `classify_batch(classifier, array)` may batch concurrent classifier calls
-    (serving/app.py passes serving/batcher.py); `metrics` (serving/metrics.py) records every answer; `replica`
+    reload); `batches` (route path -> batched call) batch the concurrent requests of the
+    routes with a `many` (serving/app.py passes serving/batcher.py's); `metrics` (serving/metrics.py) records every answer; `replica`
     names the replica answering in /v1/models (several share a port); `keys`
     (serving/auth.py) the API keys every route but the probes requires, none by default.
 
@@ -212,7 +211,7 @@ class HttpApi:
         self,
         models: Any,
         limits: Limits,
-        classify_batch: Callable[[Any, np.ndarray], Awaitable[list[dict[str, Any]]]] | None = None,
+        batches: dict[str, Batch] | None = None,
         openapi: Callable[[], dict[str, Any]] | None = None,
         metrics: Any = None,
         replica: str | None = None,
@@ -227,7 +226,7 @@ class HttpApi:
         self.in_flight = 0
         self.draining = False
         """Set when the replica stops: see Limits.drain_s."""
-        self._classify_batch = classify_batch
+        self._batches = batches or {}
         self._openapi = openapi
         self._routes = self._route_table()
         self.capture: RequestCapture | None = None
@@ -300,7 +299,7 @@ class HttpApi:
         return None
 
     def _post(self, kind: ModelKind, route: Route) -> Endpoint:
-        batch = self._classify_batch if kind.slot == "classifier" else None
+        batch = self._batches.get(route.path)
 
         async def predict(request: BaseModel, scope: dict[str, Any]) -> dict[str, Any]:
             # The champion, or the challenger for a canary's share (serving/lifecycle.py).

@@ -45,8 +45,9 @@ from serving.schemas import (
 )
 from serving.segment_predictor import SegmentPredictor
 
-Batch = Callable[[Any, np.ndarray], Awaitable[list[dict[str, Any]]]]
-"""The app's batched call for a slot (serving/batcher.py), when it has one."""
+Batch = Callable[[Any, Any], Awaitable[Any]]
+"""The app's batched call for a route (serving/batcher.py), when it has one: (predictor,
+one request's model input) -> what the route's `many` gives that request."""
 Answer = Callable[[Any, Any, Batch | None], Awaitable[tuple[dict[str, Any], Any]]]
 """(predictor, validated request, the slot's batched call or None) -> (the answer body,
 what the model saw for drift monitoring: its input batch, or for text (embeddings, token
@@ -79,6 +80,11 @@ class Route:
     compare: Compare | None = None
     """How two versions' answers to one request compare (shadow mode); None: they cannot
     (the generator's answers are random draws)."""
+    many: Callable[[Any, list[Any]], list[Any]] | None = None
+    """The predictor's method answering several requests' model inputs in one call, each
+    its own answer or InputError (e.g. `ClassifierPredictor.classify_many`): the app then
+    batches the route's concurrent requests (serving/batcher.py) and `answer` gets that
+    call as its `batch`; None: each request is run alone."""
     again: Again | None = None
     """Shadow mode's shortcut: the challenger's answers from what the champion saw (its
     parsed input), several copies at once, not from each request again; None: from each
@@ -171,8 +177,13 @@ async def fill_mask(
     return {"results": mlm.fill_mask(request.texts, request.top_k)}, None
 
 
-async def embed(mlm: MaskedLmPredictor, request: EmbedRequest, _: Batch | None) -> dict[str, Any]:
-    vectors, truncated, lengths = mlm.embed(request.texts)
+async def embed(
+    mlm: MaskedLmPredictor, request: EmbedRequest, batch: Batch | None
+) -> dict[str, Any]:
+    if batch is None:
+        vectors, truncated, lengths = mlm.embed(request.texts)
+    else:
+        vectors, truncated, lengths = await batch(mlm, request.texts)
     # The float32 array as it is: orjson writes each value's shortest float32 form, half
     # the bytes and time of tolist()'s float64 digits (8 x 128: 17 us against 38 us), and
     # a client reading it back as float32 gets the same numbers.
@@ -286,7 +297,8 @@ KINDS: tuple[ModelKind, ...] = (
                 classify,
                 classify_body,
                 compare_classifications,
-                classify_again,
+                many=ClassifierPredictor.classify_many,
+                again=classify_again,
             ),
         ),
     ),
@@ -315,6 +327,7 @@ KINDS: tuple[ModelKind, ...] = (
                 embed,
                 embed_body,
                 compare_embeddings,
+                many=MaskedLmPredictor.embed_many,
             ),
         ),
         quality=("masked_accuracy", True),

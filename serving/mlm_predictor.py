@@ -122,6 +122,34 @@ class MaskedLmPredictor:
         vectors = self.embed_session.run(None, {"input_ids": encoded.ids})[0]
         return vectors, encoded.truncated, encoded.lengths
 
+    def embed_many(
+        self, requests: list[list[str]]
+    ) -> list[tuple[np.ndarray, list[bool], np.ndarray] | InputError]:
+        """Several requests' texts in one onnxruntime call (dynamic batching), padded to the
+        longest (the graph ignores padding); each request gets its own `embed` answer, or
+        the InputError that only it caused."""
+        results: list[Any] = [None] * len(requests)
+        encoded: dict[int, Encoded] = {}
+        for index, texts in enumerate(requests):
+            try:
+                encoded[index] = self.encode(texts, "texts", truncate=True)
+            except InputError as exc:
+                results[index] = exc
+        if encoded:
+            longest = max(e.ids.shape[1] for e in encoded.values())
+            rows = sum(len(e.ids) for e in encoded.values())
+            ids = np.full((rows, longest), self.pad_id, np.int64)
+            start = 0
+            for e in encoded.values():
+                ids[start : start + len(e.ids), : e.ids.shape[1]] = e.ids
+                start += len(e.ids)
+            vectors = self.embed_session.run(None, {"input_ids": ids})[0]
+            start = 0
+            for index, e in encoded.items():
+                results[index] = (vectors[start : start + len(e.ids)], e.truncated, e.lengths)
+                start += len(e.ids)
+        return results
+
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())

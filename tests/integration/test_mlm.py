@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,29 @@ def test_embed_returns_unit_vectors_independent_of_batch_padding(server):
     assert long["truncated"] == [True]
     [model] = server.get("/v1/models").json()["models"]
     assert model["name"] == "dlpipe-mlm" and model["max_length"] == 64
+
+
+def test_concurrent_embed_requests_batched_together_each_get_their_own_answer(server):
+    """Concurrent /v1/embed requests go through one onnxruntime call (serving/app.py's
+    batcher), padded to the longest text among them: each answer is still what that
+    request alone gets, and one request's empty text fails it alone."""
+    words = "the import system of python reads modules from the path".split()
+    bodies = [
+        {"texts": [" ".join(words[: 1 + (i + j) % 10]) for j in range(1 + i % 3)]}
+        for i in range(40)
+    ]
+    bodies[7] = {"texts": ["a text", "   "]}
+    alone = {
+        i: server.post("/v1/embed", json=body).json() for i, body in enumerate(bodies) if i != 7
+    }
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: server.post("/v1/embed", json=body), bodies))
+    assert answers[7].status_code == 422
+    assert answers[7].json()["detail"][0]["loc"] == ["body", "texts", "1"]
+    for i, answer in enumerate(answers):
+        if i != 7:
+            assert answer.status_code == 200, answer.text
+            assert np.allclose(answer.json()["embeddings"], alone[i]["embeddings"], atol=1e-5)
 
 
 @pytest.mark.parametrize(

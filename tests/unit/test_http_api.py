@@ -164,7 +164,9 @@ def test_a_bug_is_a_counted_500_and_the_app_keeps_serving(export_dir):  # noqa: 
         return classifier.classify(batch)
 
     metrics = RecordedAnswers()
-    http = TestClient(HttpApi(models, Limits(), batch_that_fails_once, metrics=metrics))
+    http = TestClient(
+        HttpApi(models, Limits(), {"/v1/classify": batch_that_fails_once}, metrics=metrics)
+    )
     broken = http.post("/v1/classify", json={"instances": BRIGHT})
     assert broken.status_code == 500 and broken.json() == {"detail": "internal server error"}
     assert http.post("/v1/classify", json={"instances": BRIGHT}).status_code == 200
@@ -196,7 +198,7 @@ def test_a_request_that_waited_too_long_for_the_model_is_a_counted_504(export_di
         return await batcher.submit((c, batch))
 
     metrics = RecordedAnswers()
-    api = HttpApi(models, limits, classify_batched, metrics=metrics)
+    api = HttpApi(models, limits, {"/v1/classify": classify_batched}, metrics=metrics)
 
     async def three_at_once():
         transport = httpx.ASGITransport(app=api)
