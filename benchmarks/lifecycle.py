@@ -260,6 +260,12 @@ def main() -> None:
     parser.add_argument("--segmenter", default="models:/dlpipe-segment@champion")
     parser.add_argument("--drift-requests", type=int, default=5000)
     parser.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the app's Ray's")
+    parser.add_argument(
+        "--loaded-off",
+        action="store_true",
+        help="the off runs keep the challenger loaded (mode off) instead of unloading it: "
+        "whether shadow's cost is the copies or the second model's presence",
+    )
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     wrk_path()
@@ -286,7 +292,7 @@ def main() -> None:
             run_load(url, raw_body, 8, 2)
 
         def challenger(mode: str, **settings) -> None:
-            source = args.challenger if mode != "off" else None
+            source = args.challenger if mode != "off" or args.loaded_off else None
             config = set_challenger(dashboard, SLOT, {"mode": mode, **settings}, source)
             wait_for_challenger(base, SLOT, config)
             settle()
