@@ -184,9 +184,10 @@ class ShadowCopies:
     onnxruntime call for dozens of copies under load, where a task, a batcher round and a
     full answer per copy were three of the costs profiled (benchmarks/README.md has what
     is measured and what is still unexplained). Other routes: one task per copy, through
-    the route's own answer. At most `limit` copies wait or run at
-    once; beyond, a request is not copied (counted as skipped), so a slow challenger
-    cannot pile up work ahead of the clients' requests.
+    the route's own answer. At most `limit` one-copy tasks run and twice `limit` copies
+    wait at once (those queued while a full queue's call is pending are kept); beyond, a
+    request is not copied (counted as skipped), so a slow challenger cannot pile up work
+    ahead of the clients' requests.
     """
 
     def __init__(self) -> None:
@@ -205,14 +206,15 @@ class ShadowCopies:
     ) -> None:
         """`copy`: (the validated request, what the champion saw of it or None, the slot's
         batched call or None, the champion's answer, its seconds)."""
-        if len(self._queued) + len(self._running) >= limit:
+        request, seen, batch, answer, champion_s = copy
+        queued = route.again is not None and seen is not None
+        if (len(self._queued) >= 2 * limit) if queued else (len(self._running) >= limit):
             stats.skipped += 1
             return
-        request, seen, batch, answer, champion_s = copy
         loop = asyncio.get_running_loop()
-        if route.again is not None and seen is not None:
+        if queued:
             self._queued.append((route, challenger, stats, seen, answer, champion_s))
-            if len(self._queued) >= limit:
+            if len(self._queued) == limit:  # answered at the loop's next turn
                 if self._timer is not None:
                     self._timer.cancel()
                 self._timer = loop.call_soon(self._answer_queued)

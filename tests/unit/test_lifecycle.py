@@ -4,6 +4,7 @@ and real onnxruntime predictors of the tiny export."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,8 @@ from serving.kinds import BY_SLOT, classify_again
 from serving.lifecycle import (
     ChallengerConfig,
     ChallengerConfigError,
+    ShadowCopies,
+    ShadowStats,
     client_bucket,
     compare_classifications,
     compare_embeddings,
@@ -154,6 +157,26 @@ def test_copies_answered_together_keep_their_own_rows_and_failures(export_dir): 
         3,
         pytest.approx(0.0),
     )
+
+
+def test_queued_copies_are_bounded_and_all_kept_ones_are_compared(export_dir):  # noqa: F811
+    """Twelve copies offered in one loop turn with limit 4: the queue is answered at the
+    next turn, eight kept (twice the limit), four skipped; each kept one compared."""
+    classifier = ClassifierPredictor(resolve_model(str(export_dir)))
+    route = BY_SLOT["classifier"].routes[0]
+    stats = ShadowStats("1", "2")
+    bright = np.full((1, 1, 4, 4), 0.9, np.float32)
+    answer = {"predictions": classifier.classify(bright)}
+
+    async def offer_twelve() -> None:
+        copies = ShadowCopies()
+        for _ in range(12):
+            copies.offer(route, classifier, stats, (None, bright, None, answer, 0.001), 4)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(offer_twelve())
+    summary = stats.summary()
+    assert (summary["requests"], summary["skipped"], summary["agreement"]) == (8, 4, 1.0)
 
 
 def shadow_of(http: httpx.Client) -> dict:
