@@ -55,7 +55,7 @@ counts); None when the route watches no drift; serving/drift.py)."""
 Again = Callable[[Any, list[Any]], list[dict[str, Any] | Exception]]
 """(challenger, what the champion saw of each of several requests) -> the challenger's
 answer body to each, or the exception only that request caused: shadow copies queued
-while the loop was busy, answered together in one model call (serving/http_api.py)."""
+for a moment, answered together in one model call (serving/lifecycle.py ShadowCopies)."""
 Body = Callable[[Any], dict[str, Any]]
 """predictor -> the JSON Schema of the request bodies it accepts: what the pydantic model
 checks, narrowed by what this loaded model checks (its input size, its feature names), so

@@ -319,7 +319,9 @@ def promote(
     before = _aliases_of(registry, name, (alias, PREVIOUS_ALIAS))
     registry.set_registered_model_alias(name, PREVIOUS_ALIAS, champion_version)
     registry.set_registered_model_alias(name, alias, target)
-    _serve_version(dashboard, url, apps, details, app_name, slot, target, True, name, before)
+    _serve_version(
+        dashboard, url, apps, details, app_name, slot, target, True, registry, name, before
+    )
     return checks, target
 
 
@@ -349,7 +351,9 @@ def rollback(
         return [Check("parity", False, str(exc))], None
     registry.set_registered_model_alias(name, alias, previous)
     registry.set_registered_model_alias(name, PREVIOUS_ALIAS, current)
-    _serve_version(dashboard, url, apps, details, app_name, slot, previous, False, name, before)
+    _serve_version(
+        dashboard, url, apps, details, app_name, slot, previous, False, registry, name, before
+    )
     return checks, previous
 
 
@@ -368,6 +372,7 @@ def _serve_version(
     slot: str,
     version: str,
     drop_challenger: bool,
+    registry: Any,
     name: str,
     aliases_before: dict[str, str | None],
 ) -> None:
@@ -384,7 +389,6 @@ def _serve_version(
     settled = wait_for_versions(url, {slot: version})
     if settled[slot]["version"] == version:
         return
-    registry = _registry(registry_uri(apps[app_name]))
     for alias, old in aliases_before.items():
         if old is None:
             registry.delete_registered_model_alias(name, alias)
