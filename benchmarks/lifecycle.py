@@ -4,7 +4,9 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
 - `shadow_p50_overhead`: the champion's p50 latency at 32 closed-loop clients (wrk,
   `--seconds` each) with the challenger in shadow mode (every request copied), against the
   same app with the challenger off, as a fraction (0.2: 20% slower); the median of
-  `--rounds` pairs, each pair's own ratio, in reverse order every other round;
+  `--rounds` pairs, each pair's own ratio, in reverse order every other round; the copies
+  take at most `--shadow-budget` of the replica's time (the app's default 0.1), so under
+  this load a share of the requests is compared (`shadow_copied_share`, per run);
   `shadow_sampled_p50_overhead` the same with `--sample` (0.25) of the requests copied;
 - `shadow_cpu_overhead`: the same pairs' replica CPU time per request (`/proc`), shadow
   against off: the cost itself, which the machine's other tenants move far less than p50;
@@ -46,6 +48,7 @@ import mlflow
 from benchmarks.loadgen import run_load, wrk_path
 from benchmarks.scratch import machine, markdown_table, write_results
 from benchmarks.serving_throughput import CLASSIFY, Server, dlpipe_serve, request_bodies, running
+from serving.lifecycle import ChallengerConfig
 
 RESULTS = Path("benchmarks/results/lifecycle.json")
 PORT = 8120
@@ -153,6 +156,15 @@ def drift_of(base: str, slot: str) -> dict:
     return next(m["drift"] for m in listing["models"] if m["slot"] == slot)
 
 
+def shadow_counts(base: str, slot: str) -> tuple[int, int]:
+    """(requests compared, requests not copied: over the time budget or the queue full)
+    of the slot's shadow figures now, summed over the replicas that answered."""
+    listing = httpx.get(f"{base}/v1/models", timeout=10).json()
+    entry = next(m for m in listing["models"] if m["slot"] == slot)
+    shadow = (entry.get("challenger") or {}).get("shadow") or {}
+    return shadow.get("requests", 0), shadow.get("over_budget", 0) + shadow.get("skipped", 0)
+
+
 def fresh_drift(dashboard: str, base: str, settings: dict, app_name: str = "dlpipe") -> None:
     """Empty every replica's drift windows: watching off, then on with `settings`."""
     from serving.deploy import set_drift, wait_for_drift
@@ -256,6 +268,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rounds of four runs")
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
+    parser.add_argument(
+        "--shadow-budget",
+        type=float,
+        help="shadow: the most of the replica's time the copies take (default: the app's, "
+        f"{ChallengerConfig.shadow_budget})",
+    )
     parser.add_argument("--canary-requests", type=int, default=5000)
     parser.add_argument("--segmenter", default="models:/dlpipe-segment@champion")
     parser.add_argument("--drift-requests", type=int, default=5000)
@@ -293,6 +311,8 @@ def main() -> None:
 
         def challenger(mode: str, **settings) -> None:
             source = args.challenger if mode != "off" or args.loaded_off else None
+            if mode == "shadow" and args.shadow_budget is not None:
+                settings["shadow_budget"] = args.shadow_budget
             config = set_challenger(dashboard, SLOT, {"mode": mode, **settings}, source)
             wait_for_challenger(base, SLOT, config)
             settle()
@@ -338,7 +358,12 @@ def main() -> None:
             order = list(steps) if round_number % 2 else list(reversed(steps))
             for name in order:
                 arrange(*steps[name])
+                before = shadow_counts(base, SLOT)
                 runs[name] = measured(url, raw_body, args.seconds)
+                after = shadow_counts(base, SLOT)
+                if steps[name][0] is not None:  # the share of requests compared in the run
+                    compared, passed = (b - a for a, b in zip(before, after, strict=True))
+                    runs[name]["copied"] = round(compared / max(compared + passed, 1), 3)
                 failed += int(runs[name]["errors"])
             unwatched.append((runs["blind"], runs["off"]))
             pairs.append((runs["off"], runs["shadow"]))
@@ -386,6 +411,8 @@ def main() -> None:
         "shadow_cpu_overhead": round(shadow_cpu, 3),
         "off_cpu_us_per_request": [o["cpu_us"] for o, _ in pairs],
         "shadow_cpu_us_per_request": [s["cpu_us"] for _, s in pairs],
+        "shadow_budget": args.shadow_budget or ChallengerConfig.shadow_budget,
+        "shadow_copied_share": [s["copied"] for _, s in pairs],
         "shadow_sampled_share": args.sample,
         "shadow_sampled_p50_overhead": round(sampled_overhead, 3),
         "off_p50_ms": [o["p50_ms"] for o, _ in pairs],
@@ -429,6 +456,12 @@ def main() -> None:
         (
             "shadow: the replica's CPU per request",
             f"{shadow_cpu:+.1%}",
+            "measured",
+            "",
+        ),
+        (
+            f"shadow: requests compared (budget {figures['shadow_budget']:g} of the time)",
+            f"{statistics.median(figures['shadow_copied_share']):.0%}",
             "measured",
             "",
         ),

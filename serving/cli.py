@@ -42,6 +42,7 @@ from serving.auth import (
 )
 from serving.drift import DriftConfig
 from serving.kinds import KINDS
+from serving.lifecycle import ChallengerConfig
 from serving.promotion import PromotionPolicy
 
 DEFAULT_KEYS_FILE = "api_keys.txt"
@@ -248,6 +249,7 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
                     ("share", args.share),
                     ("sticky", args.sticky),
                     ("shadow_share", args.shadow_share),
+                    ("shadow_budget", args.shadow_budget),
                 )
                 if value is not None
             }
@@ -262,7 +264,12 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
                     f"{shown['name']} version {shown['version']}: mode {config.mode}"
                     + (f", share {config.share:g}" if config.mode == "canary" else "")
                     + (" (sticky per client)" if config.mode == "canary" and config.sticky else "")
-                    + (f", copied share {config.shadow_share:g}" if config.mode == "shadow" else "")
+                    + (
+                        f", copied share {config.shadow_share:g} within {config.shadow_budget:g} "
+                        "of the replica's time"
+                        if config.mode == "shadow"
+                        else ""
+                    )
                 )
             return 0
         if action == "promote":
@@ -644,6 +651,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     lifecycle.add_argument(
         "--shadow-share", type=float, help="shadow: the share of requests copied (default 1)"
+    )
+    lifecycle.add_argument(
+        "--shadow-budget",
+        type=float,
+        help="shadow: the most of each replica's time the copies take; under a load that "
+        f"fills it, a sample is copied (default {ChallengerConfig.shadow_budget})",
     )
     lifecycle.add_argument(
         "--challenger", help="the challenger's model: models:/NAME@ALIAS, models:/NAME/VERSION"

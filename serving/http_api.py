@@ -329,11 +329,11 @@ class HttpApi:
             self.models.observe(kind.slot, predictor, seen)
             if shadow is not None:
                 # Answered after this answer has gone, at most an eighth of max_in_flight
-                # copies waiting; recorded in the figures of this champion and challenger,
+                # copies waiting (pick made it only within the copies' time budget); recorded in the figures of this champion and challenger,
                 # even if a reload replaces them meanwhile.
-                copy = (request, seen, batch, answer, time.perf_counter() - started)
+                copy = (request, seen, answer, time.perf_counter() - started)
                 limit = max(1, self.limits.max_in_flight // 8)
-                self._shadows.offer(route, shadow.predictor, shadow.shadow, copy, limit)
+                self._shadows.offer(route, shadow, copy, limit)
             # Which model answered: its name and registry version (None for a folder).
             return {"model": served_name(predictor), "version": predictor.files.version, **answer}
 

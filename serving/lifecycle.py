@@ -8,12 +8,16 @@ alias names, set live through the deployment's `user_config.challengers` (no res
         share: 0.05        # canary: the share of requests the challenger answers
         sticky: false      # canary: all of a client's requests the same way
         shadow_share: 1.0  # shadow: the share of requests copied to the challenger
+        shadow_budget: 0.1 # shadow: the most of a replica's time the copies may take
 
 - canary: the challenger answers `share` of the requests; sticky, by a hash of the client
   (its API key's name, else its `X-Client-Id` header), so one client sees one model;
 - shadow: the champion answers every request; after its answer, the challenger is given
   the same request (off the client's path) and the two answers are compared: rows that
-  agree, the confidence gap, each version's latency (`ShadowStats`, in /v1/models);
+  agree, the confidence gap, each version's latency (`ShadowStats`, in /v1/models). The
+  copies take at most `shadow_budget` of the replica's time (`ShadowBudget`): under a load
+  that fills the replica, a sample of the requests is copied, not every one, and the
+  champion's clients wait at most that much longer;
 - off: the challenger stays loaded and answers nothing.
 
 Every answer names the model and version that gave it. `dlpipe serve promote` and
@@ -29,8 +33,10 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from serving.contracts import Predictor
 
 MODES = ("off", "canary", "shadow")
 
@@ -53,13 +59,14 @@ class ChallengerConfig:
     share: float = 0.05
     sticky: bool = False
     shadow_share: float = 1.0
+    shadow_budget: float = 0.1
 
     @classmethod
     def parse(cls, slot: str, raw: Any) -> ChallengerConfig:
         where = f"challengers.{slot}"
         if not isinstance(raw, Mapping):
             raise ChallengerConfigError(f"{where}: expected a mapping, got {raw!r}")
-        unknown = sorted(set(raw) - {"source", "mode", "share", "sticky", "shadow_share"})
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
             raise ChallengerConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
         source = raw.get("source")
@@ -69,17 +76,22 @@ class ChallengerConfig:
         if mode not in MODES:
             raise ChallengerConfigError(f"{where}.mode: expected one of {MODES}, got {mode!r}")
         shares = {}
-        for key in ("share", "shadow_share"):
+        for key in ("share", "shadow_share", "shadow_budget"):
             value = raw.get(key, cls.__dataclass_fields__[key].default)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ChallengerConfigError(
                     f"{where}.{key}: expected a number from 0 to 1, got {value!r}"
                 )
             shares[key] = float(value)
+        if shares["shadow_budget"] == 0:
+            raise ChallengerConfigError(
+                f"{where}.shadow_budget: 0 would copy nothing (that is mode off); expected a "
+                "share of the replica's time above 0"
+            )
         sticky = raw.get("sticky", cls.sticky)
         if not isinstance(sticky, bool):
             raise ChallengerConfigError(f"{where}.sticky: expected true or false, got {sticky!r}")
-        return cls(source, mode, shares["share"], sticky, shares["shadow_share"])
+        return cls(source, mode, sticky=sticky, **shares)
 
     def as_user_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +145,8 @@ class ShadowStats:
     def __init__(self, champion: str | None, challenger: str | None) -> None:
         self.champion, self.challenger = champion, challenger
         self.requests = self.rows = self.agreed = self.errors = self.skipped = 0
+        self.over_budget = 0
+        """Requests not copied because the copies had spent their share of the time."""
         self.gap_sum = 0.0
         self.latency: dict[str, deque[float]] = {
             "champion": deque(maxlen=LATENCY_WINDOW),
@@ -166,7 +180,46 @@ class ShadowStats:
             "challenger_p50_ms": p50_ms("challenger"),
             "errors": self.errors,
             "skipped": self.skipped,
+            "over_budget": self.over_budget,
         }
+
+
+class ShadowBudget:
+    """The share of a replica's time one challenger's shadow copies may take: a bucket of
+    seconds that fills at `share` a second (up to `BURST_S`) and that the copies' measured
+    time empties; while it is empty, requests are not copied.
+
+    Copies are work the champion's clients wait behind whenever the replica is busy: a
+    second model's inference per request measured +21% CPU a request and +23% p50 at 32
+    clients (benchmarks/README.md). Under such a load the budget makes the copies a
+    sample; under a lighter one, every request is copied."""
+
+    BURST_S = 0.05
+    """What copies may spend at once after an idle spell (~500 digits)."""
+
+    def __init__(self) -> None:
+        self.seconds = self.BURST_S
+        self._at = time.perf_counter()
+
+    def allows(self, share: float, now: float | None = None) -> bool:
+        """Whether a copy may be made now, the bucket filled for the time since last asked."""
+        now = time.perf_counter() if now is None else now
+        self.seconds = min(self.BURST_S, self.seconds + (now - self._at) * share)
+        self._at = now
+        return self.seconds > 0
+
+    def spend(self, seconds: float) -> None:
+        self.seconds -= seconds
+
+
+@dataclass
+class Challenger:
+    """A slot's challenger: its settings, model, shadow figures and the copies' budget."""
+
+    config: ChallengerConfig
+    predictor: Predictor
+    shadow: ShadowStats
+    budget: ShadowBudget = field(default_factory=ShadowBudget)
 
 
 SHADOW_WAIT_S = 0.01
@@ -182,16 +235,16 @@ class ShadowCopies:
     saw) has its copies queued and answered together, in one call per challenger, on the
     event loop `SHADOW_WAIT_S` after the first (or as soon as `limit` are queued): one
     onnxruntime call for dozens of copies under load, where a task, a batcher round and a
-    full answer per copy were three of the costs profiled (benchmarks/README.md has what
-    is measured and what is still unexplained). Other routes: one task per copy, through
-    the route's own answer. At most `limit` one-copy tasks run and twice `limit` copies
+    full answer per copy were three of the costs profiled (benchmarks/README.md). Other
+    routes: one task per copy, through the route's own answer, unbatched. The time either
+    takes is spent from the challenger's `ShadowBudget`. At most `limit` one-copy tasks run and twice `limit` copies
     wait at once (those queued while a full queue's call is pending are kept); beyond, a
     request is not copied (counted as skipped), so a slow challenger cannot pile up work
     ahead of the clients' requests.
     """
 
     def __init__(self) -> None:
-        self._queued: list[tuple[Any, Any, ShadowStats, Any, dict[str, Any], float]] = []
+        self._queued: list[tuple[Any, Challenger, Any, dict[str, Any], float]] = []
         self._timer: asyncio.Handle | None = None
         self._running: set[asyncio.Task] = set()
         """One-copy tasks still running (held: the loop keeps only weak references)."""
@@ -199,21 +252,20 @@ class ShadowCopies:
     def offer(
         self,
         route: Any,
-        challenger: Any,
-        stats: ShadowStats,
-        copy: tuple[Any, Any, Any, dict[str, Any], float],
+        challenger: Challenger,
+        copy: tuple[Any, Any, dict[str, Any], float],
         limit: int,
     ) -> None:
-        """`copy`: (the validated request, what the champion saw of it or None, the slot's
-        batched call or None, the champion's answer, its seconds)."""
-        request, seen, batch, answer, champion_s = copy
+        """`copy`: (the validated request, what the champion saw of it or None, the
+        champion's answer, its seconds)."""
+        request, seen, answer, champion_s = copy
         queued = route.again is not None and seen is not None
         if (len(self._queued) >= 2 * limit) if queued else (len(self._running) >= limit):
-            stats.skipped += 1
+            challenger.shadow.skipped += 1
             return
         loop = asyncio.get_running_loop()
         if queued:
-            self._queued.append((route, challenger, stats, seen, answer, champion_s))
+            self._queued.append((route, challenger, seen, answer, champion_s))
             if len(self._queued) == limit:  # answered at the loop's next turn
                 if self._timer is not None:
                     self._timer.cancel()
@@ -221,9 +273,7 @@ class ShadowCopies:
             elif self._timer is None:
                 self._timer = loop.call_later(SHADOW_WAIT_S, self._answer_queued)
             return
-        task = loop.create_task(
-            self._answer_one(route, challenger, stats, request, batch, answer, champion_s)
-        )
+        task = loop.create_task(self._answer_one(route, challenger, request, answer, champion_s))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -234,34 +284,40 @@ class ShadowCopies:
             groups.setdefault((id(entry[0]), id(entry[1])), []).append(entry)
         for entries in groups.values():
             route, challenger = entries[0][:2]
+            stats = challenger.shadow
             started = time.perf_counter()
             try:
-                answers = route.again(challenger, [entry[3] for entry in entries])
+                answers = route.again(challenger.predictor, [entry[2] for entry in entries])
             except Exception as exc:  # the challenger's failure is a figure, not the client's
                 answers = [exc] * len(entries)
             took = time.perf_counter() - started
-            for (_, _, stats, _, answer, champion_s), other in zip(entries, answers, strict=True):
+            for (*_, answer, champion_s), other in zip(entries, answers, strict=True):
                 if isinstance(other, Exception):
                     _failed(route, stats, other)
                 else:
                     stats.record(route.compare(answer, other), champion_s, took)
+            challenger.budget.spend(time.perf_counter() - started)
 
     async def _answer_one(
         self,
         route: Any,
-        challenger: Any,
-        stats: ShadowStats,
+        challenger: Challenger,
         request: Any,
-        batch: Any,
         answer: dict[str, Any],
         champion_s: float,
     ) -> None:
+        stats = challenger.shadow
         started = time.perf_counter()
         try:
-            other, _ = await route.answer(challenger, request, batch)
-            stats.record(route.compare(answer, other), champion_s, time.perf_counter() - started)
+            # Not through the route's batcher: answered here at once, so that the time
+            # measured is the copy's own, not a wait behind the clients' batches.
+            other, _ = await route.answer(challenger.predictor, request, None)
+            took = time.perf_counter() - started
+            stats.record(route.compare(answer, other), champion_s, took)
         except Exception as exc:
+            took = time.perf_counter() - started
             _failed(route, stats, exc)
+        challenger.budget.spend(took)
 
 
 def _failed(route: Any, stats: ShadowStats, exc: Exception) -> None:

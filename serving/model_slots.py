@@ -15,13 +15,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from serving.contracts import Predictor, served_name
 from serving.drift import DriftConfig, DriftMonitor, DriftReference
 from serving.kinds import BY_SLOT, KINDS, NO_MODEL
-from serving.lifecycle import ChallengerConfig, ShadowStats, to_challenger
+from serving.lifecycle import Challenger, ChallengerConfig, ShadowStats, to_challenger
 from serving.model_checks import ModelRejected, verify_model
 from serving.model_source import ModelNotFound, resolve_model
 
@@ -43,15 +42,6 @@ def load_predictor(
     files = resolve_model(source, tracking_uri, version)
     verify_model(files)
     return BY_SLOT[slot].predictor(files, threads=threads, use_gpu=use_gpu)
-
-
-@dataclass
-class Challenger:
-    """A slot's challenger (serving/lifecycle.py): its settings, model and shadow figures."""
-
-    config: ChallengerConfig
-    predictor: Predictor
-    shadow: ShadowStats
 
 
 class LoadedModels:
@@ -99,7 +89,9 @@ class LoadedModels:
             if to_challenger(config, caller, random.random()):
                 return challenger.predictor, None
         elif config.mode == "shadow" and random.random() < config.shadow_share:
-            return champion, challenger
+            if challenger.budget.allows(config.shadow_budget):
+                return champion, challenger
+            challenger.shadow.over_budget += 1
         return champion, None
 
     def observe(self, slot: str, predictor: Predictor, seen: Any) -> None:

@@ -123,9 +123,10 @@ def set_challenger(
     alias: str | None = None,
     app_name: str = "dlpipe",
 ) -> ChallengerConfig | None:
-    """Serve `slot`'s challenger with `settings` (mode, share, sticky, shadow_share; those
-    left out stay as they were): `source` (a registry URI or folder), else the champion's
-    model @`alias`, else the challenger served now, else the champion's model @challenger.
+    """Serve `slot`'s challenger with `settings` (mode, share, sticky, shadow_share,
+    shadow_budget; those left out stay as they were): `source` (a registry URI or folder),
+    else the champion's model @`alias`, else the challenger served now, else the champion's
+    model @challenger.
     Checked and loaded here first, then asked of every replica. Mode off with no model
     named takes the challenger away (returns None)."""
     if slot not in BY_SLOT:

@@ -17,8 +17,10 @@ from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.kinds import BY_SLOT, classify_again
 from serving.lifecycle import (
+    Challenger,
     ChallengerConfig,
     ChallengerConfigError,
+    ShadowBudget,
     ShadowCopies,
     ShadowStats,
     client_bucket,
@@ -43,6 +45,8 @@ BRIGHT = [[0.9] * 16]
         ({"classifier": {"source": "m", "mode": "canary", "share": 1.5}}, "classifier.share"),
         ({"classifier": {"source": "m", "share": -0.1}}, "classifier.share"),
         ({"classifier": {"source": "m", "shadow_share": "all"}}, "classifier.shadow_share"),
+        ({"classifier": {"source": "m", "shadow_budget": 0}}, "classifier.shadow_budget: 0"),
+        ({"classifier": {"source": "m", "shadow_budget": 2}}, "classifier.shadow_budget"),
         ({"classifier": {"source": "m", "mode": "blue-green"}}, "classifier.mode"),
         ({"classifier": {"source": "m", "sticky": "yes"}}, "classifier.sticky"),
         ({"classifier": {"mode": "canary"}}, "classifier.source"),
@@ -164,19 +168,56 @@ def test_queued_copies_are_bounded_and_all_kept_ones_are_compared(export_dir):  
     next turn, eight kept (twice the limit), four skipped; each kept one compared."""
     classifier = ClassifierPredictor(resolve_model(str(export_dir)))
     route = BY_SLOT["classifier"].routes[0]
-    stats = ShadowStats("1", "2")
+    challenger = Challenger(ChallengerConfig("m", "shadow"), classifier, ShadowStats("1", "2"))
     bright = np.full((1, 1, 4, 4), 0.9, np.float32)
     answer = {"predictions": classifier.classify(bright)}
 
     async def offer_twelve() -> None:
         copies = ShadowCopies()
         for _ in range(12):
-            copies.offer(route, classifier, stats, (None, bright, None, answer, 0.001), 4)
+            copies.offer(route, challenger, (None, bright, answer, 0.001), 4)
         await asyncio.sleep(0.05)
 
     asyncio.run(offer_twelve())
-    summary = stats.summary()
+    summary = challenger.shadow.summary()
     assert (summary["requests"], summary["skipped"], summary["agreement"]) == (8, 4, 1.0)
+    # The eight copies' time came out of the challenger's budget.
+    assert challenger.budget.seconds < ShadowBudget.BURST_S
+
+
+def test_the_shadow_budget_is_a_share_of_the_time():
+    """A full bucket allows copies until their time empties it; then it refills at the
+    budget's share of the time passed: 10% of a second pays for 0.1 s of copies."""
+    budget = ShadowBudget()
+    start = time.perf_counter()
+    assert budget.allows(0.1, start)
+    budget.spend(ShadowBudget.BURST_S + 0.02)  # a batch of copies that overran the bucket
+    assert not budget.allows(0.1, start + 0.1)  # 0.01 s back of the 0.02 owed
+    assert budget.allows(0.1, start + 0.3)  # 0.03 s back: 0.01 s to spend
+    assert budget.seconds == pytest.approx(0.01)
+    assert budget.allows(0.1, start + 100) and budget.seconds == ShadowBudget.BURST_S  # capped
+
+
+def test_copies_over_the_budget_are_counted_and_the_champion_answers_alone(export_dir):  # noqa: F811
+    """Shadow mode with its budget spent: requests are answered by the champion and not
+    copied, counted as over_budget; once time refills it, copies go on."""
+    models = models_with_challenger(export_dir, mode="shadow")
+    challenger = models.challengers["classifier"]
+    challenger.budget.spend(10.0)  # ten seconds owed: at 0.1 of the time, 100 s to refill
+    server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
+    server.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http:
+            for _ in range(5):
+                answer = http.post("/v1/classify", json={"instances": BRIGHT})
+                assert answer.status_code == 200
+            time.sleep(0.1)  # a copy, had one been made, would be compared by now
+            assert (shadow_of(http)["over_budget"], shadow_of(http)["requests"]) == (5, 0)
+            challenger.budget.seconds = ShadowBudget.BURST_S
+            shadow = shadowed(http, 5)
+    finally:
+        server.stop()
+    assert (shadow["requests"], shadow["over_budget"]) == (5, 5)
 
 
 def shadow_of(http: httpx.Client) -> dict:
