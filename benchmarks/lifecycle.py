@@ -5,7 +5,7 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
   `--seconds` each) with the challenger in shadow mode (every request copied), against the
   same app with the challenger off, as a fraction (0.2: 20% slower); the median of
   `--rounds` pairs, each pair's own ratio, in reverse order every other round; the copies
-  take at most `--shadow-budget` of the replica's time (the app's default 0.1), so under
+  take at most `--shadow-budget` of the replica's time (the app's default 0.05), so under
   this load a share of the requests is compared (`shadow_copied_share`, per run);
   `shadow_sampled_p50_overhead` the same with `--sample` (0.25) of the requests copied;
 - `shadow_cpu_overhead`: the same pairs' replica CPU time per request (`/proc`), shadow

@@ -8,7 +8,7 @@ alias names, set live through the deployment's `user_config.challengers` (no res
         share: 0.05        # canary: the share of requests the challenger answers
         sticky: false      # canary: all of a client's requests the same way
         shadow_share: 1.0  # shadow: the share of requests copied to the challenger
-        shadow_budget: 0.1 # shadow: the most of a replica's time the copies may take
+        shadow_budget: 0.05 # shadow: the most of a replica's time the copies take
 
 - canary: the challenger answers `share` of the requests; sticky, by a hash of the client
   (its API key's name, else its `X-Client-Id` header), so one client sees one model;
@@ -59,7 +59,7 @@ class ChallengerConfig:
     share: float = 0.05
     sticky: bool = False
     shadow_share: float = 1.0
-    shadow_budget: float = 0.1
+    shadow_budget: float = 0.05
 
     @classmethod
     def parse(cls, slot: str, raw: Any) -> ChallengerConfig:
@@ -190,9 +190,10 @@ class ShadowBudget:
     time empties; while it is empty, requests are not copied.
 
     Copies are work the champion's clients wait behind whenever the replica is busy: a
-    second model's inference per request measured +21% CPU a request and +23% p50 at 32
-    clients (benchmarks/README.md). Under such a load the budget makes the copies a
-    sample; under a lighter one, every request is copied."""
+    digit's copy (the challenger's inference and the comparison) measured ~27 us, a tenth
+    of the request, and every request copied cost the champion +23% p50 at 32 clients
+    (benchmarks/README.md). Under such a load the budget makes the copies a sample;
+    under a lighter one, every request is copied."""
 
     BURST_S = 0.05
     """What copies may spend at once after an idle spell (~500 digits)."""

@@ -203,7 +203,7 @@ def test_copies_over_the_budget_are_counted_and_the_champion_answers_alone(expor
     copied, counted as over_budget; once time refills it, copies go on."""
     models = models_with_challenger(export_dir, mode="shadow")
     challenger = models.challengers["classifier"]
-    challenger.budget.spend(10.0)  # ten seconds owed: at 0.1 of the time, 100 s to refill
+    challenger.budget.spend(10.0)  # ten seconds owed: at 0.05 of the time, 200 s to refill
     server = ReplicaHttpServer(HttpApi(models, Limits()), "127.0.0.1", free_port())
     server.start()
     try:
