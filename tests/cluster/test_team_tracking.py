@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 SERVER_SCRIPT = REPO / "infra/mlflow/local-server.sh"
 TUNE_TRIALS = 2
+TRAIN_EPOCHS = 2
 ADMIN, PASSWORD = "admin", "team-tracking-pw-5e1c9a"
 CREDENTIALS = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
 
@@ -89,16 +90,18 @@ def own_ray():
 
 def small_params(path: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(epochs=3, num_workers=2)
+    # Short runs: what is under test is concurrent logging, not the models (two epochs of
+    # training: a metric history of more than one step).
+    params["train"].update(epochs=TRAIN_EPOCHS, num_workers=2)
     params["tune"].update(
         optimizers=["adam", "momentum"],
         samples=1,  # 2 optimizers x 1 learning rate: 2 trials at once
         scheduler="none",
-        epochs=2,
+        epochs=1,
         max_concurrent_trials=TUNE_TRIALS,
     )
     params["pseudolabel"].update(
-        rounds=0, epochs_per_round=2, fixmatch_epochs=2, labeled_fraction=0.1
+        rounds=0, epochs_per_round=1, fixmatch_epochs=1, labeled_fraction=0.1
     )
     path.write_text(yaml.safe_dump(params))
     return path
@@ -179,7 +182,7 @@ def test_three_stages_log_to_the_postgres_server_at_once(
     supervised = runs("dlpipe-supervised")
     [train] = [r for r in supervised if r.data.tags.get("dvc_stage") == "train_supervised"]
     assert train.info.status == "FINISHED"
-    assert len(client.get_metric_history(train.info.run_id, "val_loss")) == 3  # every epoch
+    assert len(client.get_metric_history(train.info.run_id, "val_loss")) == TRAIN_EPOCHS
     assert train.data.tags["precision"] == "fp32"
     assert {"evaluate", "export"} <= {r.data.tags.get("dvc_stage") for r in supervised}
     version = client.get_model_version_by_alias("dlpipe-classifier", "champion")
