@@ -199,7 +199,7 @@ class PredictionService:
         batcher = self.batchers[path]
 
         async def call(predictor: Any, inputs: Any) -> Any:
-            return await batcher.submit((predictor, inputs))
+            return await batcher.submit((predictor, inputs), len(inputs))
 
         return call
 

@@ -10,8 +10,10 @@ contexts; each batch records five Ray metrics and, with no wait time, still crea
 deque, a future per request and one task per replica (benchmarks/README.md has the
 before/after).
 
-Semantics, as `@serve.batch`: a batch is at most `max_batch_size` requests; the first
-request of a batch waits up to `batch_wait_timeout_s` for others (0: a batch is what queued
+Semantics, as `@serve.batch`, but counted in model inputs: a batch is at most
+`max_batch_size` inputs (a request's rows or texts, its `size`; a larger request runs
+alone), so that a model call's cost stays bounded whatever the requests carry (32 embed
+requests of 8 texts were one 256-text call); the first request of a batch waits up to `batch_wait_timeout_s` for others (0: a batch is what queued
 while the previous one ran, which under load fills batches by itself and never delays a
 lone client); both change live. A result that is an exception is raised to its own caller
 only, so one bad request does not fail its neighbours.
@@ -41,7 +43,7 @@ class Batching:
     its deployment's `user_config` (changed live, serving/config.yaml)."""
 
     max_batch_size: int = 32
-    """Requests run through onnxruntime together at most."""
+    """Model inputs (rows, texts) run through onnxruntime together at most."""
     batch_wait_timeout_s: float = 0.0
     """How long the first request of a batch waits for others. 0: no waiting, a batch is
     whatever queued while the previous one ran; under load that fills batches by itself
@@ -78,8 +80,10 @@ class DynamicBatcher(Generic[Item, Result]):
         self._run_batch = run_batch
         self.configure(max_batch_size, batch_wait_timeout_s)
         self.timeout_s = timeout_s
-        # (item, its caller's future, the loop time after which it is not run)
-        self._queue: collections.deque[tuple[Item, asyncio.Future, float]] = collections.deque()
+        # (item, its caller's future, the loop time after which it is not run, its size)
+        self._queue: collections.deque[tuple[Item, asyncio.Future, float, int]] = (
+            collections.deque()
+        )
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -93,13 +97,14 @@ class DynamicBatcher(Generic[Item, Result]):
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, size: int = 1) -> Result:
+        """`item`'s result; `size`: the model inputs it carries (counted in a batch)."""
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._serve_batches(), name="dynamic-batcher")
         future = loop.create_future()
-        self._queue.append((item, future, loop.time() + self.timeout_s))
+        self._queue.append((item, future, loop.time() + self.timeout_s, size))
         self._arrived.set()
         return await future
 
@@ -109,7 +114,7 @@ class DynamicBatcher(Generic[Item, Result]):
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            if self.batch_wait_timeout_s > 0 and len(self._queue) < self.max_batch_size:
+            if self.batch_wait_timeout_s > 0 and self._queued_inputs() < self.max_batch_size:
                 await self._wait_for_more(self.batch_wait_timeout_s)
             self._answer(self._next_batch())
             # Yield once so the answers go out and new requests reach the queue before the
@@ -119,7 +124,7 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _wait_for_more(self, timeout_s: float) -> None:
         assert self._arrived is not None
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while len(self._queue) < self.max_batch_size:
+        while self._queued_inputs() < self.max_batch_size:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return
@@ -130,17 +135,27 @@ class DynamicBatcher(Generic[Item, Result]):
             except TimeoutError:
                 return
 
+    def _queued_inputs(self) -> int:
+        return sum(entry[3] for entry in self._queue)
+
     def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
         batch = []
+        inputs = 0
         now = asyncio.get_running_loop().time()
-        while self._queue and len(batch) < self.max_batch_size:
-            item, future, deadline = self._queue.popleft()
+        while self._queue:
+            item, future, deadline, size = self._queue[0]
             if future.done():  # a caller that went away is skipped
+                self._queue.popleft()
                 continue
             if now > deadline:
+                self._queue.popleft()
                 future.set_exception(TimeoutError())
                 continue
+            if batch and inputs + size > self.max_batch_size:
+                break  # the next batch's first
+            self._queue.popleft()
             batch.append((item, future))
+            inputs += size
         return batch
 
     def _answer(self, batch: list[tuple[Item, asyncio.Future]]) -> None:

@@ -51,6 +51,20 @@ def test_batches_never_exceed_max_batch_size() -> None:
     assert [len(b) for b in model.batches] == [4, 4, 2]
 
 
+def test_a_batch_is_counted_in_model_inputs() -> None:
+    """Requests of 3, 3, 2, 5 and 1 inputs with max_batch_size 6: batches of (3, 3), (2),
+    (5, 1); a request larger than the limit runs alone, and answers stay in order."""
+    model = Doubler()
+    batcher = DynamicBatcher(model, max_batch_size=6)
+    sizes = [3, 3, 2, 5, 1, 9]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i, size) for i, size in enumerate(sizes)))
+
+    assert run(main()) == [i * 2 for i in range(len(sizes))]
+    assert model.batches == [[0, 1], [2], [3, 4], [5]]
+
+
 def test_a_bad_item_fails_only_its_own_caller() -> None:
     batcher = DynamicBatcher(Doubler())
 
