@@ -158,7 +158,8 @@ def drift_of(base: str, slot: str) -> dict:
 
 def shadow_counts(base: str, slot: str) -> tuple[int, int]:
     """(requests compared, requests not copied: over the time budget or the queue full)
-    of the slot's shadow figures now, summed over the replicas that answered."""
+    of the slot's shadow figures now, as the replica that answers /v1/models has them (the
+    benchmark serves one replica)."""
     listing = httpx.get(f"{base}/v1/models", timeout=10).json()
     entry = next(m for m in listing["models"] if m["slot"] == slot)
     shadow = (entry.get("challenger") or {}).get("shadow") or {}

@@ -245,7 +245,7 @@ class ShadowCopies:
     """
 
     def __init__(self) -> None:
-        self._queued: list[tuple[Any, Challenger, Any, dict[str, Any], float]] = []
+        self._queued: list[tuple[Any, Challenger, ShadowStats, Any, dict[str, Any], float]] = []
         self._timer: asyncio.Handle | None = None
         self._running: set[asyncio.Task] = set()
         """One-copy tasks still running (held: the loop keeps only weak references)."""
@@ -260,13 +260,16 @@ class ShadowCopies:
         """`copy`: (the validated request, what the champion saw of it or None, the
         champion's answer, its seconds)."""
         request, seen, answer, champion_s = copy
+        # The figures of this champion and challenger, taken now: a champion reload before
+        # the copy is answered gives the slot new figures, and this copy is not theirs.
+        stats = challenger.shadow
         queued = route.again is not None and seen is not None
         if (len(self._queued) >= 2 * limit) if queued else (len(self._running) >= limit):
-            challenger.shadow.skipped += 1
+            stats.skipped += 1
             return
         loop = asyncio.get_running_loop()
         if queued:
-            self._queued.append((route, challenger, seen, answer, champion_s))
+            self._queued.append((route, challenger, stats, seen, answer, champion_s))
             if len(self._queued) == limit:  # answered at the loop's next turn
                 if self._timer is not None:
                     self._timer.cancel()
@@ -274,7 +277,9 @@ class ShadowCopies:
             elif self._timer is None:
                 self._timer = loop.call_later(SHADOW_WAIT_S, self._answer_queued)
             return
-        task = loop.create_task(self._answer_one(route, challenger, request, answer, champion_s))
+        task = loop.create_task(
+            self._answer_one(route, challenger, stats, request, answer, champion_s)
+        )
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
@@ -285,29 +290,34 @@ class ShadowCopies:
             groups.setdefault((id(entry[0]), id(entry[1])), []).append(entry)
         for entries in groups.values():
             route, challenger = entries[0][:2]
-            stats = challenger.shadow
             started = time.perf_counter()
             try:
-                answers = route.again(challenger.predictor, [entry[2] for entry in entries])
+                answers = route.again(challenger.predictor, [entry[3] for entry in entries])
             except Exception as exc:  # the challenger's failure is a figure, not the client's
                 answers = [exc] * len(entries)
             took = time.perf_counter() - started
-            for (*_, answer, champion_s), other in zip(entries, answers, strict=True):
-                if isinstance(other, Exception):
-                    _failed(route, stats, other)
-                else:
-                    stats.record(route.compare(answer, other), champion_s, took)
-            challenger.budget.spend(time.perf_counter() - started)
+            try:
+                for (_, _, stats, _, answer, champion_s), other in zip(
+                    entries, answers, strict=True
+                ):
+                    if isinstance(other, Exception):
+                        _failed(route, stats, other)
+                    else:
+                        stats.record(route.compare(answer, other), champion_s, took)
+            except Exception:  # a comparison's bug: logged, the other groups still answered
+                log.exception("shadow %s: comparing the answers failed", route.path)
+            finally:
+                challenger.budget.spend(time.perf_counter() - started)
 
     async def _answer_one(
         self,
         route: Any,
         challenger: Challenger,
+        stats: ShadowStats,
         request: Any,
         answer: dict[str, Any],
         champion_s: float,
     ) -> None:
-        stats = challenger.shadow
         started = time.perf_counter()
         try:
             # Not through the route's batcher: answered here at once, so that the time
