@@ -13,9 +13,10 @@ before/after).
 Semantics, as `@serve.batch`, but counted in model inputs: a batch is at most
 `max_batch_size` inputs (a request's rows or texts, its `size`; a larger request runs
 alone), so that a model call's cost stays bounded whatever the requests carry (32 embed
-requests of 8 texts were one 256-text call); the first request of a batch waits up to `batch_wait_timeout_s` for others (0: a batch is what queued
-while the previous one ran, which under load fills batches by itself and never delays a
-lone client); both change live. A result that is an exception is raised to its own caller
+requests of 8 texts were one 256-text call); the first request of a batch waits up to
+`batch_wait_timeout_s` for others (0: a batch is what queued while the previous one
+ran, which under load fills batches by itself and never delays a lone client); both
+change live. A result that is an exception is raised to its own caller
 only, so one bad request does not fail its neighbours.
 
 A request still queued `timeout_s` after it was submitted is not run: its caller gets

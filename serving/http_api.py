@@ -201,9 +201,10 @@ class HttpApi:
     """The endpoints of every model kind (serving/kinds.py) over `models`, a
     serving/model_slots.py `LoadedModels` (each slot's predictor, swapped in place on
     reload); `batches` (route path -> batched call) batch the concurrent requests of the
-    routes with a `many` (serving/app.py passes serving/batcher.py's); `metrics` (serving/metrics.py) records every answer; `replica`
-    names the replica answering in /v1/models (several share a port); `keys`
-    (serving/auth.py) the API keys every route but the probes requires, none by default.
+    routes with a `many` (serving/app.py passes serving/batcher.py's); `metrics`
+    (serving/metrics.py) records every answer; `replica` names the replica answering in
+    /v1/models (several share a port); `keys` (serving/auth.py) the API keys every route
+    but the probes requires, none by default.
 
     The object is the ASGI app: give it to uvicorn (or any ASGI server or test client)."""
 
@@ -329,8 +330,9 @@ class HttpApi:
             self.models.observe(kind.slot, predictor, seen)
             if shadow is not None:
                 # Answered after this answer has gone, at most an eighth of max_in_flight
-                # copies waiting (pick made it only within the copies' time budget); recorded in the figures of this champion and challenger,
-                # even if a reload replaces them meanwhile.
+                # copies waiting (pick made it only within the copies' time budget);
+                # recorded in the figures of this champion and challenger, even if a
+                # reload replaces them meanwhile.
                 copy = (request, seen, answer, time.perf_counter() - started)
                 limit = max(1, self.limits.max_in_flight // 8)
                 self._shadows.offer(route, shadow, copy, limit)

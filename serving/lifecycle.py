@@ -191,9 +191,8 @@ class ShadowBudget:
 
     Copies are work the champion's clients wait behind whenever the replica is busy: a
     digit's copy (the challenger's inference and the comparison) measured ~27 us, a tenth
-    of the request, and every request copied cost the champion +23% p50 at 32 clients
-    (benchmarks/README.md). Under such a load the budget makes the copies a sample;
-    under a lighter one, every request is copied."""
+    of the request (benchmarks/README.md). Under a load that fills the replica the budget
+    makes the copies a sample; under a lighter one, every request is copied."""
 
     BURST_S = 0.05
     """What copies may spend at once after an idle spell (~500 digits)."""
@@ -238,10 +237,10 @@ class ShadowCopies:
     onnxruntime call for dozens of copies under load, where a task, a batcher round and a
     full answer per copy were three of the costs profiled (benchmarks/README.md). Other
     routes: one task per copy, through the route's own answer, unbatched. The time either
-    takes is spent from the challenger's `ShadowBudget`. At most `limit` one-copy tasks run and twice `limit` copies
-    wait at once (those queued while a full queue's call is pending are kept); beyond, a
-    request is not copied (counted as skipped), so a slow challenger cannot pile up work
-    ahead of the clients' requests.
+    takes is spent from the challenger's `ShadowBudget`. At most `limit` one-copy tasks
+    run and twice `limit` copies wait at once (those queued while a full queue's call is
+    pending are kept); beyond, a request is not copied (counted as skipped), so a slow
+    challenger cannot pile up work ahead of the clients' requests.
     """
 
     def __init__(self) -> None:
