@@ -91,8 +91,9 @@ def own_ray():
 def small_params(path: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     # Short runs: what is under test is concurrent logging, not the models (two epochs of
-    # training: a metric history of more than one step).
-    params["train"].update(epochs=TRAIN_EPOCHS, num_workers=2)
+    # training: a metric history of more than one step). One worker per run: rank 0 alone
+    # logs, and fewer processes share the 2 CPUs.
+    params["train"].update(epochs=TRAIN_EPOCHS, num_workers=1)
     params["tune"].update(
         optimizers=["adam", "momentum"],
         samples=1,  # 2 optimizers x 1 learning rate: 2 trials at once

@@ -129,6 +129,20 @@ def small_params(params: dict) -> None:
     params["tune"].update(
         optimizers=["adam", "momentum"], samples=1, epochs=2, space={"train.batch_size": [64]}
     )
+    # One worker for every network but those of `train` (train_supervised, train_pseudolabel,
+    # forced below: a reproducible DDP run). A second worker is another process to start
+    # and import torch in: about 9 s a Ray Train job here (segment_digits, two jobs: 116 ->
+    # 97 s). Each paradigm's own test trains on 2 workers.
+    for section in (
+        params["mlm"]["train"],
+        params["segment"]["train"],
+        params["segment_digits"]["train"],
+        params["segment_digits"]["vae_train"],
+        params["timeseries"]["train"],
+        params["generate"]["vae_train"],
+        params["generate"]["gan_train"],
+    ):
+        section["num_workers"] = 1
 
 
 @pytest.fixture(scope="module")
