@@ -102,12 +102,13 @@ def tune_search(
         tuner = make_tuner(model, train, tune, data, name, parent, total, experiment_dir)
         grid = tuner.fit()
         remove_orphaned_placement_groups()  # else a stopped trial's CPUs may stay held
-        if grid.num_terminated + grid.num_errors < total:
+        finished = finished_trials(grid, tune)
+        if finished < total:
             # Tune returns (not raises) on Ctrl-C, its state saved: keep it for a resume.
             log.warning(
                 "search interrupted with %d of %d trials finished; run the stage again "
                 "(same params) to resume it",
-                grid.num_terminated + grid.num_errors,
+                finished,
                 total,
             )
             raise KeyboardInterrupt
@@ -341,6 +342,25 @@ def _require_optuna() -> None:
             "tune.search: optuna needs the optuna package: pip install optuna "
             "(or use random or grid)"
         ) from None
+
+
+def finished_trials(grid, tune: TuneConfig) -> int:
+    """Trials of `grid` that ran to their end: failed, or reported and were not cut short
+    by an interrupt. Not Tune's own count: on Ctrl-C it marks a trial that was still
+    starting (no report yet) as terminated, and without a scheduler a trial that stopped
+    before its last epoch can only have been interrupted (its saved state resumes it)."""
+    from pipelines.tuning.trial_tracking import trial_status
+
+    finished = 0
+    for result in grid:
+        if result.error:
+            finished += 1
+        elif result.metrics and not (
+            tune.scheduler == "none"
+            and trial_status(result.metrics, tune.epochs, tune.scheduler) == "stopped_early"
+        ):
+            finished += 1
+    return finished
 
 
 def trial_rows(grid, tune: TuneConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:

@@ -119,7 +119,9 @@ def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_pat
     summary = cross_validate(
         EvaluateConfig(folds=3),
         ArchitectureConfig(),
-        quick_train_config(epochs=3),
+        # One worker a fold: two workers are test_two_workers_learn_the_digits' subject,
+        # and a second worker process is ~9 s of each of the three Ray Train runs here.
+        quick_train_config(epochs=3, num_workers=1),
         TrackingConfig(),
         data_dir=str(trained.prepared),
         metrics_path=str(tmp_path / "cross_validation.json"),

@@ -149,11 +149,13 @@ def test_optuna_tpe_searches_the_same_space(trained, stores, tmp_path):
         optimizers=("adam", "rmsprop"),
         search="optuna",
         scheduler="none",
-        samples=2,
+        # One learning rate per optimizer: the searcher's wiring is under test, not TPE's
+        # choices (each trial is a Ray Train run, ~20 s here before its first epoch).
+        samples=1,
         epochs=1,
     )
     summary = run_search(search, trained, tmp_path)
-    assert summary["trials"] == 4 and summary["search"] == "optuna"
+    assert summary["trials"] == 2 and summary["search"] == "optuna"
     assert summary["best_optimizer"] in ("adam", "rmsprop")
     assert summary["best_val_accuracy"] > 0.5
 
@@ -210,7 +212,9 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(epochs=2, batch_size=32)
     params["tune"].update(
-        optimizers=["adam", "rmsprop", "adagrad", "momentum"],
+        # Three trials one at a time: interrupted once two have finished, the third is
+        # left to the resumed search.
+        optimizers=["adam", "rmsprop", "adagrad"],
         samples=1,
         epochs=2,
         scheduler="none",
@@ -272,9 +276,9 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     for trial_id in finished:  # not started again
         assert f"trial {trial_id} started" not in log
     summary = json.loads((tmp_path / "tune.json").read_text())
-    assert summary["trials"] == 4
+    assert summary["trials"] == 3
     runs = child_runs(uri, "dlpipe-tune")
-    assert len(runs) == 4  # one per trial: the resumed ones kept theirs
+    assert len(runs) == 3  # one per trial: the resumed ones kept theirs
     client = MlflowClient(uri)
     for run in runs:
         assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
