@@ -1,7 +1,7 @@
 """A team's MLflow server: PostgreSQL (Debian's package) behind `mlflow server`, started by
 infra/mlflow/local-server.sh exactly as the README's cluster guide says. Three stage
 processes log to it at once, as three people would: training -> evaluate -> export (a
-model version and its alias), a Tune search with 4 trials at a time, and a pseudo-label
+model version and its alias), a Tune search with 2 trials at a time, and a pseudo-label
 run. Every run, metric, version and alias must arrive, with no lock or retry error.
 
 The server runs MLflow's basic-auth app: a request without the password is refused, the
