@@ -348,7 +348,8 @@ def finished_trials(grid, tune: TuneConfig) -> int:
     """Trials of `grid` that ran to their end: failed, or reported and were not cut short
     by an interrupt. Not Tune's own count: on Ctrl-C it marks a trial that was still
     starting (no report yet) as terminated, and without a scheduler a trial that stopped
-    before its last epoch can only have been interrupted (its saved state resumes it)."""
+    before its last epoch can only have been interrupted (its saved state resumes it):
+    trials train with early stopping off (`trial_settings`), and a diverged one says so."""
     from pipelines.tuning.trial_tracking import trial_status
 
     finished = 0
