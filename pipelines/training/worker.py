@@ -3,6 +3,8 @@
 It adds exactly the distributed parts: DDP via `prepare_model`, this worker's shard of the
 data, an all-reduce of epoch totals, `ray.train.report` with a checkpoint every epoch,
 resuming from the latest checkpoint after a failure, and MLflow logging from rank 0.
+The Ray calls among them go through a `WorkerSession`, so that a one-worker Tune trial runs
+the same loop in its own actor (pipelines/tuning/trial.py says why).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -37,16 +39,69 @@ PREDICTIONS_FILE = "predictions.npy"
 DIVERGED_FILE = "diverged.txt"
 
 
+class WorkerSession(Protocol):
+    """What the loop needs from whatever runs it: its place among the workers, its device,
+    the model wrapping, the checkpoint to resume from, and where a report goes.
+
+    Two run it: a Ray Train worker (`RayTrainSession`, every training stage and a search's
+    multi-worker trials) and a one-worker Tune trial's own actor
+    (`pipelines.tuning.trial.TrialSession`), which skips a Train job's fixed start-up."""
+
+    rank: int
+    world_size: int
+
+    def device(self) -> torch.device: ...
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
+
+    def latest_checkpoint(self) -> Any:
+        """The run's own latest checkpoint (a restart after a failure), or None."""
+        ...
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        """Hand `metrics` on, with the checkpoint in `checkpoint_dir` (read before this
+        returns) when given."""
+        ...
+
+
+class RayTrainSession:
+    """A Ray Train worker's session: ranks, device, DDP wrapping and reports from ray.train."""
+
+    def __init__(self) -> None:
+        _quiet_per_report_log()
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(
+            model, move_to_device=device, parallel_strategy_kwargs=ddp_options(model)
+        )
+
+    def latest_checkpoint(self) -> Any:
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is built by `pipelines.training.driver.loop_config`,
     its `task` (see tasks.py) says which network, loss and batches to train."""
-    _quiet_per_report_log()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    run_worker(config, RayTrainSession())
+
+
+def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
+    """The loop around `fit` for one worker of a run (see `train_loop_per_worker`), whatever
+    `session` runs it."""
+    rank, world_size = session.rank, session.world_size
     train_cfg: TrainConfig = config["train"]
     task = config["task"]
     classification = task.classification
-    device = ray.train.torch.get_device()
+    device = session.device()
     if device.type == "cuda" and not torch.cuda.is_available():
         # Ray reserved a GPU (share) for this worker, but torch here cannot use one: a CPU
         # build of torch on a GPU node, or a cluster that declares GPUs it lacks. Training
@@ -60,17 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     arrays = {k: _shared_tensor(v) for k, v in ray.get(config["data"]).items()}
 
-    state = initial_state(
-        task,
-        train_cfg,
-        lambda model: ray.train.torch.prepare_model(
-            model, move_to_device=device, parallel_strategy_kwargs=ddp_options(model)
-        ),
-    )
+    state = initial_state(task, train_cfg, lambda model: session.prepare_model(model, device))
     # The run's own latest checkpoint (a restart after a failure), else the one the run was
     # started from (`initial_checkpoint`: e.g. a Tune trial restarted by PBT from a better
     # trial's weights).
-    checkpoint = ray.train.get_checkpoint() or config.get("initial_checkpoint")
+    checkpoint = session.latest_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state.load_state_dict(
@@ -112,12 +161,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         metrics = unreported[-1]
         if rank != 0:
-            ray.train.report(metrics)
+            session.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(state.state_dict(), Path(directory) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=checkpoint)
+                session.report(metrics, directory)
             # After the checkpoint, not before: killed in between, a resumed run logs these
             # epochs from the checkpoint's history (above), instead of training them again
             # and logging them twice.
@@ -173,10 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with tempfile.TemporaryDirectory() as directory:
                     torch.save(state.state_dict(), Path(directory) / STATE_FILE)
                     np.save(Path(directory) / PREDICTIONS_FILE, probabilities)
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
-                    ray.train.report(state.history[-1], checkpoint=checkpoint)
+                    session.report(state.history[-1], directory)
             else:
-                ray.train.report(state.history[-1])
+                session.report(state.history[-1])
     except TrainingDiverged as exc:
         # Reported, not raised: a retry from the checkpoint would diverge again. It travels
         # in a checkpoint because Ray Train's Result keeps the metrics of checkpointed reports.
@@ -188,13 +235,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             **({"val_accuracy": 0.0} if classification else {}),
         }
         if rank != 0:
-            ray.train.report(metrics)
+            session.report(metrics)
             return
         if logger is not None and unreported:  # the curve up to the divergence
             _tracked(lambda: logger.log_history(unreported))
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / DIVERGED_FILE).write_text(str(exc))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            session.report(metrics, directory)
     finally:
         if bar is not None:
             bar.close()

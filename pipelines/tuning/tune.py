@@ -1,11 +1,12 @@
 """Stage `tune`: a Ray Tune search over optimizers, learning rates and other settings.
 
-Each trial is a Ray Train run of the supervised task through the training stages' own
-driver and worker (pipelines/tuning/trial.py); its per-epoch reports reach the scheduler:
-ASHA (the default) stops trailing trials between epochs, PBT restarts them from leading
-trials' checkpoints with perturbed settings (its population: the trials running at once). A diverging trial ends
-itself and is reported as diverged; the search goes on. The driver logs a parent MLflow
-run with one child run per trial.
+Each trial runs the training stages' own worker loop on the supervised task
+(pipelines/tuning/trial.py: in the trial's actor for one worker, a Ray Train run through the
+stages' driver for several); its per-epoch reports reach the scheduler: ASHA (the default)
+stops trailing trials between epochs, PBT restarts them from leading trials' checkpoints
+with perturbed settings (its population: the trials running at once). A diverging trial
+ends itself and is reported as diverged; the search goes on. The driver logs a parent
+MLflow run with one child run per trial.
 
 An interrupted search (Ctrl-C, a lost driver) resumes where it stopped when the stage runs
 again with the same params, code and data: finished trials are kept, not re-run.
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 BEST_PARAMS_FILE = "best_params.yaml"
 RESULTS_FILE = "results.csv"
-TRIAL_MEMORY = 2**20  # bytes, logical
 
 
 def tune_search(
@@ -212,7 +212,7 @@ def make_tuner(
         require_resources,
         state_api_answers,
     )
-    from pipelines.tuning.trial import run_trial
+    from pipelines.tuning.trial import run_trial, trains_in_trial_actor, trial_resources
     from pipelines.tuning.trial_tracking import TrialTracking
 
     connect_ray()
@@ -236,9 +236,6 @@ def make_tuner(
             "may wait for them; start Ray with its dashboard (the default)",
             tune.scheduler,
         )
-    # The trial itself only waits on its Train run, whose workers hold the CPUs. Tune needs
-    # the trial to ask for something: a token of memory, no CPU (with even 0.01 CPU each,
-    # two trials of one worker would not fit on two CPUs at once).
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(
             run_trial,
@@ -248,7 +245,7 @@ def make_tuner(
             train=train,
             tune=tune,
         ),
-        {"CPU": 0, "memory": TRIAL_MEMORY},
+        trial_resources(tune, placed),
     )
     # Tune saves the search's state at most every 10 s by default; a driver killed outright
     # (SIGKILL: nothing saves on the way out) then loses the trials finished since, and the
@@ -280,10 +277,25 @@ def make_tuner(
         run_config=ray_tune.RunConfig(
             name=name,
             storage_path=storage_path(),
+            checkpoint_config=_checkpoint_config(tune),
+            # A trial that trains in its own actor is restarted by Tune, from its last
+            # checkpoint; a Train run restarts its own workers (run_training).
+            failure_config=ray_tune.FailureConfig(
+                max_failures=train.max_failures if trains_in_trial_actor(tune) else 0
+            ),
             callbacks=[TrialTracking(parent, tune, total)],
             verbose=0,  # progress comes from TrialTracking (a bar, or a line per trial event)
         ),
     )
+
+
+def _checkpoint_config(tune: TuneConfig):
+    """Tune keeps every checkpoint under PBT (it may restart a trial from a leading trial's
+    earlier epochs; the search's folder goes when it ends), else each trial's latest: all
+    that resuming it needs."""
+    from ray import tune as ray_tune
+
+    return ray_tune.CheckpointConfig(num_to_keep=None if tune.scheduler == "pbt" else 1)
 
 
 def _scheduler(tune: TuneConfig):
