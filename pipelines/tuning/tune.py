@@ -251,6 +251,9 @@ def make_tuner(
     # (SIGKILL: nothing saves on the way out) then loses the trials finished since, and the
     # restored search runs them again. Saved after every event instead: a few KB a time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Tune warns on every report that a trial keeping one checkpoint forces such a save
+    # "too often": saving that often is the point here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray_tune.Tuner.can_restore(experiment_dir):
         log.info("resuming the interrupted search in %s (finished trials are kept)", experiment_dir)
         return ray_tune.Tuner.restore(
