@@ -126,7 +126,8 @@ def output_dir_full(ws: Workspace, size: str = "16k") -> dict[str, Any]:
         with contextlib.suppress(OSError):
             previous.parent.mkdir(parents=True, exist_ok=True)
             previous.write_text("an earlier output\n")
-        ws.edit_params(lambda p: p["train"].update(epochs=2))
+        # One worker: the write of the output is under test (a second is ~9 s more here).
+        ws.edit_params(lambda p: p["train"].update(epochs=2, num_workers=1))
         result = ws.run(command, check=False)
         left = sorted(p.name for p in (out / "model").iterdir()) if (out / "model").is_dir() else []
         debris = sorted(p.name for p in out.glob(".*"))

@@ -1,6 +1,6 @@
 """The generative models end to end on the real Ray cluster: the `generate` stage trains a
-VAE and a DCGAN on the prepared digits on 2 Train workers each (the GAN's two optimizers
-in one DDP worker loop), judges their samples with the session's trained classifier,
+VAE (one Train worker) and a DCGAN (two: its two optimizers in one DDP worker loop) on the
+prepared digits, judges their samples with the session's trained classifier,
 `export_generate` writes and registers the ONNX generators, and /v1/generate serves one
 over HTTP from Ray Serve."""
 
@@ -32,14 +32,22 @@ def generated(trained, tmp_path_factory):
     # Short runs that still leave noise behind, judged by the session's 6-epoch classifier
     # (whose noise ceiling is low: 180 where the stage's classifier puts it at 520): the
     # VAE was at 160 after 30 epochs, the GAN at 270 after 4 at lr 0.001.
+    # The VAE on one worker, the GAN on two: DDP with two optimizers is the GAN's subject.
     train = TrainConfig(
-        epochs=60, batch_size=64, lr=0.003, weight_decay=0.0, early_stopping_patience=0
+        epochs=60,
+        batch_size=64,
+        lr=0.003,
+        weight_decay=0.0,
+        early_stopping_patience=0,
+        num_workers=1,
     )
     config = GenerateConfig(
         vae=VaeConfig(hidden_sizes=(64,), latent=4),
         vae_train=train,
         gan=GanConfig(latent=8, width=16),
-        gan_train=TrainConfig(**{**vars_of(train), "lr": 0.002, "beta1": 0.5, "epochs": 12}),
+        gan_train=TrainConfig(
+            **{**vars_of(train), "lr": 0.002, "beta1": 0.5, "epochs": 12, "num_workers": 2}
+        ),
         sample_every=2,  # and the last epoch's
     )
     with pytest.MonkeyPatch.context() as env:

@@ -98,7 +98,7 @@ def test_a_users_folder_of_text_files_trains_through_the_same_stages(ray_cluster
         source=str(corpus),
         vocab_size=64,
         model=EncoderConfig(layers=1, width=32, heads=2, ffn_width=64, max_length=32),
-        train=TrainConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.003, num_workers=2),
+        train=TrainConfig(epochs=2, batch_size=8, optimizer="adamw", lr=0.003, num_workers=1),
         registered_model="test-user-mlm",
     )
     figures, export_dir = run_mlm_stages(tmp_path, mlm)

@@ -34,7 +34,7 @@ def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
     experiment = TrackingConfig().experiment
     out = tmp_path
     prepare(prepare_config, str(source), str(out / "prepared"))
-    train_supervised(
+    summary = train_supervised(
         model,
         train,
         TrackingConfig(),
@@ -50,6 +50,7 @@ def test_csv_regression_runs_through_every_stage(ray_cluster, tmp_path, stores):
         str(out / "evaluate.json"),
         str(out / "plots"),
     )
+    assert summary["epochs_run"] == 8  # a one-worker Train run, every epoch reported
     assert metrics["test_r2"] > 0.8  # y = 2a - b is easy for an MLP
     figures = export(
         ExportConfig(),

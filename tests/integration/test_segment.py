@@ -35,7 +35,9 @@ def segmented(ray_cluster, tmp_path_factory):
         restarts=3,
         stability_seeds=2,
         autoencoder=AutoencoderConfig(hidden_sizes=(8,), bottleneck=2),
-        train=TrainConfig(epochs=3, batch_size=32, loss="mse", num_workers=2),
+        # One worker: the segments are under test, not DDP (a second worker process is ~9 s
+        # of each of the autoencoder and VAE Train runs here).
+        train=TrainConfig(epochs=3, batch_size=32, loss="mse", num_workers=1),
     )
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as env:

@@ -74,20 +74,6 @@ def test_mlflow_shows_params_curves_images_and_the_registered_model(trained):
         assert written == expected, stage
 
 
-def test_one_worker_run(trained, tmp_path, stores):
-    stores(trained.mlflow_uri)
-    summary = train_supervised(
-        ArchitectureConfig(),
-        quick_train_config(epochs=2, num_workers=1),
-        TrackingConfig(),
-        data_dir=str(trained.prepared),
-        output=str(tmp_path / "model"),
-        metrics_path=str(tmp_path / "m.json"),
-        plots_dir=str(tmp_path / "plots"),
-    )
-    assert summary["epochs_run"] == 2 and summary["best_val_accuracy"] > 0.5
-
-
 def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, stores):
     stores(trained.mlflow_uri)
     train = quick_train_config(
@@ -113,15 +99,16 @@ def test_a_diverging_run_stops_with_the_learning_rate_named(trained, tmp_path, s
 
 
 def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_path, stores):
-    """`evaluate.folds: 3` on the digits: three models on the Ray Train workers, each tested
-    on the third of the examples it never saw; a child MLflow run per fold."""
+    """`evaluate.folds: 2` on the digits: two models on a Ray Train worker, each tested on
+    the half of the examples it never saw; a child MLflow run per fold."""
     stores(trained.mlflow_uri)
     summary = cross_validate(
-        EvaluateConfig(folds=3),
+        EvaluateConfig(folds=2),
         ArchitectureConfig(),
         # One worker a fold: two workers are test_two_workers_learn_the_digits' subject,
-        # and a second worker process is ~9 s of each of the three Ray Train runs here.
-        quick_train_config(epochs=3, num_workers=1),
+        # and a second worker process is ~9 s of each Ray Train run here. Two folds (each
+        # Train run ~20 s here before its first epoch) of 4 epochs on half the digits.
+        quick_train_config(epochs=4, num_workers=1),
         TrackingConfig(),
         data_dir=str(trained.prepared),
         metrics_path=str(tmp_path / "cross_validation.json"),
@@ -132,11 +119,11 @@ def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_pat
     assert MlflowClient(trained.mlflow_uri).get_run(parent_run).data.tags["dvc_stage"] == (
         "cross_validate"
     )
-    assert summary["folds"] == 3 and summary["examples"] == 1797  # train + val + test
+    assert summary["folds"] == 2 and summary["examples"] == 1797  # train + val + test
     fold_sizes = [f["test_accuracy_examples"] for f in summary["per_fold"].values()]
     assert sum(fold_sizes) == summary["pooled_test_accuracy_examples"] == 1797
     accuracies = [f["test_accuracy"] for f in summary["per_fold"].values()]
-    assert summary["test_accuracy_mean"] == pytest.approx(sum(accuracies) / 3)
+    assert summary["test_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
     assert summary["test_accuracy_min"] == min(accuracies) > 0.8
     assert summary["test_accuracy_std"] >= 0.0
     low, high = summary["pooled_test_accuracy_ci95_low"], summary["pooled_test_accuracy_ci95_high"]
@@ -147,5 +134,5 @@ def test_k_fold_tests_every_example_once_and_reports_the_spread(trained, tmp_pat
     [parent] = [r for r in stage_runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(summary["test_accuracy_mean"])
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["fold"] for c in children) == ["1", "2", "3"]
+    assert sorted(c.data.tags["fold"] for c in children) == ["1", "2"]
     assert all(c.data.metrics["val_loss"] > 0 for c in children)  # each fold's curve logged
