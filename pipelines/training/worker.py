@@ -9,6 +9,7 @@ the same loop in its own actor (pipelines/tuning/trial.py says why).
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -37,6 +38,7 @@ report waits for the last to be taken: reported every epoch, a run of 40 ms epoc
 failed worker resumes from the last report's checkpoint, so at most this much is redone."""
 PREDICTIONS_FILE = "predictions.npy"
 DIVERGED_FILE = "diverged.txt"
+DIVERGED_METRICS_FILE = "diverged.json"
 
 
 class WorkerSession(Protocol):
@@ -122,6 +124,13 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     checkpoint = session.latest_checkpoint() or config.get("initial_checkpoint")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            if (Path(directory) / DIVERGED_FILE).exists():
+                # The run had diverged (and was restarted before it ended, e.g. a Tune trial
+                # of a restored search): it diverges again, without training again.
+                message = (Path(directory) / DIVERGED_FILE).read_text()
+                metrics = json.loads((Path(directory) / DIVERGED_METRICS_FILE).read_text())
+                _report_diverged(session, rank, message, metrics)
+                return
             state.load_state_dict(
                 torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
             )
@@ -234,17 +243,26 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             "val_loss": float("inf"),
             **({"val_accuracy": 0.0} if classification else {}),
         }
-        if rank != 0:
-            session.report(metrics)
-            return
-        if logger is not None and unreported:  # the curve up to the divergence
+        if rank == 0 and logger is not None and unreported:  # the curve up to the divergence
             _tracked(lambda: logger.log_history(unreported))
-        with tempfile.TemporaryDirectory() as directory:
-            (Path(directory) / DIVERGED_FILE).write_text(str(exc))
-            session.report(metrics, directory)
+        _report_diverged(session, rank, str(exc), metrics)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _report_diverged(
+    session: WorkerSession, rank: int, message: str, metrics: dict[str, float]
+) -> None:
+    """Report a diverged run: its metrics, and from rank 0 a checkpoint holding the message
+    and those metrics (no weights: nothing should resume from them)."""
+    if rank != 0:
+        session.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / DIVERGED_FILE).write_text(message)
+        (Path(directory) / DIVERGED_METRICS_FILE).write_text(json.dumps(metrics))
+        session.report(metrics, directory)
 
 
 @torch.no_grad()

@@ -227,7 +227,7 @@ def make_tuner(
             f"tune.workers_per_trial={tune.workers_per_trial}",
             "lower tune.workers_per_trial",
         )
-    if tune.scheduler != "none" and not state_api_answers():
+    if tune.scheduler != "none" and not trains_in_trial_actor(tune) and not state_api_answers():
         # Ray Train frees the workers of a trial that Tune stops early only once its
         # PlacementGroupCleaner sees (through the State API) that the trial is gone.
         log.warning(
@@ -251,8 +251,8 @@ def make_tuner(
     # (SIGKILL: nothing saves on the way out) then loses the trials finished since, and the
     # restored search runs them again. Saved after every event instead: a few KB a time.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    # Tune warns on every report that a trial keeping one checkpoint forces such a save
-    # "too often": saving that often is the point here.
+    # Tune warns on reports that a trial keeping few checkpoints forces such a save "too
+    # often": saving that often is the point here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray_tune.Tuner.can_restore(experiment_dir):
         log.info("resuming the interrupted search in %s (finished trials are kept)", experiment_dir)
@@ -294,11 +294,13 @@ def make_tuner(
 
 def _checkpoint_config(tune: TuneConfig):
     """Tune keeps every checkpoint under PBT (it may restart a trial from a leading trial's
-    earlier epochs; the search's folder goes when it ends), else each trial's latest: all
-    that resuming it needs."""
+    earlier epochs; the search's folder goes when it ends), else each trial's last two. Not
+    one: Tune deletes the one before as a new one arrives and saves the search's state
+    after, so a driver killed in between (SIGKILL: nothing saves on the way out) would leave
+    a state naming a deleted checkpoint, and the restored trial could not resume."""
     from ray import tune as ray_tune
 
-    return ray_tune.CheckpointConfig(num_to_keep=None if tune.scheduler == "pbt" else 1)
+    return ray_tune.CheckpointConfig(num_to_keep=None if tune.scheduler == "pbt" else 2)
 
 
 def _scheduler(tune: TuneConfig):

@@ -505,6 +505,9 @@ def test_captured_traffic_becomes_the_pool_of_the_next_challenger(
         params = yaml.safe_load((root / "params.yaml").read_text())
         assert params["pseudolabel"]["unlabeled_source"] == ""
         params["pseudolabel"]["unlabeled_source"] = "data/raw/captured"
+        # The student on one worker: the loop is under test (the forced repro has the
+        # two-worker run); put back with the rest of params.yaml below.
+        params["train"]["num_workers"] = 1
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         repro = run([sys.executable, "-m", "dvc", "repro", "export_pseudolabel"], repo_copy)
         assert {"prepare_pseudolabel", "train_pseudolabel", "export_pseudolabel"} <= ran(
