@@ -165,8 +165,8 @@ def test_optuna_tpe_searches_the_same_space_with_a_trial_of_two_workers(trained,
 
 
 def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_path):
-    """Population based training: Tune holds every trial's checkpoints (forwarded from the
-    Train runs), so a trailing trial goes on from a leading one's weights."""
+    """Population based training: Tune holds every trial's checkpoints (reported from the
+    trials' own actors), so a trailing trial goes on from a leading one's weights."""
     stores()
     search = replace(
         SMALL_SEARCH,
@@ -174,7 +174,7 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
         # Far apart on purpose: one trial of each pair trails and exploits the other.
         lr={"default": (0.00003, 0.01)},
         scheduler="pbt",
-        # Every 4 epochs: each exploit restarts a trial's Train run (seconds each), and two
+        # Every 4 epochs: each exploit restarts a trial from a checkpoint (seconds each), and two
         # perturbation points before the end are enough for one.
         perturbation_interval=4,
         # PBT compares only trials still running: epochs of ~1 s each must outlast the few
