@@ -260,7 +260,14 @@ class DriftReference:
 
     def bin_of(self, rows: np.ndarray) -> np.ndarray:
         """(n, features) values -> (n, features) bin indices (edges[b-1] < x <= edges[b])."""
-        return (rows[:, :, None] > self.edges[None]).sum(axis=2)
+        # Compared as (n, edges, features), features innermost: 12 us for 10 inputs of 64
+        # features and 4 edges, where (n, features, edges) took 33 (once per drift update).
+        return (rows[:, None, :] > self._edges_by_bin).sum(axis=1)
+
+    @functools.cached_property
+    def _edges_by_bin(self) -> np.ndarray:
+        """`edges` as (1, most edges, features), contiguous, for `bin_of`."""
+        return np.ascontiguousarray(self.edges.T)[None]
 
 
 # --- the live window, per replica ------------------------------------------------------
@@ -343,14 +350,24 @@ class DriftMonitor:
         return min(self.seen, self.config.window)
 
     def observe(self, seen: Any) -> None:
-        """Add what a request's model saw (see DriftReference.rows). Held until
-        `check_every` inputs have come, then added together and the alarm checked: one
-        request's share of the work is a list append (adding each alone cost ~40 us)."""
+        """Add what a request's model saw (see DriftReference.rows) and, once `check_every`
+        inputs have come, move them into the window and check the alarm (`update`)."""
+        if self.hold(seen):
+            self.update()
+
+    def hold(self, seen: Any) -> bool:
+        """Hold what a request's model saw until the next `update`; whether one is due
+        (`check_every` inputs held). One request's share of the work is a list append:
+        adding each alone cost ~40 us, and an update's numpy calls cost about the same
+        whether they add 1 input or 100."""
         self._pending.append(seen)
         self._pending_rows += len(seen[0]) if self.reference.layout == "text" else len(seen)
-        if self._pending_rows >= self.config.check_every:
-            self._fold()
-            self._check()
+        return self._pending_rows >= self.config.check_every
+
+    def update(self) -> None:
+        """The held inputs into the window, then the alarm checked."""
+        self._fold()
+        self._check()
 
     def _fold(self) -> None:
         """Move the inputs held by `observe` into the window."""
@@ -425,8 +442,7 @@ class DriftMonitor:
     def gauges(self) -> dict[str, float]:
         """feature -> value for `ray_dlpipe_drift{slot, feature}`: each feature's PSI, and
         `embedding_distance` for text."""
-        self._fold()
-        self._check()
+        self.update()
         values = dict(zip(self.reference.names, self.psi().tolist()))
         distance = self.embedding_distance()
         if distance is not None:
@@ -435,8 +451,7 @@ class DriftMonitor:
 
     def status(self, top: int = 5) -> dict[str, Any]:
         """What /v1/models shows: the alarm, the window, the `top` features by PSI."""
-        self._fold()
-        self._check()
+        self.update()
         psi = self.psi()
         order = np.argsort(-psi)[:top] if self.filled else []  # nothing seen: no ranking
         ks = self.ks()

@@ -11,6 +11,7 @@ Serve reports the replica as failed instead of serving nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -64,6 +65,8 @@ class LoadedModels:
         self.drift_config = DriftConfig()
         self.monitors: dict[str, tuple[Predictor, DriftMonitor]] = {}
         """slot -> (the champion watched, its inputs' drift; serving/drift.py)."""
+        self._updating: set[str] = set()
+        """Slots whose monitor's update waits for the event loop's next turn (`observe`)."""
         self.drift_errors: dict[str, str] = {}
         """slot -> why its inputs are not watched (no reference in its export ...)."""
         self.drift_config_error: str | None = None
@@ -96,15 +99,45 @@ class LoadedModels:
 
     def observe(self, slot: str, predictor: Predictor, seen: Any) -> None:
         """What `predictor` saw answering a request (kinds.py's answers), for drift: only
-        the champion's inputs are watched, against its own reference."""
+        the champion's inputs are watched, against its own reference.
+
+        On an event loop the window's update waits for the loop's next turn, so that every
+        request answered in this turn joins it: under load a batch's requests are answered
+        together, and one update for them replaced one per `check_every` inputs (3 for a
+        batch of 32 at the default 10; the updates were a sixth of a replica's time at
+        saturation, benchmarks/README.md). The alarm's delay grows by at most that turn's
+        inputs."""
         watched = self.monitors.get(slot)
-        if watched is not None and watched[0] is predictor and seen is not None:
-            try:
-                watched[1].observe(seen)
-            except Exception as exc:  # a bug or a reference unlike the model: never the client's
-                log.exception("%s: drift watching stopped", slot)
+        if watched is None or watched[0] is not predictor or seen is None:
+            return
+        monitor = watched[1]
+        if not self._drift_step(slot, monitor, monitor.hold, seen) or slot in self._updating:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside a loop (a script, a test): at once
+            self._drift_step(slot, monitor, monitor.update)
+            return
+        self._updating.add(slot)
+        loop.call_soon(self._deferred_update, slot, monitor)
+
+    def _deferred_update(self, slot: str, monitor: DriftMonitor) -> None:
+        self._updating.discard(slot)
+        watched = self.monitors.get(slot)
+        if watched is not None and watched[1] is monitor:  # not replaced meanwhile
+            self._drift_step(slot, monitor, monitor.update)
+
+    def _drift_step(self, slot: str, monitor: DriftMonitor, step: Callable, *args: Any) -> Any:
+        """`step(*args)` of the slot's monitor; an error stops the watching (it is a bug or a
+        reference unlike the model, never the client's)."""
+        try:
+            return step(*args)
+        except Exception as exc:
+            log.exception("%s: drift watching stopped", slot)
+            if self.monitors.get(slot, (None, None))[1] is monitor:
                 self.monitors.pop(slot, None)
                 self.drift_errors[slot] = f"watching stopped: {exc!r}"
+            return None
 
     def configure_drift(self, config: DriftConfig) -> None:
         """Watch every champion's inputs with `config` (new settings: new windows)."""

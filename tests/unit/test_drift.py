@@ -211,3 +211,48 @@ def test_the_app_watches_the_champion_and_lists_its_drift(export_dir, tmp_path):
     assert drift["alarm"] and drift["alarms"] == 1 and drift["max_psi"] > 0.5
     gauges = models.drift_gauges()["classifier"]
     assert gauges["alarm"] is True and len(gauges) == 17  # 16 pixels and the alarm
+
+
+def test_on_a_loop_the_window_is_updated_once_per_turn_for_all_its_requests(
+    export_dir,  # noqa: F811
+):
+    import asyncio
+
+    from serving.model_slots import LoadedModels
+    from serving.model_source import resolve_model
+    from serving.predictor import ClassifierPredictor
+
+    rng = np.random.default_rng(8)
+    models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
+    rows = rng.uniform(0.0, 0.5, (1, 16))
+    reference = reference_of(rows.repeat(50, axis=0), "values", [f"f{i}" for i in range(16)])
+    predictor = models.get("classifier")
+    monitor = DriftMonitor(reference, DriftConfig(window=100, check_every=10))
+    models.monitors["classifier"] = (predictor, monitor)
+
+    async def one_turn(requests: int) -> tuple[int, int]:
+        for _ in range(requests):  # a batch's requests, answered in one turn of the loop
+            models.observe("classifier", predictor, rows)
+        held = monitor.seen
+        await asyncio.sleep(0)  # the next turn: the update ran, once for all of them
+        return held, monitor.seen
+
+    assert asyncio.run(one_turn(32)) == (0, 32)
+    assert asyncio.run(one_turn(5)) == (32, 32)  # fewer than check_every: held on
+    # Outside a loop (a script): at once, as soon as check_every inputs are held.
+    for _ in range(5):
+        models.observe("classifier", predictor, rows)
+    assert monitor.seen == 42
+
+    # An update that fails stops the watching, named, and never reaches a client.
+    broken = DriftMonitor(reference, DriftConfig(window=100, check_every=1))
+    broken._fold = None  # a bug: the update calls something that is not callable
+    models.monitors["classifier"] = (predictor, broken)
+
+    async def fails() -> None:
+        models.observe("classifier", predictor, rows)
+        await asyncio.sleep(0)
+
+    asyncio.run(fails())
+    assert "classifier" not in models.monitors
+    assert "watching stopped" in models.drift_errors["classifier"]

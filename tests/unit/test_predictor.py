@@ -79,6 +79,26 @@ def test_features_and_images_are_classified(export_dir):
     assert predictor.info()["name"] == "tiny"
 
 
+def test_requests_batched_together_get_their_own_answers(export_dir):
+    predictor = ClassifierPredictor(resolve_model(str(export_dir)))
+    dark = predictor.features_to_array([[0.05] * 16])
+    light = predictor.features_to_array([[0.95] * 16, [0.9] * 16])
+    answers = predictor.classify_many([dark, light, dark])
+    assert [[p["label"] for p in a] for a in answers] == [["dark"], ["light", "light"], ["dark"]]
+    # The same figures as each request answered alone, to the bit.
+    assert answers[1] == predictor.classify(light) and answers[2] == predictor.classify(dark)
+    assert answers[0][0]["confidence"] == answers[0][0]["probabilities"]["dark"]
+    # A request whose output is not finite gets its own InputError naming its row; the
+    # requests beside it are answered.
+    probabilities = predictor.predict_proba(np.concatenate([dark, light, dark]))
+    probabilities[2, 0] = np.nan
+    first, second, third = predictor.answers(probabilities, [1, 2, 1])
+    assert isinstance(second, InputError) and second.field == "instances[1]"
+    assert first == answers[0] and third == answers[2]
+    with pytest.raises(InputError, match="not finite"):
+        predictor.predictions(probabilities[1:3])
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
