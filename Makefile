@@ -78,6 +78,7 @@ bench: install bench-deps
 	$(BIN)/python -m benchmarks.tune_asha
 	$(BIN)/python -m benchmarks.vanishing_gradients
 	$(BIN)/python -m benchmarks.batching_overhead
+	$(BIN)/python -m benchmarks.request_path
 	$(BIN)/python -m benchmarks.serving_throughput
 	$(BIN)/python -m benchmarks.lifecycle
 

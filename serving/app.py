@@ -87,15 +87,7 @@ class PredictionService:
         self.use_gpu = bool(ray.get_gpu_ids())
         self.models = LoadedModels()
         self.metrics = ServingMetrics(drift=self.models.drift_gauges)
-        # One batcher per route that answers several requests in one model call.
-        self.batchers: dict[str, DynamicBatcher[tuple[Any, Any], Any]] = {
-            route.path: DynamicBatcher(
-                partial(self._together, route.many), timeout_s=self.limits.request_timeout_s
-            )
-            for kind in KINDS
-            for route in kind.routes
-            if route.many is not None
-        }
+        self.batchers = route_batchers(self.metrics, self.limits.request_timeout_s)
         self.api: HttpApi | None = None
         self.server: ReplicaHttpServer | None = None
 
@@ -131,7 +123,7 @@ class PredictionService:
             self.api = HttpApi(
                 self.models,
                 self.limits,
-                {path: self._batched(path) for path in self.batchers},
+                batched_calls(self.batchers),
                 lambda: openapi_document(self.models),
                 self.metrics,
                 replica=serve.get_replica_context().replica_id.unique_id,
@@ -195,31 +187,54 @@ class PredictionService:
             if self.api is not None and self.api.capture is not None:
                 self.api.capture.close()
 
-    def _batched(self, path: str) -> Batch:
-        batcher = self.batchers[path]
 
+Batcher = DynamicBatcher[tuple[Any, Any], Any]
+"""A route's batcher: items are (predictor, one request's model input)."""
+
+
+def route_batchers(metrics: ServingMetrics | None, timeout_s: float) -> dict[str, Batcher]:
+    """One batcher per route that answers several requests in one model call (a `many`),
+    by path; a request still queued `timeout_s` after it came is refused (a 504)."""
+    return {
+        route.path: DynamicBatcher(partial(run_together, route.many, metrics), timeout_s=timeout_s)
+        for kind in KINDS
+        for route in kind.routes
+        if route.many is not None
+    }
+
+
+def batched_calls(batchers: dict[str, Batcher]) -> dict[str, Batch]:
+    """path -> the route's batched call, as serving/http_api.py's HttpApi takes them."""
+
+    def call_of(batcher: Batcher) -> Batch:
         async def call(predictor: Any, inputs: Any) -> Any:
             return await batcher.submit((predictor, inputs), len(inputs))
 
         return call
 
-    def _together(
-        self, many: Callable[[Any, list[Any]], list[Any]], requests: list[tuple[Any, Any]]
-    ) -> list[Any]:
-        # Concurrent requests' inputs in one onnxruntime call per model (`many`, a route's:
-        # kinds.py); each gets its own answer, in the order asked. A batch holds requests
-        # for two models during a swap, and interleaved ones all the time under a canary.
-        by_model: dict[int, list[int]] = {}
-        for index, (predictor, _) in enumerate(requests):
-            by_model.setdefault(id(predictor), []).append(index)
-        results: list[Any] = [None] * len(requests)
-        for indices in by_model.values():
-            predictor = requests[indices[0]][0]
-            self.metrics.batch(predictor, len(indices))
-            answers = many(predictor, [requests[i][1] for i in indices])
-            for index, answer in zip(indices, answers, strict=True):
-                results[index] = answer
-        return results
+    return {path: call_of(batcher) for path, batcher in batchers.items()}
+
+
+def run_together(
+    many: Callable[[Any, list[Any]], list[Any]],
+    metrics: ServingMetrics | None,
+    requests: list[tuple[Any, Any]],
+) -> list[Any]:
+    """Concurrent requests' inputs in one onnxruntime call per model (`many`, a route's:
+    kinds.py); each gets its own answer, in the order asked. A batch holds requests for
+    two models during a swap, and interleaved ones all the time under a canary."""
+    by_model: dict[int, list[int]] = {}
+    for index, (predictor, _) in enumerate(requests):
+        by_model.setdefault(id(predictor), []).append(index)
+    results: list[Any] = [None] * len(requests)
+    for indices in by_model.values():
+        predictor = requests[indices[0]][0]
+        if metrics is not None:
+            metrics.batch(predictor, len(indices))
+        answers = many(predictor, [requests[i][1] for i in indices])
+        for index, answer in zip(indices, answers, strict=True):
+            results[index] = answer
+    return results
 
 
 def freeze_heap() -> None:

@@ -1,6 +1,13 @@
-"""The serving benchmark's summary of its rounds: the median run per level, not the best."""
+"""The serving benchmark's summary of its rounds: the median run per level, not the best;
+the request-path benchmark's in-process app."""
 
+import asyncio
+
+import pytest
+
+from benchmarks.request_path import build_app, drive
 from benchmarks.serving_throughput import median_round
+from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
 
 
 def run(rps_at_32: float, p99_at_32: float, errors: int = 0) -> dict[str, dict]:
@@ -21,3 +28,14 @@ def test_median_round_keeps_the_median_runs_figures_and_the_spread() -> None:
 
 def test_an_even_number_of_rounds_takes_the_lower_middle_run() -> None:
     assert median_round([run(5000, 12.0), run(3000, 30.0)])["32"]["rps"] == 3000
+
+
+def test_the_request_path_app_answers_every_request_and_counts_its_cpu(export_dir) -> None:  # noqa: F811
+    app = build_app(str(export_dir), watched=False)
+    good = b'{"instances": [' + b",".join([b"[" + b",".join([b"0.5"] * 16) + b"]"]) + b"]}"
+    seconds = asyncio.run(drive(app, good, clients=4, requests=5))
+    assert 0 < seconds < 1
+    assert app.models.get("classifier") is not None
+    # A failing request is not timed as if it were answered.
+    with pytest.raises(RuntimeError, match="HTTP 422"):
+        asyncio.run(drive(app, b'{"instances": [[0.5]]}', clients=1, requests=1))
