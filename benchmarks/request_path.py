@@ -6,7 +6,7 @@ The serving benchmark (serving_throughput.py) measures the whole stack over HTTP
 takes ~20 minutes; on this 2-CPU machine its runs differ by up to a third. This one drives
 the app in one process: `--clients` coroutines each send their next request as soon as
 their answer is written, as wrk's connections do, so the batcher forms batches as under
-that load. It takes about a minute, and its figures are steady enough to compare two
+that load. It takes about 25 s, and its figures are steady enough to compare two
 versions of the code (run each several times, interleaved; benchmarks/README.md).
 
 The app is the replica's (serving/app.py's batchers and metrics; Ray's metrics API
@@ -85,7 +85,9 @@ async def drive(app: Any, body: bytes, clients: int, requests: int) -> float:
     return (time.process_time() - started) / (clients * requests)
 
 
-def measure(apps: dict[str, Any], body: bytes, clients: int, requests: int, rounds: int):
+def measure(
+    apps: dict[str, Any], body: bytes, clients: int, requests: int, rounds: int
+) -> dict[str, list[float]]:
     """name -> each round's microseconds per request, the apps taking turns each round."""
     import uvloop
 

@@ -11,8 +11,10 @@ the population stability index:
 
 0 when the shares match; by custom, under 0.1 is no shift, 0.1-0.25 a moderate one, above
 0.25 a shift worth acting on (the default alarm). It is computed from bin counts kept up
-to date as inputs come and go: a request pays a list append, and every `check_every`
-inputs are binned together and the alarm checked (~5 us a digit request, all told).
+to date as inputs come and go: a request pays a list append, and at least every
+`check_every` inputs are binned together and the alarm checked (on a replica once per
+turn of its event loop, for the requests answered in it: `request_path.json`'s
+`drift_us` is what it costs a request).
 
 The drift features, per kind of input (`layout` in the reference):
 - values: tabular features and the segmenter's customer fields, as they are (with the
@@ -292,7 +294,11 @@ class DriftConfig:
     psi_alarm: float = 0.25
     """The alarm is up while a feature's PSI is at least this, once the window is full."""
     check_every: int = 10
-    """Inputs between two checks of the alarm (its delay is at most this many more)."""
+    """Inputs between two checks of the alarm: its delay is at most this many more. On a
+    replica a check waits for the turn of the event loop in which it fell due to end, so
+    that every request answered in that turn (a batch) joins it: a few more inputs of
+    delay, and a PSI that crosses `psi_alarm` and falls back within one turn is not
+    counted as an alarm."""
     enabled: bool = True
 
     @classmethod
@@ -370,7 +376,7 @@ class DriftMonitor:
         self._check()
 
     def _fold(self) -> None:
-        """Move the inputs held by `observe` into the window."""
+        """Move the inputs held by `hold` into the window."""
         if not self._pending:
             return
         pending, self._pending, self._pending_rows = self._pending, [], 0

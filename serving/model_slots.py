@@ -104,9 +104,9 @@ class LoadedModels:
         On an event loop the window's update waits for the loop's next turn, so that every
         request answered in this turn joins it: under load a batch's requests are answered
         together, and one update for them replaced one per `check_every` inputs (3 for a
-        batch of 32 at the default 10; the updates were a sixth of a replica's time at
-        saturation, benchmarks/README.md). The alarm's delay grows by at most that turn's
-        inputs."""
+        batch of 32 at the default 10; the updates were 7.7% of a replica's profile at 32
+        clients, benchmarks/README.md). The alarm is checked once per update: its delay
+        grows by at most that turn's inputs (DriftConfig.check_every)."""
         watched = self.monitors.get(slot)
         if watched is None or watched[0] is not predictor or seen is None:
             return
@@ -119,17 +119,20 @@ class LoadedModels:
             self._drift_step(slot, monitor, monitor.update)
             return
         self._updating.add(slot)
-        loop.call_soon(self._deferred_update, slot, monitor)
+        loop.call_soon(self._deferred_update, slot)
 
-    def _deferred_update(self, slot: str, monitor: DriftMonitor) -> None:
+    def _deferred_update(self, slot: str) -> None:
+        # The slot's monitor now: one that replaced the monitor due meanwhile may be due too.
         self._updating.discard(slot)
         watched = self.monitors.get(slot)
-        if watched is not None and watched[1] is monitor:  # not replaced meanwhile
-            self._drift_step(slot, monitor, monitor.update)
+        if watched is not None:
+            self._drift_step(slot, watched[1], watched[1].update)
 
-    def _drift_step(self, slot: str, monitor: DriftMonitor, step: Callable, *args: Any) -> Any:
-        """`step(*args)` of the slot's monitor; an error stops the watching (it is a bug or a
-        reference unlike the model, never the client's)."""
+    def _drift_step(
+        self, slot: str, monitor: DriftMonitor, step: Callable[..., Any], *args: Any
+    ) -> Any:
+        """`step(*args)`, a call on the slot's `monitor`; None if it raised: an error
+        stops the watching (a bug or a reference unlike the model, never the client's)."""
         try:
             return step(*args)
         except Exception as exc:

@@ -244,6 +244,19 @@ def test_on_a_loop_the_window_is_updated_once_per_turn_for_all_its_requests(
         models.observe("classifier", predictor, rows)
     assert monitor.seen == 42
 
+    # A monitor that replaces the due one before the update runs (new settings) is the
+    # one updated.
+    async def replaced() -> int:
+        for _ in range(10):
+            models.observe("classifier", predictor, rows)
+        fresh = DriftMonitor(reference, DriftConfig(window=100, check_every=1))
+        models.monitors["classifier"] = (predictor, fresh)
+        models.observe("classifier", predictor, rows)  # due too; its slot's update is queued
+        await asyncio.sleep(0)
+        return fresh.seen
+
+    assert asyncio.run(replaced()) == 1
+
     # An update that fails stops the watching, named, and never reaches a client.
     broken = DriftMonitor(reference, DriftConfig(window=100, check_every=1))
     broken._fold = None  # a bug: the update calls something that is not callable
