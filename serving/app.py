@@ -192,7 +192,7 @@ Batcher = DynamicBatcher[tuple[Any, Any], Any]
 """A route's batcher: items are (predictor, one request's model input)."""
 
 
-def route_batchers(metrics: ServingMetrics | None, timeout_s: float) -> dict[str, Batcher]:
+def route_batchers(metrics: ServingMetrics, timeout_s: float) -> dict[str, Batcher]:
     """One batcher per route that answers several requests in one model call (a `many`),
     by path; a request still queued `timeout_s` after it came is refused (a 504)."""
     return {
@@ -217,7 +217,7 @@ def batched_calls(batchers: dict[str, Batcher]) -> dict[str, Batch]:
 
 def run_together(
     many: Callable[[Any, list[Any]], list[Any]],
-    metrics: ServingMetrics | None,
+    metrics: ServingMetrics,
     requests: list[tuple[Any, Any]],
 ) -> list[Any]:
     """Concurrent requests' inputs in one onnxruntime call per model (`many`, a route's:
@@ -229,8 +229,7 @@ def run_together(
     results: list[Any] = [None] * len(requests)
     for indices in by_model.values():
         predictor = requests[indices[0]][0]
-        if metrics is not None:
-            metrics.batch(predictor, len(indices))
+        metrics.batch(predictor, len(indices))
         answers = many(predictor, [requests[i][1] for i in indices])
         for index, answer in zip(indices, answers, strict=True):
             results[index] = answer
