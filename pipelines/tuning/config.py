@@ -68,6 +68,13 @@ class TuneConfig(Section):
     epochs, and used more epochs on the default search: benchmarks/README.md)."""
     perturbation_interval: int = 4
     """PBT: epochs between the times a trailing trial may take a leading trial's weights."""
+    synchronous: bool = True
+    """PBT: every trial waits at each perturbation point until all have reached it (the
+    trials are compared at the same epoch, and a population larger than
+    `max_concurrent_trials` takes turns); false: each trial is compared when it gets there,
+    against the others' latest scores, which may be epochs behind or already finished (no
+    waiting for a slow trial on a large cluster, but with few trials an exploit may never
+    happen)."""
     max_concurrent_trials: int = 2
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1

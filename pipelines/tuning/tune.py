@@ -317,6 +317,7 @@ def _scheduler(tune: TuneConfig):
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=tune.perturbation_interval,
+            synch=tune.synchronous,
             hyperparam_mutations={
                 LR_SCALE: ray_tune.uniform(0.0, 1.0),
                 **{
