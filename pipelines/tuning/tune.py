@@ -4,9 +4,10 @@ Each trial runs the training stages' own worker loop on the supervised task
 (pipelines/tuning/trial.py: in the trial's actor for one worker, a Ray Train run through the
 stages' driver for several); its per-epoch reports reach the scheduler: ASHA (the default)
 stops trailing trials between epochs, PBT restarts them from leading trials' checkpoints
-with perturbed settings (its population: the trials running at once). A diverging trial
-ends itself and is reported as diverged; the search goes on. The driver logs a parent
-MLflow run with one child run per trial.
+with perturbed settings (by default every trial waits for the others at each
+perturbation point: `tune.synchronous`). A diverging trial ends itself and is reported
+as diverged; the search goes on. The driver logs a parent MLflow run with one child run
+per trial.
 
 An interrupted search (Ctrl-C, a lost driver) resumes where it stopped when the stage runs
 again with the same params, code and data: finished trials are kept, not re-run.
