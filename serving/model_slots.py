@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,10 @@ class LoadedModels:
         """slot -> why its inputs are not watched (no reference in its export ...)."""
         self.drift_config_error: str | None = None
         """Why the last `drift` setting was refused (the one before it still holds)."""
+        self._watching = threading.Lock()
+        """Held to replace a slot's monitor (Serve's reconfigure thread) and to stop one that
+        failed (the event loop's thread), so that stopping a failed monitor cannot remove
+        the one a reconfigure put in its place between the check and the removal."""
         for slot, predictor in self.served():
             self._watch(slot, predictor)
 
@@ -137,9 +142,10 @@ class LoadedModels:
             return step(*args)
         except Exception as exc:
             log.exception("%s: drift watching stopped", slot)
-            if self.monitors.get(slot, (None, None))[1] is monitor:
-                self.monitors.pop(slot, None)
-                self.drift_errors[slot] = f"watching stopped: {exc!r}"
+            with self._watching:
+                if self.monitors.get(slot, (None, None))[1] is monitor:
+                    del self.monitors[slot]
+                    self.drift_errors[slot] = f"watching stopped: {exc!r}"
             return None
 
     def configure_drift(self, config: DriftConfig) -> None:
@@ -152,24 +158,35 @@ class LoadedModels:
             self._watch(slot, predictor)
 
     def _watch(self, slot: str, predictor: Predictor) -> None:
-        self.monitors.pop(slot, None)
-        self.drift_errors.pop(slot, None)
+        watched, error = self._monitor_for(slot, predictor)
+        with self._watching:
+            if watched is None:
+                self.monitors.pop(slot, None)
+            else:
+                self.monitors[slot] = watched
+            if error is None:
+                self.drift_errors.pop(slot, None)
+            else:
+                self.drift_errors[slot] = error
+
+    def _monitor_for(
+        self, slot: str, predictor: Predictor
+    ) -> tuple[tuple[Predictor, DriftMonitor] | None, str | None]:
+        """(what watches `predictor`'s inputs, why nothing does): the reference is read
+        here, outside the lock."""
         if not self.drift_config.enabled:
-            return
+            return None, None
         if not BY_SLOT[slot].has_inputs:
-            self.drift_errors[slot] = "nothing to watch: its requests carry no inputs"
-            return
+            return None, "nothing to watch: its requests carry no inputs"
         name = predictor.card.get("drift_reference")
         if name is None:
-            self.drift_errors[slot] = "its export has no drift reference (exported before them)"
-            return
+            return None, "its export has no drift reference (exported before them)"
         try:
             reference = DriftReference.load(predictor.files.sibling(name))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("%s: drift reference not usable: %s", slot, exc)
-            self.drift_errors[slot] = f"drift reference not usable: {exc}"
-            return
-        self.monitors[slot] = (predictor, DriftMonitor(reference, self.drift_config))
+            return None, f"drift reference not usable: {exc}"
+        return (predictor, DriftMonitor(reference, self.drift_config)), None
 
     def drift_gauges(self) -> dict[str, dict[str, Any]]:
         """slot -> feature -> value, and "alarm", for the drift gauges (serving/metrics.py)."""

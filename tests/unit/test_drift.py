@@ -269,3 +269,26 @@ def test_on_a_loop_the_window_is_updated_once_per_turn_for_all_its_requests(
     asyncio.run(fails())
     assert "classifier" not in models.monitors
     assert "watching stopped" in models.drift_errors["classifier"]
+
+    # A failure that meets a reconfigure replacing the monitor (Serve's thread): the
+    # stopping waits for the replacement and then leaves it watching, with no error.
+    import threading
+
+    failing = DriftMonitor(reference, DriftConfig(window=100, check_every=1))
+    failing._fold = None
+    models.monitors["classifier"] = (predictor, failing)
+    models.drift_errors.pop("classifier", None)
+    models._watching.acquire()  # a reconfigure in progress
+    stepping = threading.Thread(
+        target=models._drift_step, args=("classifier", failing, failing.update)
+    )
+    failing.hold(rows)
+    stepping.start()
+    stepping.join(timeout=0.2)
+    assert stepping.is_alive()  # the failed step waits for the lock
+    replacement = DriftMonitor(reference, DriftConfig(window=100, check_every=1))
+    models.monitors["classifier"] = (predictor, replacement)
+    models._watching.release()
+    stepping.join(timeout=5)
+    assert models.monitors["classifier"][1] is replacement
+    assert "classifier" not in models.drift_errors
