@@ -158,7 +158,12 @@ class LoadedModels:
             self._watch(slot, predictor)
 
     def _watch(self, slot: str, predictor: Predictor) -> None:
-        watched, error = self._monitor_for(slot, predictor)
+        try:
+            watched, error = self._monitor_for(slot, predictor)
+        except Exception:  # unforeseen: the old model's monitor must not outlive it
+            with self._watching:
+                self.monitors.pop(slot, None)
+            raise
         with self._watching:
             if watched is None:
                 self.monitors.pop(slot, None)

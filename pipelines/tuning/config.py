@@ -68,13 +68,15 @@ class TuneConfig(Section):
     epochs, and used more epochs on the default search: benchmarks/README.md)."""
     perturbation_interval: int = 4
     """PBT: epochs between the times a trailing trial may take a leading trial's weights."""
-    synchronous: bool = True
-    """PBT: every trial waits at each perturbation point until all have reached it (the
-    trials are compared at the same epoch, and a population larger than
-    `max_concurrent_trials` takes turns); false: each trial is compared when it gets there,
-    against the others' latest scores, which may be epochs behind or already finished (no
-    waiting for a slow trial on a large cluster, but with few trials an exploit may never
-    happen)."""
+    synchronous: bool = False
+    """PBT: every trial waits at each perturbation point until all have reached it, so they
+    are compared at the same epoch (asynchronous, the default, compares a trial on arrival
+    with the others' latest scores, which may be epochs behind, and leaves out finished
+    ones: with few trials an exploit may never happen). For small searches whose trials
+    all run at once (refused otherwise: Ray would run the rest as a second wave, compared
+    only late). Ray 2.60's synchronous PBT waits for every trial not finished: one that
+    fails, or ends itself on a diverging loss while the others wait, stalls the search,
+    and so does resuming an interrupted one."""
     max_concurrent_trials: int = 2
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1

@@ -4,10 +4,10 @@ Each trial runs the training stages' own worker loop on the supervised task
 (pipelines/tuning/trial.py: in the trial's actor for one worker, a Ray Train run through the
 stages' driver for several); its per-epoch reports reach the scheduler: ASHA (the default)
 stops trailing trials between epochs, PBT restarts them from leading trials' checkpoints
-with perturbed settings (by default every trial waits for the others at each
-perturbation point: `tune.synchronous`). A diverging trial ends itself and is reported
-as diverged; the search goes on. The driver logs a parent MLflow run with one child run
-per trial.
+with perturbed settings (its population: the trials running at once; with
+`tune.synchronous` they wait for each other at each perturbation point). A diverging trial
+ends itself and is reported as diverged; the search goes on. The driver logs a parent
+MLflow run with one child run per trial.
 
 An interrupted search (Ctrl-C, a lost driver) resumes where it stopped when the stage runs
 again with the same params, code and data: finished trials are kept, not re-run.
@@ -95,6 +95,8 @@ def tune_search(
     experiment_dir = Path(storage_path()) / name
     resume_id = interrupted_run(name)
     total = total_trials(tune)
+    if tune.scheduler == "pbt" and tune.synchronous:
+        check_synchronous(tune, total, resume_id is not None)
     tags = tracking.stage_tags(STAGE, data.data_hash)
     with tracking.stage_run(tune.experiment, STAGE, tags, resume_run_id=resume_id) as parent:
         remember_run(name, parent.run_id)
@@ -177,6 +179,22 @@ def check_space_fits(
             sample = {"optimizer": tune.optimizers[0], LR_SCALE: 0.0, key: value}
             trial_model, trial_train = trial_settings(model, train, tune, sample)
             check_compatible(trial_model, trial_train, manifest, f"tune.space.{key}: {value!r}")
+
+
+def check_synchronous(tune: TuneConfig, total: int, resuming: bool) -> None:
+    """Refuse what Ray's synchronous PBT cannot do (TuneConfig.synchronous)."""
+    if total > tune.max_concurrent_trials:
+        raise UserError(
+            f"tune.synchronous: {total} trials, {tune.max_concurrent_trials} at once; "
+            "synchronous PBT needs every trial running at once (raise "
+            "tune.max_concurrent_trials or set tune.synchronous: false)"
+        )
+    if resuming:
+        raise UserError(
+            "tune.synchronous: an interrupted synchronous PBT search cannot resume (Ray "
+            "restarts its perturbation points and every trial waits); set "
+            "tune.synchronous: false, or change a tune setting to start anew"
+        )
 
 
 def pbt_exploits(experiment_dir: Path) -> int:

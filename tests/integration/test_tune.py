@@ -174,10 +174,11 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
         # Far apart on purpose: one trial of each pair trails and exploits the other.
         lr={"default": (0.00003, 0.01)},
         scheduler="pbt",
-        # Synchronous PBT (the default) compares both trials at epoch 4 whatever their
-        # speeds, so the trailing one takes the leading one's weights there. (Asynchronous,
-        # a CI run whose second trial started seconds late saw no exploit: each trial met
-        # its perturbation points while the other had no score yet or had finished.)
+        # Synchronous PBT compares both trials at epoch 4 whatever their speeds, so the
+        # trailing one takes the leading one's weights there. (Asynchronous, a CI run whose
+        # second trial started seconds late saw no exploit: each trial met its perturbation
+        # points while the other had no score yet or had finished.)
+        synchronous=True,
         perturbation_interval=4,
         epochs=6,  # one perturbation point: each is a pause and restart of every trial
     )

@@ -31,3 +31,18 @@ def test_without_a_scheduler_a_trial_short_of_its_epochs_was_interrupted():
     assert finished_trials(grid, tune) == 1
     # ASHA stops trials early on purpose: the same short trial has finished.
     assert finished_trials(grid, TuneConfig(epochs=4, scheduler="asha")) == 2
+
+
+def test_synchronous_pbt_is_refused_where_ray_would_stall_it():
+    import pytest
+
+    from pipelines.stagekit.errors import UserError
+    from pipelines.tuning.tune import check_synchronous, total_trials
+
+    tune = TuneConfig(optimizers=("adam", "rmsprop"), samples=1, scheduler="pbt", synchronous=True)
+    check_synchronous(tune, total_trials(tune), resuming=False)  # 2 trials, 2 at once
+    with pytest.raises(UserError, match=r"tune.synchronous: 4 trials, 2 at once"):
+        more = TuneConfig(optimizers=("adam", "rmsprop"), samples=2, scheduler="pbt")
+        check_synchronous(more, total_trials(more), resuming=False)
+    with pytest.raises(UserError, match=r"cannot resume"):
+        check_synchronous(tune, total_trials(tune), resuming=True)
