@@ -42,7 +42,9 @@ def test_synchronous_pbt_is_refused_where_ray_would_stall_it():
     tune = TuneConfig(optimizers=("adam", "rmsprop"), samples=1, scheduler="pbt", synchronous=True)
     check_synchronous(tune, total_trials(tune), resuming=False)  # 2 trials, 2 at once
     with pytest.raises(UserError, match=r"tune.synchronous: 4 trials, 2 at once"):
-        more = TuneConfig(optimizers=("adam", "rmsprop"), samples=2, scheduler="pbt")
+        more = TuneConfig(
+            optimizers=("adam", "rmsprop"), samples=2, scheduler="pbt", synchronous=True
+        )
         check_synchronous(more, total_trials(more), resuming=False)
     with pytest.raises(UserError, match=r"cannot resume"):
         check_synchronous(tune, total_trials(tune), resuming=True)
