@@ -114,15 +114,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}"
+    served = [kind.slot for kind in KINDS if sources[kind.source_arg] != NO_MODEL]
     try:
         if args.demo:
             return _demo_request(
                 url,
                 args.demo_image,
+                served,
                 with_mlm=sources["mlm_model"] != NO_MODEL,
                 with_generator=sources["generator_model"] != NO_MODEL,
             )
-        _print_endpoints(url)
+        _print_endpoints(url, served)
         print("serving; press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
@@ -458,10 +460,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_endpoints(url: str) -> None:
+def _print_endpoints(url: str, served: list[str]) -> None:
     from serving.kinds import endpoints
 
-    print("\nendpoints:\n  " + "\n  ".join(endpoints(url)))
+    # Only the served kinds' routes: the others answer 404 ("... off" said so above).
+    print("\nendpoints:\n  " + "\n  ".join(endpoints(url, served)))
     print("swap models after moving a registry alias: dlpipe serve reload")
     print(f"dashboard: run `make ui` (or `dlpipe ui`), then open {dashboard_url()}")
 
@@ -498,7 +501,11 @@ def _demo_payload(url: str, image: str | None) -> tuple[dict, str]:
 
 
 def _demo_request(
-    url: str, image: str | None, with_mlm: bool = False, with_generator: bool = False
+    url: str,
+    image: str | None,
+    served: list[str],
+    with_mlm: bool = False,
+    with_generator: bool = False,
 ) -> int:
     try:
         payload, shown = _demo_payload(url, image)
@@ -544,7 +551,7 @@ def _demo_request(
             f"{len(sizes)} PNG images ({', '.join(map(str, sizes))} bytes) from "
             f"{drawn['model']} version {drawn['version']}"
         )
-    _print_endpoints(url)
+    _print_endpoints(url, served)
     print("(demo: stopping the app; `make serve` keeps it running)")
     return 0
 

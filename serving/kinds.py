@@ -9,7 +9,7 @@ answer. Serving a new kind of model is a predictor module plus one row of `KINDS
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,7 +385,13 @@ GET_ROUTES: tuple[tuple[str, str], ...] = (
 """The routes that answer about the app rather than with a model."""
 
 
-def endpoints(base_url: str) -> list[str]:
-    """`POST <url>/v1/classify`, ... : every route of the app, for people to read."""
-    posts = [f"POST {base_url}{route.path}" for kind in KINDS for route in kind.routes]
+def endpoints(base_url: str, slots: Collection[str] | None = None) -> list[str]:
+    """`POST <url>/v1/classify`, ... : the routes of the kinds in `slots` (None: every
+    kind) and the app's own, for people to read."""
+    posts = [
+        f"POST {base_url}{route.path}"
+        for kind in KINDS
+        if slots is None or kind.slot in slots
+        for route in kind.routes
+    ]
     return [*posts, *(f"GET  {base_url}{path}" for path, _ in GET_ROUTES)]

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from pipelines.cli import parser as serve_parser
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
-from serving.kinds import KINDS
+from serving.kinds import KINDS, endpoints
 from serving.model_slots import LoadedModels
 from serving.model_source import resolve_model
 from serving.openapi import openapi_document
@@ -58,6 +58,14 @@ def test_a_model_left_out_is_a_404_naming_the_option(export_dir):  # noqa: F811
     http = client(export_dir)
     response = http.post("/v1/fill-mask", json={"texts": ["a [MASK]"]})
     assert response.status_code == 404 and "mlm_model" in response.json()["detail"]
+
+
+def test_the_endpoints_printed_are_the_served_kinds_routes_and_the_apps_own():
+    listed = endpoints("http://h:1", ["classifier"])
+    assert "POST http://h:1/v1/classify" in listed and "GET  http://h:1/v1/models" in listed
+    assert not any("/v1/fill-mask" in line or "/v1/segment" in line for line in listed)
+    every = endpoints("http://h:1")
+    assert {f"POST http://h:1{r.path}" for k in KINDS for r in k.routes} <= set(every)
 
 
 @pytest.mark.parametrize(
