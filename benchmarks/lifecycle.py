@@ -4,7 +4,10 @@ benchmark holds it): what a canary and shadow mode cost and how exactly they spl
 - `shadow_p50_overhead`: the champion's p50 latency at 32 closed-loop clients (wrk,
   `--seconds` each) with the challenger in shadow mode (every request copied), against the
   same app with the challenger off, as a fraction (0.2: 20% slower); the median of
-  `--rounds` pairs, each pair's own ratio, in reverse order every other round; the copies
+  `--rounds` pairs, each pair's own ratio, in reverse order every other round, with a 95%
+  interval for that median (`shadow_p50_overhead_interval`: order statistics, no
+  assumption on the pairs' spread, which on a shared 2-CPU machine is the machine's
+  speed from one run to the next more than the copies' cost); the copies
   take at most `--shadow-budget` of the replica's time (the app's default 0.05), so under
   this load a share of the requests is compared (`shadow_copied_share`, per run);
   `shadow_sampled_p50_overhead` the same with `--sample` (0.25) of the requests copied;
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -84,6 +88,22 @@ class Background:
                 self.sent += 1
                 self.failed += not ok
                 time.sleep(self.interval)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of what `values` sample: the order
+    statistics x(k) and x(n+1-k) for the largest k with P(Binomial(n, 1/2) < k) at most
+    half of 1 - `confidence` (the whole range below six values at 95%)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k, below = 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n  # P(Binomial(n, 1/2) <= k)
+        if below > (1 - confidence) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
 
 
 def replica_cpu_s() -> float:
@@ -265,8 +285,10 @@ def main() -> None:
     parser.add_argument("--champion", default="models:/dlpipe-classifier@champion")
     parser.add_argument("--challenger", default="models:/dlpipe-pseudolabel-classifier@champion")
     parser.add_argument("--data", default="data/prepared/supervised")
-    parser.add_argument("--seconds", type=float, default=6.0, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds of four runs")
+    # Many short rounds rather than a few long ones: two runs next to each other share
+    # more of the machine's speed, and the median's interval narrows with the pairs.
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of four runs")
     parser.add_argument("--share", type=float, default=0.05)
     parser.add_argument("--sample", type=float, default=0.25, help="a sampled shadow's share")
     parser.add_argument(
@@ -355,7 +377,7 @@ def main() -> None:
 
         pairs, sampled, unwatched = [], [], []
         for round_number in range(1, args.rounds + 1):
-            runs = {}
+            runs, started = {}, time.monotonic()
             order = list(steps) if round_number % 2 else list(reversed(steps))
             for name in order:
                 arrange(*steps[name])
@@ -369,7 +391,8 @@ def main() -> None:
             unwatched.append((runs["blind"], runs["off"]))
             pairs.append((runs["off"], runs["shadow"]))
             sampled.append((runs["off"], runs["sample"]))
-            print(f"round {round_number} ({', '.join(order)}): {runs}", flush=True)
+            took = time.monotonic() - started
+            print(f"round {round_number} ({', '.join(order)}, {took:.0f} s): {runs}", flush=True)
         drift({"enabled": True})
         challenger("off")
         digits = drift_trial(
@@ -395,7 +418,10 @@ def main() -> None:
     checks = digits["alarm_checks"] + customers["alarm_checks"]
     overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in pairs]
     overhead = statistics.median(overheads)
-    sampled_overhead = statistics.median(s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled)
+    interval = median_interval(overheads)
+    sampled_overheads = [s["p50_ms"] / o["p50_ms"] - 1 for o, s in sampled]
+    sampled_overhead = statistics.median(sampled_overheads)
+    sampled_interval = median_interval(sampled_overheads)
     shadow_cpu = statistics.median(s["cpu_us"] / o["cpu_us"] - 1 for o, s in pairs)
     drift_cpu = statistics.median(w["cpu_us"] / b["cpu_us"] - 1 for b, w in unwatched)
     drift_overheads = [w["p50_ms"] / b["p50_ms"] - 1 for b, w in unwatched]
@@ -409,6 +435,7 @@ def main() -> None:
         "background_requests": background.sent,
         "shadow_p50_overhead": round(overhead, 3),
         "shadow_p50_overheads": [round(x, 3) for x in overheads],
+        "shadow_p50_overhead_interval": [round(x, 3) for x in interval],
         "shadow_cpu_overhead": round(shadow_cpu, 3),
         "off_cpu_us_per_request": [o["cpu_us"] for o, _ in pairs],
         "shadow_cpu_us_per_request": [s["cpu_us"] for _, s in pairs],
@@ -416,6 +443,7 @@ def main() -> None:
         "shadow_copied_share": [s["copied"] for _, s in pairs],
         "shadow_sampled_share": args.sample,
         "shadow_sampled_p50_overhead": round(sampled_overhead, 3),
+        "shadow_sampled_p50_overhead_interval": [round(x, 3) for x in sampled_interval],
         "off_p50_ms": [o["p50_ms"] for o, _ in pairs],
         "shadow_p50_ms": [s["p50_ms"] for _, s in pairs],
         "off_rps": [o["rps"] for o, _ in pairs],
@@ -449,8 +477,8 @@ def main() -> None:
         ),
         ("failed requests", failed, "0", "met" if failed == 0 else "**MISSED**"),
         (
-            "shadow p50 overhead at 32 clients",
-            f"{overhead:+.1%}",
+            "shadow p50 overhead at 32 clients (95% interval of the median)",
+            f"{overhead:+.1%} ({interval[0]:+.1%} .. {interval[1]:+.1%})",
             f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
             "met" if overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
         ),
@@ -468,7 +496,7 @@ def main() -> None:
         ),
         (
             f"shadow p50 overhead, {args.sample:g} of requests copied",
-            f"{sampled_overhead:+.1%}",
+            f"{sampled_overhead:+.1%} ({sampled_interval[0]:+.1%} .. {sampled_interval[1]:+.1%})",
             f"<= {TARGET_SHADOW_OVERHEAD:.0%}",
             "met" if sampled_overhead <= TARGET_SHADOW_OVERHEAD else "**MISSED**",
         ),

@@ -1,10 +1,11 @@
 """The serving benchmark's summary of its rounds: the median run per level, not the best;
-the request-path benchmark's in-process app."""
+the request-path benchmark's in-process app; the lifecycle benchmark's interval."""
 
 import asyncio
 
 import pytest
 
+from benchmarks.lifecycle import median_interval
 from benchmarks.request_path import build_app, drive
 from benchmarks.serving_throughput import median_round
 from tests.unit.test_predictor import export_dir  # noqa: F401 (a fixture: the tiny export)
@@ -24,6 +25,13 @@ def test_median_round_keeps_the_median_runs_figures_and_the_spread() -> None:
         "rps_min": 3000,
         "rps_max": 5000,
     }
+
+
+@pytest.mark.parametrize(("n", "ranks"), [(6, (1, 6)), (7, (1, 7)), (15, (4, 12)), (30, (10, 21))])
+def test_the_medians_interval_is_the_binomial_order_statistics(n, ranks) -> None:
+    # Ranks from the binomial tables for 95% (n=15: the 4th and 12th of 15 values).
+    shuffled = [float(v) for v in range(n, 0, -1)]
+    assert median_interval(shuffled) == (float(ranks[0]), float(ranks[1]))
 
 
 def test_an_even_number_of_rounds_takes_the_lower_middle_run() -> None:
