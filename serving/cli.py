@@ -23,6 +23,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -125,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 with_generator=sources["generator_model"] != NO_MODEL,
             )
         _print_endpoints(url, served)
+        # Set after Ray's start, which installs its fault handler for SIGTERM (a stack dump).
+        signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
         print("serving; press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
@@ -137,6 +140,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             serve.delete("dlpipe")
         except KeyboardInterrupt:  # a second Ctrl-C while stopping: no traceback
             print("serve: interrupted while stopping; `serve shutdown` stops what is left")
+
+
+def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM (`docker stop`, systemd, Kubernetes) stops `dlpipe serve` as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _app_config(
