@@ -74,9 +74,9 @@ class TuneConfig(Section):
     with the others' latest scores, which may be epochs behind, and leaves out finished
     ones: with few trials an exploit may never happen). For small searches whose trials
     all run at once (refused otherwise: Ray would run the rest as a second wave, compared
-    only late). Ray 2.60's synchronous PBT waits for every trial not finished: one that
-    fails, or ends itself on a diverging loss while the others wait, stalls the search,
-    and so does resuming an interrupted one."""
+    only late), and not on resuming an interrupted search (Ray's scheduler starts anew and
+    every trial would wait where it stopped). A trial that fails or ends itself on a
+    diverging loss leaves the population and the others go on (pipelines/tuning/pbt.py)."""
     max_concurrent_trials: int = 2
     """Trials running at once (each takes `workers_per_trial` workers)."""
     workers_per_trial: int = 1

@@ -333,11 +333,10 @@ def _scheduler(tune: TuneConfig):
         # search's folder goes when it ends). Only train.* settings are perturbed: a trial
         # goes on with the optimizer whose moments it took, and with the model whose weights
         # it took (even dropout: at 0 the network has no Dropout layer, other weight names).
-        return PopulationBasedTraining(
-            time_attr="training_iteration",
-            perturbation_interval=tune.perturbation_interval,
-            synch=tune.synchronous,
-            hyperparam_mutations={
+        settings = {
+            "time_attr": "training_iteration",
+            "perturbation_interval": tune.perturbation_interval,
+            "hyperparam_mutations": {
                 LR_SCALE: ray_tune.uniform(0.0, 1.0),
                 **{
                     key: list(values)
@@ -345,8 +344,13 @@ def _scheduler(tune: TuneConfig):
                     if key.startswith("train.")
                 },
             },
-            custom_explore_fn=clip_lr_scale,
-        )
+            "custom_explore_fn": clip_lr_scale,
+        }
+        if tune.synchronous:
+            from pipelines.tuning.pbt import SynchronousPbt
+
+            return SynchronousPbt(**settings)
+        return PopulationBasedTraining(**settings)
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=tune.epochs,

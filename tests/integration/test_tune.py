@@ -189,6 +189,106 @@ def test_pbt_restarts_trailing_trials_from_leading_ones(trained, stores, tmp_pat
     assert summary["best_val_accuracy"] > 0.8
 
 
+def _paced_trial(config: dict) -> None:
+    """A PBT trial of `epochs` reports of its role's score, each with a checkpoint (a pause
+    saves it, the restart reads it). A staying role marks epoch 4 in `marks`; the leaving
+    role, after `leave_at` epochs, waits for both marks and 2 s more (the others paused by
+    then), and ends itself (`leave: "end"`, as a diverging trial does) or fails (`"fail"`)."""
+    import tempfile
+    from pathlib import Path
+
+    from ray import tune as ray_tune
+
+    role, marks = config["role"], Path(config["marks"])
+    start = ray_tune.get_checkpoint()
+    epoch = 0
+    if start is not None:
+        with start.as_directory() as folder:
+            epoch = int((Path(folder) / "epoch").read_text())
+    while epoch < role["epochs"]:
+        if epoch == role.get("leave_at"):
+            deadline = time.monotonic() + 60
+            while len(list(marks.glob("*"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(2.0)
+            if role["leave"] == "fail":
+                raise RuntimeError("this trial fails on purpose")
+            return
+        epoch += 1
+        if epoch == 4:
+            (marks / str(role["score"])).touch()
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "epoch").write_text(str(epoch))
+            checkpoint = ray_tune.Checkpoint.from_directory(folder)
+            ray_tune.report({"score": role["score"], "epoch": epoch}, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("leave", ["end", "fail"])
+def test_synchronous_pbt_goes_on_when_a_trial_leaves_while_the_others_wait(
+    ray_cluster, tmp_path, leave
+):
+    """Ray's synchronous PBT waited for ever when a trial ended itself or failed after the
+    others had paused at a perturbation point (pipelines/tuning/pbt.py). Here two trials
+    reach epoch 4 and wait while the third, at epoch 3, leaves: the two must be perturbed
+    there (the trailing one takes the leading one's role) and go on to their last epoch.
+    Tune's time budget ends a stalled search, failing the test."""
+    from ray import tune as ray_tune
+
+    from pipelines.tuning.pbt import SynchronousPbt
+
+    class OthersWhenLeaving(ray_tune.Callback):
+        """The other trials' statuses as the leaving trial ends or fails."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._leaving(trials, trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._leaving(trials, trial)
+
+        def _leaving(self, trials, trial) -> None:
+            if "leave" in trial.config["role"]:
+                self.seen = [t.status for t in trials if t is not trial]
+
+    (tmp_path / "marks").mkdir()
+    roles = [
+        {"score": 1.0, "epochs": 8},
+        {"score": 2.0, "epochs": 8},
+        {"score": 0.5, "epochs": 8, "leave_at": 3, "leave": leave},
+    ]
+    others = OthersWhenLeaving()
+    tuner = ray_tune.Tuner(
+        ray_tune.with_resources(_paced_trial, {"cpu": 0.5}),
+        param_space={
+            "role": ray_tune.grid_search(roles),
+            "marks": str(tmp_path / "marks"),
+            "lr": 0.5,
+        },
+        tune_config=ray_tune.TuneConfig(
+            metric="score",
+            mode="max",
+            scheduler=SynchronousPbt(
+                time_attr="training_iteration",
+                perturbation_interval=4,
+                hyperparam_mutations={"lr": ray_tune.uniform(0.1, 1.0)},
+            ),
+            time_budget_s=90,
+        ),
+        run_config=ray_tune.RunConfig(storage_path=str(tmp_path), callbacks=[others], verbose=0),
+    )
+    results = list(tuner.fit())
+    assert others.seen == ["PAUSED", "PAUSED"]  # the stall's situation, with Ray's own PBT
+    stayed = [r for r in results if "leave" not in r.config["role"]]
+    left = [r for r in results if "leave" in r.config["role"]]
+    assert len(stayed) == 2 and len(left) == 1
+    assert [r.metrics["epoch"] for r in stayed] == [8, 8]  # both went on past the point
+    assert [r.config["role"]["score"] for r in stayed] == [2.0, 2.0]  # perturbed at 4
+    assert left[0].metrics["epoch"] == 3
+    assert (left[0].error is not None) == (leave == "fail")
+
+
 def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
     from pipelines.stagekit.errors import UserError
     from pipelines.tuning.tune import tune_search
