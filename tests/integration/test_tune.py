@@ -223,24 +223,22 @@ def _paced_trial(config: dict) -> None:
             ray_tune.report({"score": role["score"], "epoch": epoch}, checkpoint=checkpoint)
 
 
-@pytest.mark.parametrize("leave", ["end", "fail"])
-def test_synchronous_pbt_goes_on_when_a_trial_leaves_while_the_others_wait(
-    ray_cluster, tmp_path, leave
-):
+def test_synchronous_pbt_goes_on_when_trials_leave_while_the_others_wait(ray_cluster, tmp_path):
     """Ray's synchronous PBT waited for ever when a trial ended itself or failed after the
     others had paused at a perturbation point (pipelines/tuning/pbt.py). Here two trials
-    reach epoch 4 and wait while the third, at epoch 3, leaves: the two must be perturbed
-    there (the trailing one takes the leading one's role) and go on to their last epoch.
-    Tune's time budget ends a stalled search, failing the test."""
+    reach epoch 4 and wait while two others, at epoch 3, leave: one ends itself, one
+    fails. The two must be perturbed there (the trailing one takes the leading one's role)
+    and go on to their last epoch. Tune's time budget ends a stalled search, failing the
+    test."""
     from ray import tune as ray_tune
 
     from pipelines.tuning.pbt import SynchronousPbt
 
-    class OthersWhenLeaving(ray_tune.Callback):
-        """The other trials' statuses as the leaving trial ends or fails."""
+    class StayersWhenLeaving(ray_tune.Callback):
+        """The staying trials' statuses as each leaving trial ends or fails."""
 
         def __init__(self) -> None:
-            self.seen: list[str] = []
+            self.seen: dict[str, list[str]] = {}
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self._leaving(trials, trial)
@@ -250,15 +248,17 @@ def test_synchronous_pbt_goes_on_when_a_trial_leaves_while_the_others_wait(
 
         def _leaving(self, trials, trial) -> None:
             if "leave" in trial.config["role"]:
-                self.seen = [t.status for t in trials if t is not trial]
+                stayers = [t for t in trials if "leave" not in t.config["role"]]
+                self.seen[trial.config["role"]["leave"]] = [t.status for t in stayers]
 
     (tmp_path / "marks").mkdir()
     roles = [
         {"score": 1.0, "epochs": 8},
         {"score": 2.0, "epochs": 8},
-        {"score": 0.5, "epochs": 8, "leave_at": 3, "leave": leave},
+        {"score": 0.5, "epochs": 8, "leave_at": 3, "leave": "end"},
+        {"score": 0.4, "epochs": 8, "leave_at": 3, "leave": "fail"},
     ]
-    others = OthersWhenLeaving()
+    stayers = StayersWhenLeaving()
     tuner = ray_tune.Tuner(
         ray_tune.with_resources(_paced_trial, {"cpu": 0.5}),
         param_space={
@@ -276,17 +276,17 @@ def test_synchronous_pbt_goes_on_when_a_trial_leaves_while_the_others_wait(
             ),
             time_budget_s=90,
         ),
-        run_config=ray_tune.RunConfig(storage_path=str(tmp_path), callbacks=[others], verbose=0),
+        run_config=ray_tune.RunConfig(storage_path=str(tmp_path), callbacks=[stayers], verbose=0),
     )
     results = list(tuner.fit())
-    assert others.seen == ["PAUSED", "PAUSED"]  # the stall's situation, with Ray's own PBT
+    # The stall's situation with Ray's own PBT: both waiting as each leaver leaves.
+    assert stayers.seen == {"end": ["PAUSED", "PAUSED"], "fail": ["PAUSED", "PAUSED"]}
     stayed = [r for r in results if "leave" not in r.config["role"]]
-    left = [r for r in results if "leave" in r.config["role"]]
-    assert len(stayed) == 2 and len(left) == 1
+    left = {r.config["role"]["leave"]: r for r in results if "leave" in r.config["role"]}
     assert [r.metrics["epoch"] for r in stayed] == [8, 8]  # both went on past the point
     assert [r.config["role"]["score"] for r in stayed] == [2.0, 2.0]  # perturbed at 4
-    assert left[0].metrics["epoch"] == 3
-    assert (left[0].error is not None) == (leave == "fail")
+    assert left["end"].metrics["epoch"] == left["fail"].metrics["epoch"] == 3
+    assert left["end"].error is None and left["fail"].error is not None
 
 
 def test_a_bad_search_space_is_refused_before_any_trial(trained, stores):
