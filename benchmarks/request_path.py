@@ -16,7 +16,11 @@ it: the echo server of serving_throughput.py measures that.
 Servers measured, each `--rounds` times, interleaved; the figure is the median round:
 - `classify`: the exported classifier, drift watched (the default);
 - `classify_unwatched`: the same with drift watching off;
-- `noop`: the no-op classifier (benchmarks/servers/noop_model.py), drift watched.
+- `noop`: the no-op classifier (benchmarks/servers/noop_model.py), drift watched;
+- `classify_captured`: `classify` with request capture at rate 1 (serving/capture.py:
+  every request and answer written to JSON lines in a scratch directory), its writer
+  thread's CPU included (a round ends when the writer has caught up);
+- `classify_captured_1pct`: the same at rate 0.01, the README's example setting.
 
     python -m benchmarks.request_path     # writes benchmarks/results/request_path.json
 """
@@ -35,9 +39,11 @@ RESULTS = Path(__file__).parent / "results" / "request_path.json"
 CLASSIFY = "/v1/classify"
 
 
-def build_app(export_dir: str, watched: bool) -> Any:
-    """The replica's ASGI app over the export at `export_dir`, as serving/app.py builds it."""
+def build_app(export_dir: str, watched: bool, capture: Any = None) -> Any:
+    """The replica's ASGI app over the export at `export_dir`, as serving/app.py builds it;
+    `capture` a serving/capture.py `CaptureConfig` to capture requests with."""
     from serving.app import batched_calls, route_batchers
+    from serving.capture import RequestCapture
     from serving.drift import DriftConfig
     from serving.http_api import HttpApi, Limits
     from serving.metrics import ServingMetrics
@@ -50,7 +56,10 @@ def build_app(export_dir: str, watched: bool) -> Any:
     limits = Limits()
     metrics = ServingMetrics(drift=models.drift_gauges)
     batchers = route_batchers(metrics, limits.request_timeout_s)
-    return HttpApi(models, limits, batched_calls(batchers), metrics=metrics)
+    api = HttpApi(models, limits, batched_calls(batchers), metrics=metrics)
+    if capture is not None:
+        api.capture = RequestCapture(capture)
+    return api
 
 
 async def drive(app: Any, body: bytes, clients: int, requests: int) -> float:
@@ -80,6 +89,9 @@ async def drive(app: Any, body: bytes, clients: int, requests: int) -> float:
 
     started = time.process_time()
     await asyncio.gather(*(client() for _ in range(clients)))
+    capture = getattr(app, "capture", None)
+    while capture is not None and capture.backlog:  # the writer's CPU is this app's
+        await asyncio.sleep(0.001)
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. HTTP {failures[0]}")
     return (time.process_time() - started) / (clients * requests)
@@ -129,12 +141,21 @@ def main() -> None:
     body = request_bodies(args.data)[CLASSIFY]
     scratch = Path(tempfile.mkdtemp(prefix="dlpipe-request-path-"))
     noop = write_noop_classifier(Path(args.export), scratch / "noop_classifier")
+    from serving.capture import CaptureConfig
+
+    def captured(rate: float) -> Any:
+        config = CaptureConfig(rate=rate, directory=str(scratch / f"captures-{rate:g}"))
+        return build_app(args.export, watched=True, capture=config)
+
     apps = {
         "classify": build_app(args.export, watched=True),
         "classify_unwatched": build_app(args.export, watched=False),
         "noop": build_app(str(noop), watched=True),
+        "classify_captured": captured(1.0),
+        "classify_captured_1pct": captured(0.01),
     }
     runs = measure(apps, body, args.clients, args.requests, args.rounds)
+    capture = apps["classify_captured"].capture
     figures: dict[str, Any] = {
         name: {"us_per_request": statistics.median(values), "runs_us": values}
         for name, values in runs.items()
@@ -142,6 +163,14 @@ def main() -> None:
     classify = figures["classify"]["us_per_request"]
     figures["model_us"] = round(classify - figures["noop"]["us_per_request"], 1)
     figures["drift_us"] = round(classify - figures["classify_unwatched"]["us_per_request"], 1)
+    figures["capture_us"] = round(figures["classify_captured"]["us_per_request"] - classify, 1)
+    figures["capture_1pct_us"] = round(
+        figures["classify_captured_1pct"]["us_per_request"] - classify, 1
+    )
+    # Rate 1 at full speed: every request offered, none may be dropped or fail to write.
+    figures["capture_counts"] = {
+        key: capture.status()[key] for key in ("captured", "dropped", "failed", "written")
+    }
     figures["clients"] = args.clients
     rows = [
         f"| {name} | {figures[name]['us_per_request']:.1f} | "
@@ -153,7 +182,10 @@ def main() -> None:
         + [
             "",
             f"The model's share: {figures['model_us']} us a request (classify - noop); "
-            f"drift watching's: {figures['drift_us']} us (classify - classify_unwatched).",
+            f"drift watching's: {figures['drift_us']} us (classify - classify_unwatched); "
+            f"capturing every request: {figures['capture_us']} us "
+            f"(classify_captured - classify; {figures['capture_counts']}), 1% of them: "
+            f"{figures['capture_1pct_us']} us.",
         ]
     )
     write_results(

@@ -47,3 +47,15 @@ def test_the_request_path_app_answers_every_request_and_counts_its_cpu(export_di
     # A failing request is not timed as if it were answered.
     with pytest.raises(RuntimeError, match="HTTP 422"):
         asyncio.run(drive(app, b'{"instances": [[0.5]]}', clients=1, requests=1))
+
+
+def test_the_request_path_app_with_capture_keeps_every_request(export_dir, tmp_path) -> None:  # noqa: F811
+    from serving.capture import CaptureConfig
+
+    app = build_app(str(export_dir), False, CaptureConfig(rate=1.0, directory=str(tmp_path)))
+    good = b'{"instances": [' + b",".join([b"[" + b",".join([b"0.5"] * 16) + b"]"]) + b"]}"
+    asyncio.run(drive(app, good, clients=4, requests=5))
+    assert app.capture.backlog == 0  # drive waits for the writer: its CPU is the app's
+    app.capture.close()
+    lines = [line for f in tmp_path.glob("*.jsonl") for line in f.read_bytes().splitlines()]
+    assert app.capture.captured == app.capture.written == len(lines) == 20
