@@ -137,11 +137,11 @@ def main() -> None:
     from benchmarks.scratch import write_results
     from benchmarks.servers.noop_model import write_noop_classifier
     from benchmarks.serving_throughput import request_bodies
+    from serving.capture import CaptureConfig
 
     body = request_bodies(args.data)[CLASSIFY]
     scratch = Path(tempfile.mkdtemp(prefix="dlpipe-request-path-"))
     noop = write_noop_classifier(Path(args.export), scratch / "noop_classifier")
-    from serving.capture import CaptureConfig
 
     def captured(rate: float) -> Any:
         config = CaptureConfig(rate=rate, directory=str(scratch / f"captures-{rate:g}"))

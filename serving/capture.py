@@ -172,8 +172,7 @@ class RequestCapture:
 
     def _write(self, line: bytes) -> None:
         if self._file is None or self._rows >= self.config.rotate_rows:
-            if self._file is not None:
-                self._flush()  # the old file's records counted before it closes
+            self._flush()  # the old file's records counted before it closes (or dropped)
             if self._file is not None:
                 self._file.close()
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
