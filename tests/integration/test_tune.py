@@ -327,6 +327,10 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The store is created here, before the search starts: MLflow creates a new SQLite
+    # store's tables in whichever client opens it first, and this test's polling client and
+    # the search's racing to do so failed CI once ("table ... already exists").
+    MlflowClient(uri).search_experiments()
     env = {
         **os.environ,
         "RAY_ADDRESS": ray_cluster,
@@ -357,7 +361,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
         time.sleep(1)
         try:
             runs = child_runs(uri, "dlpipe-tune")
-        except Exception:  # the store is being created
+        except Exception:  # no experiment yet, or the store busy with a write
             continue
         finished = {
             r.data.tags["tune_trial_id"]: len(
