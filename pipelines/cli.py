@@ -27,6 +27,7 @@ from pipelines.stagekit.spool import spool_dir
 from pipelines.stagekit.tracking import (
     DASHBOARD_HOST,
     DASHBOARD_PORT,
+    create_store,
     redacted_uri,
     registry_lineage,
     sync_spool,
@@ -44,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
+    create_store(uri)  # under dlpipe's lock, in case a stage opens the new store at once
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     print(f"MLflow dashboard for {uri} at http://{args.host}:{args.port}", flush=True)
     os.execv(

@@ -64,11 +64,39 @@ def dashboard_url() -> str:
     return f"http://{DASHBOARD_HOST}:{DASHBOARD_PORT}"
 
 
+@contextlib.contextmanager
+def _store_creation_lock(uri: str) -> Iterator[None]:
+    """Held while a client opens a SQLite store. MLflow creates a new store's tables in
+    whichever client opens it first, without a lock: two processes opening a new store at
+    once (a stage and `dlpipe ui` on a fresh clone, a Ray Train worker and its driver) both
+    create them, and one fails with "table ... already exists". A server's database is
+    created by its server, so other stores need no lock."""
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or not database.parent.is_dir():
+        yield  # (MLflow names a missing folder itself)
+        return
+    import fcntl
+
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     _bounded_retries()
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    uri = uri or tracking_uri()
+    with _store_creation_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+def create_store(uri: str) -> None:
+    """Create the store's tables now if it is new, as every later client expects them."""
+    _client(uri)
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
