@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml
 # The whole pipeline on the bundled data, with real HTTP predictions. The classifier's chain
 # runs first (`dvc repro export`, a target of the same DAG: nothing runs twice), so its first
 # answer comes within about two minutes of a fresh clone; then every other stage, and an
-# answer from each served model.
+# answer from each served model. `dlpipe run` is `dvc repro` with the stages joining one
+# local Ray instance instead of each starting its own.
 demo: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro export
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe run export
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe serve --demo
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe run
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dlpipe serve --demo
 
 # Serve the registered model until Ctrl-C (after `make demo`).

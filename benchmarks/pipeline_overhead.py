@@ -24,7 +24,8 @@
   kept beside the new ones (the before/after table).
 
 The demo runs start their own local Ray instances (`RAY_ADDRESS=local` unless RAY_ADDRESS
-is set) and keep their MLflow runs inside the copy. Run from the repository root:
+is set: never one already running on the machine; each `dlpipe run` starts one that its
+stages share) and keep their MLflow runs inside the copy. Run from the repository root:
 
     python -m benchmarks.pipeline_overhead          # no-op repro only (seconds)
     python -m benchmarks.pipeline_overhead --demo   # + cold and warm `make demo` (the

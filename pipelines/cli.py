@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,49 @@ from serving import cli as serving_cli
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`dvc repro`, its stages sharing one local Ray instance when any has to run."""
+    from pipelines.training.cluster import local_ray_for_stages
+
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
     print("$", " ".join(["dvc", *command[1:]]), flush=True)
-    return subprocess.call(command)
+    if not args.force and not _changed(dvc, args.stages):
+        return _wait_for(subprocess.Popen(command))  # no Ray to start: DVC says why
+    with local_ray_for_stages() as ray_env:
+        if ray_env:
+            print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
+        process = subprocess.Popen(command, env={**os.environ, **ray_env})
+        # Sent to this process alone (a service manager, `kill`), SIGTERM would stop the
+        # Ray under a running stage: it goes on to DVC, and Ray stops after DVC has.
+        signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
+        return _wait_for(process)
+
+
+def _changed(dvc: str, stages: list[str]) -> bool:
+    """Whether `dvc status` finds something to run for `stages` (all when empty). False
+    when it fails (a stage name that does not exist, a broken dvc.yaml): `dvc repro` then
+    says what is wrong, without a Ray instance started for nothing."""
+    status = subprocess.run(
+        [dvc, "status", "--json", *(["--with-deps", *stages] if stages else [])],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return status.returncode == 0 and json.loads(status.stdout) != {}
+    except json.JSONDecodeError:
+        return True  # a status it printed but not as JSON: something to run, then
+
+
+def _wait_for(process: subprocess.Popen) -> int:
+    """The child's exit status. Ctrl-C reaches it too (one process group): wait for it to
+    stop on its own, so that a stage can still checkpoint through the Ray this process
+    holds (and DVC release its lock) before either goes."""
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,10 +33,46 @@ def connect_ray() -> str | None:
     return f"http://{url}" if url and "://" not in url else url
 
 
+LOCAL_RAY_ENV = "DLPIPE_LOCAL_RAY"
+"""Set beside RAY_ADDRESS for the stages of `dlpipe run` (`local_ray_for_stages`): the
+address names the local instance that command started, whose CPUs will not grow."""
+
+
 def joined_cluster() -> bool:
     """Whether this process joined an existing cluster (RAY_ADDRESS), which may autoscale,
-    rather than starting a local one."""
+    rather than starting a local one (or joining the one `dlpipe run` started for it)."""
+    if os.environ.get(LOCAL_RAY_ENV):
+        return False
     return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
+
+
+@contextlib.contextmanager
+def local_ray_for_stages() -> Iterator[dict[str, str]]:
+    """One local Ray instance, in this process, for every stage a command runs; yields the
+    environment variables that make the stages join it (none when RAY_ADDRESS names a
+    cluster: the stages then go there; `local` asks for a new local instance, which they
+    then share). On 2 CPUs a stage that starts its own Ray, and with it
+    the dashboard's processes, paid about 9 s more than one joining a running instance
+    (benchmarks/README.md). The dashboard stays on: Ray Train's placement-group cleaner
+    asks the State API it serves, and without it a group Tune stops early would leak into
+    the next stage."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address not in ("", "local"):
+        yield {}
+        return
+    import ray
+
+    # The stages print their own workers' logs; this driver runs no work of its own.
+    context = ray.init(
+        address=address or None,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    try:
+        yield {"RAY_ADDRESS": context.address_info["gcs_address"], LOCAL_RAY_ENV: "1"}
+    finally:
+        ray.shutdown()
 
 
 def cluster_gpus() -> float:
