@@ -276,8 +276,8 @@ def demo(root: Path, env: dict[str, str], install: bool, noop_repeats: int = 0) 
         "demo_cold_serve_s": round(serve, 1),
         "demo_cold_stages_run": len(stages_ran(cold.output)),
         "demo_warm_s": round(warm, 1),
-        "demo_note": "`make demo` in a fresh copy of the working tree: `dvc repro export`, "
-        "`dlpipe serve --demo` (the first prediction), `dvc repro` (every other stage), "
+        "demo_note": "`make demo` in a fresh copy of the working tree: `dlpipe run export`, "
+        "`dlpipe serve --demo` (the first prediction), `dlpipe run` (every other stage), "
         "`dlpipe serve --demo`; warm: `make demo` again with everything up to date"
         + ("; after `make install` into a new virtualenv" if install else ""),
     }

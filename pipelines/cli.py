@@ -43,9 +43,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
-    print("$", " ".join(["dvc", *command[1:]]), flush=True)
-    if not args.force and not _changed(dvc, args.stages):
-        return _wait_for(subprocess.Popen(command))  # no Ray to start: DVC says why
+    shown = " ".join(["$ dvc", *command[1:]])
+    if not args.force:
+        changed = _changed(dvc, args.stages)
+        if changed is False:  # what `dvc repro` would find again, after as long
+            print("nothing to run: dvc status finds every stage up to date", flush=True)
+            return 0
+        if changed is None:  # DVC's own error, without a Ray started for nothing
+            print(shown, flush=True)
+            return _wait_for(subprocess.Popen(command))
+    print(shown, flush=True)
     with local_ray_for_stages() as ray_env:
         if ray_env:
             print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
@@ -56,18 +63,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _wait_for(process)
 
 
-def _changed(dvc: str, stages: list[str]) -> bool:
-    """Whether `dvc status` finds something to run for `stages` (all when empty). False
-    when it fails (a stage name that does not exist, a broken dvc.yaml): `dvc repro` then
-    says what is wrong, without a Ray instance started for nothing."""
+def _changed(dvc: str, stages: list[str]) -> bool | None:
+    """Whether `dvc status` finds something to run for `stages` (all when empty); None when
+    it fails (a stage name that does not exist, a broken dvc.yaml)."""
     status = subprocess.run(
         [dvc, "status", "--json", *(["--with-deps", *stages] if stages else [])],
         capture_output=True,
         text=True,
         check=False,
     )
+    if status.returncode != 0:
+        return None
     try:
-        return status.returncode == 0 and json.loads(status.stdout) != {}
+        return json.loads(status.stdout) != {}
     except json.JSONDecodeError:
         return True  # a status it printed but not as JSON: something to run, then
 
