@@ -14,6 +14,7 @@ dlpipe capture export     captured inputs -> a DVC-tracked unlabeled pool (servi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -51,16 +52,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         if changed is None:  # DVC's own error, without a Ray started for nothing
             print(shown, flush=True)
-            return _wait_for(subprocess.Popen(command))
+            return _run_and_wait(command, dict(os.environ))
     print(shown, flush=True)
     with local_ray_for_stages() as ray_env:
         if ray_env:
             print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
-        process = subprocess.Popen(command, env={**os.environ, **ray_env})
-        # Sent to this process alone (a service manager, `kill`), SIGTERM would stop the
-        # Ray under a running stage: it goes on to DVC, and Ray stops after DVC has.
-        signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())
-        return _wait_for(process)
+        return _run_and_wait(command, {**os.environ, **ray_env})
 
 
 def _changed(dvc: str, stages: list[str]) -> bool | None:
@@ -80,25 +77,42 @@ def _changed(dvc: str, stages: list[str]) -> bool | None:
         return True  # a status it printed but not as JSON: something to run, then
 
 
-def _wait_for(process: subprocess.Popen) -> int:
-    """The child's exit status. Ctrl-C reaches it too (one process group): wait for it to
-    stop on its own, so that a stage can still checkpoint through the Ray this process
-    holds (and DVC release its lock) before either goes."""
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            continue
+def _run_and_wait(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` in a process group of its own and wait for it, passing on Ctrl-C and
+    SIGTERM to the whole group: DVC and the stage it runs stop as they would in the
+    terminal, while this process, which holds the stages' Ray, goes only after them. (In
+    one group with DVC, a SIGTERM or SIGINT sent to this process alone would have stopped
+    Ray under a running stage, or been waited out for ever.)"""
+    process: subprocess.Popen | None = None
+
+    def pass_on(signum: int, frame: object) -> None:
+        if process is None:  # DVC not started yet: nothing to wait for
+            sys.exit(128 + signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        process = subprocess.Popen(command, env=env, process_group=0)
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                pass_on(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     uri = tracking_uri()
+    env = dict(os.environ)  # the server's, without the client settings _client() sets
     create_store(uri)  # under dlpipe's lock, in case a stage opens the new store at once
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     print(f"MLflow dashboard for {uri} at http://{args.host}:{args.port}", flush=True)
-    os.execv(
+    os.execve(
         mlflow,
         [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)],
+        env,
     )
     return 0  # not reached
 

@@ -69,15 +69,28 @@ def _store_creation_lock(uri: str) -> Iterator[None]:
     """Held while a client opens a SQLite store. MLflow creates a new store's tables in
     whichever client opens it first, without a lock: two processes opening a new store at
     once (a stage and `dlpipe ui` on a fresh clone, a Ray Train worker and its driver) both
-    create them, and one fails with "table ... already exists". A server's database is
-    created by its server, so other stores need no lock."""
-    database = Path(uri.removeprefix("sqlite:///"))
-    if not uri.startswith("sqlite:///") or not database.parent.is_dir():
-        yield  # (MLflow names a missing folder itself)
+    create them, and one fails with "table ... already exists". Not held for other stores:
+    a tracking server creates its database itself (processes sharing a PostgreSQL database
+    directly, without a server, would meet the same race)."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database  # without a query string such as ?timeout=
+    lock = None
+    if database and database != ":memory:":
+        path = Path(database)
+        try:
+            lock = open(path.with_name(path.name + ".lock"), "a")
+        except OSError:  # a missing folder (MLflow names it), a store only read here
+            pass
+    if lock is None:
+        yield
         return
     import fcntl
 
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

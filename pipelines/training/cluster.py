@@ -55,7 +55,9 @@ def local_ray_for_stages() -> Iterator[dict[str, str]]:
     the dashboard's processes, paid about 9 s more than one joining a running instance
     (benchmarks/README.md). The dashboard stays on: Ray Train's placement-group cleaner
     asks the State API it serves, and without it a group Tune stops early would leak into
-    the next stage."""
+    the next stage. With RAY_ADDRESS unset, `ray.init` joins an instance that `ray start`
+    left running on this machine instead, as each stage did before; this process then
+    only disconnects from it at the end."""
     address = os.environ.get("RAY_ADDRESS", "")
     if address not in ("", "local"):
         yield {}

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,23 +20,35 @@ import yaml
 from tests.helpers import run_command
 
 STAGE_SCRIPT = """\
-import json, sys
+import json, os, sys, time
 import ray
 from pipelines.training.cluster import connect_ray, joined_cluster
 
 connect_ray()
 seen = {"gcs": ray.get_runtime_context().gcs_address, "joined": joined_cluster()}
+seen["pid"] = os.getpid()
 with open(sys.argv[1], "w") as out:
     json.dump(seen, out)
+if len(sys.argv) > 2:  # a stage still running when dlpipe run is told to stop
+    time.sleep(float(sys.argv[2]))
 """
 
 
-def _pipeline(root: Path) -> None:
+# A test run in the background may ignore SIGINT, and dlpipe run would inherit that: its
+# command is exec'd with SIGINT's default action back.
+DEFAULT_SIGINT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _pipeline(root: Path, first_sleeps_s: float = 0) -> None:
     """Two stages, the second after the first, each recording the Ray it connected to."""
     (root / "stage.py").write_text(STAGE_SCRIPT)
+    sleeps = {"first": f" {first_sleeps_s:g}" if first_sleeps_s else "", "second": ""}
     stages = {
         name: {
-            "cmd": f"python stage.py {name}.json",
+            "cmd": f"python stage.py {name}.json{sleeps[name]}",
             "deps": ["stage.py", *after],
             "outs": [{f"{name}.json": {"cache": False}}],
         }
@@ -43,12 +57,27 @@ def _pipeline(root: Path) -> None:
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
 
 
-def test_the_stages_of_one_run_share_a_local_ray_that_stops_with_it(tmp_path):
+def _repository(root: Path, first_sleeps_s: float = 0) -> tuple[str, dict[str, str]]:
+    """A DVC repository of the two stages; the virtualenv's bin folder and environment."""
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    subprocess.run([f"{bin_dir}/dvc", "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
-    _pipeline(tmp_path)
+    subprocess.run([f"{bin_dir}/dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+    _pipeline(root, first_sleeps_s)
+    return bin_dir, env
+
+
+def _refused(gcs_address: str) -> bool:
+    host, port = gcs_address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_the_stages_of_one_run_share_a_local_ray_that_stops_with_it(tmp_path):
+    bin_dir, env = _repository(tmp_path)
 
     run = run_command([f"{bin_dir}/dlpipe", "run"], tmp_path, env, timeout_s=300)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -57,9 +86,7 @@ def test_the_stages_of_one_run_share_a_local_ray_that_stops_with_it(tmp_path):
     # A local instance: a setting asking for more CPUs than it has fails at once, as with
     # a stage's own Ray, rather than waiting for an autoscaler.
     assert first["joined"] is False and second["joined"] is False
-    host, port = first["gcs"].rsplit(":", 1)
-    with pytest.raises(ConnectionRefusedError):  # the instance stopped with the command
-        socket.create_connection((host, int(port)), timeout=5).close()
+    assert _refused(first["gcs"])  # the instance stopped with the command
 
     again = run_command([f"{bin_dir}/dlpipe", "run"], tmp_path, env, timeout_s=120)
     assert again.returncode == 0 and "up to date" in again.stdout + again.stderr
@@ -72,3 +99,36 @@ def test_a_run_given_ray_address_adds_no_instance_of_its_own(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never reached: nothing connects
     with local_ray_for_stages() as ray_env:
         assert ray_env == {}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, signum):
+    """`kill` or a service manager reaches `dlpipe run` alone, not the stage: the stage must
+    stop too (not run on orphaned, nor wait for ever), and Ray only once it has."""
+    bin_dir, env = _repository(tmp_path, first_sleeps_s=120)
+    run = subprocess.Popen(
+        [sys.executable, "-c", DEFAULT_SIGINT_EXEC, f"{bin_dir}/dlpipe", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen_file = tmp_path / "first.json"
+    deadline = time.monotonic() + 120
+    while not seen_file.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert seen_file.exists(), run.communicate(timeout=60)[0]
+    time.sleep(0.5)  # the file is written whole before the stage sleeps
+    seen = json.loads(seen_file.read_text())
+    run.send_signal(signum)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode != 0, output
+    for _ in range(50):  # the stage, reparented once DVC went, is reaped by init
+        if not Path(f"/proc/{seen['pid']}").exists():
+            break
+        time.sleep(0.2)
+    assert not Path(f"/proc/{seen['pid']}").exists(), f"the stage still runs\n{output}"
+    assert _refused(seen["gcs"]), output
+    assert not (tmp_path / "second.json").exists()

@@ -103,7 +103,7 @@ def test_only_an_unreachable_or_failing_server_is_an_outage():
 
 
 def _open_store_at_once(uri: str, barrier) -> None:
-    barrier.wait()
+    barrier.wait(timeout=60)
     tracking.create_store(uri)
 
 
@@ -116,9 +116,14 @@ def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     context = multiprocessing.get_context("spawn")  # fresh processes, as stages are
     barrier = context.Barrier(3)
     processes = [context.Process(target=_open_store_at_once, args=(uri, barrier)) for _ in range(3)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+    finally:  # none left for the test run's exit to wait on
+        for process in processes:
+            if process.is_alive():
+                process.kill()
     assert [process.exitcode for process in processes] == [0, 0, 0]
     assert MlflowClient(uri).search_experiments()[0].name == "Default"
