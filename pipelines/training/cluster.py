@@ -51,9 +51,9 @@ def local_ray_for_stages() -> Iterator[dict[str, str]]:
     """One local Ray instance, in this process, for every stage a command runs; yields the
     environment variables that make the stages join it (none when RAY_ADDRESS names a
     cluster: the stages then go there; `local` asks for a new local instance, which they
-    then share). On 2 CPUs a stage that starts its own Ray, and with it
-    the dashboard's processes, paid about 9 s more than one joining a running instance
-    (benchmarks/README.md). The dashboard stays on: Ray Train's placement-group cleaner
+    then share). On 2 CPUs a training stage that starts its own Ray (and the dashboard's
+    processes) took about 4 s longer on average, 0 to 7 s, than one joining a running
+    instance (benchmarks/README.md, pipeline overhead). The dashboard stays on: Ray Train's placement-group cleaner
     asks the State API it serves, and without it a group Tune stops early would leak into
     the next stage. With RAY_ADDRESS unset, `ray.init` joins an instance that `ray start`
     left running on this machine instead, as each stage did before; this process then
