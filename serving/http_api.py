@@ -142,11 +142,11 @@ def parse_body(schema: type[BaseModel], body: bytes) -> BaseModel:
         raise ClientError(422, detail) from None
 
 
-# A refused body is still read, and thrown away, up to this many bytes before the 413 is
-# sent: a server that answers and closes while the client is still sending makes the
-# kernel reset the connection, and the client then reads a reset instead of the 413.
-# Beyond this bound the connection is closed at once (reading more would let anyone make
-# the replica receive unbounded data).
+# A refused body (a 401, 404, 413 or 429 decided before it was read) is still read, and
+# thrown away, up to this many bytes before the answer is sent: a server that answers and
+# closes while the client is still sending makes the kernel reset the connection, and the
+# client then reads a reset instead of the answer. Beyond this bound the connection is
+# closed at once (reading more would let anyone make the replica receive unbounded data).
 DRAIN_LIMIT = 64 * 2**20
 
 # A 413 closes the connection: what was not read of the body would otherwise be taken for
@@ -157,9 +157,7 @@ CLOSE = {"Connection": "close"}
 async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> bytes:
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        # With `Expect: 100-continue` the client waits for this answer before sending.
-        if header(scope, b"expect") != "100-continue" and int(declared) <= DRAIN_LIMIT:
-            await discard_body(receive, DRAIN_LIMIT)
+        await skip_body(scope, receive)
         raise ClientError(
             413, f"request body of {declared} bytes is over the {limit} byte limit", CLOSE
         )
@@ -180,15 +178,31 @@ async def read_body(scope: dict[str, Any], receive: Callable, limit: int) -> byt
             return b"".join(chunks)
 
 
-async def discard_body(receive: Callable, budget: int) -> None:
-    """Read the rest of the request body without keeping it, up to `budget` bytes."""
+async def skip_body(scope: dict[str, Any], receive: Callable) -> bool:
+    """Read the request's body and throw it away, for an answer (a 401, 404, 413, 429)
+    decided before the body was read: sent while the client is still sending, the client
+    would read a connection reset instead. False when the body was not all read (over
+    DRAIN_LIMIT, or a client that waits for `Expect: 100-continue` before it sends): the
+    answer must then close the connection."""
+    declared = header(scope, b"content-length")
+    if header(scope, b"expect") == "100-continue":
+        return False
+    if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+        return False
+    return await discard_body(receive, DRAIN_LIMIT)
+
+
+async def discard_body(receive: Callable, budget: int) -> bool:
+    """Read the rest of the request body without keeping it, up to `budget` bytes; True
+    when it was all read."""
     while budget > 0:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return True
         budget -= len(message.get("body", b""))
         if not message.get("more_body", False):
-            return
+            return True
+    return False
 
 
 Predict = Callable[[Any, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -258,6 +272,7 @@ class HttpApi:
             return
         methods = self._routes.get(scope["path"])
         refused = self._admit(scope) if self.keys.enabled else None
+        endpoint = None
         if refused is not None:  # before 404/405: without a key, not even the routes show
             answer = refused
             if methods is not None and scope["method"] == "POST":
@@ -268,6 +283,10 @@ class HttpApi:
             answer = json_response(
                 {"detail": "Method Not Allowed"}, 405, {"Allow": ", ".join(methods)}
             )
+        if endpoint is None:
+            # Answered without reading the body: read it first (see skip_body).
+            if not await skip_body(scope, receive):
+                answer = answer._replace(headers={**(answer.headers or {}), **CLOSE})
         else:
             try:
                 answer = await endpoint(scope, receive)

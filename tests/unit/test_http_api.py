@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from pipelines.cli import parser as serve_parser
+from serving.auth import KeyCheck, hash_key
 from serving.http_api import HttpApi, Limits
 from serving.http_server import ReplicaHttpServer
 from serving.kinds import KINDS, endpoints
@@ -26,10 +27,14 @@ BRIGHT = [[0.9] * 16]
 
 
 @contextlib.contextmanager
-def real_server(export_dir) -> Iterator[tuple[ReplicaHttpServer, HttpApi]]:  # noqa: F811
+def real_server(
+    export_dir,  # noqa: F811
+    keys: KeyCheck | None = None,
+    **limits,
+) -> Iterator[tuple[ReplicaHttpServer, HttpApi]]:
     """The tiny model behind the replica's own uvicorn server, on a real socket."""
     models = LoadedModels(classifier=ClassifierPredictor(resolve_model(str(export_dir))))
-    api = HttpApi(models, Limits())
+    api = HttpApi(models, Limits(**limits), keys=keys)
     server = ReplicaHttpServer(api, "127.0.0.1", free_port())
     server.start()
     try:
@@ -242,6 +247,38 @@ def test_a_body_over_the_limit_reads_as_413_on_a_real_server_not_a_reset(export_
             assert refused.value.code == 413
             assert "byte limit" in json.loads(refused.value.read())["detail"]
         assert httpx.post(url, json={"instances": BRIGHT}).status_code == 200
+
+
+def test_a_large_body_refused_before_it_is_read_reads_as_the_refusal_not_a_reset(
+    export_dir,  # noqa: F811
+):
+    # A 401, 429 or 404 is decided from the headers alone; answered while a client still
+    # sends a large body, it reached the client as a connection reset (CI saw it: a 413 test
+    # that ran into the 429 of the test before it).
+    key = "a-test-key"
+    keys = KeyCheck({"tests": hash_key(key)})
+    with real_server(export_dir, keys, max_requests_per_s_per_key=0.01) as (server, _):
+        base = f"http://127.0.0.1:{server.port}"
+        big = b'{"instances": [[' + b"0.5, " * 2**20 + b"0.5]]}"  # 5 MB, within the limit
+
+        def refusal(path: str, authorization: str | None) -> tuple[int, str]:
+            headers = {"Content-Type": "application/json"}
+            if authorization:
+                headers["Authorization"] = f"Bearer {authorization}"
+            request = urllib.request.Request(base + path, data=big, headers=headers)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            return refused.value.code, json.loads(refused.value.read())["detail"]
+
+        assert refusal("/v1/classify", None)[0] == 401
+        assert refusal("/v1/classify", key)[0] == 422  # the one request of the bucket
+        code, detail = refusal("/v1/classify", key)
+        assert code == 429 and "rate limit" in detail
+        # The connection is kept after a refusal whose body was read: the next request on it
+        # is answered.
+        with httpx.Client(base_url=base, headers={"Authorization": "Bearer wrong"}) as http:
+            codes = [http.post("/v1/classify", content=big).status_code for _ in range(2)]
+        assert codes == [401, 401]
 
 
 def test_a_draining_replica_answers_but_sends_its_clients_elsewhere(export_dir):  # noqa: F811
