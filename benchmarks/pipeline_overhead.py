@@ -82,6 +82,8 @@ STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # make echoes each command of the recipe: `PATH="...:$PATH" .venv/bin/dvc repro export`.
 COMMAND_LINE = re.compile(r"^PATH=\S* \S*/bin/((?:dvc|dlpipe) [^\n]*?)\s*$", re.MULTILINE)
 PHASE_LINE = re.compile(f"{STAGE_LINE.pattern}|{COMMAND_LINE.pattern}", re.MULTILINE)
+# `dlpipe run --jobs`: each line of a chain of stages starts with the stage it runs.
+LABELLED_LINE = re.compile(r"^([\w.@:/-]+) \| ", re.MULTILINE)
 # `dlpipe serve --demo`'s answer: `{"label": ...` on the lines after its POST.
 ANSWER_LINE = re.compile(r'POST \S+/v1/classify[^\n]*\n\{\s*"label": ')
 
@@ -125,11 +127,19 @@ def timed_phases(command: list[str], cwd: Path, env: dict[str, str]) -> Phases:
     # Incremental: a character split between two chunks (a progress bar's block) decodes whole.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
+    # Stages side by side (`dlpipe run --jobs`): name -> [its "Running stage" line, the
+    # last line it printed].
+    side_by_side: dict[str, list[float]] = {}
+    labels_from = 0
+
     def close_phase(now: float) -> None:
         if step is not None:
             step["seconds"] = round(now - step["_start"], 1)
             if stage is not None:
                 step["stages"][stage] = round(now - phase_start, 1)
+            for name, (first, last) in side_by_side.items():
+                step["stages"][name] = round(last - first, 1)
+        side_by_side.clear()
 
     try:
         while chunk := os.read(process.stdout.fileno(), 65536):
@@ -142,7 +152,10 @@ def timed_phases(command: list[str], cwd: Path, env: dict[str, str]) -> Phases:
                 print(f"  {now - started:7.1f} s  first prediction", flush=True)
             kept_from = max(0, len(pending) - 200)  # a line cut by the chunk's end, kept
             for match in PHASE_LINE.finditer(pending):
-                if match.group(1) is not None:  # a stage of the running `dvc repro`
+                line_start = pending.rfind("\n", 0, match.start()) + 1
+                if match.group(1) is not None and LABELLED_LINE.match(pending, line_start):
+                    side_by_side[match.group(1)] = [now, now]  # ends at its last line
+                elif match.group(1) is not None:  # a stage of the running `dvc repro`
                     if step is not None and stage is not None:
                         step["stages"][stage] = round(now - phase_start, 1)
                     stage, phase_start = match.group(1), now
@@ -153,6 +166,10 @@ def timed_phases(command: list[str], cwd: Path, env: dict[str, str]) -> Phases:
                     stage = None
                 kept_from = max(kept_from, match.end())
                 print(f"  {now - started:7.1f} s  {match.group(1) or match.group(2)}", flush=True)
+            for label in LABELLED_LINE.finditer(pending, labels_from):
+                if label.group(1) in side_by_side:
+                    side_by_side[label.group(1)][1] = now
+            labels_from = max(0, len(pending) - kept_from)  # the lines seen, not again
             pending = pending[kept_from:]
     finally:
         if process.poll() is None and sys.exc_info()[0] is not None:

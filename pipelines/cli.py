@@ -39,10 +39,13 @@ from serving import cli as serving_cli
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`dvc repro`, its stages sharing one local Ray instance when any has to run."""
+    """`dvc repro`, its stages sharing one local Ray instance when any has to run; with
+    `--jobs` above 1, independent stages side by side (pipelines/stagekit/dag.py)."""
     from pipelines.training.cluster import local_ray_for_stages
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    if args.jobs > 1:
+        return _run_side_by_side(dvc, args)
     command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
     shown = " ".join(["$ dvc", *command[1:]])
     if not args.force:
@@ -58,6 +61,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         if ray_env:
             print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
         return _run_and_wait(command, {**os.environ, **ray_env})
+
+
+def _run_side_by_side(dvc: str, args: argparse.Namespace) -> int:
+    """`dlpipe run --jobs N`: the stages `dvc repro` would run, cut into chains that run
+    side by side (pipelines/stagekit/dag.py), on one local Ray instance as `cmd_run`'s."""
+    from pipelines.stagekit.dag import pending_ray_groups, plan_chains, run_chains
+    from pipelines.training.cluster import SIDE_BY_SIDE_ENV, local_ray_for_stages
+
+    chains = plan_chains(args.stages, args.force)
+    if chains is None:  # DVC's own error: `dvc repro` names it, without a Ray started
+        command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
+        print(" ".join(["$ dvc", *command[1:]]), flush=True)
+        return _run_and_wait(command, dict(os.environ))
+    if not chains:
+        print("nothing to run: dvc status finds every stage up to date", flush=True)
+        return 0
+    command = [dvc, "--wait-for-lock", "repro", "--single-item"]
+    command += ["--force"] if args.force else []
+    stages = sum(len(chain.stages) for chain in chains)
+    print(f"{stages} stage(s) in {len(chains)} chain(s), up to {args.jobs} at once", flush=True)
+    with local_ray_for_stages(side_by_side=True) as ray_env:
+        if ray_env:
+            print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
+        # Only on the instance this process started: there the stages wait for each
+        # other's CPUs. A cluster's autoscaler adds nodes instead.
+        waiting = pending_ray_groups if ray_env else None
+        env = {**os.environ, **ray_env, **({SIDE_BY_SIDE_ENV: "1"} if ray_env else {})}
+        return run_chains(chains, command, env, args.jobs, waiting)
 
 
 def _changed(dvc: str, stages: list[str]) -> bool | None:
@@ -164,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="re-run changed pipeline stages (dvc repro)")
     run.add_argument("stages", nargs="*", help="stage names from dvc.yaml (default: all)")
     run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
+    run.add_argument(
+        "-j",
+        "--jobs",
+        type=serving_cli.positive_int,
+        default=1,
+        help="run up to N independent stages at once (default 1, as dvc repro)",
+    )
     run.set_defaults(func=cmd_run)
 
     serving_cli.add_commands(sub)

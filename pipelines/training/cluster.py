@@ -46,8 +46,28 @@ def joined_cluster() -> bool:
     return os.environ.get("RAY_ADDRESS", "") not in ("", "local")
 
 
+SIDE_BY_SIDE_ENV = "DLPIPE_STAGES_SIDE_BY_SIDE"
+"""Set by `dlpipe run --jobs` (pipelines/stagekit/dag.py): sibling stages hold the CPUs."""
+WORKER_WAIT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+LOCAL_WAIT_S = 120.0
+CLUSTER_WAIT_S = 600.0
+SIDE_BY_SIDE_WAIT_S = 3600.0
+
+
+def resource_wait_s() -> float:
+    """How long a stage waits for Ray to place its actors before it says they will not
+    come, naming what holds the CPUs: on a local instance of its own they would never
+    come (CPUs held by another job, or by a group that outlived its job); a cluster that
+    autoscales gets time to add nodes; beside other stages of a `dlpipe run --jobs` on its
+    local instance, they come when a sibling's job ends (an hour: longer than any stage
+    of the demo trains)."""
+    if os.environ.get(SIDE_BY_SIDE_ENV):
+        return SIDE_BY_SIDE_WAIT_S
+    return CLUSTER_WAIT_S if joined_cluster() else LOCAL_WAIT_S
+
+
 @contextlib.contextmanager
-def local_ray_for_stages() -> Iterator[dict[str, str]]:
+def local_ray_for_stages(side_by_side: bool = False) -> Iterator[dict[str, str]]:
     """One local Ray instance, in this process, for every stage a command runs; yields the
     environment variables that make the stages join it (none when RAY_ADDRESS names a
     cluster: the stages then go there; `local` asks for a new local instance, which they
@@ -57,13 +77,19 @@ def local_ray_for_stages() -> Iterator[dict[str, str]]:
     asks the State API it serves, and without it a group Tune stops early would leak into
     the next stage. With RAY_ADDRESS unset, `ray.init` joins an instance that `ray start`
     left running on this machine instead, as each stage did before; this process then
-    only disconnects from it at the end."""
+    only disconnects from it at the end. `side_by_side`: the stages run at once
+    (`dlpipe run --jobs`), and wait for each other's CPUs (`resource_wait_s`)."""
     address = os.environ.get("RAY_ADDRESS", "")
     if address not in ("", "local"):
         yield {}
         return
     import ray
 
+    # Side by side, a Train job waits for a sibling's workers for as long as they train,
+    # where Ray Train gives up after 60 s and starts the job over. Ray's processes take
+    # the variable from this one's environment, set before they start.
+    if side_by_side:
+        os.environ.setdefault(WORKER_WAIT_ENV, f"{SIDE_BY_SIDE_WAIT_S:g}")
     # The stages print their own workers' logs; this driver runs no work of its own.
     context = ray.init(
         address=address or None,

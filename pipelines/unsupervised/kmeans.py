@@ -13,15 +13,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from models.kmeans import nearest, partial_sums
 from pipelines.stagekit.errors import UserError
-
-LOCAL_START_TIMEOUT_S = 120
-CLUSTER_START_TIMEOUT_S = 600
 
 
 class KMeansShard:
@@ -151,6 +149,8 @@ class ShardedPoints:
 def kmeans_shards(points: np.ndarray, num_shards: int) -> Iterator[ShardedPoints]:
     """Split `points` (in order) over `num_shards` Ray actors for the duration of the block."""
     import ray
+    from ray.util.placement_group import remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from pipelines.training.cluster import connect_ray, require_resources
 
@@ -160,36 +160,51 @@ def kmeans_shards(points: np.ndarray, num_shards: int) -> Iterator[ShardedPoints
     require_resources(
         "CPU", len(pieces), f"segment.num_shards={num_shards}", "lower segment.num_shards"
     )
+    # The shards' CPUs in one placement group: every shard starts or none does. Shards
+    # placed one by one could each get some of the CPUs beside another stage of a
+    # `dlpipe run --jobs` doing the same, and both would wait for ever for the rest.
+    group = _placed([{"CPU": 1}] * len(pieces))
     remote = ray.remote(num_cpus=1)(KMeansShard)
-    actors = [remote.remote(piece) for piece in pieces]
+    actors = [
+        remote.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=i
+            )
+        ).remote(piece)
+        for i, piece in enumerate(pieces)
+    ]
     try:
-        _wait_until_started(actors)
         yield ShardedPoints(actors)
     finally:
         for actor in actors:
             ray.kill(actor)
+        remove_placement_group(group)
 
 
-def _wait_until_started(actors: list) -> None:
-    """Fail with the cluster's CPU count when the shard actors cannot all be placed: Ray
-    would leave them pending forever (CPUs held by another job, or by a placement group
-    that outlived its job). A cluster that autoscales gets longer to add nodes."""
+def _placed(bundles: list[dict[str, float]]) -> Any:
+    """A placement group of `bundles`, once placed; a clear error when Ray cannot place it
+    in time: it would stay pending for ever (CPUs held by another job, or by a placement
+    group that outlived its job). How long it waits: `resource_wait_s`."""
     import ray
     from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
 
-    from pipelines.training.cluster import joined_cluster
+    from pipelines.training.cluster import resource_wait_s
 
-    timeout_s = CLUSTER_START_TIMEOUT_S if joined_cluster() else LOCAL_START_TIMEOUT_S
+    timeout_s = resource_wait_s()
+    group = placement_group(bundles, strategy="PACK")
     try:
-        ray.get([actor.size.remote() for actor in actors], timeout=timeout_s)
+        ray.get(group.ready(), timeout=timeout_s)
     except GetTimeoutError:
+        remove_placement_group(group)
         free = ray.available_resources().get("CPU", 0)
         total = ray.cluster_resources().get("CPU", 0)
         raise UserError(
-            f"the {len(actors)} K-means shard actors (1 CPU each) did not start within "
-            f"{timeout_s} s: {free:g} of the cluster's {total:g} CPUs are free. `ray status` "
+            f"the {len(bundles)} K-means shard actors (1 CPU each) did not start within "
+            f"{timeout_s:g} s: {free:g} of the cluster's {total:g} CPUs are free. `ray status` "
             "shows what holds them; or lower segment.num_shards"
         ) from None
+    return group
 
 
 def _tensor(centroids: np.ndarray) -> torch.Tensor:

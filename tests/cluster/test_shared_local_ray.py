@@ -101,13 +101,15 @@ def test_a_run_given_ray_address_adds_no_instance_of_its_own(monkeypatch):
         assert ray_env == {}
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "jobs"), [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)]
+)
+def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, signum, jobs):
     """`kill` or a service manager reaches `dlpipe run` alone, not the stage: the stage must
     stop too (not run on orphaned, nor wait for ever), and Ray only once it has."""
     bin_dir, env = _repository(tmp_path, first_sleeps_s=120)
     run = subprocess.Popen(
-        [sys.executable, "-c", DEFAULT_SIGINT_EXEC, f"{bin_dir}/dlpipe", "run"],
+        [sys.executable, "-c", DEFAULT_SIGINT_EXEC, f"{bin_dir}/dlpipe", "run", f"-j{jobs}"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -132,3 +134,63 @@ def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, s
     assert not Path(f"/proc/{seen['pid']}").exists(), f"the stage still runs\n{output}"
     assert _refused(seen["gcs"]), output
     assert not (tmp_path / "second.json").exists()
+
+
+TIMED_STAGE = """\
+import json, os, sys, time
+started = time.time()
+time.sleep(float(sys.argv[2]))
+if sys.argv[3:] == ["fail"]:
+    sys.exit(3)
+with open(sys.argv[1], "w") as out:
+    json.dump({"start": started, "end": time.time(), "ray": os.environ.get("RAY_ADDRESS")}, out)
+"""
+
+
+def _fan_in(root: Path, left_fails: bool = False) -> None:
+    """`left` and `right` independent (4 s each), `joined` after both."""
+    (root / "timed.py").write_text(TIMED_STAGE)
+    fail = " fail" if left_fails else ""
+    stages = {
+        "left": {"cmd": f"python timed.py left.json 4{fail}", "deps": ["timed.py"]},
+        "right": {"cmd": "python timed.py right.json 4", "deps": ["timed.py"]},
+        "joined": {"cmd": "python timed.py joined.json 0", "deps": ["left.json", "right.json"]},
+    }
+    for name, stage in stages.items():
+        stage["outs"] = [{f"{name}.json": {"cache": False}}]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+
+
+def test_jobs_runs_independent_stages_side_by_side_and_dependents_after(tmp_path):
+    bin_dir, env = _repository(tmp_path)
+    _fan_in(tmp_path)
+
+    run = run_command([f"{bin_dir}/dlpipe", "run", "--jobs", "2"], tmp_path, env, timeout_s=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    left, right, joined = (
+        json.loads((tmp_path / f"{n}.json").read_text()) for n in ("left", "right", "joined")
+    )
+    assert left["start"] < right["end"] and right["start"] < left["end"], output  # overlap
+    assert joined["start"] >= max(left["end"], right["end"])
+    assert left["ray"] == right["ray"] == joined["ray"] and left["ray"], output  # one Ray
+    assert "left | Running stage 'left'" in output  # each line names its stage
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"left", "right", "joined"}  # DVC recorded every stage
+    assert _refused(left["ray"])
+
+    again = run_command([f"{bin_dir}/dlpipe", "run", "-j", "2"], tmp_path, env, timeout_s=120)
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout
+
+
+def test_jobs_after_a_failed_stage_starts_nothing_that_needs_it(tmp_path):
+    bin_dir, env = _repository(tmp_path)
+    _fan_in(tmp_path, left_fails=True)
+
+    run = run_command([f"{bin_dir}/dlpipe", "run", "--jobs", "2"], tmp_path, env, timeout_s=300)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output
+    assert "failed: the chain left; not run: joined" in output
+    assert (tmp_path / "right.json").exists() and not (tmp_path / "joined.json").exists()
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"right"}  # what succeeded is recorded, as dvc repro would

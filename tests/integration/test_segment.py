@@ -5,6 +5,7 @@ torch K-means against scikit-learn on the CDNOW customers."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -176,10 +177,12 @@ def test_shards_that_cannot_be_placed_fail_naming_the_free_cpus(ray_cluster, mon
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from pipelines.stagekit.errors import UserError
+    from pipelines.training import cluster
     from pipelines.unsupervised import kmeans
 
-    monkeypatch.setattr(kmeans, "LOCAL_START_TIMEOUT_S", 3)
-    monkeypatch.setattr(kmeans, "CLUSTER_START_TIMEOUT_S", 3)
+    monkeypatch.setattr(cluster, "LOCAL_WAIT_S", 3.0)
+    monkeypatch.setattr(cluster, "CLUSTER_WAIT_S", 3.0)
+    monkeypatch.delenv(cluster.SIDE_BY_SIDE_ENV, raising=False)
     holder = placement_group([{"CPU": 2}])
     ray.get(holder.ready(), timeout=60)
     try:
@@ -188,6 +191,37 @@ def test_shards_that_cannot_be_placed_fail_naming_the_free_cpus(ray_cluster, mon
                 pass
     finally:
         remove_placement_group(holder)
+
+
+def test_shards_start_together_once_a_sibling_frees_its_cpu(ray_cluster, monkeypatch):
+    # Beside another stage of `dlpipe run --jobs` holding one of the 2 CPUs: no shard takes
+    # the free one meanwhile (two sweeps doing so would wait for each other for ever), and
+    # all start once the sibling's CPU is back.
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.training import cluster
+    from pipelines.unsupervised import kmeans
+
+    monkeypatch.setenv(cluster.SIDE_BY_SIDE_ENV, "1")
+    sibling = placement_group([{"CPU": 1}])
+    ray.get(sibling.ready(), timeout=60)
+    seen_free = []
+
+    def sibling_ends() -> None:
+        time.sleep(3)
+        seen_free.append(ray.available_resources().get("CPU", 0))
+        remove_placement_group(sibling)
+
+    ender = threading.Thread(target=sibling_ends)
+    ender.start()
+    points = np.random.default_rng(0).normal(size=(40, 2)).astype(np.float32)
+    with kmeans.kmeans_shards(points, 2) as shards:
+        assert ray.get([shard.size.remote() for shard in shards.shards], timeout=60) == [20, 20]
+    ender.join()
+    assert seen_free == [1.0]  # the free CPU stayed free while the shards waited
 
 
 @pytest.fixture(scope="module")

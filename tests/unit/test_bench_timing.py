@@ -55,3 +55,26 @@ def test_median_ms_runs_a_slow_call_min_runs_times():
         "slow": 1000.0
     }
     assert clock.runs["slow"] == 10  # 5 slices of 2 runs; no warm-up asked for
+
+
+def test_the_demo_timing_reads_stages_side_by_side_each_to_its_own_last_line(tmp_path):
+    # `dlpipe run --jobs`: a stage's lines start with its name, and the next stage to start
+    # is another chain's, not the end of this one.
+    import sys
+
+    from benchmarks.pipeline_overhead import timed_phases
+
+    script = (
+        "import sys, time\n"
+        "def say(line):\n"
+        "    print(line, flush=True)\n"
+        "say('PATH=x /v/bin/dlpipe run --jobs 2')\n"
+        "say(\"a | Running stage 'a':\"); time.sleep(0.4)\n"
+        "say(\"b | Running stage 'b':\"); time.sleep(0.4)\n"
+        "say('a | a ends'); time.sleep(0.8)\n"
+        "say('b | b ends')\n"
+    )
+    phases = timed_phases([sys.executable, "-c", script], tmp_path, {"PATH": "/usr/bin"})
+    stages = phases.steps[0]["stages"]
+    # a to its own last line (0.8 s), not to b's (1.2 s): a busy machine only adds to both.
+    assert stages["a"] >= 0.7 and stages["b"] - stages["a"] >= 0.3, stages
