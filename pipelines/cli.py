@@ -200,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
         "--jobs",
         type=serving_cli.positive_int,
         default=1,
+        metavar="N",
         help="run up to N independent stages at once (default 1, as dvc repro)",
     )
     run.set_defaults(func=cmd_run)
