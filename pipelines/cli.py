@@ -44,10 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.training.cluster import local_ray_for_stages
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    if args.jobs > 1:
-        return _run_side_by_side(dvc, args)
     command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
     shown = " ".join(["$ dvc", *command[1:]])
+    if args.jobs > 1:
+        return _run_side_by_side(dvc, args, command)
     if not args.force:
         changed = _changed(dvc, args.stages)
         if changed is False:  # what `dvc repro` would find again, after as long
@@ -63,17 +63,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_and_wait(command, {**os.environ, **ray_env})
 
 
-def _run_side_by_side(dvc: str, args: argparse.Namespace) -> int:
+def _run_side_by_side(dvc: str, args: argparse.Namespace, repro: list[str]) -> int:
     """`dlpipe run --jobs N`: the stages `dvc repro` would run, cut into chains that run
-    side by side (pipelines/stagekit/dag.py), on one local Ray instance as `cmd_run`'s."""
+    side by side (pipelines/stagekit/dag.py), on one local Ray instance as `cmd_run`'s;
+    `repro`, the plain `dvc repro` command, names DVC's error when there is no plan."""
     from pipelines.stagekit.dag import pending_ray_groups, plan_chains, run_chains
     from pipelines.training.cluster import SIDE_BY_SIDE_ENV, local_ray_for_stages
 
     chains = plan_chains(args.stages, args.force)
     if chains is None:  # DVC's own error: `dvc repro` names it, without a Ray started
-        command = [dvc, "repro", *(["--force"] if args.force else []), *args.stages]
-        print(" ".join(["$ dvc", *command[1:]]), flush=True)
-        return _run_and_wait(command, dict(os.environ))
+        print(" ".join(["$ dvc", *repro[1:]]), flush=True)
+        return _run_and_wait(repro, dict(os.environ))
     if not chains:
         print("nothing to run: dvc status finds every stage up to date", flush=True)
         return 0

@@ -1,12 +1,13 @@
 """`dlpipe run --jobs N`: the stages `dvc repro` would run, independent ones side by side.
 
 Why: `dvc repro` runs one stage at a time, and a stage rarely keeps every core busy. On the
-demo's 2 CPUs, sampled from /proc/stat over a cold `dlpipe run` (814 s), the CPUs were
+demo's 2 CPUs, sampled from /proc/stat over a cold `dlpipe run` (819 s), the CPUs were
 busy 79% of the time: an export, an ingest or a prepare is one Python thread (53-56%), a
 training stage's start-up (processes importing torch) and its baselines leave a core idle
-too (65-81%), 339 core-seconds in all (benchmarks/README.md, pipeline overhead). On a Ray
-cluster the gap is wider: two training stages that could each have their own nodes wait
-for each other.
+too (65-93%), 339 core-seconds in all. There, side by side, the CPUs were busier but the
+run no faster (825 s: the work is CPU-bound, and Ray runs one training job's workers at
+a time; benchmarks/README.md, pipeline overhead). On a bigger machine or a Ray cluster,
+two training stages that could each have their own cores or nodes wait for each other.
 
 DVC lets separate processes share a workspace, and that is what this module uses: a stage's
 command runs with the repository lock released (DVC's `unlocked_repo`), per-path read and
