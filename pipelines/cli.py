@@ -41,6 +41,7 @@ from serving import cli as serving_cli
 def cmd_run(args: argparse.Namespace) -> int:
     """`dvc repro`, its stages sharing one local Ray instance when any has to run; with
     `--jobs` above 1, independent stages side by side (pipelines/stagekit/dag.py)."""
+    from pipelines.stagekit.forkserver import preloaded_stages
     from pipelines.training.cluster import local_ray_for_stages
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
@@ -60,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with local_ray_for_stages() as ray_env:
         if ray_env:
             print(f"the stages join one local Ray at {ray_env['RAY_ADDRESS']}", flush=True)
-        return _run_and_wait(command, {**os.environ, **ray_env})
+        with preloaded_stages({**os.environ, **ray_env}) as env:
+            return _run_and_wait(command, env)
 
 
 def _run_side_by_side(dvc: str, args: argparse.Namespace, repro: list[str]) -> int:
@@ -68,6 +70,7 @@ def _run_side_by_side(dvc: str, args: argparse.Namespace, repro: list[str]) -> i
     side by side (pipelines/stagekit/dag.py), on one local Ray instance as `cmd_run`'s;
     `repro`, the plain `dvc repro` command, names DVC's error when there is no plan."""
     from pipelines.stagekit.dag import pending_ray_groups, plan_chains, run_chains
+    from pipelines.stagekit.forkserver import preloaded_stages
     from pipelines.training.cluster import SIDE_BY_SIDE_ENV, local_ray_for_stages
 
     chains = plan_chains(args.stages, args.force)
@@ -88,7 +91,8 @@ def _run_side_by_side(dvc: str, args: argparse.Namespace, repro: list[str]) -> i
         # other's CPUs. A cluster's autoscaler adds nodes instead.
         waiting = pending_ray_groups if ray_env else None
         env = {**os.environ, **ray_env, **({SIDE_BY_SIDE_ENV: "1"} if ray_env else {})}
-        return run_chains(chains, command, env, args.jobs, waiting)
+        with preloaded_stages(env) as env:
+            return run_chains(chains, command, env, args.jobs, waiting)
 
 
 def _changed(dvc: str, stages: list[str]) -> bool | None:
@@ -192,7 +196,14 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="re-run changed pipeline stages (dvc repro)")
+    run = sub.add_parser(
+        "run",
+        help="re-run changed pipeline stages (dvc repro)",
+        description="dvc repro, its stages joining one local Ray instance (unless RAY_ADDRESS "
+        "names a cluster) and starting as forks of one interpreter that has imported torch, "
+        "MLflow and ONNX (DLPIPE_PRELOAD=0: plain interpreters; verbose: says why a stage "
+        "ran as one).",
+    )
     run.add_argument("stages", nargs="*", help="stage names from dvc.yaml (default: all)")
     run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
     run.add_argument(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import run_command
+from tests.helpers import REPO, run_command
 
 STAGE_SCRIPT = """\
 import json, os, sys, time
@@ -108,23 +108,37 @@ def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, s
     """`kill` or a service manager reaches `dlpipe run` alone, not the stage: the stage must
     stop too (not run on orphaned, nor wait for ever), and Ray only once it has."""
     bin_dir, env = _repository(tmp_path, first_sleeps_s=120)
+    run, seen = _run_until_first_records(tmp_path, [f"{bin_dir}/dlpipe", "run", f"-j{jobs}"], env)
+    run.send_signal(signum)
+    _assert_stopped_before_its_ray(tmp_path, run, seen)
+
+
+def _run_until_first_records(
+    root: Path, command: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen, dict]:
+    """`command` started in `root`, once the stage `first` has written first.json (what
+    it saw), while the stage sleeps."""
     run = subprocess.Popen(
-        [sys.executable, "-c", DEFAULT_SIGINT_EXEC, f"{bin_dir}/dlpipe", "run", f"-j{jobs}"],
-        cwd=tmp_path,
+        [sys.executable, "-c", DEFAULT_SIGINT_EXEC, *command],
+        cwd=root,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    seen_file = tmp_path / "first.json"
-    deadline = time.monotonic() + 120
+    seen_file = root / "first.json"
+    deadline = time.monotonic() + 180
     while not seen_file.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert seen_file.exists(), run.communicate(timeout=60)[0]
     time.sleep(0.5)  # the file is written whole before the stage sleeps
-    seen = json.loads(seen_file.read_text())
-    run.send_signal(signum)
+    return run, json.loads(seen_file.read_text())
+
+
+def _assert_stopped_before_its_ray(root: Path, run: subprocess.Popen, seen: dict) -> str:
+    """The run, told to stop, failed; the stage went, then its Ray; `second` never ran.
+    Returns the run's output."""
     output, _ = run.communicate(timeout=60)
     assert run.returncode != 0, output
     for _ in range(50):  # the stage, reparented once DVC went, is reaped by init
@@ -133,7 +147,66 @@ def test_a_signal_to_dlpipe_run_alone_stops_the_stage_before_its_ray(tmp_path, s
         time.sleep(0.2)
     assert not Path(f"/proc/{seen['pid']}").exists(), f"the stage still runs\n{output}"
     assert _refused(seen["gcs"]), output
-    assert not (tmp_path / "second.json").exists()
+    assert not (root / "second.json").exists()
+    return output
+
+
+# A stage of this repository's kind, `python -m pipelines...`: a project package named as
+# dlpipe's, with dlpipe's own modules behind it.
+PROBE_STAGE = """\
+import json, os, sys, time
+preloaded = "torch" in sys.modules  # before the stage imports anything itself
+import ray
+from pipelines.training.cluster import connect_ray, joined_cluster
+
+connect_ray()
+seen = {"gcs": ray.get_runtime_context().gcs_address, "joined": joined_cluster()}
+seen.update(pid=os.getpid(), forked=os.environ.get("DLPIPE_PRELOADED"), preloaded=preloaded)
+with open(sys.argv[1], "w") as out:
+    json.dump(seen, out)
+time.sleep(float(sys.argv[2]))
+"""
+# The server listens once its imports are done; a stage that came first would start as a
+# plain interpreter (as it may in a real run), so the probe waits for it.
+WAIT_FOR_SERVER = """\
+import os, time
+deadline = time.monotonic() + 120
+while not os.path.exists(os.environ["DLPIPE_FORKSERVER"]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+def test_a_stage_forked_from_the_preloaded_interpreter_joins_the_ray_and_stops_with_it(
+    tmp_path,
+):
+    bin_dir, env = _repository(tmp_path)
+    env.pop("DLPIPE_PRELOAD", None)
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "__init__.py").write_text(
+        f"__path__.append({str(REPO / 'pipelines')!r})\n"
+    )
+    (tmp_path / "pipelines" / "probe.py").write_text(PROBE_STAGE)
+    (tmp_path / "wait.py").write_text(WAIT_FOR_SERVER)
+    stages = {
+        "first": {
+            "cmd": ["python wait.py", "python -m pipelines.probe first.json 120"],
+            "deps": ["wait.py", "pipelines"],
+            "outs": [{"first.json": {"cache": False}}],
+        },
+        "second": {
+            "cmd": "python stage.py second.json",
+            "deps": ["first.json"],
+            "outs": [{"second.json": {"cache": False}}],
+        },
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+
+    run, seen = _run_until_first_records(tmp_path, [f"{bin_dir}/dlpipe", "run"], env)
+    assert seen["forked"] == "1" and seen["preloaded"]  # torch came imported
+    assert seen["joined"] is False and seen["gcs"]  # the run's own local Ray
+    run.send_signal(signal.SIGINT)
+    output = _assert_stopped_before_its_ray(tmp_path, run, seen)
+    assert "KeyboardInterrupt" in output  # the stage's own, through its `python`
 
 
 TIMED_STAGE = """\
