@@ -21,7 +21,8 @@
 - `demo_warm_s` (with `--demo`): `make demo` again in the same copy: no-op `dvc repro`s
   and the `dlpipe serve --demo`s.
 - `demo_cold_before` (with `--before COMMIT`): the cold figures this file held at COMMIT,
-  kept beside the new ones (the before/after table).
+  kept beside the new ones (the before/after table); `--before FILE`: those of a results
+  file this benchmark wrote, e.g. with DLPIPE_PRELOAD=0 the same hour.
 
 The demo runs start their own local Ray instances (`RAY_ADDRESS=local` unless RAY_ADDRESS
 is set: never one already running on the machine; each `dlpipe run` starts one that its
@@ -315,17 +316,22 @@ def _seconds(value: float | None) -> str:
 
 
 def before_figures(root: Path, commit: str) -> dict:
-    """The cold `make demo` figures of this file as committed at `commit`."""
-    shown = subprocess.run(
-        ["git", "show", f"{commit}:{RESULTS}"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if shown.returncode != 0:
-        raise SystemExit(f"--before {commit}: no {RESULTS} there ({shown.stderr.strip()})")
-    old = json.loads(shown.stdout)
+    """The cold `make demo` figures of this file as committed at `commit`, or of a results
+    file this benchmark wrote (e.g. the same hour with DLPIPE_PRELOAD=0), named by its stem."""
+    if Path(commit).is_file():
+        old = json.loads(Path(commit).read_text())
+        commit = Path(commit).stem
+    else:
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:{RESULTS}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if shown.returncode != 0:
+            raise SystemExit(f"--before {commit}: no {RESULTS} there ({shown.stderr.strip()})")
+        old = json.loads(shown.stdout)
     if old.get("demo_cold_s") is None:
         raise SystemExit(f"--before {commit}: {RESULTS} there has no cold `make demo` figures")
     return {
@@ -377,7 +383,9 @@ def table(figures: dict) -> str:
         ),
         ("`make demo` warm", "", _seconds(figures["demo_warm_s"]), "", ""),
     ]
-    before_heading = f"before ({before['commit'][:7]}) s" if before else "before s"
+    label = before.get("commit", "")
+    label = label[:7] if re.fullmatch(r"[0-9a-f]{8,40}", label) else label  # a commit, shortened
+    before_heading = f"before ({label}) s" if before else "before s"
     return markdown_table(("figure", before_heading, "seconds", "target s", "target"), rows)
 
 
@@ -393,8 +401,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--before",
-        metavar="COMMIT",
-        help="with --demo: keep the cold figures committed at COMMIT beside the new ones",
+        metavar="COMMIT|FILE",
+        help="with --demo: keep the cold figures committed at COMMIT (or in a results file "
+        "this benchmark wrote) beside the new ones",
     )
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()

@@ -32,6 +32,7 @@ import math
 import os
 import runpy
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -40,14 +41,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-SOCKET_ENV = "DLPIPE_FORKSERVER"
-"""The server's socket, in the stages' environment (set by `preloaded_stages`)."""
-SWITCH_ENV = "DLPIPE_PRELOAD"
-"""0 (or off/false/no): stages start as plain interpreters; verbose: a stage that does
-says why."""
+from pipelines.stagekit.stage_python import SOCKET_ENV, SWITCH_ENV
+
+# SOCKET_ENV: the server's socket, in the stages' environment (set by `preloaded_stages`).
+# SWITCH_ENV (DLPIPE_PRELOAD): 0 (or off/false/no): stages start as plain interpreters;
+# verbose: a stage that does says why.
 FORKED_ENV = "DLPIPE_PRELOADED"
 """Set to 1 in a stage's environment when it runs as a fork of the server."""
 
@@ -69,81 +72,28 @@ PRELOAD = (
 2 CPUs). A missing one is skipped."""
 PACKAGES = ("pipelines",)
 """The top-level packages whose `python -m` commands the server runs."""
-UNRELATED_ENV = ("PATH", "PWD", "OLDPWD", "SHLVL", "_")
+UNRELATED_ENV = ("PATH", "PWD", "OLDPWD", "SHLVL", "_", "PYTHONUNBUFFERED")
 UNRELATED_PREFIXES = ("DVC_", "PYENV_")
 """Variables a stage's environment may differ in (with DVC's own and those pyenv's `python`
-sets, which name its directory): none of them changes what an import does."""
+sets, which name its directory): none of them changes what an import does, and a stage's
+PYTHONUNBUFFERED is applied to its stdio (`become_stage`)."""
+REQUEST_TIMEOUT_S = 10.0
+"""How long the server waits for a request it has accepted the connection of."""
 STOP_GRACE_S = 10.0
 """How long a stage whose `python` died has, after SIGTERM, before SIGKILL."""
 
-# The `python` first on the stages' PATH. Standard library only, and started isolated
-# (-IS: no site, no user paths) so that it costs ~20 ms before it hands over.
-SHIM = """#!{real} -IS
-import json, os, signal, socket, struct, sys
-REAL = {real!r}
-SOCKET = {socket!r}
-args = sys.argv[1:]
-conn = None
-pending = []  # signals that came before the stage did: passed on once it has
-def pass_on(signum, frame):
-    if conn is None:
-        pending.append(signum)
-        return
-    try:
-        conn.sendall(b"%d\\n" % signum)
-    except OSError:
-        pass
-def fallback():
-    if pending:  # told to stop before anything ran
-        signal.signal(pending[0], signal.SIG_DFL)
-        os.kill(os.getpid(), pending[0])
-    os.execv(REAL, [REAL, *args])
-if len(args) < 2 or args[0] != "-m" or not os.environ.get({socket_env!r}):
-    fallback()
-for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-    signal.signal(signum, pass_on)
-try:
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.connect(SOCKET)
-    fds = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-            fds.append(fd)
-        except OSError:
-            pass
-    umask = os.umask(0)
-    os.umask(umask)
-    request = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ),
-                          "fds": fds, "umask": umask}}).encode()
-    server.sendmsg([struct.pack("!I", len(request)) + request],
-                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{{len(fds)}}i", *fds))])
-    reader = server.makefile("r")
-    answer = json.loads(reader.readline() or "{{}}")
-except (OSError, ValueError):
-    answer = {{}}
-if not answer.get("accepted"):
-    if answer.get("reason") and os.environ.get({switch_env!r}) == "verbose":
-        print(f"dlpipe: a plain python runs this stage: {{answer['reason']}}", file=sys.stderr)
-    fallback()  # (exec gives the signals their default actions back)
-conn = server
-for signum in [*pending]:
-    pending.remove(signum)
-    pass_on(signum, None)
-try:
-    end = json.loads(reader.readline() or "{{}}")
-except (OSError, ValueError):
-    end = {{}}
-if "signal" in end:
-    signal.signal(end["signal"], signal.SIG_DFL)
-    os.kill(os.getpid(), end["signal"])
-sys.exit(end.get("exit", 1))
+# The `python` first on the stages' PATH: the real interpreter running stage_python.py,
+# isolated (-IS: no site, no user paths; ~20 ms before it hands over). A shell script, so
+# that neither path has to fit in a `#!` line.
+SHIM = """#!/bin/sh
+exec {real} -IS {client} {socket} "$@"
 """
+CLIENT = Path(__file__).with_name("stage_python.py")
 
 
-def enabled() -> bool:
+def enabled(env: dict[str, str]) -> bool:
     """Whether `dlpipe run` starts its stages from the fork server (DLPIPE_PRELOAD)."""
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    return env.get(SWITCH_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 @contextlib.contextmanager
@@ -156,15 +106,18 @@ def preloaded_stages(
     goes on: the stages that start before it listens (its socket exists) run as plain
     interpreters."""
     real = shutil.which("python", path=env.get("PATH"))
-    if not enabled() or real is None:
+    if not enabled(env) or real is None:
         yield env
         return
+    real = os.path.abspath(real)  # the server starts elsewhere: a relative PATH entry
     with tempfile.TemporaryDirectory(prefix="dlpipe-stages-") as directory:
         address = os.path.join(directory, "server.sock")
         shim = Path(directory, "bin", "python")
         shim.parent.mkdir()
         shim.write_text(
-            SHIM.format(real=real, socket=address, socket_env=SOCKET_ENV, switch_env=SWITCH_ENV)
+            SHIM.format(
+                real=shlex.quote(real), client=shlex.quote(str(CLIENT)), socket=shlex.quote(address)
+            )
         )
         shim.chmod(0o755)
         stage_env = {**env, "PATH": f"{shim.parent}{os.pathsep}{env.get('PATH', '')}"}
@@ -192,12 +145,16 @@ def preloaded_stages(
 def serve(
     address: str, packages: tuple[str, ...], preload: tuple[str, ...] = PRELOAD
 ) -> tuple[dict, list[int]] | None:
-    """Listen on `address`, import `preload`, then fork a stage for each accepted request.
-    Returns only in a forked stage process: the request it is to run and its stdio."""
+    """Import `preload`, then listen on `address` and fork a stage for each accepted
+    request. Returns only in a forked stage process: the request it is to run and its
+    stdio. Returns None at once where forking stages would not be safe."""
     own_env = dict(os.environ)  # what a stage's must match: the imports change it
+    own_path = sys.path[0]  # (`import ray` puts its own folder before it)
     for name in preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    if not _fork_safe():
+        return None
     gc.freeze()  # the imports' objects: never collected, so their pages stay shared
     # Set by the imports (torch's KMP_INIT_AT_FORK, MLflow's session id, ...): a stage
     # that imported them itself would have them.
@@ -214,28 +171,54 @@ def serve(
         if not select.select([listener], [], [], 1.0)[0]:
             continue
         conn, _ = listener.accept()
+        fds: list[int] = []
         try:
+            conn.settimeout(REQUEST_TIMEOUT_S)  # a `python` that stalls holds up no other
             request, fds = _receive(conn)
-        except (OSError, ValueError):
-            conn.close()
-            continue
-        reason = _declined(request, own_env, packages)
+            reason = _declined(request, own_env, packages)
+        except Exception as exc:  # a bad request costs its own stage the preload, no more
+            request, reason = {}, f"unreadable request ({exc})"
         if reason:
             _answer(conn, {"accepted": False, "reason": reason})
             conn.close()
             _close(fds)
             continue
+        conn.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.fork() == 0:  # the stage's supervisor
+        if _fork() == 0:  # the stage's supervisor
             listener.close()
-            if _supervise(conn, fds):
-                request["env"].update(imported_env)
-                return request, fds  # in the stage itself
-            os._exit(0)
+            in_stage = False
+            try:
+                in_stage = _supervise(conn, fds)
+            finally:
+                if not in_stage:  # the supervisor, whatever happened: never the server's code
+                    os._exit(0)
+            request["env"].update(imported_env)
+            request["path"] = own_path
+            return request, fds
         conn.close()
         _close(fds)
     return None
+
+
+def _fork_safe() -> bool:
+    """Whether stages may start as forks of this process: on Linux (pidfd_open), and only
+    while no import has started CUDA, which a forked process cannot use."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):  # not Linux, or a kernel before 5.3
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.cuda.is_initialized()
+
+
+def _fork() -> int:
+    # Python 3.12+ warns at every fork of a process with threads: here the imports' native
+    # pools (OpenBLAS, jemalloc), which handle fork, as PyTorch's DataLoader workers rely on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
+        return os.fork()
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -245,15 +228,20 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if len(fds) != 3 or len(data) < 4:
+        _close(list(fds))
+        raise ValueError("a request comes with stdin, stdout and stderr")
     (length,) = struct.unpack("!I", data[:4])
     body = data[4:]
     while len(body) < length:
         chunk = conn.recv(length - len(body))
         if not chunk:
+            _close(list(fds))
             raise ValueError("the request ended early")
         body += chunk
     request = json.loads(body)
     if not {"argv", "cwd", "env"} <= request.keys():
+        _close(list(fds))
         raise ValueError("a request names argv, cwd and env")
     return request, list(fds)
 
@@ -290,9 +278,10 @@ def _supervise(conn: socket.socket, fds: list[int]) -> bool:
     `python` sends, and answer with how the stage ended. Returns False when it has."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
-        os.setpgid(0, 0)  # a group of its own: a signal reaches what the stage started
+        with contextlib.suppress(OSError):  # a group of its own: signals reach its children
+            os.setpgid(0, 0)
         conn.close()
         return True
     with contextlib.suppress(OSError):  # also here: a signal may come before the stage's own
@@ -317,7 +306,8 @@ def _supervise(conn: socket.socket, fds: list[int]) -> bool:
             with contextlib.suppress(OSError):
                 data = conn.recv(64)
             for signum in data.split():
-                _signal_group(pid, int(signum))
+                with contextlib.suppress(ValueError):
+                    _signal_group(pid, int(signum))
             if not data:  # its `python` was killed: the stage would run on, unseen
                 watched = [exited]
                 _signal_group(pid, signal.SIGTERM)
@@ -328,44 +318,47 @@ def _supervise(conn: socket.socket, fds: list[int]) -> bool:
 
 
 def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
         os.killpg(pgid, signum)
 
 
 def become_stage(request: dict, fds: list[int]) -> None:
     """In the forked stage: take on the request's stdio, directory, environment, umask and
-    argv, then run its module as `__main__`. Its exceptions and its exit are a fresh
-    interpreter's: they leave this function for the interpreter's own ending."""
-    targets = [0, 1, 2]
-    for target, fd in zip(request.get("fds", targets), fds):
+    argv, then run its module as `python -m` does, as `__main__`. Its exceptions and its
+    exit are a fresh interpreter's: they leave this function for the interpreter's own
+    ending."""
+    for target, fd in enumerate(fds):
         if fd != target:
             os.dup2(fd, target)
             os.close(fd)
-        targets.remove(target)
-    for missing in targets:  # closed in the stage's `python`: /dev/null, as Python opens
-        os.dup2(os.open(os.devnull, os.O_RDWR), missing)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ[FORKED_ENV] = "1"
     os.umask(int(request.get("umask", 0o22)))
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    for stream in (sys.stdout, sys.stderr):
-        # A terminal's lines are shown as written, a pipe's in blocks: as at start-up.
-        stream.reconfigure(line_buffering=os.isatty(stream.fileno()), write_through=unbuffered)
+    # As at start-up: stdout line by line to a terminal and in blocks to a pipe, stderr
+    # line by line to either, both at once with PYTHONUNBUFFERED.
+    sys.stdout.reconfigure(line_buffering=os.isatty(1), write_through=unbuffered)
+    sys.stderr.reconfigure(line_buffering=True, write_through=unbuffered)
     for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if "numpy" in sys.modules:  # numpy's global generator is not reseeded by a fork
         sys.modules["numpy"].random.seed()
-    module, *args = request["argv"][1:]
-    # The project's own modules come from the stage's directory, as with `python -m`.
+    module = request["argv"][1]
+    # The project's own modules come from the stage's directory, as with `python -m`:
+    # its folder where the server's was on the path, and none of the server's imported.
     top = module.split(".")[0]
     for name in [name for name in sys.modules if name == top or name.startswith(top + ".")]:
         del sys.modules[name]
-    sys.path[0] = request["cwd"]
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    own_path = request.get("path")
+    sys.path[sys.path.index(own_path) if own_path in sys.path else 0] = request["cwd"]
+    sys.argv = request["argv"][1:]
+    # A `__main__` of its own for the whole life of the process (pickling by reference,
+    # atexit handlers), run as the interpreter's own `-m` runs it.
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    runpy._run_module_as_main(module, alter_argv=True)  # what the interpreter's `-m` calls
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,19 @@ if "--sleep" in sys.argv:
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         raise
+if "--path" in sys.argv:
+    seen["path"] = sys.path
 print(json.dumps(seen), flush=True)
+if "--warn-then-killed" in sys.argv:  # stderr, unflushed, then the OOM killer
+    sys.stderr.write("a warning before the end\\n")
+    os.kill(os.getpid(), 9)
+if "--pickle-at-exit" in sys.argv:
+    import atexit, pickle
+
+    def task():
+        pass
+
+    atexit.register(lambda: print("pickled", len(pickle.dumps(task)) > 0, flush=True))
 if "--fail" in sys.argv:
     raise RuntimeError("the stage failed")
 if "--exit" in sys.argv:
@@ -89,13 +101,13 @@ def _stage(project: Path, env: dict[str, str], *args: str, **kwargs) -> subproce
     )
 
 
-def _module_output(cwd: Path, env: dict[str, str], module: str) -> list[str]:
-    """The words `python -m module` printed (it must succeed)."""
+def _module_output(cwd: Path, env: dict[str, str], module: str) -> str:
+    """What `python -m module` printed (it must succeed)."""
     result = subprocess.run(
         ["python", "-m", module], cwd=cwd, env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout.split()
+    return result.stdout
 
 
 def _run(project: Path, env: dict[str, str], *args: str, stdin: str = "") -> tuple[int, dict, str]:
@@ -184,13 +196,12 @@ def test_the_projects_own_modules_come_from_the_stages_directory(tmp_path):
         "import os, pipelines; print(os.environ.get('DLPIPE_PRELOADED'), pipelines.__file__)"
     )
     with preloaded_stages(_venv_env(), preload=("decimal",)) as env:
-        printed = _module_output(tmp_path, _listening(env), "pipelines.own")
+        printed = _module_output(tmp_path, _listening(env), "pipelines.own").split()
     assert printed == ["1", str(tmp_path / "pipelines" / "__init__.py")]
 
 
-def test_dlpipe_preload_0_leaves_the_environment_as_it_is(monkeypatch):
-    monkeypatch.setenv(SWITCH_ENV, "0")
-    env = {"PATH": os.environ["PATH"]}
+def test_dlpipe_preload_0_leaves_the_environment_as_it_is():
+    env = {"PATH": os.environ["PATH"], SWITCH_ENV: "0"}
     with preloaded_stages(env) as ready:
         assert ready == env
 
@@ -204,5 +215,60 @@ def test_what_the_imports_set_in_the_environment_is_the_stages_too(project):
     )
     env = {**_venv_env(), "PYTHONPATH": str(project)}
     with preloaded_stages(env, packages=("stagepkg",), preload=("sets_env",)) as started:
-        printed = _module_output(project, _listening(started), "stagepkg.env")
+        printed = _module_output(project, _listening(started), "stagepkg.env").split()
     assert printed == ["1", "yes"]
+
+
+def test_stderr_is_line_buffered_and_a_killed_stage_ends_its_python_the_same_way(
+    project, stage_env
+):
+    code, seen, err = _run(project, stage_env, "--warn-then-killed")
+    assert seen["forked"] == "1"
+    assert "a warning before the end" in err  # written before the kill, as by python
+    assert code == -signal.SIGKILL
+
+
+def test_pythonunbuffered_and_a_closed_stdin(project, stage_env):
+    # `dlpipe run --jobs` sets PYTHONUNBUFFERED for its stages' lines: still forked.
+    code, seen, _ = _run(project, {**stage_env, "PYTHONUNBUFFERED": "1"}, "x")
+    assert (code, seen["forked"]) == (0, "1")
+    # With stdin closed the stage gets a plain interpreter, whose own stdin is closed too.
+    closed = subprocess.run(
+        ["sh", "-c", "exec python -m stagepkg.show y <&-"],
+        cwd=project,
+        env=stage_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seen = json.loads(closed.stdout)
+    assert seen["forked"] is None and seen["argv"] == ["y"]
+
+
+def test_main_outlives_the_module_and_a_dropped_request_harms_no_other(project, stage_env):
+    import socket
+
+    dropped = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dropped.connect(stage_env[SOCKET_ENV])  # a `python` killed before it asked anything
+    dropped.close()
+    process = _stage(project, stage_env, "--pickle-at-exit")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out.splitlines()[0])["forked"] == "1"
+    assert out.splitlines()[-1] == "pickled True"  # `__main__.task`, found at exit
+
+
+def test_the_stages_path_is_a_plain_interpreters_after_ray_put_its_own_first(project):
+    # `import ray` puts its vendored folder first on sys.path: the stage's directory takes
+    # the server's place behind it, as in a plain `python -m`.
+    (project / "stagepkg" / "path.py").write_text(
+        "import json, os, sys, ray\n"
+        "print(json.dumps([os.environ.get('DLPIPE_PRELOADED'), sys.path]))\n"
+    )
+    with preloaded_stages(_venv_env(), packages=("stagepkg",), preload=("ray",)) as env:
+        forked, path = json.loads(_module_output(project, _listening(env), "stagepkg.path"))
+        plain, plain_path = json.loads(
+            _module_output(project, {**env, "OMP_NUM_THREADS": "3"}, "stagepkg.path")
+        )
+    assert (forked, plain) == ("1", None)
+    assert path == plain_path
