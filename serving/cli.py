@@ -147,6 +147,10 @@ def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+DEMO_SHUTDOWN_LOOP_S = 0.1
+"""How often a stopping demo replica checks for requests still in flight (Serve: 2 s)."""
+
+
 def _app_config(
     args: argparse.Namespace, sources: dict[str, str], key_hashes: dict[str, str]
 ) -> dict:
@@ -179,6 +183,12 @@ def _app_config(
             autoscaling["max_replicas"] = min(autoscaling["max_replicas"], fit)
             autoscaling["min_replicas"] = min(autoscaling["min_replicas"], fit)
             app["args"]["max_replicas"] = autoscaling["max_replicas"]  # sizes GPU shares
+    if args.demo:
+        # The demo stops the app once its own requests are answered: nothing to drain, and
+        # no wait for Serve's shutdown loop (each 2 s by default, twice in a `make demo`).
+        app["args"]["http"]["drain_s"] = 0
+        for deployment in app.get("deployments", []):
+            deployment["graceful_shutdown_wait_loop_s"] = DEMO_SHUTDOWN_LOOP_S
     return app
 
 
