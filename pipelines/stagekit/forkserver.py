@@ -2,7 +2,7 @@
 
 Every stage is its own `python -m pipelines...` process, and on 2 CPUs a stage spent 3 to 6
 s importing torch, MLflow, onnx/onnxscript, scikit-learn and Ray before its first line of
-work (an export stage: 5.5 s of its 8.8; the demo runs 22 stages). `dlpipe run` therefore
+work (an export stage: 5.5 s of its 8.8; the demo runs 25 stages). `dlpipe run` therefore
 starts one fork server that imports those packages, and puts a `python` of its own first
 on the stages' PATH. For `python -m <a project package>...` that `python` hands the
 command to the server, which forks a copy of itself to run it: the same module as
@@ -48,9 +48,6 @@ from pathlib import Path
 
 from pipelines.stagekit.stage_python import SOCKET_ENV, SWITCH_ENV
 
-# SOCKET_ENV: the server's socket, in the stages' environment (set by `preloaded_stages`).
-# SWITCH_ENV (DLPIPE_PRELOAD): 0 (or off/false/no): stages start as plain interpreters;
-# verbose: a stage that does says why.
 FORKED_ENV = "DLPIPE_PRELOADED"
 """Set to 1 in a stage's environment when it runs as a fork of the server."""
 

@@ -17,7 +17,10 @@ import struct
 import sys
 
 SOCKET_ENV = "DLPIPE_FORKSERVER"
+"""The fork server's socket, in the stages' environment (forkserver.preloaded_stages)."""
 SWITCH_ENV = "DLPIPE_PRELOAD"
+"""0 (or off/false/no): `dlpipe run`'s stages start as plain interpreters; verbose: a stage
+that does says why."""
 PASSED_ON = (
     signal.SIGINT,
     signal.SIGTERM,
