@@ -170,8 +170,12 @@ def run(
 def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo_copy):
     root, env = repo_copy
     free_before = free_cpus()
-    # Every stage (about 10 minutes on 2 CPUs): more than one command's usual limit.
-    first = run([sys.executable, "-m", "dvc", "repro"], repo_copy, timeout_s=1500)
+    # Every stage (about 10 minutes on 2 CPUs: more than one command's usual limit), as
+    # `make demo` runs them: `dlpipe run`, each stage a fork of one interpreter that has
+    # imported torch & co. The forced repro below runs them as plain interpreters (`dvc
+    # repro`) and must write the same bytes.
+    dlpipe = str(Path(sys.executable).parent / "dlpipe")
+    first = run([dlpipe, "run"], repo_copy, timeout_s=1500)
     assert ran(first.stdout) == set(STAGES)
     # The stages hand back every CPU they took: none held by a placement group that a
     # stopped tune trial left behind (pipelines/training/cluster.py).
@@ -184,7 +188,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_param_touches(repo
     assert not pseudolabel["fell_back_to_teacher"] and pseudolabel["pseudo_labels"] > 0
     assert (root / "dvc.lock").is_file()
 
-    again = run([str(Path(sys.executable).parent / "dlpipe"), "run"], repo_copy)
+    again = run([dlpipe, "run"], repo_copy)
     assert ran(again.stdout) == set()
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status.stdout
@@ -391,7 +395,8 @@ def figures_only(metrics_file: Path) -> str:
 
 def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
     """Reproducible: the stages in FORCED, run again on the same params, data and code,
-    write files with the same hashes. The others (NOT_FORCED says why) are left out to save
+    write files with the same hashes (as plain interpreters under `dvc repro`, where the
+    first run forked them from `dlpipe run`'s preloaded one). The others (NOT_FORCED says why) are left out to save
     CI time: the evaluate stages, one export and ingest/prepare took 3 minutes here."""
     root, _ = repo_copy
     assert FORCED.isdisjoint(NOT_FORCED) and FORCED | set(NOT_FORCED) == set(STAGES), (
