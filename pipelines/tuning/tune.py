@@ -295,6 +295,12 @@ def make_tuner(
             num_samples=num_samples(tune),
             search_alg=_searcher(tune),
             scheduler=_scheduler(tune),
+            # A one-worker trial's actor has imported torch and the stages' code and holds
+            # the arrays: the next trial reuses it (Tune resets the function's session)
+            # instead of starting a process of its own. Measured on 2 CPUs: the default
+            # search (20 trials) 86 -> 57 s, the same trials' figures. Not for Train-run
+            # trials: their run's thread and queues end only with the actor.
+            reuse_actors=trains_in_trial_actor(tune),
         ),
         run_config=ray_tune.RunConfig(
             name=name,

@@ -315,12 +315,16 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     """Ctrl-C in the middle of a search, then the same command again."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"].update(epochs=2, batch_size=32)
+    # Long enough for the third trial to be running when the signal comes: one actor runs
+    # the trials one after the other, so the third starts as soon as the second ends, and
+    # at 2 epochs (~0.4 s) it had finished before this test saw the second's end.
+    epochs = 30
     params["tune"].update(
         # Three trials one at a time: interrupted once two have finished, the third is
         # left to the resumed search.
         optimizers=["adam", "rmsprop", "adagrad"],
         samples=1,
-        epochs=2,
+        epochs=epochs,
         scheduler="none",
         max_concurrent_trials=1,
         space={"train.batch_size": [32]},
@@ -389,4 +393,4 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(
     assert len(runs) == 3  # one per trial: the resumed ones kept theirs
     client = MlflowClient(uri)
     for run in runs:
-        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == epochs
