@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from models.losses import LOSSES, TaskLoss
-from models.optimizers import OPTIMIZERS, batch_size_for, make_optimizer
+from models.optimizers import OPTIMIZERS, batch_size_for, fusable, make_optimizer
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -58,3 +58,33 @@ def test_batch_size_rules_of_gd_and_sgd():
     assert batch_size_for("adam", 32, 1000) == 32
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("lbfgs", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_runs_fused_on_cpu_with_the_default_update(name):
+    """The fused kernel is what the stages get on CPU, and it makes the same steps as
+    torch's default (foreach) up to rounding."""
+    torch.manual_seed(0)
+    weights = torch.randn(64, 16)
+    models = [torch.nn.Linear(16, 4) for _ in range(2)]
+    for model in models:
+        model.load_state_dict(models[0].state_dict())
+    fused = make_optimizer(name, models[0].parameters(), 0.01, weight_decay=0.01)
+    default = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    reference = default(models[1].parameters(), lr=0.01, weight_decay=0.01)
+    assert fused.defaults["fused"] is True and not reference.defaults["fused"]
+    for _ in range(20):
+        for model, optimizer in ((models[0], fused), (models[1], reference)):
+            optimizer.zero_grad()
+            model(weights).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_parameters_without_a_fused_kernel_keep_the_default_step():
+    on_cpu = torch.nn.Parameter(torch.zeros(3))
+    elsewhere = torch.nn.Parameter(torch.zeros(3, device="meta"))  # no fused kernel there
+    assert fusable([on_cpu]) is True
+    assert fusable([on_cpu, elsewhere]) is None
+    assert fusable([]) is None
