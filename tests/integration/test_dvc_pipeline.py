@@ -396,8 +396,9 @@ def figures_only(metrics_file: Path) -> str:
 def test_a_forced_repro_writes_the_same_bytes_again(repo_copy):
     """Reproducible: the stages in FORCED, run again on the same params, data and code,
     write files with the same hashes (as plain interpreters under `dvc repro`, where the
-    first run forked them from `dlpipe run`'s preloaded one). The others (NOT_FORCED says why) are left out to save
-    CI time: the evaluate stages, one export and ingest/prepare took 3 minutes here."""
+    first run forked them from `dlpipe run`'s preloaded one). The others (NOT_FORCED says
+    why) are left out to save CI time: the evaluate stages, one export and ingest/prepare
+    took 3 minutes here."""
     root, _ = repo_copy
     assert FORCED.isdisjoint(NOT_FORCED) and FORCED | set(NOT_FORCED) == set(STAGES), (
         "a stage in dvc.yaml is in neither FORCED nor NOT_FORCED"
