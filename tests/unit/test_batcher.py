@@ -107,6 +107,24 @@ def test_wait_timeout_gathers_callers_arriving_apart() -> None:
     assert model.batches == [[0, 1, 2, 3]]
 
 
+def test_no_wait_still_takes_callers_of_the_next_loop_turn() -> None:
+    """Without a wait timer, the batch is taken one turn of the event loop after the first
+    caller: a caller whose request was read in that turn (over HTTP: bytes that came while
+    the last batch ran) shares its batch."""
+    model = Doubler()
+    batcher = DynamicBatcher(model, max_batch_size=8, batch_wait_timeout_s=0.0)
+
+    async def next_turn(i: int):
+        await asyncio.sleep(0)
+        return await batcher.submit(i)
+
+    async def main():
+        return await asyncio.gather(batcher.submit(1), next_turn(2))
+
+    assert run(main()) == [2, 4]
+    assert model.batches == [[1, 2]]
+
+
 def test_no_wait_answers_a_lone_caller_at_once() -> None:
     batcher = DynamicBatcher(Doubler(), batch_wait_timeout_s=0.0)
 

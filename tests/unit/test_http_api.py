@@ -82,6 +82,11 @@ def test_the_endpoints_printed_are_the_served_kinds_routes_and_the_apps_own():
         (json.dumps({"instances": [[2.0] * 16]}).encode(), 422, "[0, 1]"),
         (json.dumps({"rows": BRIGHT}).encode(), 422, "rows"),
         (b'{"instances": [[NaN' + b", 0.5" * 15 + b"]]}", 422, "finite"),
+        (json.dumps({"instances": BRIGHT, "images": None}).encode(), 422, "`images` is null"),
+        (b'{"instances": null}', 422, "`instances` is null"),
+        (b"{}", 422, "exactly one of"),
+        (b'{"instances": []}', 422, "`instances` is empty"),
+        (b'{"instances": [[true' + b", 0.5" * 15 + b"]]}", 422, "valid number"),
     ],
 )
 def test_client_mistakes_are_4xx_naming_the_problem(export_dir, content, status, message):  # noqa: F811
