@@ -16,8 +16,9 @@ alone), so that a model call's cost stays bounded whatever the requests carry (3
 requests of 8 texts were one 256-text call); the first request of a batch waits up to
 `batch_wait_timeout_s` for others (0: a batch is what queued while the previous one
 ran and in one more turn of the event loop, which under load fills batches by itself and
-delays a lone client by one empty turn only); both change live. A result that is an exception is raised to its own caller
-only, so one bad request does not fail its neighbours.
+delays a lone client by one empty turn only); both change live. A result that is an
+exception is raised to its own caller only, so one bad request does not fail its
+neighbours.
 
 A request still queued `timeout_s` after it was submitted is not run: its caller gets
 TimeoutError (the app's 504). The deadline is checked when a batch is taken, the only time
@@ -123,7 +124,7 @@ class DynamicBatcher(Generic[Item, Result]):
                     # One more turn of the loop first: it reads the sockets again, and the
                     # requests whose bytes came while the last batch ran join this one. Over
                     # HTTP at 32 clients the batches doubled (10 -> 20 requests) and a
-                    # replica answered 17% more (benchmarks/README.md); a lone request
+                    # replica answered 27% more (benchmarks/README.md); a lone request
                     # waits for one empty turn, microseconds.
                     await asyncio.sleep(0)
             self._answer(self._next_batch())
